@@ -1,0 +1,332 @@
+"""Read Mamba checkpoints into one in-memory model, and write/read the compressed output folder atomically.
+
+Layouts read:
+- original (state-spaces/mamba-*, mamba_ssm save_pretrained): config.json with d_model / n_layer / ssm_cfg,
+  pytorch_model.bin, keys `backbone.embedding.weight`, vocab padded to pad_vocab_size_multiple.
+- transformers MambaForCausalLM: config.json with hidden_size / state_size / num_hidden_layers,
+  model.safetensors (or sharded, or pytorch_model.bin), keys `backbone.embeddings.weight`.
+The output folder is written in the transformers layout plus a `simba` section in config.json, so
+transformers loads it as a dense MambaForCausalLM and simba_compress loads it sparse.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .errors import SimbaError
+from .model import MambaLM, ModelConfig
+from .pruning import SimbaConfig
+
+PACKAGE_DATA = Path(__file__).parent / "data"
+DEMO_MODEL = PACKAGE_DATA / "demo-model"
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json", "merges.txt")
+WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
+# state-spaces checkpoints ship no tokenizer; their models card names this one
+DEFAULT_HUB_TOKENIZER = "EleutherAI/gpt-neox-20b"
+
+
+@dataclass
+class Checkpoint:
+    """A resolved checkpoint folder and what its config says."""
+
+    path: Path
+    layout: str  # "original" or "transformers"
+    config: ModelConfig
+    simba: SimbaConfig | None
+    source_dtype: torch.dtype
+
+
+def resolve(model: str) -> Path:
+    """A local folder, "demo" (the embedded checkpoint), or a hub id fetched into the hub cache."""
+    if model == "demo":
+        return DEMO_MODEL
+    path = Path(model).expanduser()
+    if path.exists():
+        if not path.is_dir():
+            raise SimbaError(f"{path}: not a folder; --model takes a checkpoint folder or a hub id")
+        return path
+    if model.count("/") != 1 or model.startswith((".", "/", "~")):
+        raise SimbaError(f"{model}: no such folder (and not a hub id of the form owner/name)")
+    return _download(model)
+
+
+def _download(repo_id: str) -> Path:
+    from huggingface_hub import constants, snapshot_download
+
+    patterns = ["config.json", "*.safetensors", "*.safetensors.index.json", "pytorch_model*.bin", "*.json", "*.txt"]
+    try:
+        return Path(snapshot_download(repo_id, allow_patterns=patterns, local_files_only=True))
+    except Exception:  # not (fully) cached: fall through to the network
+        pass
+    if constants.HF_HUB_OFFLINE:
+        raise SimbaError(f"{repo_id}: not in the local hub cache and HF_HUB_OFFLINE is set; download it first")
+    try:
+        return Path(snapshot_download(repo_id, allow_patterns=patterns, etag_timeout=10))
+    except Exception as e:  # one attempt, no retry loop: report what went wrong
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise SimbaError(f"{repo_id}: not in the local hub cache and could not be downloaded ({reason[:200]})") from e
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        raise SimbaError(f"{path.parent}: not a Mamba checkpoint (no config.json)") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise SimbaError(f"{path}: not valid JSON ({e})") from None
+
+
+def _int(cfg: dict, key: str, file: Path, default=None):
+    v = cfg.get(key, default)
+    if v is None:
+        raise SimbaError(f"{file}: missing '{key}'")
+    if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+        raise SimbaError(f"{file}: '{key}' must be a positive integer, got {v!r}")
+    return v
+
+
+def read_checkpoint(path: Path) -> Checkpoint:
+    """Parse config.json into a ModelConfig, recognising the layout; raises SimbaError naming the file."""
+    file = path / "config.json"
+    cfg = _read_json(file)
+    if not isinstance(cfg, dict):
+        raise SimbaError(f"{file}: expected a JSON object")
+    ssm_cfg = cfg.get("ssm_cfg") or {}
+    if cfg.get("model_type") == "mamba2" or ssm_cfg.get("layer") == "Mamba2":
+        raise SimbaError(f"{file}: Mamba-2 checkpoints are not supported yet (only Mamba-1)")
+    if "d_model" in cfg and "n_layer" in cfg:
+        layout = "original"
+        if cfg.get("d_intermediate", 0):
+            raise SimbaError(f"{file}: d_intermediate > 0 (MLP blocks) is not supported")
+        if cfg.get("attn_layer_idx"):
+            raise SimbaError(f"{file}: hybrid attention layers (attn_layer_idx) are not supported")
+        vocab = _int(cfg, "vocab_size", file)
+        pad = cfg.get("pad_vocab_size_multiple", 8) or 1
+        vocab += (pad - vocab % pad) % pad
+        mc = dict(
+            d_model=_int(cfg, "d_model", file),
+            n_layer=_int(cfg, "n_layer", file),
+            vocab_size=vocab,
+            d_state=ssm_cfg.get("d_state", 16),
+            d_conv=ssm_cfg.get("d_conv", 4),
+            expand=ssm_cfg.get("expand", 2),
+            dt_rank=ssm_cfg.get("dt_rank", "auto"),
+            conv_bias=ssm_cfg.get("conv_bias", True),
+            bias=ssm_cfg.get("bias", False),
+            norm_eps=cfg.get("norm_epsilon", 1e-5),
+            rms_norm=cfg.get("rms_norm", True),
+            residual_in_fp32=cfg.get("residual_in_fp32", True),
+            tie_embeddings=cfg.get("tie_embeddings", True),
+        )
+    elif cfg.get("model_type") == "mamba" or ("hidden_size" in cfg and "state_size" in cfg):
+        layout = "transformers"
+        hidden = _int(cfg, "hidden_size", file)
+        expand = cfg.get("expand", 2)
+        inner = cfg.get("intermediate_size", expand * hidden)
+        if inner % hidden:
+            raise SimbaError(f"{file}: intermediate_size {inner} is not a multiple of hidden_size {hidden}")
+        mc = dict(
+            d_model=hidden,
+            n_layer=_int(cfg, "num_hidden_layers", file),
+            vocab_size=_int(cfg, "vocab_size", file),
+            d_state=cfg.get("state_size", 16),
+            d_conv=cfg.get("conv_kernel", 4),
+            expand=inner // hidden,
+            dt_rank=cfg.get("time_step_rank", "auto"),
+            conv_bias=cfg.get("use_conv_bias", True),
+            bias=cfg.get("use_bias", False),
+            norm_eps=cfg.get("layer_norm_epsilon", 1e-5),
+            rms_norm=True,
+            residual_in_fp32=cfg.get("residual_in_fp32", True),
+            tie_embeddings=cfg.get("tie_word_embeddings", True),
+        )
+    else:
+        raise SimbaError(f"{file}: not a Mamba checkpoint config (no d_model/n_layer or model_type 'mamba')")
+    try:
+        config = ModelConfig(**mc)
+    except (ValueError, TypeError) as e:
+        raise SimbaError(f"{file}: {e}") from None
+    simba = None
+    if "simba" in cfg:
+        try:
+            simba = SimbaConfig.from_dict(cfg["simba"])
+        except (ValueError, TypeError) as e:
+            raise SimbaError(f"{file}: bad 'simba' section: {e}") from None
+        if simba.n_layer != config.n_layer:
+            raise SimbaError(f"{file}: 'simba.keep' has {simba.n_layer} entries for {config.n_layer} layers")
+    dtype = getattr(torch, str(cfg.get("torch_dtype") or cfg.get("dtype") or "float32").replace("torch.", ""), None)
+    return Checkpoint(path, layout, config, simba, dtype if isinstance(dtype, torch.dtype) else torch.float32)
+
+
+def _load_file(file: Path) -> dict[str, torch.Tensor]:
+    try:
+        if file.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            return load_file(str(file))
+        sd = torch.load(file, map_location="cpu", weights_only=True)
+    except Exception as e:
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:160]
+        raise SimbaError(f"{file}: cannot read weights, the file is corrupt or truncated ({first})") from None
+    if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
+        raise SimbaError(f"{file}: not a state dict of tensors")
+    return sd
+
+
+def read_weights(path: Path) -> tuple[dict[str, torch.Tensor], Path]:
+    """All tensors of a checkpoint folder (single file or sharded with an index)."""
+    for name in WEIGHT_FILES:
+        file = path / name
+        if not file.exists():
+            continue
+        if name.endswith(".index.json"):
+            index = _read_json(file).get("weight_map")
+            if not isinstance(index, dict):
+                raise SimbaError(f"{file}: no 'weight_map'")
+            sd = {}
+            for shard in sorted(set(index.values())):
+                if not (path / shard).exists():
+                    raise SimbaError(f"{file}: shard {shard} is missing")
+                sd.update(_load_file(path / shard))
+            return sd, file
+        return _load_file(file), file
+    raise SimbaError(f"{path}: no weights file (looked for {', '.join(WEIGHT_FILES)})")
+
+
+def load(model: str | os.PathLike, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu") -> MambaLM:
+    """Load a Mamba checkpoint (either layout, or a simba_compress output folder) as a MambaLM.
+
+    A compressed folder comes back sparse (model.simba set); a dense checkpoint comes back dense.
+    """
+    ckpt = read_checkpoint(resolve(str(model)))
+    sd, file = read_weights(ckpt.path)
+    sd = {k.replace("backbone.embedding.", "backbone.embeddings."): v for k, v in sd.items()}
+    with torch.device("meta"):
+        lm = MambaLM(ckpt.config, ckpt.simba)
+    expected = {k: v.shape for k, v in lm.state_dict().items()}
+    if ckpt.config.tie_embeddings:
+        sd.pop("lm_head.weight", None)
+        expected.pop("lm_head.weight")
+    for k, shape in expected.items():
+        if k not in sd:
+            raise SimbaError(f"{file}: missing tensor '{k}' that {ckpt.path / 'config.json'} implies")
+        if tuple(sd[k].shape) != tuple(shape):
+            raise SimbaError(
+                f"{file}: '{k}' has shape {tuple(sd[k].shape)} but {ckpt.path / 'config.json'} implies {tuple(shape)}"
+            )
+    extra = sorted(set(sd) - set(expected))
+    if extra:
+        raise SimbaError(f"{file}: unexpected tensors for a Mamba-1 model, e.g. '{extra[0]}' ({len(extra)} in all)")
+    source_dtype = next(iter(sd.values())).dtype
+    lm.load_state_dict({k: v.to(dtype) for k, v in sd.items()}, strict=False, assign=True)
+    if ckpt.config.tie_embeddings:
+        lm.lm_head.weight = lm.backbone.embeddings.weight
+    lm.source_dtype = source_dtype
+    lm.source = str(model)
+    return lm.to(device).eval()
+
+
+def load_tokenizer(model: str | os.PathLike, tokenizer: str | None = None):
+    """The tokenizer saved beside a checkpoint, or `tokenizer` (a folder or hub id) when given."""
+    from transformers import AutoTokenizer
+
+    src = tokenizer or str(model)
+    path = resolve(src) if src != DEFAULT_HUB_TOKENIZER else None
+    if path is not None and not any((path / f).exists() for f in TOKENIZER_FILES):
+        raise SimbaError(f"{path}: no tokenizer files (tokenizer.json, ...); pass --tokenizer DIR_OR_HUB_ID")
+    try:
+        return AutoTokenizer.from_pretrained(str(path) if path is not None else src)
+    except Exception as e:
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+        raise SimbaError(f"{src}: cannot load the tokenizer ({first})") from None
+
+
+def hf_config(config: ModelConfig) -> dict:
+    """config.json in transformers' MambaConfig terms."""
+    return {
+        "architectures": ["MambaForCausalLM"],
+        "model_type": "mamba",
+        "hidden_size": config.d_model,
+        "num_hidden_layers": config.n_layer,
+        "vocab_size": config.vocab_size,
+        "state_size": config.d_state,
+        "conv_kernel": config.d_conv,
+        "expand": config.expand,
+        "intermediate_size": config.d_inner,
+        "time_step_rank": config.dt_rank,
+        "use_conv_bias": config.conv_bias,
+        "use_bias": config.bias,
+        "layer_norm_epsilon": config.norm_eps,
+        "residual_in_fp32": config.residual_in_fp32,
+        "tie_word_embeddings": config.tie_embeddings,
+        "hidden_act": "silu",
+        "use_cache": True,
+    }
+
+
+def save(
+    model: MambaLM,
+    output: str | os.PathLike,
+    *,
+    tokenizer=None,
+    files: dict[str, str] | None = None,
+    overwrite: bool = False,
+    dtype: torch.dtype | None = None,
+) -> Path:
+    """Write model (+ simba section), tokenizer and extra text files into `output`, atomically.
+
+    Everything is written into a temporary sibling folder that is renamed into place only when complete.
+    An existing `output` is kept unless overwrite=True; then it is swapped out only after the new one is whole.
+    """
+    from safetensors.torch import save_file
+
+    out = Path(output).expanduser().resolve()
+    check_output(out, overwrite)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
+    try:
+        dtype = dtype or getattr(model, "source_dtype", torch.float32)
+        sd = {k: v.detach().to("cpu", dtype).contiguous() for k, v in model.state_dict().items()}
+        if model.config.tie_embeddings:
+            sd.pop("lm_head.weight")
+        save_file(sd, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        cfg = hf_config(model.config)
+        cfg["torch_dtype"] = str(dtype).replace("torch.", "")
+        if model.simba is not None:
+            cfg["simba"] = model.simba.to_dict()
+        from . import __version__
+
+        cfg["simba_compress_version"] = __version__
+        (tmp / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
+        if tokenizer is not None:
+            tokenizer.save_pretrained(str(tmp))
+        for name, text in (files or {}).items():
+            (tmp / name).write_text(text)
+        os.chmod(tmp, 0o755)
+        if out.exists():
+            old = out.parent / f".{out.name}.replaced-{os.getpid()}"
+            out.rename(old)
+            tmp.rename(out)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            tmp.rename(out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
+
+
+def check_output(out: Path, overwrite: bool) -> None:
+    """Refuse an output that exists (unless overwrite) or is not a folder, before any long work starts."""
+    out = Path(out).expanduser()
+    if out.exists() and not out.is_dir():
+        raise SimbaError(f"{out}: exists and is not a folder")
+    if out.exists() and any(out.iterdir()) and not overwrite:
+        raise SimbaError(f"{out}: already exists; pass --overwrite to replace it")

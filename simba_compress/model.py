@@ -1,0 +1,282 @@
+"""A Mamba-1 language model in plain PyTorch whose forward prunes tokens between layers (Simba).
+
+Parameter names follow transformers' MambaForCausalLM, so a state dict moves between the two unchanged.
+Shapes: b batch, l tokens, d d_inner, n d_state, k d_conv, r dt_rank.
+
+    embeddings -> [ x = x + mixer(norm(x)) ] * n_layer -> norm_f -> lm_head
+
+With a SimbaConfig, layer l+1 runs only on the tokens layer l's criterion ranked highest (pruning.py);
+a dropped token's residual stream is frozen and scattered back before norm_f, so every position has logits.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, fields
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .pruning import CRITERION_FNS, SimbaConfig, TokenPlan
+from .ssm import selective_scan, selective_step
+
+
+@dataclass
+class ModelConfig:
+    """Shape of a Mamba-1 model. vocab_size is the embedding's row count (padded vocab)."""
+
+    d_model: int
+    n_layer: int
+    vocab_size: int
+    d_state: int = 16
+    d_conv: int = 4
+    expand: int = 2
+    dt_rank: int = 0  # 0: ceil(d_model / 16), as mamba_ssm's "auto"
+    conv_bias: bool = True
+    bias: bool = False
+    norm_eps: float = 1e-5
+    rms_norm: bool = True
+    residual_in_fp32: bool = True
+    tie_embeddings: bool = True
+
+    def __post_init__(self) -> None:
+        if self.dt_rank in (0, None, "auto"):
+            self.dt_rank = math.ceil(self.d_model / 16)
+        for f in ("d_model", "n_layer", "vocab_size", "d_state", "d_conv", "expand", "dt_rank"):
+            v = getattr(self, f)
+            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+                raise ValueError(f"{f}: must be a positive integer, got {v!r}")
+
+    @property
+    def d_inner(self) -> int:
+        return self.expand * self.d_model
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "ModelConfig":
+        names = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in names})
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, d: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(d))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        xf = x.float()
+        return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)).to(self.weight.dtype) * self.weight
+
+
+@dataclass
+class LayerState:
+    """Recurrent state of one layer for decoding: the last k-1 conv inputs and the SSM state."""
+
+    conv: torch.Tensor  # (b, d, k-1)
+    ssm: torch.Tensor  # (b, d, n) float32
+
+
+class MambaMixer(nn.Module):
+    """Mamba-1 mixer (mamba_ssm's Mamba, reference path)."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        d, n, r = cfg.d_inner, cfg.d_state, cfg.dt_rank
+        self.d_inner, self.d_state, self.dt_rank, self.d_conv = d, n, r, cfg.d_conv
+        self.in_proj = nn.Linear(cfg.d_model, 2 * d, bias=cfg.bias)
+        self.conv1d = nn.Conv1d(d, d, cfg.d_conv, groups=d, bias=cfg.conv_bias)
+        self.x_proj = nn.Linear(d, r + 2 * n, bias=False)
+        self.dt_proj = nn.Linear(r, d, bias=True)
+        self.A_log = nn.Parameter(torch.log(torch.arange(1, n + 1, dtype=torch.float32)).repeat(d, 1))
+        self.D = nn.Parameter(torch.ones(d))
+        self.out_proj = nn.Linear(d, cfg.d_model, bias=cfg.bias)
+
+    def forward(
+        self,
+        hidden: torch.Tensor,
+        mask: torch.Tensor | None = None,
+        score_last: torch.Tensor | None = None,
+        want_state: bool = False,
+    ) -> tuple[torch.Tensor, torch.Tensor | None, LayerState | None]:
+        """hidden (b, l, d_model) -> (out, impact, state).
+
+        mask (b, l) bool zeroes padding's input (it then cannot reach real tokens). With score_last (b,), also
+        returns each token's global impact on row position score_last[b] (b, l), computed inside the scan.
+        """
+        m = None if mask is None else mask.unsqueeze(-1).to(hidden.dtype)
+        if m is not None:
+            hidden = hidden * m
+        x, z = self.in_proj(hidden).chunk(2, dim=-1)  # (b, l, d) each
+        xc = F.pad(x.transpose(1, 2), (self.d_conv - 1, 0))  # causal conv: k-1 zeros on the left
+        x = F.silu(F.conv1d(xc, self.conv1d.weight, self.conv1d.bias, groups=self.d_inner)).transpose(1, 2).contiguous()
+        if m is not None:
+            x = x * m
+        dt, B, C = self.x_proj(x).split([self.dt_rank, self.d_state, self.d_state], dim=-1)
+        dt = F.softplus(F.linear(dt, self.dt_proj.weight).float() + self.dt_proj.bias.float())  # (b, l, d)
+        A = -torch.exp(self.A_log.float())  # (d, n)
+        y, h, impact = selective_scan(x, dt, A, B, C, last=score_last)
+        y = (y + x.float() * self.D.float()) * F.silu(z.float())
+        out = self.out_proj(y.to(hidden.dtype))
+        state = LayerState(conv=xc[:, :, -(self.d_conv - 1) :].clone(), ssm=h) if want_state else None
+        return out, impact, state
+
+    def step(self, hidden: torch.Tensor, state: LayerState) -> tuple[torch.Tensor, LayerState]:
+        """Decode one token: hidden (b, d_model)."""
+        x, z = self.in_proj(hidden).chunk(2, dim=-1)  # (b, d)
+        window = torch.cat([state.conv, x.unsqueeze(-1)], dim=-1)  # (b, d, k)
+        x = (window * self.conv1d.weight.squeeze(1)).sum(-1)
+        if self.conv1d.bias is not None:
+            x = x + self.conv1d.bias
+        x = F.silu(x)
+        dt, B, C = self.x_proj(x).split([self.dt_rank, self.d_state, self.d_state], dim=-1)
+        dt = F.softplus(F.linear(dt, self.dt_proj.weight).float() + self.dt_proj.bias.float())
+        y, h = selective_step(state.ssm, x, dt, -torch.exp(self.A_log.float()), B, C)
+        y = (y + x.float() * self.D.float()) * F.silu(z.float())
+        return self.out_proj(y.to(hidden.dtype)), LayerState(conv=window[:, :, 1:], ssm=h)
+
+
+class MambaBlock(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.norm = RMSNorm(cfg.d_model, cfg.norm_eps) if cfg.rms_norm else nn.LayerNorm(cfg.d_model, cfg.norm_eps)
+        self.mixer = MambaMixer(cfg)
+
+
+class Backbone(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.embeddings = nn.Embedding(cfg.vocab_size, cfg.d_model)
+        self.layers = nn.ModuleList(MambaBlock(cfg) for _ in range(cfg.n_layer))
+        self.norm_f = RMSNorm(cfg.d_model, cfg.norm_eps) if cfg.rms_norm else nn.LayerNorm(cfg.d_model, cfg.norm_eps)
+
+
+@dataclass
+class LMOutput:
+    logits: torch.Tensor  # (b, l, vocab)
+    states: list[LayerState] | None = None  # per layer, after the (pruned) prefill
+
+
+class MambaLM(nn.Module):
+    """Mamba-1 causal LM. `simba` (a SimbaConfig or None for dense) sets how the forward prunes tokens."""
+
+    def __init__(self, cfg: ModelConfig, simba: SimbaConfig | None = None):
+        super().__init__()
+        self.config = cfg
+        self.backbone = Backbone(cfg)
+        self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+        if cfg.tie_embeddings:
+            self.lm_head.weight = self.backbone.embeddings.weight
+        self.simba = simba
+
+    @property
+    def device(self) -> torch.device:
+        return self.lm_head.weight.device
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        *,
+        simba: SimbaConfig | None | str = "model",
+        return_states: bool = False,
+    ) -> LMOutput:
+        """Logits for every position of input_ids (b, l). simba="model" uses self.simba; None runs dense."""
+        simba = self.simba if simba == "model" else simba
+        if simba is not None and simba.n_layer != self.config.n_layer:
+            raise ValueError(f"simba.keep has {simba.n_layer} layers, the model {self.config.n_layer}")
+        b, length = input_ids.shape
+        stream_dtype = torch.float32 if self.config.residual_in_fp32 else self.lm_head.weight.dtype
+        h = self.backbone.embeddings(input_ids).to(stream_dtype)  # (b, l, d_model): the residual stream
+        plan = TokenPlan(attention_mask, b, length, simba, input_ids.device)
+        frozen = h.new_zeros(b, length + 1, h.shape[-1]) if simba is not None else None  # +1: scratch row
+        criterion = CRITERION_FNS[simba.criterion] if simba is not None else None
+        states = []
+        for i, block in enumerate(self.backbone.layers):
+            prune = plan.prunes_after(i)
+            mixed, impact, state = block.mixer(
+                block.norm(h.to(block.norm.weight.dtype)),
+                plan.mask,
+                score_last=plan.last_slot() if prune and simba.criterion == "simba" else None,
+                want_state=return_states,
+            )
+            h = h + mixed.to(stream_dtype)
+            states.append(state)
+            if prune:
+                scores = criterion(plan.view(i, h, impact), simba.seed)
+                frozen.scatter_(1, plan.idx.unsqueeze(-1).expand_as(h), h)
+                kept = plan.select(scores, i + 1)
+                h = h.gather(1, kept.unsqueeze(-1).expand(-1, -1, h.shape[-1]))
+        if frozen is not None:
+            frozen.scatter_(1, plan.idx.unsqueeze(-1).expand_as(h), h)
+            h = frozen[:, :length]
+        h = self.backbone.norm_f(h.to(self.backbone.norm_f.weight.dtype))
+        return LMOutput(logits=self.lm_head(h.to(self.lm_head.weight.dtype)), states=states if return_states else None)
+
+    @torch.no_grad()
+    def generate(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        max_new_tokens: int = 32,
+        do_sample: bool = False,
+        temperature: float = 1.0,
+        top_k: int = 0,
+        top_p: float = 1.0,
+        eos_token_id: int | None = None,
+        generator: torch.Generator | None = None,
+    ) -> torch.Tensor:
+        """Prefill the prompt (pruned as configured), then decode token by token through every layer.
+
+        Prompts in a batch must be left-padded. Returns (b, l + new) token ids; rows that hit eos_token_id
+        are padded with it.
+        """
+        if attention_mask is not None and not bool(attention_mask.bool().all()):
+            from .pruning import padding_side
+
+            if padding_side(attention_mask) != "left":
+                raise ValueError("generate: batched prompts must be left-padded")
+        out = self(input_ids, attention_mask, return_states=True)
+        states, logits = out.states, out.logits[:, -1]
+        tokens = [input_ids]
+        done = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+        for _ in range(max_new_tokens):
+            nxt = _sample(logits.float(), do_sample, temperature, top_k, top_p, generator)
+            if eos_token_id is not None:
+                nxt = torch.where(done, eos_token_id, nxt)
+                done |= nxt == eos_token_id
+            tokens.append(nxt.unsqueeze(1))
+            if eos_token_id is not None and bool(done.all()):
+                break
+            logits, states = self.step(nxt, states)
+        return torch.cat(tokens, dim=1)
+
+    def step(self, token: torch.Tensor, states: list[LayerState]) -> tuple[torch.Tensor, list[LayerState]]:
+        """One decoding step for token (b,): every layer runs on it (a new token is never pruned)."""
+        stream_dtype = torch.float32 if self.config.residual_in_fp32 else self.lm_head.weight.dtype
+        h = self.backbone.embeddings(token).to(stream_dtype)
+        new_states = []
+        for block, state in zip(self.backbone.layers, states):
+            mixed, state = block.mixer.step(block.norm(h.to(block.norm.weight.dtype)), state)
+            h = h + mixed.to(stream_dtype)
+            new_states.append(state)
+        h = self.backbone.norm_f(h.to(self.backbone.norm_f.weight.dtype))
+        return self.lm_head(h.to(self.lm_head.weight.dtype)), new_states
+
+
+def _sample(logits, do_sample, temperature, top_k, top_p, generator) -> torch.Tensor:
+    if not do_sample:
+        return logits.argmax(-1)
+    logits = logits / max(temperature, 1e-6)
+    if top_k > 0:
+        kth = torch.topk(logits, min(top_k, logits.shape[-1])).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, descending=True)
+        cum = torch.softmax(sorted_logits, -1).cumsum(-1)
+        drop = cum - torch.softmax(sorted_logits, -1) > top_p  # keep the smallest set reaching top_p
+        logits = logits.scatter(1, order, sorted_logits.masked_fill(drop, float("-inf")))
+    return torch.multinomial(torch.softmax(logits, -1), 1, generator=generator).squeeze(1)

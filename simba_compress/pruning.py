@@ -1,0 +1,215 @@
+"""Token pruning between layers: the settings, the criteria that rank tokens, and which tokens each layer sees.
+
+After layer l has run on its tokens, a criterion scores them and layer l+1 keeps the top
+ceil(keep[l+1] * n) of each row (n = the row's real length) in their original order. The last
+`protect_last` real tokens of a row are always kept; a dropped token's residual stream is frozen.
+
+Batches may be padded on one side (attention_mask). A row that keeps fewer tokens than the widest row
+is filled with masked slots on its padding side, so its real tokens see exactly what they would see
+unpadded: masked slots carry zero input to the SSM, and they sit before (left padding) or after
+(right padding) every real token, where they cannot change a real token's state.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+from typing import Callable
+
+import torch
+
+
+CRITERIA = ("simba", "utr", "l2norm", "random", "stride")
+SIMBA_FORMAT_VERSION = 1
+
+
+@dataclass
+class SimbaConfig:
+    """How a model prunes tokens.
+
+    keep: per-layer fraction of the input's real tokens that each layer runs on; keep[0] = 1.0 and it
+        never increases with depth.
+    criterion: how tokens are ranked: "simba" (global impact through the layer's own recurrence), "utr"
+        (clipped-activation sum of the block output), "l2norm" (block output norm), "random", "stride".
+    protect_last: the last real tokens of every row that are always kept (at least 1).
+    seed: seeds the "random" criterion.
+    """
+
+    keep: list[float]
+    criterion: str = "simba"
+    protect_last: int = 1
+    seed: int = 0
+    extra: dict = field(default_factory=dict)  # provenance a writer may attach (schedule name, FLOP target)
+
+    def __post_init__(self) -> None:
+        self.keep = [float(k) for k in self.keep]
+        if not self.keep:
+            raise ValueError("keep: the schedule is empty")
+        if abs(self.keep[0] - 1.0) > 1e-9:
+            raise ValueError(f"keep: the first layer must keep 1.0, got {self.keep[0]}")
+        for i, (a, b) in enumerate(zip(self.keep, self.keep[1:])):
+            if not 0.0 < b <= a + 1e-12:
+                raise ValueError(f"keep: layer {i + 1} has {b}; ratios must be in (0, 1] and never increase")
+        if self.criterion not in CRITERIA:
+            raise ValueError(f"criterion: unknown {self.criterion!r}; choose one of {', '.join(CRITERIA)}")
+        if int(self.protect_last) < 1:
+            raise ValueError(f"protect_last: must be >= 1, got {self.protect_last}")
+        self.protect_last = int(self.protect_last)
+
+    @property
+    def n_layer(self) -> int:
+        return len(self.keep)
+
+    def counts(self, n_real: torch.Tensor) -> torch.Tensor:
+        """Tokens each layer runs on, per row: (n_layer, b) from real lengths (b,)."""
+        keep = torch.tensor(self.keep, dtype=torch.float64, device=n_real.device)
+        n = n_real.to(torch.float64)
+        # round before ceil so 0.6 * 1000 = 600.0000000001 counts as 600
+        k = torch.ceil(torch.round(keep[:, None] * n[None, :], decimals=6)).long()
+        floor = torch.clamp(n_real, max=self.protect_last)[None, :]
+        return torch.minimum(torch.maximum(k, floor), n_real[None, :])
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["version"] = SIMBA_FORMAT_VERSION
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "SimbaConfig":
+        d = dict(d)
+        d.pop("version", None)
+        return cls(**d)
+
+
+@dataclass
+class LayerView:
+    """What a criterion may look at after a layer ran on its current tokens (w = slots in the batch)."""
+
+    layer: int
+    hidden: torch.Tensor  # (b, w, d_model) the block output (residual stream)
+    impact: torch.Tensor | None  # (b, w) Simba's global impact, computed inside the layer's scan
+    last: torch.Tensor  # (b,) slot of each row's last real token
+    real: torch.Tensor  # (b, w) bool: slot holds a real token
+    target: torch.Tensor  # (b,) how many tokens the next layer keeps
+
+
+def _simba(view: LayerView, seed: int) -> torch.Tensor:
+    return view.impact  # fused into the scan (ssm.scan); ssm.score.global_impact is its reference
+
+
+def _utr(view: LayerView, seed: int) -> torch.Tensor:
+    return view.hidden.float().clamp(min=0).sum(-1)
+
+
+def _l2norm(view: LayerView, seed: int) -> torch.Tensor:
+    return view.hidden.float().norm(dim=-1)
+
+
+def _random(view: LayerView, seed: int) -> torch.Tensor:
+    gen = torch.Generator(device=view.hidden.device).manual_seed(seed * 1_000_003 + view.layer)
+    return torch.rand(view.real.shape, generator=gen, device=view.hidden.device)
+
+
+def _stride(view: LayerView, seed: int) -> torch.Tensor:
+    # Bresenham: of r real tokens, rank j is chosen when floor((j+1) k / r) > floor(j k / r): k evenly spaced.
+    rank = torch.cumsum(view.real.long(), dim=1) - 1
+    r = view.real.sum(1, keepdim=True).clamp_min(1)
+    k = view.target[:, None]
+    chosen = torch.div((rank + 1) * k, r, rounding_mode="floor") > torch.div(rank * k, r, rounding_mode="floor")
+    return chosen.float()
+
+
+CRITERION_FNS: dict[str, Callable[[LayerView, int], torch.Tensor]] = {
+    "simba": _simba,
+    "utr": _utr,
+    "l2norm": _l2norm,
+    "random": _random,
+    "stride": _stride,
+}
+
+
+def padding_side(attention_mask: torch.Tensor) -> str:
+    """'left' or 'right' for a 0/1 mask padded on one side; raises on holes inside a row."""
+    m = attention_mask.bool()
+    n = m.sum(1)
+    if (n == 0).any():
+        raise ValueError("attention_mask: a row has no real token")
+    pos = torch.arange(m.shape[1], device=m.device)[None, :]
+    right = (m == (pos < n[:, None])).all()
+    left = (m == (pos >= m.shape[1] - n[:, None])).all()
+    if left:
+        return "left"
+    if right:
+        return "right"
+    raise ValueError("attention_mask: padding must be on one side of every row (all left or all right)")
+
+
+class TokenPlan:
+    """The positions each layer runs on for one batch, and the selection that moves to the next layer.
+
+    idx (b, w): original position of each slot; masked fill slots point at position `seq_len`, a scratch
+    row of the frozen residual buffer. real (b, w): slot holds a real token. None of the tensors has a
+    time loop; one `select` is a sort of the slots.
+    """
+
+    def __init__(self, attention_mask: torch.Tensor | None, batch: int, seq_len: int, simba: SimbaConfig | None, device):
+        b = batch
+        self.seq_len = seq_len
+        self.simba = simba
+        positions = torch.arange(seq_len, device=device)
+        if attention_mask is None or bool(attention_mask.bool().all()):
+            self.side = "left"
+            self.n_real = torch.full((b,), seq_len, device=device, dtype=torch.long)
+            self.real = torch.ones(b, seq_len, dtype=torch.bool, device=device)
+            self.padded = False
+        else:
+            self.side = padding_side(attention_mask)
+            self.n_real = attention_mask.bool().sum(1).long()
+            self.real = attention_mask.bool().clone()
+            self.padded = True
+        self.idx = positions.expand(self.real.shape[0], seq_len).clone()
+        # the row's real tokens end at `end`: the last protect_last positions before it are protected
+        self.end = torch.full_like(self.n_real, seq_len) if self.side == "left" else self.n_real.clone()
+        self.counts = simba.counts(self.n_real) if simba is not None else None
+
+    @property
+    def mask(self) -> torch.Tensor | None:
+        """(b, w) bool mask of real slots, or None when no slot is padding (the fast path)."""
+        return self.real if self.padded else None
+
+    def prunes_after(self, layer: int) -> bool:
+        if self.counts is None or layer + 1 >= self.counts.shape[0]:
+            return False
+        return bool((self.counts[layer + 1] < self.counts[layer]).any())
+
+    def last_slot(self) -> torch.Tensor:
+        """(b,) slot of each row's last real token."""
+        w = self.idx.shape[1]
+        slots = torch.arange(w, device=self.idx.device).expand_as(self.idx)
+        return torch.where(self.real, slots, -1).amax(dim=1)
+
+    def view(self, layer: int, hidden: torch.Tensor, impact: torch.Tensor | None) -> LayerView:
+        return LayerView(layer, hidden, impact, self.last_slot(), self.real, self.counts[layer + 1])
+
+    def select(self, scores: torch.Tensor, layer: int) -> torch.Tensor:
+        """Keep the top-scoring tokens for `layer`; returns the kept slots (b, w') to gather with."""
+        target = self.counts[layer]  # (b,)
+        protected = self.real & (self.idx >= (self.end - self.simba.protect_last)[:, None])
+        scores = scores.float().masked_fill(~self.real, float("-inf")).masked_fill(protected, float("inf"))
+        w = scores.shape[1]
+        slots = torch.arange(w, device=scores.device).expand_as(scores)
+        order = torch.argsort(scores, dim=1, descending=True, stable=True)
+        rank = torch.empty_like(order).scatter_(1, order, slots)
+        chosen = rank < target[:, None]
+        width = int(target.max())
+        # chosen slots keep their order; the rest go to the padding side and fill the row up to `width`
+        if self.side == "left":
+            key = torch.where(chosen, slots, -1)
+            kept = torch.sort(key, dim=1, stable=True).indices[:, w - width :]
+        else:
+            key = torch.where(chosen, slots, w)
+            kept = torch.sort(key, dim=1, stable=True).indices[:, :width]
+        self.real = chosen.gather(1, kept)
+        self.padded = self.padded or bool((target < width).any())
+        self.idx = torch.where(self.real, self.idx.gather(1, kept), self.seq_len)
+        return kept
