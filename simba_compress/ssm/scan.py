@@ -7,35 +7,28 @@ Shapes: b batch, l tokens, d channels (d_inner), n state size (d_state).
 
 Inside a chunk the recurrence is solved in closed form with the cumulative decay G_t = A * sum_{k<=t} dt_k:
     h_t = exp(G_t) * (h_0 + sum_{s<=t} exp(-G_s) dt_s B_s x_s)
-which is a cumsum instead of a loop. exp(-G_s) grows along the chunk, so the chunk length is chosen per call
-as the longest one whose total decay |G| stays below MAX_LOG_RANGE in every chunk and channel (float32
-overflows near exp(88)); a model with very fast decays gets short chunks, never wrong numbers. The rounding
-error stays below eps * chunk * max|dt B x| because every factor exp(G_t - G_s) it stands for is <= 1.
+which is a cumsum instead of a loop over time. exp(-G_s) grows along the chunk, so a chunk is computed in
+float32 only while its decay range |G| stays below MAX_LOG_RANGE (float32 overflows near exp(88)). Real text
+drives single steps of trained models to decays of e^-80, so such a chunk is computed in float64 (overflow
+near exp(709)), and past that one step at a time. The rounding error stays below eps * chunk * max|dt B x|
+because every factor exp(G_t - G_s) it stands for is <= 1.
 """
 
 from __future__ import annotations
 
 import torch
 
-MAX_LOG_RANGE = 60.0  # exp(60) ~ 1e26: headroom below float32's exp(88) for the cumsum
-MAX_CHUNK = 8  # measured fastest on 2 CPU cores (benchmarks/cpu_forward.py); longer chunks fall out of cache
+MAX_LOG_RANGE = {torch.float32: 60.0, torch.float64: 600.0}  # below exp(88) and exp(709), the overflow points
+MAX_CHUNK = 8  # fastest on 2 CPU cores: longer chunks fall out of the L2 cache
+MAX_CHUNK_GPU = 64  # on a GPU, fewer and larger launches win
 
 
-def chunk_length(dt: torch.Tensor, A: torch.Tensor, max_chunk: int = MAX_CHUNK) -> int:
-    """Longest power-of-two chunk (<= max_chunk) whose decay range stays below MAX_LOG_RANGE everywhere.
-
-    Bounded from above by the fastest channel at each step, so the check costs one pass over dt.
-    """
-    step = (dt.float() * A.abs().amax(dim=-1)).amax(dim=-1)  # (b, l): the largest log-decay of each step
-    cum = torch.nn.functional.pad(torch.cumsum(step, dim=1), (1, 0))  # cum[:, i] = decay before token i
-    length = step.shape[1]
-    chunk = max_chunk
-    while chunk > 1:
-        ends = torch.arange(chunk, length + chunk, chunk, device=dt.device).clamp_max(length)
-        if (cum[:, ends] - cum[:, ends - chunk]).max() <= MAX_LOG_RANGE:
-            return chunk
-        chunk //= 2
-    return 1
+def chunk_ranges(dt: torch.Tensor, A: torch.Tensor, chunk: int) -> list[float]:
+    """Upper bound of the decay range |G| inside each chunk: the fastest state of each channel, max over (b, d)."""
+    rate = A.abs().amax(dim=-1)  # (d,)
+    pad = (-dt.shape[1]) % chunk
+    steps = torch.nn.functional.pad(dt.float() * rate, (0, 0, 0, pad)).unflatten(1, (-1, chunk))  # (b, c, L, d)
+    return steps.sum(2).amax(dim=(0, 2)).tolist()
 
 
 def selective_scan(
@@ -57,16 +50,15 @@ def selective_scan(
     Tokens after last[b] get 0.
     """
     b, length, d = x.shape
-    n = A.shape[-1]
     x, dt, A, B, C = x.float(), dt.float(), A.float(), B.float(), C.float()
-    h = x.new_zeros(b, d, n) if h0 is None else h0.float()
-    chunk = chunk_length(dt, A)
-    y = x.new_empty(-(-length // chunk), b, chunk, d)  # chunk-major, so each chunk's output is contiguous
+    h = x.new_zeros(b, d, A.shape[-1]) if h0 is None else h0.float()
+    chunk = MAX_CHUNK if x.device.type == "cpu" else MAX_CHUNK_GPU
+    ranges = chunk_ranges(dt, A, chunk)
+    inplace = not torch.is_grad_enabled()  # reuse buffers when no backward will need them
     u = dt * x  # (b, l, d)
     pad = (-length) % chunk
     S = torch.nn.functional.pad(dt, (0, 0, 0, pad)).unflatten(1, (-1, chunk)).cumsum(2)  # in-chunk: (b, c, L, d)
     if last is not None:
-        score = x.new_empty(b, length)
         # float64 for the running sums: S_T - S_c subtracts two large sums
         totals = S[:, :, -1].double()
         before = torch.cumsum(totals, dim=1) - totals  # S_c, dt summed before each chunk: (b, c, d)
@@ -74,24 +66,45 @@ def selective_scan(
         s_last = before[rows, last // chunk] + S.flatten(1, 2)[rows, last].double()  # S_T: (b, d)
         c_last = C[rows, last]  # C_T: (b, n)
     S = S.flatten(1, 2)
+    ys, scores = [], []
     for i, c0 in enumerate(range(0, length, chunk)):
         c1 = min(c0 + chunk, length)
-        decay = torch.exp(S[:, c0:c1].unsqueeze(-1) * A)  # exp(G_t): (b, L, d, n)
-        w = u[:, c0:c1].unsqueeze(-1) * B[:, c0:c1].unsqueeze(2)  # dt_s B_s x_s: (b, L, d, n)
-        w.div_(decay)
-        if last is not None:
-            reach = torch.exp(((s_last - before[:, i]).float().unsqueeze(-1) * A).clamp_max(0.0))  # (b, d, n)
-            impact = (w * (reach * c_last.unsqueeze(1)).unsqueeze(1)).sum(-1)  # dy_T(t): (b, L, d)
-            score[:, c0:c1] = impact.abs_().amax(-1)
-        w[:, 0] += h  # carry the state in: h_t = exp(G_t) (h_0 + sum_s exp(-G_s) dt_s B_s x_s)
-        states = torch.cumsum(w, dim=1, out=w).mul_(decay)  # h_t: (b, L, d, n)
-        torch.matmul(states, C[:, c0:c1].unsqueeze(-1), out=y[i, :, : c1 - c0].unsqueeze(-1))  # C_t . h_t
-        h = states[:, -1]
-    y = y.permute(1, 0, 2, 3).flatten(1, 2)[:, :length]
+        # float32 while the chunk's decay range allows, float64 (range exp(709)) where real text drives
+        # a step's decay into the tens; past that, one step at a time, where the clamp below is exact
+        work = torch.float32 if ranges[i] <= MAX_LOG_RANGE[torch.float32] else torch.float64
+        step = chunk if ranges[i] <= MAX_LOG_RANGE[torch.float64] else 1
+        limit = MAX_LOG_RANGE[work]
+        Aw, h = A.to(work), h.to(work)
+        for s0 in range(c0, c1, step):
+            s1 = min(s0 + step, c1)
+            G = (S if step > 1 else dt)[:, s0:s1].to(work).unsqueeze(-1) * Aw  # decay since s0
+            decay = torch.exp(G.clamp_min(-limit))  # exp(G_t): (b, L, d, n)
+            inputs = u[:, s0:s1].to(work).unsqueeze(-1) * B[:, s0:s1].to(work).unsqueeze(2)  # dt B x: (b, L, d, n)
+            if last is not None:
+                # dy_T(t) = sum_n C_T exp(A (S_T - S_ref)) * [exp(-G_t) dt B x], with S_ref = dt summed before s0;
+                # a single step takes S_ref after itself and plain dt B x, so no clamped factor enters
+                if step > 1:
+                    ref, src = before[:, i] + (S[:, s0 - 1].double() if s0 > c0 else 0.0), None
+                else:
+                    ref, src = before[:, i] + S[:, s0].double(), inputs
+            w = inputs.div_(decay) if inplace and last is None else inputs / decay  # exp(-G_s) dt_s B_s x_s
+            if last is not None:
+                reach = torch.exp(((s_last - ref).to(work).unsqueeze(-1) * Aw).clamp_max(0.0))  # (b, d, n)
+                impact = torch.linalg.vecdot(w if src is None else src, (reach * c_last.to(work).unsqueeze(1)).unsqueeze(1))
+                scores.append(impact.abs().amax(-1).float())  # (b, L)
+            # h_t = exp(G_t) (h_0 + sum_{s<=t} exp(-G_s) dt_s B_s x_s)
+            if inplace:
+                w[:, 0] += h
+                states = torch.cumsum(w, dim=1, out=w).mul_(decay)
+            else:
+                states = (torch.cumsum(w, dim=1) + h.unsqueeze(1)) * decay  # (b, L, d, n)
+            ys.append(torch.matmul(states, C[:, s0:s1].to(work).unsqueeze(-1)).squeeze(-1).float())  # C_t . h_t
+            h = states[:, -1]
+    y, h = torch.cat(ys, dim=1), h.float()
     if last is None:
         return y, h, None
     after = torch.arange(length, device=x.device)[None, :] > last[:, None]
-    return y, h, score.masked_fill_(after, 0.0)
+    return y, h, torch.cat(scores, dim=1).masked_fill(after, 0.0)
 
 
 def selective_step(

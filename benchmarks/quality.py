@@ -1,0 +1,161 @@
+"""Quality vs FLOPs on the pretrained proxies: Simba and baseline criteria, prompt truncation, dense shallower models.
+
+For each FLOP ratio F (of the l16 backbone) and criterion, the linear schedule meeting F (with the scored
+continuation protected) prunes mamba-proxy-d320-l16; truncation feeds the dense l16 only the most recent
+F * T tokens; the dense l12 / l9 / l6 sit at 0.75 / 0.5625 / 0.375. Headline: the loss on the protected
+last 128 positions (DESIGN.md); beside it the all-position loss with only the last position protected
+(a stress figure: a pruned position is predicted from the layer where it was dropped).
+
+    python benchmarks/quality.py --models ../shared/models --data ../shared/corpus/valid.txt.xz \
+        --seq-len 1024 --windows 64 --out benchmarks/results
+Writes quality_T{seq_len}.json, .md and .png to --out.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import sys
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import simba_compress  # noqa: E402
+from simba_compress import SimbaConfig, load, load_tokenizer  # noqa: E402
+from simba_compress.data import load_windows  # noqa: E402
+from simba_compress.errors import SimbaError  # noqa: E402
+from simba_compress.evaluate import evaluate, evaluate_truncated  # noqa: E402
+from simba_compress.schedules import linear_for_flops  # noqa: E402
+
+BASE = "mamba-proxy-d320-l16"
+SHALLOW = ("mamba-proxy-d320-l12", "mamba-proxy-d320-l9", "mamba-proxy-d320-l6")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--models", required=True)
+    ap.add_argument("--data", required=True)
+    ap.add_argument("--seq-len", type=int, default=1024)
+    ap.add_argument("--windows", type=int, default=64)
+    ap.add_argument("--protect", type=int, default=128)
+    ap.add_argument("--flops", type=float, nargs="+", default=[0.8, 0.7, 0.6])
+    ap.add_argument("--criteria", nargs="+", default=["simba", "utr", "l2norm", "random", "stride"])
+    ap.add_argument("--batch-size", type=int, default=8)
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--out", default="benchmarks/results")
+    args = ap.parse_args()
+
+    models = Path(args.models)
+    t0 = time.time()
+    tok = load_tokenizer(models / BASE)
+    win = load_windows(args.data, tok, args.seq_len + 1, args.windows)
+    base = load(models / BASE, device=args.device)
+    rows = []
+
+    def add(model_name, method, flops_target, res):
+        rows.append(
+            dict(
+                model=model_name,
+                method=method,
+                flops_target=flops_target,
+                flop_ratio=round(res.flop_ratio, 4),
+                loss=round(res.loss, 4),
+                loss_se=round(res.loss_se, 4),
+                all_position_loss=None if res.all_position_loss is None else round(res.all_position_loss, 4),
+            )
+        )
+        print(rows[-1], flush=True)
+
+    def run(model, **kw):
+        return evaluate(model, win, protect=args.protect, batch_size=args.batch_size, progress=False, **kw)
+
+    add(BASE, "dense", 1.0, run(base, simba=None))
+    for name in SHALLOW:
+        m = load(models / name, device=args.device)
+        res = run(m, simba=None)
+        res.flop_ratio = m.config.n_layer / base.config.n_layer  # of the l16 backbone
+        add(name, "dense", res.flop_ratio, res)
+        del m
+    for f in args.flops:
+        for crit in args.criteria:
+            try:
+                sched = linear_for_flops(base.config, f, args.seq_len, crit, protect_last=args.protect)
+            except SimbaError as e:
+                print(f"skip {crit} at {f}: {e}")
+                continue
+            add(BASE, f"{crit} (linear)", f, run(base, simba=replace(sched, protect_last=1)))
+        add(BASE, "truncate prompt", f, evaluate_truncated(base, win, f, args.protect, args.batch_size, progress=False))
+
+    meta = dict(
+        command="python " + " ".join(sys.argv),
+        device=torch.cuda.get_device_name() if args.device.startswith("cuda") else f"CPU {platform.processor()}",
+        torch=torch.__version__,
+        simba_compress=simba_compress.__version__,
+        data=args.data,
+        windows=int(win.shape[0]),
+        seq_len=args.seq_len,
+        protect=args.protect,
+        seconds=round(time.time() - t0, 1),
+    )
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    stem = out / f"quality_T{args.seq_len}"
+    stem.with_suffix(".json").write_text(json.dumps(dict(meta=meta, rows=rows), indent=2) + "\n")
+    stem.with_suffix(".md").write_text(markdown(meta, rows))
+    plot(rows, stem.with_suffix(".png"), meta)
+    print(markdown(meta, rows))
+
+
+def markdown(meta: dict, rows: list[dict]) -> str:
+    lines = [
+        f"# Quality vs FLOPs, T = {meta['seq_len']}",
+        "",
+        f"`{meta['command']}`",
+        "",
+        f"{meta['device']}, torch {meta['torch']}, simba_compress {meta['simba_compress']}; "
+        f"{meta['windows']} windows of {meta['seq_len']} tokens of {meta['data']}; {meta['seconds']} s.",
+        f"Headline: mean loss (nats) on the last {meta['protect']} positions, protected from pruning, ± standard "
+        "error over windows. All-position: every position, only the last protected (a pruned position is "
+        "predicted from the layer where it was dropped, so this mostly measures which positions were pruned).",
+        "",
+        "| model | method | target | FLOP ratio | headline loss | ± | all-position loss |",
+        "|---|---|---:|---:|---:|---:|---:|",
+    ]
+    for r in rows:
+        ap = "n/a" if r["all_position_loss"] is None else f"{r['all_position_loss']:.4f}"
+        lines.append(
+            f"| {r['model']} | {r['method']} | {r['flops_target']:.4g} | {r['flop_ratio']:.4f} | {r['loss']:.4f} "
+            f"| {r['loss_se']:.4f} | {ap} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def plot(rows: list[dict], path: Path, meta: dict) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    methods = sorted({r["method"] for r in rows if r["model"] == BASE and r["method"] != "dense"})
+    dense16 = next(r for r in rows if r["model"] == BASE and r["method"] == "dense")
+    for m in methods:
+        pts = sorted([(1.0, dense16["loss"])] + [(r["flop_ratio"], r["loss"]) for r in rows if r["method"] == m])
+        ax.plot(*zip(*pts), marker="o", label=f"l16 {m}")
+    shallow = sorted((r["flop_ratio"], r["loss"], r["model"]) for r in rows if r["method"] == "dense")
+    ax.plot([s[0] for s in shallow], [s[1] for s in shallow], "k--s", label="dense l6 / l9 / l12 / l16")
+    ax.set_xlabel("backbone FLOPs (ratio of dense l16)")
+    ax.set_ylabel(f"loss on the protected last {meta['protect']} tokens (nats)")
+    ax.set_title(f"mamba-proxy-d320-l16, T = {meta['seq_len']}, {meta['windows']} windows")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+if __name__ == "__main__":
+    main()

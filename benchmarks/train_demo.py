@@ -1,0 +1,129 @@
+"""Train the embedded demo checkpoint (simba_compress/data/demo-model) on the project's corpus.
+
+A small Mamba-1 (d_model 128, 6 layers, the corpus tokenizer's 8192 tokens) trained from scratch with the
+package's own reference path: AdamW, warm-up then cosine, bf16 autocast on a GPU. Writes the model folder
+and train_demo.json (settings, losses, time, machine) to --out.
+
+    python benchmarks/train_demo.py --corpus ../shared/corpus --out /tmp/demo
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import platform
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from simba_compress import MambaLM, ModelConfig, save  # noqa: E402
+from simba_compress.data import load_windows, read_documents, tokenize  # noqa: E402
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--corpus", required=True, help="folder with train.txt.xz, valid.txt.xz, tokenizer/")
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--d-model", type=int, default=128)
+    ap.add_argument("--n-layer", type=int, default=6)
+    ap.add_argument("--steps", type=int, default=1500)
+    ap.add_argument("--batch", type=int, default=64)
+    ap.add_argument("--seq-len", type=int, default=512)
+    ap.add_argument("--lr", type=float, default=3e-3)
+    ap.add_argument("--seed", type=int, default=0)
+    args = ap.parse_args()
+
+    from transformers import AutoTokenizer
+
+    torch.manual_seed(args.seed)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    corpus = Path(args.corpus)
+    tok = AutoTokenizer.from_pretrained(str(corpus / "tokenizer"))
+    t0 = time.time()
+    train = tokenize(read_documents(str(corpus / "train.txt.xz")), tok)
+    print(f"train tokens {train.numel()} ({time.time() - t0:.0f}s)", flush=True)
+
+    cfg = ModelConfig(d_model=args.d_model, n_layer=args.n_layer, vocab_size=len(tok))
+    model = MambaLM(cfg).to(device)
+    _init(model)
+    decay = [p for n, p in model.named_parameters() if p.dim() >= 2]
+    no_decay = [p for n, p in model.named_parameters() if p.dim() < 2]
+    opt = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": 0.1}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=args.lr,
+        betas=(0.9, 0.95),
+    )
+    warm = max(1, args.steps // 20)
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt,
+        lambda s: (s + 1) / warm if s < warm else 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * (s - warm) / (args.steps - warm))),
+    )
+    gen = torch.Generator().manual_seed(args.seed)
+    t0, log = time.time(), []
+    model.train()
+    for step in range(args.steps):
+        starts = torch.randint(0, train.numel() - args.seq_len - 1, (args.batch,), generator=gen)
+        batch = torch.stack([train[s : s + args.seq_len + 1] for s in starts.tolist()]).to(device)
+        with torch.autocast(device, dtype=torch.bfloat16, enabled=device == "cuda"):
+            logits = model(batch[:, :-1]).logits
+        loss = F.cross_entropy(logits.float().flatten(0, 1), batch[:, 1:].flatten())
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        sched.step()
+        if step % 100 == 0 or step == args.steps - 1:
+            log.append({"step": step, "loss": loss.item(), "seconds": time.time() - t0})
+            print(log[-1], flush=True)
+    train_seconds = time.time() - t0
+
+    model.eval()
+    valid = load_windows(str(corpus / "valid.txt.xz"), tok, 1025, 64)
+    with torch.no_grad():
+        losses = [
+            F.cross_entropy(model(w[None, :-1].to(device)).logits.float()[0], w[1:].to(device)).item() for w in valid
+        ]
+    valid_loss = sum(losses) / len(losses)
+    model.source_dtype = torch.bfloat16
+    out = Path(args.out)
+    save(model.cpu(), out / "demo-model", tokenizer=tok, overwrite=True)
+    result = {
+        "command": " ".join(sys.argv),
+        "config": cfg.to_dict(),
+        "params": sum(p.numel() for p in model.parameters()),
+        "steps": args.steps,
+        "batch": args.batch,
+        "seq_len": args.seq_len,
+        "tokens_seen": args.steps * args.batch * args.seq_len,
+        "lr": args.lr,
+        "train_seconds": round(train_seconds, 1),
+        "valid_loss_64x1024": round(valid_loss, 4),
+        "log": log,
+        "device": torch.cuda.get_device_name() if device == "cuda" else platform.processor(),
+        "torch": torch.__version__,
+    }
+    (out / "train_demo.json").write_text(json.dumps(result, indent=2) + "\n")
+    print(json.dumps({k: v for k, v in result.items() if k != "log"}, indent=2))
+
+
+@torch.no_grad()
+def _init(model: MambaLM) -> None:
+    """mamba_ssm's initialisation: dt bias for dt in [1e-3, 1e-1], small embeddings, out_proj scaled by depth."""
+    for block in model.backbone.layers:
+        mixer = block.mixer
+        dt = torch.exp(torch.rand(mixer.d_inner) * (math.log(0.1) - math.log(1e-3)) + math.log(1e-3)).clamp(min=1e-4)
+        mixer.dt_proj.bias.copy_(dt + torch.log(-torch.expm1(-dt)))
+        std = mixer.dt_rank**-0.5
+        torch.nn.init.uniform_(mixer.dt_proj.weight, -std, std)
+        torch.nn.init.kaiming_uniform_(mixer.out_proj.weight, a=math.sqrt(5))
+        mixer.out_proj.weight /= math.sqrt(len(model.backbone.layers))
+    torch.nn.init.normal_(model.backbone.embeddings.weight, std=0.02)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,111 @@
+"""Analytic FLOP accounting, per token and per layer, from the model config.
+
+Conventions: a matmul of (m x k) by (k x n) is 2mkn FLOPs; an elementwise op is 1 FLOP per element, with
+exp/softplus/silu counted as listed in ELEMENTWISE; the selective scan is 9 * d_inner * d_state per token,
+mamba_ssm's own convention for selective_scan_ref. The FLOP ratio (--flops) is backbone FLOPs (every Mamba
+block plus the pruning score) of the pruned model over the dense model at the same input length; the LM
+head (2 * d_model * vocab per position that needs logits) is reported beside it, not inside it.
+The matmul terms are checked against torch.utils.flop_counter in tests/test_flops.py.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import torch
+
+from .model import ModelConfig
+from .pruning import SimbaConfig
+
+SILU, SOFTPLUS = 4, 4  # x * sigmoid(x): neg, exp, add, div (+ the mul counted separately); log(1 + exp(x))
+SCAN_PER_STATE = 9  # mamba_ssm: 9 * L * D * N for the discretisation, the state update and C . h
+
+
+def block_flops(cfg: ModelConfig) -> dict[str, int]:
+    """FLOPs per token of one Mamba-1 block, by component."""
+    d, e, n, r, k = cfg.d_model, cfg.d_inner, cfg.d_state, cfg.dt_rank, cfg.d_conv
+    return {
+        "norm": 4 * d,
+        "in_proj": 2 * d * 2 * e + (2 * e if cfg.bias else 0),
+        "conv": 2 * e * k + (e if cfg.conv_bias else 0) + SILU * e,
+        "x_proj": 2 * e * (r + 2 * n),
+        "dt_proj": 2 * r * e + e + SOFTPLUS * e,
+        "scan": SCAN_PER_STATE * e * n,
+        "gate_skip": 2 * e + (SILU + 1) * e,  # y + D x, then * silu(z)
+        "out_proj": 2 * e * d + (d if cfg.bias else 0),
+        "residual": d,
+    }
+
+
+def matmul_flops(cfg: ModelConfig) -> dict[str, int]:
+    """The matmul/conv part of block_flops (what torch.utils.flop_counter sees), per token."""
+    d, e, n, r, k = cfg.d_model, cfg.d_inner, cfg.d_state, cfg.dt_rank, cfg.d_conv
+    return {
+        "in_proj": 2 * d * 2 * e,
+        "conv": 2 * e * k,
+        "x_proj": 2 * e * (r + 2 * n),
+        "dt_proj": 2 * r * e,
+        "scan_output": 2 * e * n,  # C_t . h_t, a batched matmul in the reference scan
+        "out_proj": 2 * e * d,
+    }
+
+
+def score_flops(cfg: ModelConfig, criterion: str) -> int:
+    """FLOPs per scored token of a criterion (the token sort is O(l log l) and not counted)."""
+    e, n, d = cfg.d_inner, cfg.d_state, cfg.d_model
+    return {
+        # contraction of the scan's own exp(-G) dt B x with a per-chunk weight (2en), |.| and max over d (2e),
+        # and the per-chunk weights exp(A (S_T - S_c)) C_T amortised over a chunk of 8 (<= en)
+        "simba": 3 * e * n + 2 * e,
+        "utr": 2 * d,  # clamp, sum
+        "l2norm": 2 * d,  # square, sum
+        "random": 1,
+        "stride": 1,
+    }[criterion]
+
+
+def head_flops(cfg: ModelConfig) -> int:
+    """Final norm and LM head per position that needs logits."""
+    return 4 * cfg.d_model + 2 * cfg.d_model * cfg.vocab_size
+
+
+@dataclass
+class FlopReport:
+    seq_len: int
+    tokens: list[int]  # tokens each layer runs on
+    per_layer: list[int]  # backbone FLOPs of each layer, the score after it included
+    dense: int  # backbone FLOPs of the dense model
+    sparse: int  # backbone FLOPs of the pruned model, score included
+    score: int  # of which the pruning score
+    ratio: float  # sparse / dense: what --flops sets
+    head_per_position: int  # LM head + final norm, per position that needs logits (beside the ratio)
+    per_token_block: dict[str, int]
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def count(cfg: ModelConfig, simba: SimbaConfig | None, seq_len: int) -> FlopReport:
+    """Backbone FLOPs of one sequence of seq_len real tokens, dense and as pruned by `simba`."""
+    per_token = sum(block_flops(cfg).values())
+    n_real = torch.tensor([seq_len])
+    tokens = [seq_len] * cfg.n_layer if simba is None else simba.counts(n_real)[:, 0].tolist()
+    score_cost = 0 if simba is None else score_flops(cfg, simba.criterion)
+    per_layer, score = [], 0
+    for i, k in enumerate(tokens):
+        s = k * score_cost if i + 1 < len(tokens) and tokens[i + 1] < k else 0
+        score += s
+        per_layer.append(k * per_token + s)
+    dense = seq_len * cfg.n_layer * per_token
+    sparse = sum(per_layer)
+    return FlopReport(
+        seq_len=seq_len,
+        tokens=tokens,
+        per_layer=per_layer,
+        dense=dense,
+        sparse=sparse,
+        score=score,
+        ratio=sparse / dense,
+        head_per_position=head_flops(cfg),
+        per_token_block=block_flops(cfg),
+    )
