@@ -158,6 +158,7 @@ class Backbone(nn.Module):
 class LMOutput:
     logits: torch.Tensor  # (b, l, vocab)
     states: list[LayerState] | None = None  # per layer, after the (pruned) prefill
+    kept: list[torch.Tensor] | None = None  # per layer, the original positions it ran on (b, w); -1 = padding slot
 
 
 class MambaLM(nn.Module):
@@ -183,6 +184,7 @@ class MambaLM(nn.Module):
         *,
         simba: SimbaConfig | None | str = "model",
         return_states: bool = False,
+        return_kept: bool = False,
     ) -> LMOutput:
         """Logits for every position of input_ids (b, l). simba="model" uses self.simba; None runs dense."""
         simba = self.simba if simba == "model" else simba
@@ -194,8 +196,10 @@ class MambaLM(nn.Module):
         plan = TokenPlan(attention_mask, b, length, simba, input_ids.device)
         frozen = h.new_zeros(b, length + 1, h.shape[-1]) if simba is not None else None  # +1: scratch row
         criterion = CRITERION_FNS[simba.criterion] if simba is not None else None
-        states = []
+        states, kept_positions = [], []
         for i, block in enumerate(self.backbone.layers):
+            if return_kept:
+                kept_positions.append(torch.where(plan.real, plan.idx, -1))
             prune = plan.prunes_after(i)
             mixed, impact, state = block.mixer(
                 block.norm(h.to(block.norm.weight.dtype)),
@@ -214,7 +218,11 @@ class MambaLM(nn.Module):
             frozen.scatter_(1, plan.idx.unsqueeze(-1).expand_as(h), h)
             h = frozen[:, :length]
         h = self.backbone.norm_f(h.to(self.backbone.norm_f.weight.dtype))
-        return LMOutput(logits=self.lm_head(h.to(self.lm_head.weight.dtype)), states=states if return_states else None)
+        return LMOutput(
+            logits=self.lm_head(h.to(self.lm_head.weight.dtype)),
+            states=states if return_states else None,
+            kept=kept_positions if return_kept else None,
+        )
 
     @torch.no_grad()
     def generate(

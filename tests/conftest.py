@@ -1,0 +1,122 @@
+"""Shared fixtures: paths to ../shared, small random models in both checkpoint layouts."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never touch the network
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+torch.set_num_threads(min(2, os.cpu_count() or 1))
+
+from simba_compress import MambaLM, ModelConfig  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = REPO.parent / "shared"
+MODELS = SHARED / "models"
+CORPUS = SHARED / "corpus"
+PROXIES = sorted(p.name for p in MODELS.glob("mamba-proxy-*"))
+L16 = MODELS / "mamba-proxy-d320-l16"
+
+
+def random_model(
+    n_layer: int = 3, d_model: int = 16, vocab: int = 64, d_state: int = 4, seed: int = 0, **kw
+) -> MambaLM:
+    """A random-weight Mamba-1 whose SSM has trained-like ranges (A in [-e^3, -1], dt in [1e-3, 0.5])."""
+    torch.manual_seed(seed)
+    m = MambaLM(ModelConfig(d_model=d_model, n_layer=n_layer, vocab_size=vocab, d_state=d_state, **kw))
+    with torch.no_grad():
+        for p in m.parameters():
+            p.normal_(0, 0.3)
+        for block in m.backbone.layers:
+            mix = block.mixer
+            mix.A_log.uniform_(0, 3)
+            dt = torch.exp(torch.empty(mix.d_inner).uniform_(math.log(1e-3), math.log(0.5)))
+            mix.dt_proj.bias.copy_(dt + torch.log(-torch.expm1(-dt)))
+            block.norm.weight.uniform_(0.5, 1.5)
+        m.backbone.norm_f.weight.uniform_(0.5, 1.5)
+    return m.eval()
+
+
+def write_original(model: MambaLM, folder: Path, vocab_size: int | None = None) -> Path:
+    """Write `model` in the state-spaces layout (config.json + pytorch_model.bin, `embedding` key)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    c = model.config
+    cfg = {
+        "d_model": c.d_model,
+        "d_intermediate": 0,
+        "n_layer": c.n_layer,
+        "vocab_size": vocab_size or c.vocab_size,
+        "ssm_cfg": {"d_state": c.d_state},
+        "attn_layer_idx": [],
+        "attn_cfg": {},
+        "rms_norm": True,
+        "residual_in_fp32": True,
+        "fused_add_norm": True,
+        "pad_vocab_size_multiple": 8,
+        "tie_embeddings": True,
+    }
+    (folder / "config.json").write_text(json.dumps(cfg))
+    sd = {k.replace("embeddings.", "embedding."): v.clone() for k, v in model.state_dict().items()}
+    torch.save(sd, folder / "pytorch_model.bin")
+    return folder
+
+
+def write_transformers(model: MambaLM, folder: Path) -> Path:
+    """Write `model` through transformers' own MambaForCausalLM.save_pretrained (safetensors)."""
+    from transformers import MambaForCausalLM
+
+    ref = to_transformers(model)
+    ref.save_pretrained(folder)
+    return folder
+
+
+def to_transformers(model: MambaLM):
+    from transformers import MambaConfig, MambaForCausalLM
+
+    c = model.config
+    cfg = MambaConfig(
+        hidden_size=c.d_model,
+        num_hidden_layers=c.n_layer,
+        vocab_size=c.vocab_size,
+        state_size=c.d_state,
+        conv_kernel=c.d_conv,
+        expand=c.expand,
+        time_step_rank=c.dt_rank,
+        use_bias=c.bias,
+        use_conv_bias=c.conv_bias,
+        layer_norm_epsilon=c.norm_eps,
+        residual_in_fp32=c.residual_in_fp32,
+        tie_word_embeddings=c.tie_embeddings,
+    )
+    ref = MambaForCausalLM(cfg)
+    missing, unexpected = ref.load_state_dict(model.state_dict(), strict=False)
+    assert not unexpected and set(missing) <= {"lm_head.weight"}
+    return ref.eval()
+
+
+@pytest.fixture(scope="session")
+def l16():
+    from simba_compress import load
+
+    return load(L16)
+
+
+@pytest.fixture(scope="session")
+def corpus_tokenizer():
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(CORPUS / "tokenizer"))
+
+
+@pytest.fixture(scope="session")
+def valid_windows(corpus_tokenizer):
+    """8 windows of 513 tokens of the validation text."""
+    from simba_compress.data import load_windows
+
+    return load_windows(str(CORPUS / "valid.txt.xz"), corpus_tokenizer, 513, 8)

@@ -1,0 +1,71 @@
+"""Analytic FLOPs against torch.utils.flop_counter on the reference path, and schedules meeting a ratio."""
+
+import pytest
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from conftest import MODELS, random_model
+from simba_compress import SimbaConfig, SimbaError, load
+from simba_compress.flops import count, head_flops, matmul_flops
+from simba_compress.schedules import linear, linear_for_flops
+
+
+def counted(model, ids, simba):
+    """flop_counter's matmul/conv FLOPs per submodule kind, summed over layers."""
+    with torch.no_grad(), FlopCounterMode(display=False) as fc:
+        model(ids, simba=simba)
+    per = fc.get_flop_counts()
+    total = lambda name: sum(  # noqa: E731
+        sum(ops.values()) for mod, ops in per.items() if mod.endswith("mixer." + name) and mod.count(".") == 5
+    )
+    mixers = sum(sum(ops.values()) for mod, ops in per.items() if mod.endswith(".mixer") and mod.count(".") == 4)
+    # dt_proj runs as F.linear inside the mixer (its bias is added in float32), so it counts in `mixers`
+    return {k: total(k) for k in ("in_proj", "x_proj", "out_proj")}, mixers, sum(per["Global"].values())
+
+
+@pytest.mark.parametrize("simba", [None, SimbaConfig(linear(4, 0.3), "simba", 1)])
+def test_matmul_flops_match_flop_counter(simba):
+    m = random_model(n_layer=4, d_model=32, vocab=128)
+    ids = torch.randint(0, 128, (2, 50))
+    by_kind, mixers, total = counted(m, ids, simba)
+    report = count(m.config, simba, 50)
+    tokens = 2 * sum(report.tokens)  # tokens processed, summed over layers, batch of 2
+    analytic = matmul_flops(m.config)
+    for k, v in by_kind.items():
+        assert v == analytic[k] * tokens, k
+    assert mixers == sum(analytic.values()) * tokens  # + the conv and the scan's C . h
+    assert total == mixers + 2 * 50 * (head_flops(m.config) - 4 * m.config.d_model)  # + the LM head
+
+
+def test_dense_proxies_sit_at_their_layer_ratio():
+    l16 = load(MODELS / "mamba-proxy-d320-l16").config
+    dense16 = count(l16, None, 1024).dense
+    for name, ratio in [("l12", 0.75), ("l9", 0.5625), ("l6", 0.375)]:
+        cfg = load(MODELS / f"mamba-proxy-d320-{name}").config
+        assert count(cfg, None, 1024).dense / dense16 == pytest.approx(ratio)
+
+
+def test_score_cost_is_counted_only_where_a_layer_prunes():
+    cfg = random_model(n_layer=4).config
+    flat = count(cfg, SimbaConfig([1.0, 0.5, 0.5, 0.5]), 100)
+    assert flat.score > 0 and flat.per_layer[0] > flat.per_layer[1]  # layer 0 scores once
+    assert flat.per_layer[1] == flat.per_layer[2] == flat.per_layer[3]
+    assert count(cfg, SimbaConfig([1.0] * 4), 100).ratio == 1.0
+
+
+@pytest.mark.parametrize("target", [0.95, 0.8, 0.7, 0.6, 0.55])
+@pytest.mark.parametrize("seq_len", [256, 1024, 4096])
+def test_linear_schedule_meets_the_target_within_half_a_percent(target, seq_len):
+    cfg = load(MODELS / "mamba-proxy-d320-l16").config
+    s = linear_for_flops(cfg, target, seq_len)
+    assert abs(count(cfg, s, seq_len).ratio - target) <= 0.005 * target
+    assert s.keep[0] == 1.0 and all(a >= b for a, b in zip(s.keep, s.keep[1:]))
+
+
+def test_unreachable_or_invalid_targets_are_clear_errors():
+    cfg = random_model(n_layer=4).config
+    with pytest.raises(SimbaError, match="below what a linear schedule reaches"):
+        linear_for_flops(cfg, 0.3, 1024)
+    for bad in (0.0, 1.5, -1):
+        with pytest.raises(SimbaError, match=r"--flops: must be in \(0, 1\]"):
+            linear_for_flops(cfg, bad, 1024)
