@@ -36,6 +36,7 @@ def main() -> None:
     ap.add_argument("--seq-len", type=int, default=512)
     ap.add_argument("--lr", type=float, default=3e-3)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--max-seconds", type=float, default=None, help="stop training early past this time")
     args = ap.parse_args()
 
     from transformers import AutoTokenizer
@@ -66,6 +67,7 @@ def main() -> None:
     gen = torch.Generator().manual_seed(args.seed)
     t0, log = time.time(), []
     model.train()
+    steps_done = 0
     for step in range(args.steps):
         starts = torch.randint(0, train.numel() - args.seq_len - 1, (args.batch,), generator=gen)
         batch = torch.stack([train[s : s + args.seq_len + 1] for s in starts.tolist()]).to(device)
@@ -77,6 +79,10 @@ def main() -> None:
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         sched.step()
+        steps_done = step + 1
+        if args.max_seconds and time.time() - t0 > args.max_seconds:
+            log.append({"step": step, "loss": loss.item(), "seconds": time.time() - t0, "stopped": "max-seconds"})
+            break
         if step % 100 == 0 or step == args.steps - 1:
             log.append({"step": step, "loss": loss.item(), "seconds": time.time() - t0})
             print(log[-1], flush=True)
@@ -96,10 +102,12 @@ def main() -> None:
         "command": " ".join(sys.argv),
         "config": cfg.to_dict(),
         "params": sum(p.numel() for p in model.parameters()),
-        "steps": args.steps,
+        "steps": steps_done,
+        "steps_planned": args.steps,
+        "mamba_ssm_kernels": __import__("simba_compress.ssm.kernels", fromlist=["x"]).mamba_ssm_available(),
         "batch": args.batch,
         "seq_len": args.seq_len,
-        "tokens_seen": args.steps * args.batch * args.seq_len,
+        "tokens_seen": steps_done * args.batch * args.seq_len,
         "lr": args.lr,
         "train_seconds": round(train_seconds, 1),
         "valid_loss_64x1024": round(valid_loss, 4),

@@ -83,8 +83,10 @@ def run(recipe: Recipe, overwrite: bool = False, progress: bool = True) -> tuple
     t0 = time.time()
     device, dtype = resolve_device(recipe.device, recipe.dtype)
     torch.manual_seed(recipe.seed)
-    model = load(recipe.model, dtype=dtype, device=device)
     tokenizer = load_tokenizer(recipe.model, recipe.tokenizer)
+    cal = recipe.calibration
+    windows = load_windows(cal.data, tokenizer, cal.seq_len + 1, cal.samples)  # bad data fails before the model loads
+    model = load(recipe.model, dtype=dtype, device=device)
     simba = compress(
         model,
         flops=recipe.flops,
@@ -95,8 +97,6 @@ def run(recipe: Recipe, overwrite: bool = False, progress: bool = True) -> tuple
         seq_len=recipe.seq_len,
         seed=recipe.seed,
     )
-    cal = recipe.calibration
-    windows = load_windows(cal.data, tokenizer, cal.seq_len + 1, cal.samples)
     protect = max(1, min(128, cal.seq_len // 4))
     dense = evaluate(model, windows, protect, simba=None, progress=progress)
     sparse = evaluate(model, windows, protect, progress=progress)

@@ -19,7 +19,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from .pruning import CRITERION_FNS, SimbaConfig, TokenPlan
-from .ssm import selective_scan, selective_step
+from .ssm import global_impact, selective_scan, selective_step
+from .ssm.kernels import mamba_scan, use_kernels
 
 
 @dataclass
@@ -116,9 +117,14 @@ class MambaMixer(nn.Module):
         if m is not None:
             x = x * m
         dt, B, C = self.x_proj(x).split([self.dt_rank, self.d_state, self.d_state], dim=-1)
-        dt = F.softplus(F.linear(dt, self.dt_proj.weight).float() + self.dt_proj.bias.float())  # (b, l, d)
+        dt_raw = F.linear(dt, self.dt_proj.weight)  # the bias is added in float32, as mamba_ssm's kernel does
+        dt = F.softplus(dt_raw.float() + self.dt_proj.bias.float())  # (b, l, d)
         A = -torch.exp(self.A_log.float())  # (d, n)
-        y, h, impact = selective_scan(x, dt, A, B, C, last=score_last)
+        if use_kernels(x):  # mamba_ssm on a GPU; the score (if asked) from the reference
+            y, h = mamba_scan(x, dt_raw, self.dt_proj.bias, A, B, C)
+            impact = None if score_last is None else global_impact(x, dt, A, B, C, score_last)
+        else:
+            y, h, impact = selective_scan(x, dt, A, B, C, last=score_last)
         y = (y + x.float() * self.D.float()) * F.silu(z.float())
         out = self.out_proj(y.to(hidden.dtype))
         state = LayerState(conv=xc[:, :, -(self.d_conv - 1) :].clone(), ssm=h) if want_state else None

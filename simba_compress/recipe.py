@@ -73,11 +73,11 @@ class Recipe(_Strict):
 
 def _explain(e: ValidationError, where: str) -> SimbaError:
     err = e.errors()[0]
-    key = ".".join(str(p) for p in err["loc"]) or "recipe"
+    key = ".".join(str(p) for p in err["loc"])
     msg = err["msg"].removeprefix("Value error, ")
     if err["type"] == "extra_forbidden":
         msg = "unknown key"
-    return SimbaError(f"{where}: {key}: {msg}")
+    return SimbaError(f"{where}: {key}: {msg}" if key else f"{where}: {msg}")
 
 
 def read_recipe_file(path: str | Path) -> dict:

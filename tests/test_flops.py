@@ -11,30 +11,31 @@ from simba_compress.schedules import linear, linear_for_flops
 
 
 def counted(model, ids, simba):
-    """flop_counter's matmul/conv FLOPs per submodule kind, summed over layers."""
+    """flop_counter's FLOPs inside the Mamba mixers by op kind, and the whole forward's projections."""
     with torch.no_grad(), FlopCounterMode(display=False) as fc:
         model(ids, simba=simba)
     per = fc.get_flop_counts()
-    total = lambda name: sum(  # noqa: E731
-        sum(ops.values()) for mod, ops in per.items() if mod.endswith("mixer." + name) and mod.count(".") == 5
-    )
-    mixers = sum(sum(ops.values()) for mod, ops in per.items() if mod.endswith(".mixer") and mod.count(".") == 4)
-    # dt_proj runs as F.linear inside the mixer (its bias is added in float32), so it counts in `mixers`
-    return {k: total(k) for k in ("in_proj", "x_proj", "out_proj")}, mixers, sum(per["Global"].values())
+    mixers = [ops for mod, ops in per.items() if mod.endswith(".mixer") and mod.count(".") == 4]
+    by_op = lambda names: sum(v for ops in mixers for op, v in ops.items() if str(op).split(".")[-1] in names)  # noqa: E731
+    in_proj = sum(sum(ops.values()) for mod, ops in per.items() if mod.endswith("mixer.in_proj"))
+    glob = per["Global"]
+    projections = sum(v for op, v in glob.items() if str(op).split(".")[-1] in ("mm", "addmm"))
+    return dict(in_proj=in_proj, linear=by_op(("mm", "addmm")), conv=by_op(("convolution",)), all_projections=projections)
 
 
 @pytest.mark.parametrize("simba", [None, SimbaConfig(linear(4, 0.3), "simba", 1)])
 def test_matmul_flops_match_flop_counter(simba):
     m = random_model(n_layer=4, d_model=32, vocab=128)
     ids = torch.randint(0, 128, (2, 50))
-    by_kind, mixers, total = counted(m, ids, simba)
+    got = counted(m, ids, simba)
     report = count(m.config, simba, 50)
-    tokens = 2 * sum(report.tokens)  # tokens processed, summed over layers, batch of 2
-    analytic = matmul_flops(m.config)
-    for k, v in by_kind.items():
-        assert v == analytic[k] * tokens, k
-    assert mixers == sum(analytic.values()) * tokens  # + the conv and the scan's C . h
-    assert total == mixers + 2 * 50 * (head_flops(m.config) - 4 * m.config.d_model)  # + the LM head
+    tokens = 2 * sum(report.tokens)  # tokens the layers ran on, batch of 2
+    a = matmul_flops(m.config)
+    assert got["in_proj"] == a["in_proj"] * tokens
+    assert got["linear"] == (a["in_proj"] + a["x_proj"] + a["dt_proj"] + a["out_proj"]) * tokens
+    assert got["conv"] == a["conv"] * tokens
+    head = 2 * 50 * (head_flops(m.config) - 4 * m.config.d_model)  # LM head at every position
+    assert got["all_projections"] == got["linear"] + head
 
 
 def test_dense_proxies_sit_at_their_layer_ratio():

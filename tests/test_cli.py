@@ -1,0 +1,115 @@
+"""The command line end to end: compress, eval, info, and the one-line errors with exit code 2."""
+
+import json
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+from conftest import CORPUS, L16, REPO, random_model, write_original
+from simba_compress.cli import main
+
+
+def cli(*args):
+    r = subprocess.run([sys.executable, "-m", "simba_compress.cli", *map(str, args)], capture_output=True, text=True)
+    return r.returncode, r.stdout, r.stderr
+
+
+@pytest.fixture(scope="module")
+def small_checkpoint(tmp_path_factory):
+    """A random 4-layer model in the original layout, with the corpus tokenizer beside it."""
+    folder = write_original(random_model(n_layer=4, d_model=32, vocab=8192), tmp_path_factory.mktemp("ckpt") / "m")
+    for f in (CORPUS / "tokenizer").iterdir():
+        shutil.copy(f, folder / f.name)
+    return folder
+
+
+def test_demo_runs_offline_end_to_end(tmp_path):
+    """The README's first command, then eval and info on what it wrote."""
+    code, out, err = cli("--model", "demo", "--flops", "0.6", "--output", tmp_path / "out")
+    assert code == 0, err
+    assert "wrote" in out and "FLOP ratio 0.60" in out
+    code, out, err = cli("eval", "--model", tmp_path / "out", "--data", "demo", "--seq-len", "256", "--max-windows", "4", "--json")
+    assert code == 0, err
+    res = json.loads(out)  # stdout is one JSON object and nothing else
+    assert res["pruned"] and abs(res["flop_ratio"] - 0.6) < 0.03 and res["loss"] < 8
+    code, out, _ = cli("info", tmp_path / "out", "--json")
+    info = json.loads(out)
+    assert info["simba"]["criterion"] == "simba" and abs(info["flops"]["ratio"] - 0.6) <= 0.003
+    assert info["report"]["calibration"]["sparse"]["loss"] > 0
+
+
+def test_compress_the_pretrained_proxy_then_eval(tmp_path, capsys):
+    """The issue's done-when: compress l16 at 0.6, then eval the folder on the validation text (small sizes)."""
+    out = tmp_path / "l16"
+    assert main(["--model", str(L16), "--flops", "0.6", "--output", str(out), "--calib-samples", "2", "--calib-seq-len", "256", "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert abs(report["flops"]["ratio"] - 0.6) <= 0.003
+    cal = report["calibration"]
+    assert cal["sparse"]["loss"] < cal["dense"]["loss"] + 0.25
+    assert (out / "recipe.yaml").exists() and (out / "report.json").exists()
+    assert main(["eval", "--model", str(out), "--data", str(CORPUS / "valid.txt.xz"), "--seq-len", "256", "--max-windows", "2", "--json"]) == 0
+    res = json.loads(capsys.readouterr().out)
+    assert res["pruned"] and res["loss"] < 5
+
+
+def test_recipe_with_flag_overrides(tmp_path, small_checkpoint, capsys):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(f"model: {small_checkpoint}\nflops: 0.9\ncriterion: utr\ncalibration: {{samples: 2, seq_len: 128}}\n")
+    out = tmp_path / "o"
+    assert main(["--recipe", str(recipe), "--flops", "0.7", "--output", str(out), "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["schedule"]["criterion"] == "utr" and abs(report["flops"]["ratio"] - 0.7) <= 0.0035
+    saved = (out / "recipe.yaml").read_text()
+    assert "flops: 0.7" in saved and "criterion: utr" in saved
+
+
+def test_explicit_schedule_file(tmp_path, small_checkpoint, capsys):
+    sched = tmp_path / "keep.json"
+    sched.write_text("[1.0, 0.8, 0.5, 0.5]")
+    args = ["--model", str(small_checkpoint), "--schedule", str(sched), "--calib-samples", "1", "--calib-seq-len", "64"]
+    assert main(args + ["--output", str(tmp_path / "o"), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["schedule"]["keep"] == [1.0, 0.8, 0.5, 0.5]
+    sched.write_text("[1.0, 0.8]")
+    assert main(args + ["--output", str(tmp_path / "o2")]) == 2
+    assert capsys.readouterr().err.strip() == "simba-compress: error: keep: 2 ratios for a model of 4 layers"
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--model", "demo", "--flops", "1.5", "--output", "{tmp}/o"], "command line: flops: Input should be less than or equal to 1"),
+        (["--model", "demo", "--output", "{tmp}/o"], "command line: give a target: flops (e.g. 0.6), final_keep, or keep"),
+        (["--model", "{tmp}/nothing", "--flops", "0.6", "--output", "{tmp}/o"], "{tmp}/nothing: no such folder"),
+        (["--model", "{tmp}", "--flops", "0.6", "--output", "{tmp}/o"], "{tmp}: not a Mamba checkpoint (no config.json)"),
+        (["--model", "demo", "--flops", "0.6", "--output", "{tmp}/exists"], "{tmp}/exists: already exists; pass --overwrite to replace it"),
+        (["--model", "demo", "--flops", "0.6", "--output", "{tmp}/o", "--calib-data", "{tmp}/none.txt"], "{tmp}/none.txt: no such file or folder"),
+        (["--model", "demo", "--flops", "0.6", "--output", "{tmp}/o", "--calib-seq-len", "100000"], "shorter than one sequence of 100001"),
+        (["--model", "demo", "--flops", "0.2", "--output", "{tmp}/o"], "--flops 0.2: below what a linear schedule reaches"),
+        (["--recipe", "{tmp}/missing.yaml"], "{tmp}/missing.yaml: cannot read the recipe"),
+        (["eval", "--model", "demo", "--data", "{tmp}/none.jsonl"], "{tmp}/none.jsonl: no such file or folder"),
+        (["eval", "--model", "{tmp}/nothing", "--data", "demo"], "{tmp}/nothing: no such folder"),
+        (["info", "{tmp}"], "{tmp}: not a Mamba checkpoint (no config.json)"),
+    ],
+)
+def test_bad_input_is_one_line_and_exit_2(tmp_path, capsys, args, message):
+    (tmp_path / "exists").mkdir()
+    (tmp_path / "exists" / "keep.txt").write_text("x")
+    args = [a.replace("{tmp}", str(tmp_path)) for a in args]
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("simba-compress: error: ")
+    assert message.replace("{tmp}", str(tmp_path)) in err[0]
+    assert (tmp_path / "exists" / "keep.txt").read_text() == "x"  # nothing a user had is touched
+    assert not (tmp_path / "o").exists()
+
+
+def test_debug_shows_the_traceback(tmp_path):
+    code, _, err = cli("info", tmp_path, "--debug")
+    assert code == 1 and "Traceback" in err and "SimbaError" in err
+
+
+def test_info_human_readable():
+    code, out, _ = cli("info", L16)
+    assert code == 0 and "16 layers" in out and "dense" in out
