@@ -17,4 +17,4 @@ open("setup.py", "w").write(s)
 PY
 MAMBA_FORCE_BUILD=TRUE MAX_JOBS=${MAX_JOBS:-16} TORCH_CUDA_ARCH_LIST=9.0 \
   python3 -m pip install --no-index --no-build-isolation --no-deps . 2>&1 | tail -3
-python3 -c "import selective_scan_cuda, mamba_ssm; print('mamba_ssm', mamba_ssm.__version__, 'built')"
+python3 -c "import torch, selective_scan_cuda, mamba_ssm; print('mamba_ssm', mamba_ssm.__version__, 'built')"
