@@ -32,7 +32,7 @@ from simba_compress.evaluate import evaluate, evaluate_truncated  # noqa: E402
 from simba_compress.schedules import linear_for_flops  # noqa: E402
 
 BASE = "mamba-proxy-d320-l16"
-SHALLOW = ("mamba-proxy-d320-l12", "mamba-proxy-d320-l9", "mamba-proxy-d320-l6")
+SHALLOW = ["mamba-proxy-d320-l12", "mamba-proxy-d320-l9", "mamba-proxy-d320-l6"]
 
 
 def main() -> None:
@@ -46,6 +46,9 @@ def main() -> None:
     ap.add_argument("--criteria", nargs="+", default=["simba", "utr", "l2norm", "random", "stride"])
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--shallow", nargs="*", default=SHALLOW, help="dense shallower models to compare with")
+    ap.add_argument("--dense-only", action="store_true", help="only the dense shallow models (to --merge elsewhere)")
+    ap.add_argument("--merge", nargs="*", default=[], help="JSON outputs of other runs whose rows join this table")
     ap.add_argument("--out", default="benchmarks/results")
     args = ap.parse_args()
 
@@ -54,6 +57,7 @@ def main() -> None:
     tok = load_tokenizer(models / BASE)
     win = load_windows(args.data, tok, args.seq_len + 1, args.windows)
     base = load(models / BASE, device=args.device)
+    device_name = torch.cuda.get_device_name() if args.device.startswith("cuda") else f"CPU {platform.machine()}"
     rows = []
 
     def add(model_name, method, flops_target, res):
@@ -66,21 +70,24 @@ def main() -> None:
                 loss=round(res.loss, 4),
                 loss_se=round(res.loss_se, 4),
                 all_position_loss=None if res.all_position_loss is None else round(res.all_position_loss, 4),
+                position_buckets=None if res.position_loss is None else buckets(res.position_loss),
+                device=device_name,
             )
         )
-        print(rows[-1], flush=True)
+        print({k: v for k, v in rows[-1].items() if k != "position_buckets"}, flush=True)
 
     def run(model, **kw):
         return evaluate(model, win, protect=args.protect, batch_size=args.batch_size, progress=False, **kw)
 
-    add(BASE, "dense", 1.0, run(base, simba=None))
-    for name in SHALLOW:
+    if not args.dense_only:
+        add(BASE, "dense", 1.0, run(base, simba=None))
+    for name in args.shallow:
         m = load(models / name, device=args.device)
         res = run(m, simba=None)
         res.flop_ratio = m.config.n_layer / base.config.n_layer  # of the l16 backbone
         add(name, "dense", res.flop_ratio, res)
         del m
-    for f in args.flops:
+    for f in [] if args.dense_only else args.flops:
         for crit in args.criteria:
             try:
                 sched = linear_for_flops(base.config, f, args.seq_len, crit, protect_last=args.protect)
@@ -90,9 +97,12 @@ def main() -> None:
             add(BASE, f"{crit} (linear)", f, run(base, simba=replace(sched, protect_last=1)))
         add(BASE, "truncate prompt", f, evaluate_truncated(base, win, f, args.protect, args.batch_size, progress=False))
 
+    for other in args.merge:
+        rows += json.loads(Path(other).read_text())["rows"]
+    rows.sort(key=lambda r: (r["method"] != "dense", -r["flops_target"], r["model"], r["method"]))
     meta = dict(
         command="python " + " ".join(sys.argv),
-        device=torch.cuda.get_device_name() if args.device.startswith("cuda") else f"CPU {platform.processor()}",
+        device=device_name,
         torch=torch.__version__,
         simba_compress=simba_compress.__version__,
         data=args.data,
@@ -100,13 +110,15 @@ def main() -> None:
         seq_len=args.seq_len,
         protect=args.protect,
         seconds=round(time.time() - t0, 1),
+        merged=args.merge,
     )
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     stem = out / f"quality_T{args.seq_len}"
     stem.with_suffix(".json").write_text(json.dumps(dict(meta=meta, rows=rows), indent=2) + "\n")
     stem.with_suffix(".md").write_text(markdown(meta, rows))
-    plot(rows, stem.with_suffix(".png"), meta)
+    if any(r["method"] != "dense" for r in rows):
+        plot(rows, stem.with_suffix(".png"), meta)
     print(markdown(meta, rows))
 
 
@@ -121,17 +133,28 @@ def markdown(meta: dict, rows: list[dict]) -> str:
         f"Headline: mean loss (nats) on the last {meta['protect']} positions, protected from pruning, ± standard "
         "error over windows. All-position: every position, only the last protected (a pruned position is "
         "predicted from the layer where it was dropped, so this mostly measures which positions were pruned).",
+        *(["", "Rows merged from " + ", ".join(f"`{m}`" for m in meta["merged"]) + " (their commands are in those files)."] if meta.get("merged") else []),
         "",
-        "| model | method | target | FLOP ratio | headline loss | ± | all-position loss |",
-        "|---|---|---:|---:|---:|---:|---:|",
+        "| model | method | target | FLOP ratio | headline loss | ± | all-position loss | device |",
+        "|---|---|---:|---:|---:|---:|---:|---|",
     ]
     for r in rows:
         ap = "n/a" if r["all_position_loss"] is None else f"{r['all_position_loss']:.4f}"
         lines.append(
             f"| {r['model']} | {r['method']} | {r['flops_target']:.4g} | {r['flop_ratio']:.4f} | {r['loss']:.4f} "
-            f"| {r['loss_se']:.4f} | {ap} |"
+            f"| {r['loss_se']:.4f} | {ap} | {r.get('device', meta['device'])} |"
         )
     return "\n".join(lines) + "\n"
+
+
+def buckets(position_loss: list[float]) -> list[dict]:
+    """Mean loss over positions [0, 64), [64, 128), [128, 256), ... (doubling): how far information flows."""
+    out, start, end = [], 0, 64
+    while start < len(position_loss):
+        part = position_loss[start:end]
+        out.append({"start": start, "end": start + len(part), "loss": round(sum(part) / len(part), 4)})
+        start, end = end, end * 2
+    return out
 
 
 def plot(rows: list[dict], path: Path, meta: dict) -> None:
