@@ -28,7 +28,7 @@ import simba_compress  # noqa: E402
 from simba_compress import SimbaConfig, load, load_tokenizer  # noqa: E402
 from simba_compress.data import load_windows  # noqa: E402
 from simba_compress.errors import SimbaError  # noqa: E402
-from simba_compress.evaluate import evaluate, evaluate_truncated  # noqa: E402
+from simba_compress.evaluate import evaluate, evaluate_truncated, position_buckets  # noqa: E402
 from simba_compress.schedules import linear_for_flops  # noqa: E402
 
 BASE = "mamba-proxy-d320-l16"
@@ -70,7 +70,7 @@ def main() -> None:
                 loss=round(res.loss, 4),
                 loss_se=round(res.loss_se, 4),
                 all_position_loss=None if res.all_position_loss is None else round(res.all_position_loss, 4),
-                position_buckets=None if res.position_loss is None else buckets(res.position_loss),
+                position_buckets=None if res.position_loss is None else position_buckets(res.position_loss),
                 device=device_name,
             )
         )
@@ -145,16 +145,6 @@ def markdown(meta: dict, rows: list[dict]) -> str:
             f"| {r['loss_se']:.4f} | {ap} | {r.get('device', meta['device'])} |"
         )
     return "\n".join(lines) + "\n"
-
-
-def buckets(position_loss: list[float]) -> list[dict]:
-    """Mean loss over positions [0, 64), [64, 128), [128, 256), ... (doubling): how far information flows."""
-    out, start, end = [], 0, 64
-    while start < len(position_loss):
-        part = position_loss[start:end]
-        out.append({"start": start, "end": start + len(part), "loss": round(sum(part) / len(part), 4)})
-        start, end = end, end * 2
-    return out
 
 
 def plot(rows: list[dict], path: Path, meta: dict) -> None:

@@ -1,10 +1,15 @@
-"""Train the embedded demo checkpoint (simba_compress/data/demo-model) on the project's corpus.
+"""Train a small Mamba on the project's corpus: the embedded demo checkpoint, and the Mamba-2 proxy.
 
-A small Mamba-1 (d_model 128, 6 layers, the corpus tokenizer's 8192 tokens) trained from scratch with the
-package's own reference path: AdamW, warm-up then cosine, bf16 autocast on a GPU. Writes the model folder
-and train_demo.json (settings, losses, time, machine) to --out.
+Defaults: the demo (simba_compress/data/demo-model), a Mamba-1 with d_model 128 and 6 layers, the corpus
+tokenizer's 8192 tokens, trained from scratch with the package's own model (mamba_ssm's scan kernel when
+installed): AdamW, warm-up then cosine, bf16 autocast on a GPU. --layer mamba2 trains a Mamba-2 instead
+(the reference SSD path, stable under autograd). --eval-flops also measures Simba at those FLOP ratios on
+the valid text (headline loss, last 128 tokens protected) beside truncation. Writes --name.json (settings,
+losses, time, machine) and, unless --no-save, the model folder to --out.
 
     python benchmarks/train_demo.py --corpus ../shared/corpus --out /tmp/demo
+    python benchmarks/train_demo.py --corpus ../shared/corpus --out /tmp/m2 --name mamba2 --layer mamba2 \
+        --d-model 256 --n-layer 8 --d-state 64 --eval-flops 0.8 0.6 0.45 --no-save
 """
 
 from __future__ import annotations
@@ -37,6 +42,12 @@ def main() -> None:
     ap.add_argument("--lr", type=float, default=3e-3)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--max-seconds", type=float, default=None, help="stop training early past this time")
+    ap.add_argument("--layer", choices=["mamba1", "mamba2"], default="mamba1")
+    ap.add_argument("--d-state", type=int, default=16)
+    ap.add_argument("--headdim", type=int, default=64)
+    ap.add_argument("--name", default="train_demo", help="result file stem; the model folder is demo-model")
+    ap.add_argument("--no-save", action="store_true")
+    ap.add_argument("--eval-flops", type=float, nargs="*", default=[])
     args = ap.parse_args()
 
     from transformers import AutoTokenizer
@@ -49,7 +60,10 @@ def main() -> None:
     train = tokenize(read_documents(str(corpus / "train.txt.xz")), tok)
     print(f"train tokens {train.numel()} ({time.time() - t0:.0f}s)", flush=True)
 
-    cfg = ModelConfig(d_model=args.d_model, n_layer=args.n_layer, vocab_size=len(tok))
+    cfg = ModelConfig(
+        d_model=args.d_model, n_layer=args.n_layer, vocab_size=len(tok), d_state=args.d_state, layer=args.layer,
+        headdim=args.headdim,
+    )
     model = MambaLM(cfg).to(device)
     _init(model)
     decay = [p for n, p in model.named_parameters() if p.dim() >= 2]
@@ -97,7 +111,10 @@ def main() -> None:
     valid_loss = sum(losses) / len(losses)
     model.source_dtype = torch.bfloat16
     out = Path(args.out)
-    save(model.cpu(), out / "demo-model", tokenizer=tok, overwrite=True)
+    out.mkdir(parents=True, exist_ok=True)
+    pruned = _eval_pruned(model, valid, args.eval_flops, corpus, tok) if args.eval_flops else None
+    if not args.no_save:
+        save(model.cpu(), out / "demo-model", tokenizer=tok, overwrite=True)
     result = {
         "command": " ".join(sys.argv),
         "config": cfg.to_dict(),
@@ -111,23 +128,64 @@ def main() -> None:
         "lr": args.lr,
         "train_seconds": round(train_seconds, 1),
         "valid_loss_64x1024": round(valid_loss, 4),
+        "pruned_eval": pruned,
         "log": log,
         "device": torch.cuda.get_device_name() if device == "cuda" else platform.processor(),
         "torch": torch.__version__,
     }
-    (out / "train_demo.json").write_text(json.dumps(result, indent=2) + "\n")
+    (out / f"{args.name}.json").write_text(json.dumps(result, indent=2) + "\n")
     print(json.dumps({k: v for k, v in result.items() if k != "log"}, indent=2))
+
+
+def _eval_pruned(model: MambaLM, valid: torch.Tensor, flops: list[float], corpus: Path, tok) -> dict:
+    """Headline loss (last 128 protected) dense, Simba at each FLOP ratio, and prompt truncation there.
+
+    Where the paper's linear schedule cannot reach a ratio, a calibrated schedule (simba_compress.calibrate,
+    on 16 windows of train text) is used instead, and the row says so.
+    """
+    from dataclasses import replace
+
+    from simba_compress.errors import SimbaError
+    from simba_compress.evaluate import evaluate, evaluate_truncated
+    from simba_compress.schedules import linear_for_flops
+
+    model.eval()
+    rows = {"dense": evaluate(model, valid, 128, simba=None, progress=False).to_dict() | {"position_loss": None}}
+    for f in flops:
+        try:
+            sched, how = linear_for_flops(model.config, f, 1024, "simba", protect_last=128), "linear"
+        except SimbaError:
+            try:
+                from simba_compress.calibrate import CalibrationConfig, calibrate
+
+                calib = load_windows(str(corpus / "train.txt.xz"), tok, 1025, 16)
+                sched, _ = calibrate(model, calib, CalibrationConfig(flops=f, trials=20, seq_len=1024, protect_last=128, progress=False))
+                sched, how = replace(sched, protect_last=128), "calibrated (20 trials)"
+            except Exception as e:  # keep the other rows if the search is unavailable
+                rows[f"simba@{f}"] = {"error": f"{type(e).__name__}: {e}"}
+                continue
+        res = evaluate(model, valid, 128, simba=replace(sched, protect_last=1), progress=False)
+        trunc = evaluate_truncated(model, valid, f, 128, progress=False)
+        rows[f"simba@{f}"] = res.to_dict() | {"position_loss": None, "schedule": how, "keep": sched.keep}
+        rows[f"truncate@{f}"] = trunc.to_dict() | {"position_loss": None}
+    return rows
 
 
 @torch.no_grad()
 def _init(model: MambaLM) -> None:
-    """mamba_ssm's initialisation: dt bias for dt in [1e-3, 1e-1], small embeddings, out_proj scaled by depth."""
+    """mamba_ssm's initialisation: dt bias for dt in [1e-3, 1e-1], small embeddings, out_proj scaled by depth
+    (Mamba-2: A in [1, 16] per head, as mamba_ssm's Mamba2)."""
     for block in model.backbone.layers:
         mixer = block.mixer
-        dt = torch.exp(torch.rand(mixer.d_inner) * (math.log(0.1) - math.log(1e-3)) + math.log(1e-3)).clamp(min=1e-4)
-        mixer.dt_proj.bias.copy_(dt + torch.log(-torch.expm1(-dt)))
-        std = mixer.dt_rank**-0.5
-        torch.nn.init.uniform_(mixer.dt_proj.weight, -std, std)
+        mamba2 = model.config.layer == "mamba2"
+        width = mixer.nheads if mamba2 else mixer.d_inner
+        dt = torch.exp(torch.rand(width) * (math.log(0.1) - math.log(1e-3)) + math.log(1e-3)).clamp(min=1e-4)
+        (mixer.dt_bias if mamba2 else mixer.dt_proj.bias).copy_(dt + torch.log(-torch.expm1(-dt)))
+        if mamba2:
+            mixer.A_log.copy_(torch.log(torch.empty(width).uniform_(1, 16)))
+        else:
+            std = mixer.dt_rank**-0.5
+            torch.nn.init.uniform_(mixer.dt_proj.weight, -std, std)
         torch.nn.init.kaiming_uniform_(mixer.out_proj.weight, a=math.sqrt(5))
         mixer.out_proj.weight /= math.sqrt(len(model.backbone.layers))
     torch.nn.init.normal_(model.backbone.embeddings.weight, std=0.02)

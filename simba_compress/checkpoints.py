@@ -99,8 +99,6 @@ def read_checkpoint(path: Path) -> Checkpoint:
     if not isinstance(cfg, dict):
         raise SimbaError(f"{file}: expected a JSON object")
     ssm_cfg = cfg.get("ssm_cfg") or {}
-    if cfg.get("model_type") == "mamba2" or ssm_cfg.get("layer") == "Mamba2":
-        raise SimbaError(f"{file}: Mamba-2 checkpoints are not supported yet (only Mamba-1)")
     if "d_model" in cfg and "n_layer" in cfg:
         layout = "original"
         if cfg.get("d_intermediate", 0):
@@ -125,6 +123,44 @@ def read_checkpoint(path: Path) -> Checkpoint:
             residual_in_fp32=cfg.get("residual_in_fp32", True),
             tie_embeddings=cfg.get("tie_embeddings", True),
         )
+        if ssm_cfg.get("layer", "Mamba1") == "Mamba2":
+            for key, ok in (("D_has_hdim", False), ("norm_before_gate", False), ("rmsnorm", True), ("d_ssm", None)):
+                if ssm_cfg.get(key, ok) != ok:
+                    raise SimbaError(f"{file}: ssm_cfg.{key} = {ssm_cfg[key]!r} is not supported for Mamba-2")
+            mc.update(layer="mamba2", d_state=ssm_cfg.get("d_state", 128), headdim=ssm_cfg.get("headdim", 64))
+            mc.update(ngroups=ssm_cfg.get("ngroups", 1), dt_rank=1)
+        elif ssm_cfg.get("layer", "Mamba1") != "Mamba1":
+            raise SimbaError(f"{file}: ssm_cfg.layer {ssm_cfg['layer']!r} is not supported (Mamba1 or Mamba2)")
+    elif cfg.get("model_type") == "mamba2":
+        layout = "transformers"
+        hidden = _int(cfg, "hidden_size", file)
+        expand = cfg.get("expand", 2)
+        limit = [  # transformers writes infinity as {"__float__": "Infinity"}
+            float(v["__float__"]) if isinstance(v, dict) else float(v) for v in cfg.get("time_step_limit", [0, "inf"])
+        ]
+        if limit != [0.0, float("inf")]:
+            raise SimbaError(f"{file}: time_step_limit {limit} is not supported (only no limit)")
+        mc = dict(
+            d_model=hidden,
+            n_layer=_int(cfg, "num_hidden_layers", file),
+            vocab_size=_int(cfg, "vocab_size", file),
+            d_state=cfg.get("state_size", 128),
+            d_conv=cfg.get("conv_kernel", 4),
+            expand=expand,
+            dt_rank=1,
+            conv_bias=cfg.get("use_conv_bias", True),
+            bias=cfg.get("use_bias", False),
+            norm_eps=cfg.get("layer_norm_epsilon", 1e-5),
+            rms_norm=True,
+            residual_in_fp32=cfg.get("residual_in_fp32", True),
+            tie_embeddings=cfg.get("tie_word_embeddings", True),
+            layer="mamba2",
+            headdim=cfg.get("head_dim", 64),
+            ngroups=cfg.get("n_groups", 1),
+        )
+        heads = cfg.get("num_heads")
+        if heads is not None and heads * mc["headdim"] != expand * hidden:
+            raise SimbaError(f"{file}: num_heads {heads} x head_dim {mc['headdim']} != expand x hidden_size")
     elif cfg.get("model_type") == "mamba" or ("hidden_size" in cfg and "state_size" in cfg):
         layout = "transformers"
         hidden = _int(cfg, "hidden_size", file)
@@ -223,7 +259,7 @@ def load(model: str | os.PathLike, dtype: torch.dtype = torch.float32, device: s
             )
     extra = sorted(set(sd) - set(expected))
     if extra:
-        raise SimbaError(f"{file}: unexpected tensors for a Mamba-1 model, e.g. '{extra[0]}' ({len(extra)} in all)")
+        raise SimbaError(f"{file}: unexpected tensors for this model, e.g. '{extra[0]}' ({len(extra)} in all)")
     source_dtype = next(iter(sd.values())).dtype
     lm.load_state_dict({k: v.to(dtype) for k, v in sd.items()}, strict=False, assign=True)
     if ckpt.config.tie_embeddings:
@@ -249,7 +285,29 @@ def load_tokenizer(model: str | os.PathLike, tokenizer: str | None = None):
 
 
 def hf_config(config: ModelConfig) -> dict:
-    """config.json in transformers' MambaConfig terms."""
+    """config.json in transformers' MambaConfig (or Mamba2Config) terms."""
+    if config.layer == "mamba2":
+        return {
+            "architectures": ["Mamba2ForCausalLM"],
+            "model_type": "mamba2",
+            "hidden_size": config.d_model,
+            "num_hidden_layers": config.n_layer,
+            "vocab_size": config.vocab_size,
+            "state_size": config.d_state,
+            "expand": config.expand,
+            "head_dim": config.headdim,
+            "num_heads": config.d_inner // config.headdim,
+            "n_groups": config.ngroups,
+            "conv_kernel": config.d_conv,
+            "use_conv_bias": config.conv_bias,
+            "use_bias": config.bias,
+            "layer_norm_epsilon": config.norm_eps,
+            "residual_in_fp32": config.residual_in_fp32,
+            "tie_word_embeddings": config.tie_embeddings,
+            "rms_norm": True,
+            "hidden_act": "silu",
+            "use_cache": True,
+        }
     return {
         "architectures": ["MambaForCausalLM"],
         "model_type": "mamba",
@@ -276,11 +334,11 @@ def save(
     output: str | os.PathLike,
     *,
     tokenizer=None,
-    files: dict[str, str] | None = None,
+    files: dict[str, str | bytes] | None = None,
     overwrite: bool = False,
     dtype: torch.dtype | None = None,
 ) -> Path:
-    """Write model (+ simba section), tokenizer and extra text files into `output`, atomically.
+    """Write model (+ simba section), tokenizer and extra files (text or bytes) into `output`, atomically.
 
     Everything is written into a temporary sibling folder that is renamed into place only when complete.
     An existing `output` is kept unless overwrite=True; then it is swapped out only after the new one is whole.
@@ -307,8 +365,11 @@ def save(
         (tmp / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
         if tokenizer is not None:
             tokenizer.save_pretrained(str(tmp))
-        for name, text in (files or {}).items():
-            (tmp / name).write_text(text)
+        for name, content in (files or {}).items():
+            if isinstance(content, bytes):
+                (tmp / name).write_bytes(content)
+            else:
+                (tmp / name).write_text(content)
         os.chmod(tmp, 0o755)
         if out.exists():
             old = out.parent / f".{out.name}.replaced-{os.getpid()}"

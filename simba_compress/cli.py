@@ -3,6 +3,7 @@
     simba-compress --model state-spaces/mamba-1.4b --flops 0.6 --output out/     (compress is the default)
     simba-compress eval --model out/ --data valid.txt.xz [--json]
     simba-compress info out/ [--json]
+    simba-compress compare --model DENSE out1/ out2/ [--flops 0.8 0.6] [--tasks ...] --output cmp/
 
 Bad input prints one line naming the file or flag and exits with code 2 (--debug shows the traceback).
 """
@@ -17,7 +18,7 @@ from pathlib import Path
 
 from .errors import SimbaError
 
-COMMANDS = ("compress", "eval", "info")
+COMMANDS = ("compress", "eval", "info", "compare")
 
 
 def _keep_list(text: str) -> list[float]:
@@ -36,7 +37,9 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--model", help='checkpoint folder, hub id, or "demo" (the embedded model)')
     c.add_argument("--output", help="folder to write (must not exist unless --overwrite)")
     c.add_argument("--flops", type=float, help="target backbone FLOP ratio in (0, 1], e.g. 0.6")
-    c.add_argument("--schedule", help="linear (default), or a file of per-layer keep ratios (JSON list or text)")
+    c.add_argument(
+        "--schedule", help="calibrated (default with --flops: an Optuna search), linear (the paper's), or a file of keep ratios"
+    )
     c.add_argument("--keep", type=_keep_list, help="explicit per-layer keep ratios, e.g. 1,0.9,0.8")
     c.add_argument("--final-keep", type=float, help="linear schedule down to this keep ratio at the top layer")
     c.add_argument("--criterion", help="simba (default), utr, l2norm, random, stride")
@@ -45,6 +48,12 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--calib-data", help='calibration text: file, folder, datasets name, or "demo" (default)')
     c.add_argument("--calib-samples", type=int, help="calibration windows (default 16)")
     c.add_argument("--calib-seq-len", type=int, help="calibration window length (default 1024)")
+    c.add_argument("--trials", type=int, help="calibrated: finished trials the study should hold (default 40)")
+    c.add_argument("--timeout", type=float, help="calibrated: start no new trial after this many seconds")
+    c.add_argument("--storage", help="calibrated: Optuna storage URL, .db file or .log/.journal file (shared by workers); "
+                   "default OUTPUT.optuna.db, copied to OUTPUT/study.db")
+    c.add_argument("--study-name", help="calibrated: the study in --storage (default simba-calibration)")
+    c.add_argument("--objective", help="calibrated: loss (default: next-token loss on the scored tail) or kl (to dense)")
     c.add_argument("--tokenizer", help="tokenizer folder or hub id, when the checkpoint has none")
     c.add_argument("--seed", type=int)
     c.add_argument("--device", help="auto (default), cpu, cuda")
@@ -65,12 +74,28 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("--dtype", default="auto")
     e.add_argument("--json", action="store_true", help="print one JSON object on stdout")
 
+    k = sub.add_parser("compare", help="a dense model beside compressed ones: one table and plots")
+    k.add_argument("--model", required=True, help="the dense checkpoint")
+    k.add_argument("compressed", nargs="*", help="compressed folders")
+    k.add_argument("--flops", type=float, nargs="*", default=[], help="also compress the model to these ratios")
+    k.add_argument("--data", default="demo")
+    k.add_argument("--seq-len", type=int, default=1024)
+    k.add_argument("--max-windows", type=int, default=32)
+    k.add_argument("--protect", type=int, default=128)
+    k.add_argument("--batch-size", type=int, default=8)
+    k.add_argument("--tasks", nargs="*", default=[], help="lm-eval tasks (needs the eval extra)")
+    k.add_argument("--limit", type=int, help="lm-eval examples per task")
+    k.add_argument("--device", default="auto")
+    k.add_argument("--dtype", default="auto")
+    k.add_argument("--output", required=True, help="folder for compare.json, compare.md and the PNG plots")
+    k.add_argument("--json", action="store_true")
+
     i = sub.add_parser("info", help="what a checkpoint or compressed folder holds")
     i.add_argument("path")
     i.add_argument("--seq-len", type=int, default=1024)
     i.add_argument("--json", action="store_true")
 
-    for p in (c, e, i):
+    for p in (c, e, i, k):
         p.add_argument("--debug", action="store_true", help="show tracebacks")
     return ap
 
@@ -85,7 +110,7 @@ def main(argv: list[str] | None = None) -> int:
     if getattr(args, "json", False):
         os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     try:
-        return {"compress": _compress, "eval": _eval, "info": _info}[args.command](args)
+        return {"compress": _compress, "eval": _eval, "info": _info, "compare": _compare}[args.command](args)
     except SimbaError as e:
         if args.debug:
             raise
@@ -106,7 +131,7 @@ def _compress(args) -> int:
         base, source = read_recipe_file(args.recipe), args.recipe
     keep = args.keep
     schedule = args.schedule
-    if schedule is not None and schedule not in ("linear", "explicit"):
+    if schedule is not None and schedule not in ("calibrated", "linear", "explicit"):
         keep, schedule = read_keep_file(schedule), "explicit"
     overrides = {
         "model": args.model,
@@ -121,6 +146,11 @@ def _compress(args) -> int:
         "calibration.data": args.calib_data,
         "calibration.samples": args.calib_samples,
         "calibration.seq_len": args.calib_seq_len,
+        "trials": args.trials,
+        "timeout": args.timeout,
+        "storage": args.storage,
+        "study_name": args.study_name,
+        "objective": args.objective,
         "tokenizer": args.tokenizer,
         "seed": args.seed,
         "device": args.device,
@@ -129,6 +159,9 @@ def _compress(args) -> int:
     if "model" not in base and args.model is None:
         raise SimbaError("--model: required (a checkpoint folder, hub id, or demo)")
     recipe = build_recipe(base, overrides, source)
+    import optuna
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)  # the progress bar and the summary say enough
     folder, report = run(recipe, overwrite=args.overwrite, progress=not args.json)
     if args.json:
         print(json.dumps({"output": str(folder), **report}))
@@ -144,6 +177,13 @@ def _compress(args) -> int:
             f"pruned {cal['sparse']['loss']:.4f}; all positions {cal['dense']['all_position_loss']:.4f} -> "
             f"{cal['sparse']['all_position_loss']:.4f}"
         )
+        if report["search"] is not None:
+            s = report["search"]
+            vs = f"linear {s['linear']['loss']:.4f} (trial {s['linear']['trial']})" if s["linear"] else s["linear_note"]
+            print(
+                f"  calibrated: trial {s['best']['trial']} of {s['trials_complete']}, {s['objective']} "
+                f"{s['best']['loss']:.4f} vs {vs}; {s['trials_per_minute']} trials/min here"
+            )
     return 0
 
 
@@ -151,7 +191,7 @@ def _eval(args) -> int:
     from .checkpoints import load, load_tokenizer
     from .compress import resolve_device
     from .data import load_windows
-    from .evaluate import evaluate
+    from .evaluate import evaluate, position_buckets
 
     if args.seq_len < 2 or args.max_windows < 1 or args.batch_size < 1:
         raise SimbaError("--seq-len must be >= 2, --max-windows and --batch-size >= 1")
@@ -161,9 +201,11 @@ def _eval(args) -> int:
     model = load(args.model, dtype=dtype, device=device)
     tok = load_tokenizer(args.model, args.tokenizer)
     windows = load_windows(args.data, tok, args.seq_len + 1, args.max_windows)
-    res = evaluate(model, windows, args.protect, args.batch_size, simba=None if args.dense else "model", progress=not args.json)
+    batch = max(1, min(args.batch_size, 16384 // args.seq_len))  # bounds the logits' memory at long lengths
+    res = evaluate(model, windows, args.protect, batch, simba=None if args.dense else "model", progress=not args.json)
     out = {"model": args.model, "data": args.data, "pruned": model.simba is not None and not args.dense}
     out.update({k: v for k, v in res.to_dict().items() if k != "position_loss"})
+    out["position_buckets"] = position_buckets(res.position_loss)
     if args.json:
         print(json.dumps(out))
     else:
@@ -172,6 +214,32 @@ def _eval(args) -> int:
             f"tokens of {res.windows} windows of {res.seq_len}; all positions {res.all_position_loss:.4f}; "
             f"FLOP ratio {res.flop_ratio:.4f}"
         )
+        print("  loss by position: " + ", ".join(f"[{b['start']}, {b['end']}) {b['loss']:.3f}" for b in out["position_buckets"]))
+    return 0
+
+
+def _compare(args) -> int:
+    from .compare import CompareConfig, compare
+
+    cfg = CompareConfig(
+        dense=args.model,
+        compressed=args.compressed,
+        flops=args.flops,
+        data=args.data,
+        seq_len=args.seq_len,
+        max_windows=args.max_windows,
+        protect=args.protect,
+        batch_size=args.batch_size,
+        tasks=args.tasks,
+        limit=args.limit,
+        device=args.device,
+        dtype=args.dtype,
+    )
+    rows = compare(cfg, args.output)
+    if args.json:
+        print(json.dumps({"output": args.output, "rows": rows}))
+    else:
+        print((Path(args.output) / "compare.md").read_text(), end="")
     return 0
 
 

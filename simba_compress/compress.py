@@ -1,7 +1,8 @@
 """The verb: compress(model, ...) sets a pruning schedule on a model; run(recipe) is the whole job.
 
     model = simba_compress.load("state-spaces/mamba-1.4b")
-    simba_compress.compress(model, flops=0.6)      # model.simba is now a schedule at 0.6 of the FLOPs
+    simba_compress.compress(model, flops=0.6)      # model.simba is now the linear schedule at 0.6 of the FLOPs
+    simba, study = calibrate(model, windows, CalibrationConfig(flops=0.6))  # or a searched one (calibrate.py)
     simba_compress.save(model, "out/", tokenizer=tok)
 """
 
@@ -11,18 +12,22 @@ import json
 import platform
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
-from .checkpoints import check_output, load, load_tokenizer, save
+from .checkpoints import check_output, load, load_tokenizer, read_checkpoint, resolve, save
 from .data import load_windows
 from .errors import SimbaError
-from .evaluate import evaluate
+from .evaluate import default_protect, evaluate
 from .flops import count
 from .model import MambaLM
 from .pruning import SimbaConfig
 from .recipe import Recipe
 from .schedules import linear, linear_for_flops
+
+if TYPE_CHECKING:
+    from .calibrate import CalibrationConfig, CalibrationResult
 
 
 def compress(
@@ -36,7 +41,7 @@ def compress(
     seq_len: int = 1024,
     seed: int = 0,
 ) -> SimbaConfig:
-    """Give `model` a pruning schedule (in place) and return it.
+    """Give `model` a fixed pruning schedule (in place) and return it; calibrate() searches one instead.
 
     Exactly one target: flops (the linear schedule whose backbone FLOP ratio at seq_len is within 0.5% of it),
     final_keep (the paper's linear schedule down to this ratio) or keep (explicit per-layer ratios).
@@ -83,28 +88,40 @@ def run(recipe: Recipe, overwrite: bool = False, progress: bool = True) -> tuple
     t0 = time.time()
     device, dtype = resolve_device(recipe.device, recipe.dtype)
     torch.manual_seed(recipe.seed)
+    read_checkpoint(resolve(recipe.model))  # a folder that is not a checkpoint is named as such, not for its tokenizer
     tokenizer = load_tokenizer(recipe.model, recipe.tokenizer)
     cal = recipe.calibration
     windows = load_windows(cal.data, tokenizer, cal.seq_len + 1, cal.samples)  # bad data fails before the model loads
     model = load(recipe.model, dtype=dtype, device=device)
-    simba = compress(
-        model,
-        flops=recipe.flops,
-        keep=recipe.keep,
-        final_keep=recipe.final_keep,
-        criterion=recipe.criterion,
-        protect_last=recipe.protect_last,
-        seq_len=recipe.seq_len,
-        seed=recipe.seed,
-    )
-    protect = max(1, min(128, cal.seq_len // 4))
+    study_file = out.resolve().parent / f"{out.name}.optuna.db"  # beside: the output folder appears only when whole
+    study = None
+    if recipe.schedule == "calibrated":
+        from .calibrate import calibrate  # optuna loads only for a search
+
+        if recipe.storage is None:
+            out.parent.mkdir(parents=True, exist_ok=True)
+        simba, study = calibrate(model, windows, _search_config(recipe, study_file, progress))
+        model.simba = simba
+    else:
+        simba = compress(
+            model,
+            flops=recipe.flops,
+            keep=recipe.keep,
+            final_keep=recipe.final_keep,
+            criterion=recipe.criterion,
+            protect_last=recipe.protect_last,
+            seq_len=recipe.seq_len,
+            seed=recipe.seed,
+        )
+    protect = default_protect(cal.seq_len)
     dense = evaluate(model, windows, protect, simba=None, progress=progress)
     sparse = evaluate(model, windows, protect, progress=progress)
+    flops = count(model.config, simba, recipe.seq_len)
     report = {
         "simba_compress": _version(),
         "source_model": recipe.model,
         "schedule": simba.to_dict(),
-        "flops": count(model.config, simba, recipe.seq_len).to_dict(),
+        "flops": flops.to_dict(),
         "calibration": {
             "data": cal.data,
             "windows": int(windows.shape[0]),
@@ -113,20 +130,57 @@ def run(recipe: Recipe, overwrite: bool = False, progress: bool = True) -> tuple
             "dense": dense.to_dict() | {"position_loss": None},
             "sparse": sparse.to_dict() | {"position_loss": None},
         },
+        "search": None if study is None else study.summary(),
         "device": str(device),
         "dtype": str(dtype).replace("torch.", ""),
         "machine": platform.platform(),
         "torch": torch.__version__,
         "seconds": round(time.time() - t0, 1),
     }
+    files = {
+        "recipe.yaml": recipe.to_yaml(),
+        "report.json": json.dumps(report, indent=2) + "\n",
+        "schedule.json": json.dumps(simba.to_dict() | {"flop_ratio": flops.ratio}, indent=2) + "\n",
+    }
+    if study is not None:
+        files |= _study_files(study, study_file if recipe.storage is None else None)
     folder = save(
         model,
         out,
         tokenizer=tokenizer,
         overwrite=overwrite,
-        files={"recipe.yaml": recipe.to_yaml(), "report.json": json.dumps(report, indent=2) + "\n"},
+        files=files,
     )
+    if study is not None and recipe.storage is None:
+        study_file.unlink(missing_ok=True)  # its copy is the folder's study.db
     return folder, report
+
+
+def _search_config(recipe: Recipe, study_file: Path, progress: bool) -> CalibrationConfig:
+    from .calibrate import CalibrationConfig
+
+    return CalibrationConfig(
+        flops=recipe.flops,
+        seq_len=recipe.seq_len,
+        criterion=recipe.criterion,
+        protect_last=recipe.protect_last,
+        trials=recipe.trials,
+        timeout=recipe.timeout,
+        objective=recipe.objective,
+        seed=recipe.seed,
+        storage=recipe.storage or f"sqlite:///{study_file}",
+        study_name=recipe.study_name,
+        model_name=recipe.model,
+        progress=progress,
+    )
+
+
+def _study_files(study: CalibrationResult, sqlite_file: Path | None) -> dict[str, str | bytes]:
+    """The trials table, the plots, and (default storage) the study itself, for the output folder."""
+    files: dict[str, str | bytes] = {"trials.csv": study.trials_csv(), **study.plots()}
+    if sqlite_file is not None:
+        files["study.db"] = sqlite_file.read_bytes()
+    return files
 
 
 def _version() -> str:

@@ -37,6 +37,16 @@ class EvalResult:
         return asdict(self)
 
 
+def default_protect(seq_len: int) -> int:
+    """The scored continuation DESIGN.md uses: 128 tokens, at most a quarter of a window."""
+    return max(1, min(128, seq_len // 4))
+
+
+def protected(simba: SimbaConfig | None, protect: int) -> SimbaConfig | None:
+    """`simba` with the last `protect` positions never pruned: how the headline runs a schedule."""
+    return None if simba is None else replace(simba, protect_last=max(simba.protect_last, protect))
+
+
 def _token_losses(model: MambaLM, inputs: torch.Tensor, targets: torch.Tensor, simba) -> torch.Tensor:
     logits = model(inputs.to(model.device), simba=simba).logits.float()
     return F.cross_entropy(logits.transpose(1, 2), targets.to(model.device), reduction="none").cpu()
@@ -64,7 +74,7 @@ def evaluate(
     seq_len = windows.shape[1] - 1
     if not 1 <= protect <= seq_len:
         raise ValueError(f"protect: must be in [1, {seq_len}], got {protect}")
-    head_simba = None if simba is None else replace(simba, protect_last=max(simba.protect_last, protect))
+    head_simba = protected(simba, protect)
     head, full = [], []
     for x, y in _batches(windows, batch_size, "eval", progress):
         losses = _token_losses(model, x, y, head_simba)
@@ -110,3 +120,13 @@ def evaluate_truncated(
         all_position_loss=None,
         flop_ratio=keep / seq_len,
     )
+
+
+def position_buckets(position_loss: list[float]) -> list[dict]:
+    """Mean loss over positions [0, 64), [64, 128), [128, 256), ... (doubling): does information flow further?"""
+    out, start, end = [], 0, 64
+    while start < len(position_loss):
+        part = position_loss[start:end]
+        out.append({"start": start, "end": start + len(part), "loss": round(sum(part) / len(part), 4)})
+        start, end = end, end * 2
+    return out

@@ -22,8 +22,23 @@ SCAN_PER_STATE = 9  # mamba_ssm: 9 * L * D * N for the discretisation, the state
 
 
 def block_flops(cfg: ModelConfig) -> dict[str, int]:
-    """FLOPs per token of one Mamba-1 block, by component."""
+    """FLOPs per token of one Mamba block, by component."""
     d, e, n, r, k = cfg.d_model, cfg.d_inner, cfg.d_state, cfg.dt_rank, cfg.d_conv
+    if cfg.layer == "mamba2":
+        h, gn = e // cfg.headdim, cfg.ngroups * cfg.d_state
+        conv_dim = e + 2 * gn
+        return {
+            "norm": 4 * d,
+            "in_proj": 2 * d * (2 * e + 2 * gn + h) + ((2 * e + 2 * gn + h) if cfg.bias else 0),
+            "conv": 2 * conv_dim * k + (conv_dim if cfg.conv_bias else 0) + SILU * conv_dim,
+            "dt": h + SOFTPLUS * h,
+            # scalar decay per head: exp(dt A) per head, dt x per channel, then per (channel, state) the
+            # outer product with B (1), the state update (2) and C . h (2)
+            "scan": 5 * e * n + e + 2 * h,
+            "gate_skip": 2 * e + (SILU + 1) * e + 4 * e,  # y + D x, * silu(z), grouped RMS norm
+            "out_proj": 2 * e * d + (d if cfg.bias else 0),
+            "residual": d,
+        }
     return {
         "norm": 4 * d,
         "in_proj": 2 * d * 2 * e + (2 * e if cfg.bias else 0),
@@ -42,6 +57,9 @@ def matmul_flops(cfg: ModelConfig) -> dict[str, int]:
     mm/addmm and convolution. (The reference scan's own in-chunk matmul is an implementation device of the
     CPU path, not part of the scan's analytic 9 d_inner d_state.)"""
     d, e, n, r, k = cfg.d_model, cfg.d_inner, cfg.d_state, cfg.dt_rank, cfg.d_conv
+    if cfg.layer == "mamba2":
+        h, gn = e // cfg.headdim, cfg.ngroups * cfg.d_state
+        return {"in_proj": 2 * d * (2 * e + 2 * gn + h), "conv": 2 * (e + 2 * gn) * k, "out_proj": 2 * e * d}
     return {
         "in_proj": 2 * d * 2 * e,
         "conv": 2 * e * k,
@@ -54,6 +72,9 @@ def matmul_flops(cfg: ModelConfig) -> dict[str, int]:
 def score_flops(cfg: ModelConfig, criterion: str) -> int:
     """FLOPs per scored token of a criterion (the token sort is O(l log l) and not counted)."""
     e, n, d = cfg.d_inner, cfg.d_state, cfg.d_model
+    if cfg.layer == "mamba2" and criterion == "simba":
+        # C_T . B_t per group (2gn), reverse cumsum, exp and products per head (~6h), max |x| over head dims (2e)
+        return 2 * cfg.ngroups * n + 6 * (e // cfg.headdim) + 2 * e
     return {
         # contraction of the scan's own exp(-G) dt B x with a per-chunk weight (2en), |.| and max over d (2e),
         # and the per-chunk weights exp(A (S_T - S_c)) C_T amortised over a chunk of 8 (<= en)

@@ -1,4 +1,4 @@
-"""A Mamba-1 language model in plain PyTorch whose forward prunes tokens between layers (Simba).
+"""A Mamba language model in plain PyTorch whose forward prunes tokens between layers (Simba).
 
 Parameter names follow transformers' MambaForCausalLM, so a state dict moves between the two unchanged.
 Shapes: b batch, l tokens, d d_inner, n d_state, k d_conv, r dt_rank.
@@ -25,7 +25,7 @@ from .ssm.kernels import mamba_scan, use_kernels
 
 @dataclass
 class ModelConfig:
-    """Shape of a Mamba-1 model. vocab_size is the embedding's row count (padded vocab)."""
+    """Shape of a Mamba model (Mamba-1 by default). vocab_size is the embedding's row count (padded vocab)."""
 
     d_model: int
     n_layer: int
@@ -40,14 +40,21 @@ class ModelConfig:
     rms_norm: bool = True
     residual_in_fp32: bool = True
     tie_embeddings: bool = True
+    layer: str = "mamba1"  # "mamba1" or "mamba2"
+    headdim: int = 64  # Mamba-2: channels per head
+    ngroups: int = 1  # Mamba-2: groups sharing B and C
 
     def __post_init__(self) -> None:
+        if self.layer not in ("mamba1", "mamba2"):
+            raise ValueError(f"layer: must be mamba1 or mamba2, got {self.layer!r}")
         if self.dt_rank in (0, None, "auto"):
             self.dt_rank = math.ceil(self.d_model / 16)
-        for f in ("d_model", "n_layer", "vocab_size", "d_state", "d_conv", "expand", "dt_rank"):
+        for f in ("d_model", "n_layer", "vocab_size", "d_state", "d_conv", "expand", "dt_rank", "headdim", "ngroups"):
             v = getattr(self, f)
             if not isinstance(v, int) or isinstance(v, bool) or v < 1:
                 raise ValueError(f"{f}: must be a positive integer, got {v!r}")
+        if self.layer == "mamba2" and (self.d_inner % self.headdim or (self.d_inner // self.headdim) % self.ngroups):
+            raise ValueError(f"headdim {self.headdim} and ngroups {self.ngroups} must divide d_inner {self.d_inner} into heads")
 
     @property
     def d_inner(self) -> int:
@@ -149,7 +156,12 @@ class MambaBlock(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.norm = RMSNorm(cfg.d_model, cfg.norm_eps) if cfg.rms_norm else nn.LayerNorm(cfg.d_model, cfg.norm_eps)
-        self.mixer = MambaMixer(cfg)
+        if cfg.layer == "mamba2":
+            from .mamba2 import Mamba2Mixer  # imports this module: only here
+
+            self.mixer = Mamba2Mixer(cfg)
+        else:
+            self.mixer = MambaMixer(cfg)
 
 
 class Backbone(nn.Module):
@@ -162,13 +174,26 @@ class Backbone(nn.Module):
 
 @dataclass
 class LMOutput:
-    logits: torch.Tensor  # (b, l, vocab)
+    logits: torch.Tensor  # (b, l, vocab), or (b, last_logits, vocab)
     states: list[LayerState] | None = None  # per layer, after the (pruned) prefill
     kept: list[torch.Tensor] | None = None  # per layer, the original positions it ran on (b, w); -1 = padding slot
 
 
+@dataclass
+class Prefix:
+    """The residual stream after the first `layers` layers ran on every token, and the last one's global impact.
+
+    Layer 0 runs on every token under any schedule, so a schedule search computes this once per batch and
+    starts each trial's forward from it (forward(prefix=...)) instead of from the embeddings.
+    """
+
+    hidden: torch.Tensor  # (b, l, d_model) residual stream, stream dtype
+    impact: torch.Tensor  # (b, l) the last prefix layer's global impact on the last position
+    layers: int
+
+
 class MambaLM(nn.Module):
-    """Mamba-1 causal LM. `simba` (a SimbaConfig or None for dense) sets how the forward prunes tokens."""
+    """Mamba causal LM (Mamba-1 or Mamba-2 mixers). `simba` (a SimbaConfig or None) sets how the forward prunes."""
 
     def __init__(self, cfg: ModelConfig, simba: SimbaConfig | None = None):
         super().__init__()
@@ -183,6 +208,30 @@ class MambaLM(nn.Module):
     def device(self) -> torch.device:
         return self.lm_head.weight.device
 
+    @property
+    def _stream_dtype(self) -> torch.dtype:
+        return torch.float32 if self.config.residual_in_fp32 else self.lm_head.weight.dtype
+
+    def _layer(self, i: int, h: torch.Tensor, plan: TokenPlan, score: bool, want_state: bool):
+        """Run block i on the residual stream h: (h + mixer(norm(h)), impact, state)."""
+        block = self.backbone.layers[i]
+        mixed, impact, state = block.mixer(
+            block.norm(h.to(block.norm.weight.dtype)),
+            plan.mask,
+            score_last=plan.last_slot() if score else None,
+            want_state=want_state,
+        )
+        return h + mixed.to(h.dtype), impact, state
+
+    @torch.no_grad()
+    def prefix(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, layers: int = 1) -> Prefix:
+        """Run the first `layers` layers densely; forward(same inputs, prefix=...) continues from there."""
+        plan = TokenPlan(attention_mask, *input_ids.shape, None, input_ids.device)
+        h = self.backbone.embeddings(input_ids).to(self._stream_dtype)
+        for i in range(layers):
+            h, impact, _ = self._layer(i, h, plan, score=i == layers - 1, want_state=False)
+        return Prefix(h, impact, layers)
+
     def forward(
         self,
         input_ids: torch.Tensor,
@@ -191,44 +240,58 @@ class MambaLM(nn.Module):
         simba: SimbaConfig | None | str = "model",
         return_states: bool = False,
         return_kept: bool = False,
+        prefix: Prefix | None = None,
+        last_logits: int | None = None,
     ) -> LMOutput:
-        """Logits for every position of input_ids (b, l). simba="model" uses self.simba; None runs dense."""
+        """Logits for every position of input_ids (b, l). simba="model" uses self.simba; None runs dense.
+
+        prefix: start after prefix.layers dense layers (from self.prefix on the same inputs); those layers must
+        keep every token under `simba`. last_logits: only the last positions' logits (the LM head is costly).
+        """
         simba = self.simba if simba == "model" else simba
         if simba is not None and simba.n_layer != self.config.n_layer:
             raise ValueError(f"simba.keep has {simba.n_layer} layers, the model {self.config.n_layer}")
         b, length = input_ids.shape
-        stream_dtype = torch.float32 if self.config.residual_in_fp32 else self.lm_head.weight.dtype
-        h = self.backbone.embeddings(input_ids).to(stream_dtype)  # (b, l, d_model): the residual stream
         plan = TokenPlan(attention_mask, b, length, simba, input_ids.device)
-        frozen = h.new_zeros(b, length + 1, h.shape[-1]) if simba is not None else None  # +1: scratch row
-        criterion = CRITERION_FNS[simba.criterion] if simba is not None else None
+        frozen = None if simba is None else input_ids.new_zeros(b, length + 1, self.config.d_model, dtype=self._stream_dtype)
         states, kept_positions = [], []
-        for i, block in enumerate(self.backbone.layers):
+        if prefix is None:
+            h, start = self.backbone.embeddings(input_ids).to(self._stream_dtype), 0
+        else:
+            if return_states or return_kept:
+                raise ValueError("prefix: return_states and return_kept need the full forward")
+            if simba is not None and simba.keep[prefix.layers - 1] < 1.0:
+                raise ValueError(f"prefix: simba prunes within its first {prefix.layers} layers")
+            h, start = prefix.hidden, prefix.layers
+            if plan.prunes_after(start - 1):
+                h = self._prune(start - 1, h, prefix.impact, plan, frozen)
+        for i in range(start, self.config.n_layer):
             if return_kept:
                 kept_positions.append(torch.where(plan.real, plan.idx, -1))
             prune = plan.prunes_after(i)
-            mixed, impact, state = block.mixer(
-                block.norm(h.to(block.norm.weight.dtype)),
-                plan.mask,
-                score_last=plan.last_slot() if prune and simba.criterion == "simba" else None,
-                want_state=return_states,
-            )
-            h = h + mixed.to(stream_dtype)
+            h, impact, state = self._layer(i, h, plan, prune and simba.criterion == "simba", return_states)
             states.append(state)
             if prune:
-                scores = criterion(plan.view(i, h, impact), simba.seed)
-                frozen.scatter_(1, plan.idx.unsqueeze(-1).expand_as(h), h)
-                kept = plan.select(scores, i + 1)
-                h = h.gather(1, kept.unsqueeze(-1).expand(-1, -1, h.shape[-1]))
+                h = self._prune(i, h, impact, plan, frozen)
         if frozen is not None:
             frozen.scatter_(1, plan.idx.unsqueeze(-1).expand_as(h), h)
             h = frozen[:, :length]
+        if last_logits is not None:
+            h = h[:, -last_logits:]
         h = self.backbone.norm_f(h.to(self.backbone.norm_f.weight.dtype))
         return LMOutput(
             logits=self.lm_head(h.to(self.lm_head.weight.dtype)),
             states=states if return_states else None,
             kept=kept_positions if return_kept else None,
         )
+
+    def _prune(self, layer: int, h: torch.Tensor, impact, plan: TokenPlan, frozen: torch.Tensor) -> torch.Tensor:
+        """After `layer`: freeze every slot's stream, keep the criterion's top tokens for layer + 1."""
+        simba = plan.simba
+        scores = CRITERION_FNS[simba.criterion](plan.view(layer, h, impact), simba.seed)
+        frozen.scatter_(1, plan.idx.unsqueeze(-1).expand_as(h), h)
+        kept = plan.select(scores, layer + 1)
+        return h.gather(1, kept.unsqueeze(-1).expand(-1, -1, h.shape[-1]))
 
     @torch.no_grad()
     def generate(
@@ -270,12 +333,11 @@ class MambaLM(nn.Module):
 
     def step(self, token: torch.Tensor, states: list[LayerState]) -> tuple[torch.Tensor, list[LayerState]]:
         """One decoding step for token (b,): every layer runs on it (a new token is never pruned)."""
-        stream_dtype = torch.float32 if self.config.residual_in_fp32 else self.lm_head.weight.dtype
-        h = self.backbone.embeddings(token).to(stream_dtype)
+        h = self.backbone.embeddings(token).to(self._stream_dtype)
         new_states = []
         for block, state in zip(self.backbone.layers, states):
             mixed, state = block.mixer.step(block.norm(h.to(block.norm.weight.dtype)), state)
-            h = h + mixed.to(stream_dtype)
+            h = h + mixed.to(h.dtype)
             new_states.append(state)
         h = self.backbone.norm_f(h.to(self.backbone.norm_f.weight.dtype))
         return self.lm_head(h.to(self.lm_head.weight.dtype)), new_states

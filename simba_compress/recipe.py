@@ -36,13 +36,20 @@ class Recipe(_Strict):
     output: str | None = None
     tokenizer: str | None = None  # folder or hub id when the checkpoint has none
     flops: float | None = Field(None, gt=0, le=1)  # target backbone FLOP ratio
-    schedule: Literal["linear", "explicit"] = "linear"
+    # None: "calibrated" with flops, "linear" with final_keep, "explicit" with keep
+    schedule: Literal["calibrated", "linear", "explicit"] | None = None
     keep: list[float] | None = None  # explicit per-layer keep ratios (schedule: explicit)
     final_keep: float | None = Field(None, gt=0, le=1)  # linear schedule's top-layer keep, instead of flops
     criterion: Criterion = "simba"
     protect_last: int = Field(1, ge=1)  # last tokens never pruned (generation needs >= 1)
     seq_len: int = Field(1024, ge=2)  # input length the FLOP ratio is computed at
     calibration: CalibrationData = CalibrationData()
+    # the Optuna study of schedule "calibrated" (calibrate.py)
+    trials: int = Field(40, ge=1)  # finished trials the study should hold, over all its workers
+    timeout: float | None = Field(None, gt=0)  # seconds after which this run starts no new trial
+    storage: str | None = None  # Optuna URL or .db/.journal file; None: <output>.optuna.db, then <output>/study.db
+    study_name: str = "simba-calibration"
+    objective: Literal["loss", "kl"] = "loss"  # next-token loss, or KL to the dense model, on the scored tail
     seed: int = 0
     device: str = "auto"  # auto, cpu, cuda, cuda:N
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
@@ -65,6 +72,10 @@ class Recipe(_Strict):
             raise ValueError(f"give only one of flops, keep, final_keep (got {', '.join(given)})")
         if not given:
             raise ValueError("give a target: flops (e.g. 0.6), final_keep, or keep")
+        if self.schedule is None:
+            self.schedule = "calibrated" if self.flops is not None else "linear"
+        if self.schedule == "calibrated" and self.flops is None:
+            raise ValueError("schedule 'calibrated' needs flops (the FLOP budget to calibrate to)")
         return self
 
     def to_yaml(self) -> str:
@@ -112,8 +123,9 @@ def build_recipe(base: dict | None = None, overrides: dict | None = None, source
             for other in {"flops", "keep", "final_keep"} - {key}:
                 if other not in overrides or overrides[other] is None:
                     data.pop(other, None)
-            if key != "keep" and data.get("schedule") == "explicit":
-                data["schedule"] = "linear"
+            # and a schedule tied to the old target (explicit keep, calibrated flops) falls back to the default
+            if key != "keep" and overrides.get("schedule") is None and data.get("schedule") != "linear":
+                data.pop("schedule", None)
     try:
         return Recipe.model_validate(data)
     except ValidationError as e:

@@ -101,6 +101,17 @@ def to_transformers(model: MambaLM):
 
 
 @pytest.fixture(scope="session")
+def small_checkpoint(tmp_path_factory):
+    """A random 4-layer model in the original layout, with the corpus tokenizer beside it."""
+    import shutil
+
+    folder = write_original(random_model(n_layer=4, d_model=32, vocab=8192), tmp_path_factory.mktemp("ckpt") / "m")
+    for f in (CORPUS / "tokenizer").iterdir():
+        shutil.copy(f, folder / f.name)
+    return folder
+
+
+@pytest.fixture(scope="session")
 def l16():
     from simba_compress import load
 

@@ -142,7 +142,7 @@ def test_config_that_does_not_match_its_weights(tmp_path):
 def test_unsupported_variants_are_named(tmp_path):
     folder = write_original(random_model(), tmp_path / "m")
     cfg = json.loads((folder / "config.json").read_text())
-    for change, msg in [({"d_intermediate": 64}, "MLP"), ({"attn_layer_idx": [1]}, "attention"), ({"ssm_cfg": {"layer": "Mamba2"}}, "Mamba-2")]:
+    for change, msg in [({"d_intermediate": 64}, "MLP"), ({"attn_layer_idx": [1]}, "attention"), ({"ssm_cfg": {"layer": "Mamba2", "D_has_hdim": True}}, "not supported for Mamba-2"), ({"ssm_cfg": {"layer": "Mamba3"}}, "Mamba1 or Mamba2")]:
         (folder / "config.json").write_text(json.dumps({**cfg, **change}))
         with pytest.raises(SimbaError, match=msg):
             load(folder)

@@ -1,13 +1,12 @@
 """The command line end to end: compress, eval, info, and the one-line errors with exit code 2."""
 
 import json
-import shutil
 import subprocess
 import sys
 
 import pytest
 
-from conftest import CORPUS, L16, REPO, random_model, write_original
+from conftest import CORPUS, L16
 from simba_compress.cli import main
 
 
@@ -16,18 +15,9 @@ def cli(*args):
     return r.returncode, r.stdout, r.stderr
 
 
-@pytest.fixture(scope="module")
-def small_checkpoint(tmp_path_factory):
-    """A random 4-layer model in the original layout, with the corpus tokenizer beside it."""
-    folder = write_original(random_model(n_layer=4, d_model=32, vocab=8192), tmp_path_factory.mktemp("ckpt") / "m")
-    for f in (CORPUS / "tokenizer").iterdir():
-        shutil.copy(f, folder / f.name)
-    return folder
-
-
 def test_demo_runs_offline_end_to_end(tmp_path):
     """The README's first command, then eval and info on what it wrote."""
-    code, out, err = cli("--model", "demo", "--flops", "0.6", "--output", tmp_path / "out", "--calib-samples", "4")
+    code, out, err = cli("--model", "demo", "--flops", "0.6", "--output", tmp_path / "out", "--calib-samples", "4", "--trials", "4")
     assert code == 0, err
     assert "wrote" in out and "FLOP ratio 0.60" in out
     code, out, err = cli("eval", "--model", tmp_path / "out", "--data", "demo", "--max-windows", "4", "--protect", "8", "--json")
@@ -43,7 +33,8 @@ def test_demo_runs_offline_end_to_end(tmp_path):
 def test_compress_the_pretrained_proxy_then_eval(tmp_path, capsys):
     """The issue's done-when: compress l16 at 0.6, then eval the folder on the validation text (small sizes)."""
     out = tmp_path / "l16"
-    assert main(["--model", str(L16), "--flops", "0.6", "--output", str(out), "--calib-samples", "2", "--calib-seq-len", "256", "--json"]) == 0
+    args = ["--model", str(L16), "--flops", "0.6", "--output", str(out), "--calib-samples", "2", "--calib-seq-len", "256"]
+    assert main(args + ["--schedule", "linear", "--json"]) == 0
     report = json.loads(capsys.readouterr().out)
     assert abs(report["flops"]["ratio"] - 0.6) <= 0.003
     cal = report["calibration"]
@@ -86,7 +77,7 @@ def test_explicit_schedule_file(tmp_path, small_checkpoint, capsys):
         (["--model", "demo", "--flops", "0.6", "--output", "{tmp}/exists"], "{tmp}/exists: already exists; pass --overwrite to replace it"),
         (["--model", "demo", "--flops", "0.6", "--output", "{tmp}/o", "--calib-data", "{tmp}/none.txt"], "{tmp}/none.txt: no such file or folder"),
         (["--model", "demo", "--flops", "0.6", "--output", "{tmp}/o", "--calib-seq-len", "100000"], "shorter than one sequence of 100001"),
-        (["--model", "demo", "--flops", "0.2", "--output", "{tmp}/o"], "--flops 0.2: below what a linear schedule reaches"),
+        (["--model", "demo", "--flops", "0.2", "--schedule", "linear", "--output", "{tmp}/o"], "--flops 0.2: below what a linear schedule reaches"),
         (["--recipe", "{tmp}/missing.yaml"], "{tmp}/missing.yaml: cannot read the recipe"),
         (["eval", "--model", "demo", "--data", "{tmp}/none.jsonl"], "{tmp}/none.jsonl: no such file or folder"),
         (["eval", "--model", "{tmp}/nothing", "--data", "demo"], "{tmp}/nothing: no such folder"),

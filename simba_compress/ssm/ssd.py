@@ -1,0 +1,81 @@
+"""Reference SSD scan (Mamba-2) and its global-impact score, in plain PyTorch.
+
+Shapes: b batch, l tokens, h heads, p head dim, g groups (B and C are shared by h // g heads), n state.
+
+    h_t[h] = exp(dt_t[h] A[h]) h_{t-1}[h] + dt_t[h] x_t[h] (x) B_t[g(h)]          (p x n per head)
+    y_t[h] = h_t[h] C_t[g(h)]
+
+A is a scalar per head, so within a chunk the decay between two tokens is exp(A_cs[t] - A_cs[s]) with
+every exponent <= 0: the chunked form below (the "SSD minimal" algorithm) is stable without care.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+SSD_CHUNK = 64
+
+
+def ssd_scan(
+    x: torch.Tensor,
+    dt: torch.Tensor,
+    A: torch.Tensor,
+    B: torch.Tensor,
+    C: torch.Tensor,
+    h0: torch.Tensor | None = None,
+    chunk: int = SSD_CHUNK,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """x (b, l, h, p), dt (b, l, h) > 0, A (h,) < 0, B and C (b, l, g, n) -> y (b, l, h, p), final h (b, h, p, n)."""
+    b, length, H, P = x.shape
+    rep = H // B.shape[2]
+    x, dt, A = x.float(), dt.float(), A.float()
+    B = B.float().repeat_interleave(rep, dim=2)  # (b, l, h, n)
+    C = C.float().repeat_interleave(rep, dim=2)
+    pad = (-length) % chunk  # padded steps have dt = 0: no decay, no input, so the final state is unchanged
+    x, dt, B, C = (F.pad(t, (0, 0) * (t.dim() - 2) + (0, pad)) for t in (x, dt, B, C))
+    x, dt, B, C = (t.unflatten(1, (-1, chunk)) for t in (x, dt, B, C))  # (b, c, L, ...)
+    a = torch.cumsum(dt * A, dim=2)  # (b, c, L, h): log decay from the chunk start, <= 0
+    # within a chunk: y_t = sum_{s<=t} (C_t . B_s) exp(a_t - a_s) dt_s x_s
+    causal = torch.ones(chunk, chunk, dtype=torch.bool, device=x.device).tril()
+    seg = (a.unsqueeze(3) - a.unsqueeze(2)).masked_fill(~causal[:, :, None], float("-inf"))  # (b, c, t, s, h)
+    weights = torch.einsum("bcthn,bcshn->bctsh", C, B) * torch.exp(seg) * dt.unsqueeze(2)
+    y = torch.einsum("bctsh,bcshp->bcthp", weights, x)
+    # each chunk's own contribution to the state at its end, then the states carried across chunks
+    local = torch.einsum("bcsh,bcshp,bcshn->bchpn", torch.exp(a[:, :, -1:] - a) * dt, x, B)
+    h = x.new_zeros(b, H, P, B.shape[-1]) if h0 is None else h0.float()
+    carried = []
+    for c in range(a.shape[1]):
+        carried.append(h)
+        h = torch.exp(a[:, c, -1])[:, :, None, None] * h + local[:, c]
+    carried = torch.stack(carried, dim=1)  # (b, c, h, p, n): the state entering each chunk
+    y = y + torch.einsum("bcthn,bchpn->bcthp", C * torch.exp(a).unsqueeze(-1), carried)
+    return y.flatten(1, 2)[:, :length], h
+
+
+def ssd_step(h, x, dt, A, B, C):
+    """One decoding step: h (b, h, p, n), x (b, h, p), dt (b, h), B and C (b, g, n). Returns y (b, h, p), h."""
+    rep = x.shape[1] // B.shape[1]
+    B, C = B.float().repeat_interleave(rep, dim=1), C.float().repeat_interleave(rep, dim=1)
+    dt = dt.float()
+    h = torch.exp(dt * A.float())[:, :, None, None] * h + (dt[:, :, None] * x.float()).unsqueeze(-1) * B.unsqueeze(2)
+    return torch.einsum("bhpn,bhn->bhp", h, C), h
+
+
+def ssd_impact(x, dt, A, B, C, last) -> torch.Tensor:
+    """Global impact of every token on row position last[b], for Mamba-2 (b, l), 0 after last[b]:
+
+        dy_T(t)[h, p] = dt_t[h] x_t[h, p] (C_T[g] . B_t[g]) exp(A[h] (S_T[h] - S_t[h])),   s(t) = max_{h,p} |.|
+
+    A per head makes it cheap: O(l * h * p), no chunking needed.
+    """
+    b, length, H, P = x.shape
+    rep = H // B.shape[2]
+    positions = torch.arange(length, device=x.device)
+    upto = positions[None, :] <= last[:, None]  # (b, l)
+    dt = torch.where(upto.unsqueeze(-1), dt.float(), 0.0)
+    after = torch.flip(torch.cumsum(torch.flip(dt, [1]), 1), [1]) - dt  # S_T - S_t: (b, l, h)
+    c_last = C.float()[torch.arange(b, device=x.device), last]  # (b, g, n)
+    cb = torch.einsum("blgn,bgn->blg", B.float(), c_last).repeat_interleave(rep, dim=2)  # (b, l, h)
+    per_head = (cb * dt * torch.exp(after * A.float())).abs() * x.float().abs().amax(-1)  # (b, l, h)
+    return per_head.amax(-1).masked_fill(~upto, 0.0)

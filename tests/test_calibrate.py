@@ -1,0 +1,239 @@
+"""Schedule calibration (issue 3): the search, its storage (resume after SIGKILL, two workers), the outputs, bad input."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import optuna
+import pytest
+import torch
+
+from conftest import random_model
+from simba_compress.calibrate import CalibrationConfig, calibrate
+from simba_compress.cli import main
+from simba_compress.errors import SimbaError
+from simba_compress.evaluate import evaluate
+from simba_compress.flops import count
+from simba_compress.recipe import build_recipe
+from simba_compress.schedules import FLOP_TOLERANCE, linear_for_flops
+
+optuna.logging.set_verbosity(optuna.logging.WARNING)
+SEQ = 1024  # the FLOP ratio's input length; the windows themselves are short
+# One thread per process: the worker tests run two at once, and a busy 2-core machine punishes oversubscription.
+ENV = os.environ | {"OMP_NUM_THREADS": "1"}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def model():
+    return random_model(n_layer=6, d_model=16, vocab=64)
+
+
+@pytest.fixture(scope="module")
+def windows():
+    return torch.randint(0, 64, (4, 129), generator=torch.Generator().manual_seed(0))
+
+
+def search(model, windows, **kw):
+    kw = {"flops": 0.6, "seq_len": SEQ, "trials": 8, "progress": False} | kw
+    return calibrate(model, windows, CalibrationConfig(**kw))
+
+
+def test_prefix_and_last_logits_match_the_full_forward(model, windows):
+    x = windows[:, :-1]
+    sched = linear_for_flops(model.config, 0.6, 128, protect_last=8)
+    prefix = model.prefix(x)
+    with torch.no_grad():
+        for simba in (None, sched):
+            full = model(x, simba=simba).logits[:, -8:]
+            torch.testing.assert_close(model(x, simba=simba, prefix=prefix, last_logits=8).logits, full)
+
+
+@pytest.mark.parametrize("objective", ["loss", "kl"])
+def test_meets_the_budget_and_is_never_worse_than_linear(model, windows, objective):
+    simba, res = search(model, windows, objective=objective)
+    assert abs(count(model.config, simba, SEQ).ratio - 0.6) <= FLOP_TOLERANCE * 0.6
+    assert simba.keep[0] == 1.0 and all(a >= b for a, b in zip(simba.keep, simba.keep[1:]))
+    base, best = res.row(0), res.row(res.best)
+    assert res.baseline == 0 and base.baseline
+    linear = linear_for_flops(model.config, 0.6, SEQ)
+    assert base.keep == pytest.approx(linear.keep, abs=1e-12) and res.linear_keep == linear.keep
+    assert best.loss <= base.loss and len(res.trials) == 8
+    if objective == "loss":  # the objective is the evaluation headline on the calibration windows
+        head = evaluate(model, windows, res.protect, simba=simba, all_positions=False, progress=False)
+        assert head.loss == pytest.approx(best.loss, abs=1e-5)
+    else:
+        assert best.loss >= 0
+
+
+def test_below_the_linear_reach_the_baseline_is_skipped(model, windows):
+    simba, res = search(model, windows, flops=0.3)
+    assert abs(count(model.config, simba, SEQ).ratio - 0.3) <= FLOP_TOLERANCE * 0.3
+    assert res.baseline is None and "linear baseline skipped" in res.baseline_note
+    assert res.summary()["linear"] is None
+
+
+def test_deterministic_with_a_seed(model, windows):
+    a, _ = search(model, windows, seed=3, trials=5)
+    b, _ = search(model, windows, seed=3, trials=5)
+    assert a.keep == b.keep
+
+
+@pytest.mark.parametrize(
+    "kw, message",
+    [
+        ({"flops": 0.0}, "--flops: must be in (0, 1], got 0.0"),
+        ({"flops": 1.5}, "--flops: must be in (0, 1], got 1.5"),
+        ({"flops": 0.05}, "--flops 0.05: below what the calibrated schedules reach"),
+        ({"storage": "sqlite:////no/such/folder/s.db"}, "--storage sqlite:////no/such/folder/s.db: cannot open"),
+        ({"storage": "nosuchdialect://host/db"}, "--storage nosuchdialect://host/db: cannot open"),
+        ({"storage": "/no/such/folder/s.log"}, "--storage /no/such/folder/s.log: cannot open"),
+        ({"storage": "study.txt"}, "--storage study.txt: not an Optuna storage"),
+    ],
+)
+def test_bad_input_is_one_line(model, windows, kw, message):
+    with pytest.raises(SimbaError) as e:
+        search(model, windows, **kw)
+    assert message in str(e.value) and "\n" not in str(e.value)
+
+
+def test_a_study_for_another_budget_or_model_is_refused(model, windows, tmp_path):
+    storage = f"sqlite:///{tmp_path / 's.db'}"
+    search(model, windows, storage=storage, trials=2)
+    with pytest.raises(SimbaError, match=r"was created for flops 0.6, not 0.5; pass another --study-name"):
+        search(model, windows, storage=storage, trials=2, flops=0.5)
+    with pytest.raises(SimbaError, match=r"was created for model '\w+'"):
+        search(random_model(n_layer=6, d_model=16, vocab=64, seed=1), windows, storage=storage, trials=2)
+    study = optuna.load_study(study_name="simba-calibration", storage=storage)
+    assert len(study.trials) == 2  # nothing lost; a rerun of the original resumes
+    _, res = search(model, windows, storage=storage, trials=3)
+    assert res.trials_run == 1 and len(res.trials) == 3
+
+
+def test_recipe_defaults_to_calibrated_with_flops():
+    assert build_recipe({"model": "demo", "flops": 0.6}).schedule == "calibrated"
+    assert build_recipe({"model": "demo", "flops": 0.6, "schedule": "linear"}).schedule == "linear"
+    assert build_recipe({"model": "demo", "final_keep": 0.3}).schedule == "linear"
+    r = build_recipe({"model": "demo", "keep": [1, 0.5], "schedule": "explicit"}, {"flops": 0.7}, "flags")
+    assert r.schedule == "calibrated" and r.keep is None
+    assert build_recipe({"model": "demo", "flops": 0.6, "schedule": "linear"}, {"flops": 0.7}).schedule == "linear"
+    assert build_recipe({"model": "demo", "flops": 0.6}, {"final_keep": 0.3}).schedule == "linear"
+    with pytest.raises(SimbaError, match="schedule 'calibrated' needs flops"):
+        build_recipe({"model": "demo", "final_keep": 0.3, "schedule": "calibrated"})
+
+
+# --- the command line, for real: outputs, SIGKILL and resume, two workers ---------------------------------------
+
+
+def command(checkpoint, output, trials, *extra):
+    return [sys.executable, "-m", "simba_compress.cli", "--model", str(checkpoint), "--flops", "0.6", "--output",
+            str(output), "--trials", str(trials), "--calib-samples", "8", "--calib-seq-len", "256", "--json", *extra]
+
+
+def completed(trials_csv) -> list[tuple]:
+    rows = list(csv.DictReader(open(trials_csv)))
+    return [tuple(v for k, v in r.items() if k not in ("number", "seconds")) for r in rows if r["state"] == "COMPLETE"]
+
+
+def test_outputs_of_a_calibrated_run(small_checkpoint, tmp_path, capsys):
+    out = tmp_path / "out"
+    assert main(command(small_checkpoint, out, 3)[3:]) == 0
+    report = json.loads(capsys.readouterr().out)
+    s = report["search"]
+    assert report["schedule"]["extra"]["schedule"] == "calibrated" and s["trials_complete"] == 3
+    assert s["trials_per_minute"] > 0 and s["best"]["loss"] <= s["linear"]["loss"]
+    for name in ("trials.csv", "schedule.json", "study.db", "calibration_loss_vs_flops.png", "keep_profile.png"):
+        assert (out / name).stat().st_size > 0, name
+    assert json.loads((out / "schedule.json").read_text())["keep"] == report["schedule"]["keep"]
+    assert len(list(csv.DictReader(open(out / "trials.csv")))) == 3
+    assert not (tmp_path / "out.optuna.db").exists()  # the study moved into the folder
+    study = optuna.load_study(study_name="simba-calibration", storage=f"sqlite:///{out / 'study.db'}")
+    assert len(study.trials) == 3
+
+
+def test_sigkill_mid_study_then_rerun_equals_an_uninterrupted_run(small_checkpoint, tmp_path):
+    trials, killed = 10, tmp_path / "killed"
+    storage = f"sqlite:///{tmp_path / 'killed.optuna.db'}"
+    straight = subprocess.Popen(command(small_checkpoint, tmp_path / "straight", trials), stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, text=True, env=ENV)  # the reference, alongside
+    proc = subprocess.Popen(command(small_checkpoint, killed, trials), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=ENV)
+    done = 0
+    while proc.poll() is None and done < 3:
+        time.sleep(0.05)
+        try:
+            done = len(optuna.load_study(study_name="simba-calibration", storage=storage).get_trials(
+                states=(optuna.trial.TrialState.COMPLETE,)))
+        except Exception:  # the study is not created yet
+            pass
+    assert proc.poll() is None, "the run finished before it could be killed"
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    before = optuna.load_study(study_name="simba-calibration", storage=storage).trials
+    finished = [(t.number, t.params, t.value) for t in before if t.state == optuna.trial.TrialState.COMPLETE]
+    assert len(finished) >= 3 and not killed.exists()
+
+    r = subprocess.run(command(small_checkpoint, killed, trials), capture_output=True, text=True, env=ENV)
+    assert r.returncode == 0, r.stderr
+    resumed = json.loads(r.stdout)
+    assert resumed["search"]["trials_run_here"] == trials - len(finished)
+    after = optuna.load_study(study_name="simba-calibration", storage=f"sqlite:///{killed / 'study.db'}").trials
+    assert [(t.number, t.params, t.value) for t in after[: len(finished)]] == finished  # kept as they were
+
+    out, err = straight.communicate(timeout=300)
+    assert straight.returncode == 0, err
+    assert completed(killed / "trials.csv") == completed(tmp_path / "straight" / "trials.csv")
+    assert resumed["schedule"]["keep"] == json.loads(out)["schedule"]["keep"]
+
+
+def test_two_workers_share_one_journal(small_checkpoint, tmp_path):
+    journal, trials = tmp_path / "study.journal", 10
+    workers = [
+        subprocess.Popen(command(small_checkpoint, tmp_path / f"w{i}", trials, "--storage", str(journal), "--study-name", "team"),
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV)
+        for i in range(2)
+    ]
+    reports = []
+    for w in workers:
+        out, err = w.communicate(timeout=300)
+        assert w.returncode == 0, err
+        reports.append(json.loads(out))
+    study = optuna.load_study(study_name="team", storage=optuna.storages.JournalStorage(
+        optuna.storages.journal.JournalFileBackend(str(journal))))
+    complete = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
+    ran = [r["search"]["trials_run_here"] for r in reports]
+    assert all(n >= 1 for n in ran) and sum(ran) == len(study.trials)
+    assert trials <= len(complete) <= trials + 1  # a worker's last trial may overlap the other's
+    best = min((t for t in complete if t.value != float("inf")), key=lambda t: (t.value, t.number))
+    assert best.number in [r["search"]["best"]["trial"] for r in reports]
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--calib-data", "{tmp}/short.txt", "--calib-seq-len", "512"], "{tmp}/short.txt: 3 tokens, shorter than one sequence of 513"),
+        (["--storage", "sqlite:////no/such/folder/s.db"], "--storage sqlite:////no/such/folder/s.db: cannot open"),
+        (["--flops", "0.1"], "--flops 0.1: below what the calibrated schedules reach"),
+        (["--trials", "0"], "command line: trials: Input should be greater than or equal to 1"),
+        (["--objective", "mse"], "command line: objective: Input should be 'loss' or 'kl'"),
+    ],
+)
+def test_cli_bad_input_is_one_line_and_leaves_nothing(small_checkpoint, tmp_path, capsys, extra, message):
+    (tmp_path / "short.txt").write_text("hello world")
+    args = command(small_checkpoint, tmp_path / "o", 2, *[a.replace("{tmp}", str(tmp_path)) for a in extra])[3:]
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and message.replace("{tmp}", str(tmp_path)) in err[0], err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["short.txt"]
