@@ -92,6 +92,23 @@ def _int(cfg: dict, key: str, file: Path, default=None):
     return v
 
 
+def _transformers_fields(cfg: dict, file: Path, d_state: int) -> dict:
+    """The ModelConfig fields MambaConfig and Mamba2Config name alike."""
+    return dict(
+        d_model=_int(cfg, "hidden_size", file),
+        n_layer=_int(cfg, "num_hidden_layers", file),
+        vocab_size=_int(cfg, "vocab_size", file),
+        d_state=cfg.get("state_size", d_state),
+        d_conv=cfg.get("conv_kernel", 4),
+        conv_bias=cfg.get("use_conv_bias", True),
+        bias=cfg.get("use_bias", False),
+        norm_eps=cfg.get("layer_norm_epsilon", 1e-5),
+        rms_norm=True,
+        residual_in_fp32=cfg.get("residual_in_fp32", True),
+        tie_embeddings=cfg.get("tie_word_embeddings", True),
+    )
+
+
 def read_checkpoint(path: Path) -> Checkpoint:
     """Parse config.json into a ModelConfig, recognising the layout; raises SimbaError naming the file."""
     file = path / "config.json"
@@ -133,56 +150,24 @@ def read_checkpoint(path: Path) -> Checkpoint:
             raise SimbaError(f"{file}: ssm_cfg.layer {ssm_cfg['layer']!r} is not supported (Mamba1 or Mamba2)")
     elif cfg.get("model_type") == "mamba2":
         layout = "transformers"
-        hidden = _int(cfg, "hidden_size", file)
-        expand = cfg.get("expand", 2)
         limit = [  # transformers writes infinity as {"__float__": "Infinity"}
             float(v["__float__"]) if isinstance(v, dict) else float(v) for v in cfg.get("time_step_limit", [0, "inf"])
         ]
         if limit != [0.0, float("inf")]:
             raise SimbaError(f"{file}: time_step_limit {limit} is not supported (only no limit)")
-        mc = dict(
-            d_model=hidden,
-            n_layer=_int(cfg, "num_hidden_layers", file),
-            vocab_size=_int(cfg, "vocab_size", file),
-            d_state=cfg.get("state_size", 128),
-            d_conv=cfg.get("conv_kernel", 4),
-            expand=expand,
-            dt_rank=1,
-            conv_bias=cfg.get("use_conv_bias", True),
-            bias=cfg.get("use_bias", False),
-            norm_eps=cfg.get("layer_norm_epsilon", 1e-5),
-            rms_norm=True,
-            residual_in_fp32=cfg.get("residual_in_fp32", True),
-            tie_embeddings=cfg.get("tie_word_embeddings", True),
-            layer="mamba2",
-            headdim=cfg.get("head_dim", 64),
-            ngroups=cfg.get("n_groups", 1),
-        )
+        mc = _transformers_fields(cfg, file, d_state=128)
+        mc.update(expand=cfg.get("expand", 2), dt_rank=1, layer="mamba2")
+        mc.update(headdim=cfg.get("head_dim", 64), ngroups=cfg.get("n_groups", 1))
         heads = cfg.get("num_heads")
-        if heads is not None and heads * mc["headdim"] != expand * hidden:
+        if heads is not None and heads * mc["headdim"] != mc["expand"] * mc["d_model"]:
             raise SimbaError(f"{file}: num_heads {heads} x head_dim {mc['headdim']} != expand x hidden_size")
     elif cfg.get("model_type") == "mamba" or ("hidden_size" in cfg and "state_size" in cfg):
         layout = "transformers"
-        hidden = _int(cfg, "hidden_size", file)
-        expand = cfg.get("expand", 2)
-        inner = cfg.get("intermediate_size", expand * hidden)
-        if inner % hidden:
-            raise SimbaError(f"{file}: intermediate_size {inner} is not a multiple of hidden_size {hidden}")
-        mc = dict(
-            d_model=hidden,
-            n_layer=_int(cfg, "num_hidden_layers", file),
-            vocab_size=_int(cfg, "vocab_size", file),
-            d_state=cfg.get("state_size", 16),
-            d_conv=cfg.get("conv_kernel", 4),
-            expand=inner // hidden,
-            dt_rank=cfg.get("time_step_rank", "auto"),
-            conv_bias=cfg.get("use_conv_bias", True),
-            bias=cfg.get("use_bias", False),
-            norm_eps=cfg.get("layer_norm_epsilon", 1e-5),
-            rms_norm=True,
-            residual_in_fp32=cfg.get("residual_in_fp32", True),
-            tie_embeddings=cfg.get("tie_word_embeddings", True),
-        )
+        mc = _transformers_fields(cfg, file, d_state=16)
+        inner = cfg.get("intermediate_size", cfg.get("expand", 2) * mc["d_model"])
+        if inner % mc["d_model"]:
+            raise SimbaError(f"{file}: intermediate_size {inner} is not a multiple of hidden_size {mc['d_model']}")
+        mc.update(expand=inner // mc["d_model"], dt_rank=cfg.get("time_step_rank", "auto"))
     else:
         raise SimbaError(f"{file}: not a Mamba checkpoint config (no d_model/n_layer or model_type 'mamba')")
     try:
