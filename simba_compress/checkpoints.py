@@ -28,8 +28,9 @@ PACKAGE_DATA = Path(__file__).parent / "data"
 DEMO_MODEL = PACKAGE_DATA / "demo-model"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json", "merges.txt")
 WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
-# state-spaces checkpoints ship no tokenizer; their models card names this one
-DEFAULT_HUB_TOKENIZER = "EleutherAI/gpt-neox-20b"
+# what a hub download fetches: a checkpoint's config, weights and tokenizer, or a tokenizer alone
+CHECKPOINT_PATTERNS = ["*.safetensors", "*.safetensors.index.json", "pytorch_model*.bin", "*.json", "*.txt"]
+TOKENIZER_PATTERNS = ["*.json", "*.txt", "*.model"]
 
 
 @dataclass
@@ -43,8 +44,8 @@ class Checkpoint:
     source_dtype: torch.dtype
 
 
-def resolve(model: str) -> Path:
-    """A local folder, "demo" (the embedded checkpoint), or a hub id fetched into the hub cache."""
+def resolve(model: str, patterns: list[str] = CHECKPOINT_PATTERNS) -> Path:
+    """A local folder, "demo" (the embedded checkpoint), or a hub id whose `patterns` are fetched into the cache."""
     if model == "demo":
         return DEMO_MODEL
     path = Path(model).expanduser()
@@ -54,13 +55,12 @@ def resolve(model: str) -> Path:
         return path
     if model.count("/") != 1 or model.startswith((".", "/", "~")):
         raise SimbaError(f"{model}: no such folder (and not a hub id of the form owner/name)")
-    return _download(model)
+    return _download(model, patterns)
 
 
-def _download(repo_id: str) -> Path:
+def _download(repo_id: str, patterns: list[str]) -> Path:
     from huggingface_hub import constants, snapshot_download
 
-    patterns = ["config.json", "*.safetensors", "*.safetensors.index.json", "pytorch_model*.bin", "*.json", "*.txt"]
     try:
         return Path(snapshot_download(repo_id, allow_patterns=patterns, local_files_only=True))
     except Exception:  # not (fully) cached: fall through to the network
@@ -259,11 +259,11 @@ def load_tokenizer(model: str | os.PathLike, tokenizer: str | None = None):
     from transformers import AutoTokenizer
 
     src = tokenizer or str(model)
-    path = resolve(src) if src != DEFAULT_HUB_TOKENIZER else None
-    if path is not None and not any((path / f).exists() for f in TOKENIZER_FILES):
+    path = resolve(src, TOKENIZER_PATTERNS)  # a tokenizer-only hub repo: no weights are fetched
+    if not any((path / f).exists() for f in TOKENIZER_FILES):
         raise SimbaError(f"{path}: no tokenizer files (tokenizer.json, ...); pass --tokenizer DIR_OR_HUB_ID")
     try:
-        return AutoTokenizer.from_pretrained(str(path) if path is not None else src)
+        return AutoTokenizer.from_pretrained(str(path))
     except Exception as e:
         first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
         raise SimbaError(f"{src}: cannot load the tokenizer ({first})") from None

@@ -59,6 +59,12 @@ def _batches(windows: torch.Tensor, batch_size: int, desc: str, progress: bool):
         yield w[:, :-1], w[:, 1:]
 
 
+def _mean_se(per_window: list[torch.Tensor]) -> tuple[float, float]:
+    """Mean of the per-window losses and its standard error over windows."""
+    x = torch.cat(per_window).double()
+    return x.mean().item(), (x.std().item() / math.sqrt(len(x)) if len(x) > 1 else float("nan"))
+
+
 @torch.no_grad()
 def evaluate(
     model: MambaLM,
@@ -81,9 +87,7 @@ def evaluate(
         head.append(losses[:, -protect:].mean(1))
         if all_positions:
             full.append(losses if simba is None else _token_losses(model, x, y, simba))
-    head = torch.cat(head).double()
-    loss = head.mean().item()
-    se = head.std().item() / math.sqrt(len(head)) if len(head) > 1 else float("nan")
+    loss, se = _mean_se(head)
     full_t = torch.cat(full).double() if all_positions else None
     return EvalResult(
         windows=windows.shape[0],
@@ -108,14 +112,13 @@ def evaluate_truncated(
     head = []
     for x, y in _batches(windows, batch_size, "eval truncated", progress):
         head.append(_token_losses(model, x[:, -keep:], y[:, -keep:], None)[:, -protect:].mean(1))
-    head = torch.cat(head).double()
-    loss = head.mean().item()
+    loss, se = _mean_se(head)
     return EvalResult(
         windows=windows.shape[0],
         seq_len=seq_len,
         protect=protect,
         loss=loss,
-        loss_se=head.std().item() / math.sqrt(len(head)) if len(head) > 1 else float("nan"),
+        loss_se=se,
         ppl=math.exp(loss),
         all_position_loss=None,
         flop_ratio=keep / seq_len,

@@ -47,21 +47,22 @@ class SimbaLM(LM):
     ) -> None:
         super().__init__()
         dev, dt = resolve_device(str(device), str(dtype))
-        self.model = load(pretrained, dtype=dt, device=dev)
+        model = load(pretrained, dtype=dt, device=dev)
         if str(dense).lower() in ("true", "1"):
-            self.model.simba = None
-        self.tokenizer = load_tokenizer(pretrained, tokenizer)
-        self.max_length = int(max_length)
-        self.eot = self.tokenizer.eos_token_id if self.tokenizer.eos_token_id is not None else 0
+            model.simba = None
+        self._attach(model, load_tokenizer(pretrained, tokenizer), int(max_length))
 
     @classmethod
     def wrap(cls, model, tokenizer, max_length: int = 2048) -> "SimbaLM":
         """An lm-eval model around a model already in memory (as `compare` uses it)."""
         self = cls.__new__(cls)
         LM.__init__(self)
+        self._attach(model, tokenizer, max_length)
+        return self
+
+    def _attach(self, model, tokenizer, max_length: int) -> None:
         self.model, self.tokenizer, self.max_length = model, tokenizer, max_length
         self.eot = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else 0
-        return self
 
     def _encode(self, text: str) -> list[int]:
         return self.tokenizer(text, add_special_tokens=False)["input_ids"]
