@@ -6,8 +6,13 @@ F * T tokens; the dense l12 / l9 / l6 sit at 0.75 / 0.5625 / 0.375. Headline: th
 last 128 positions (DESIGN.md); beside it the all-position loss with only the last position protected
 (a stress figure: a pruned position is predicted from the layer where it was dropped).
 
+--calibrate F ... adds the project's default schedule: an Optuna study (simba_compress.calibrate, --trials,
+--seed) fits Simba's per-layer schedule to F on --calib text (the training split: never the evaluation
+windows), once per --objectives entry; it reaches below the linear family (F = 0.375, the dense l6's ratio).
+
     python benchmarks/quality.py --models ../shared/models --data ../shared/corpus/valid.txt.xz \
-        --seq-len 1024 --windows 64 --out benchmarks/results
+        --seq-len 1024 --windows 64 --calib ../shared/corpus/train.txt.xz --calibrate 0.75 0.6 0.375 \
+        --out benchmarks/results
 Writes quality_T{seq_len}.json, .md and .png to --out.
 """
 
@@ -49,6 +54,12 @@ def main() -> None:
     ap.add_argument("--shallow", nargs="*", default=SHALLOW, help="dense shallower models to compare with")
     ap.add_argument("--dense-only", action="store_true", help="only the dense shallow models (to --merge elsewhere)")
     ap.add_argument("--merge", nargs="*", default=[], help="JSON outputs of other runs whose rows join this table")
+    ap.add_argument("--calibrate", type=float, nargs="*", default=[], help="FLOP ratios to calibrate a schedule for")
+    ap.add_argument("--calib", help="calibration text (required with --calibrate)")
+    ap.add_argument("--calib-tokens", type=int, default=32 * 1024, help="calibration tokens (windows of --seq-len)")
+    ap.add_argument("--objectives", nargs="+", default=["loss"], choices=["loss", "kl"])
+    ap.add_argument("--trials", type=int, default=40)
+    ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default="benchmarks/results")
     args = ap.parse_args()
 
@@ -60,7 +71,7 @@ def main() -> None:
     device_name = torch.cuda.get_device_name() if args.device.startswith("cuda") else f"CPU {platform.machine()}"
     rows = []
 
-    def add(model_name, method, flops_target, res):
+    def add(model_name, method, flops_target, res, **extra):
         rows.append(
             dict(
                 model=model_name,
@@ -72,6 +83,7 @@ def main() -> None:
                 all_position_loss=None if res.all_position_loss is None else round(res.all_position_loss, 4),
                 position_buckets=None if res.position_loss is None else position_buckets(res.position_loss),
                 device=device_name,
+                **extra,
             )
         )
         print({k: v for k, v in rows[-1].items() if k != "position_buckets"}, flush=True)
@@ -96,6 +108,8 @@ def main() -> None:
                 continue
             add(BASE, f"{crit} (linear)", f, run(base, simba=replace(sched, protect_last=1)))
         add(BASE, "truncate prompt", f, evaluate_truncated(base, win, f, args.protect, args.batch_size, progress=False))
+    if args.calibrate:
+        calibrated(args, base, tok, win, add)
 
     for other in args.merge:
         rows += json.loads(Path(other).read_text())["rows"]
@@ -111,6 +125,9 @@ def main() -> None:
         protect=args.protect,
         seconds=round(time.time() - t0, 1),
         merged=args.merge,
+        calibration=None if not args.calibrate else dict(
+            data=args.calib, tokens=args.calib_tokens, trials=args.trials, seed=args.seed, objectives=args.objectives
+        ),
     )
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -120,6 +137,29 @@ def main() -> None:
     if any(r["method"] != "dense" for r in rows):
         plot(rows, stem.with_suffix(".png"), meta)
     print(markdown(meta, rows))
+
+
+def calibrated(args, base, tok, win, add) -> None:
+    """Rows for the calibrated schedule at each --calibrate ratio (one study per objective, in memory)."""
+    from simba_compress.calibrate import CalibrationConfig, calibrate
+
+    if not args.calib:
+        raise SystemExit("--calibrate needs --calib (calibration text, not the evaluation data)")
+    calib = load_windows(args.calib, tok, args.seq_len + 1, max(1, args.calib_tokens // args.seq_len))
+    for f in args.calibrate:
+        for objective in args.objectives:
+            cfg = CalibrationConfig(
+                flops=f, seq_len=args.seq_len, protect_last=args.protect, trials=args.trials, seed=args.seed,
+                objective=objective, progress=False,
+            )
+            sched, study = calibrate(base, calib, cfg)
+            s = study.summary()
+            res = evaluate(base, win, protect=args.protect, batch_size=args.batch_size, progress=False,
+                           simba=replace(sched, protect_last=1))
+            method = "simba (calibrated)" + ("" if objective == "loss" else f", {objective}")
+            add(BASE, method, f, res, keep=[round(k, 3) for k in sched.keep], calibration_loss=s["best"]["loss"],
+                linear_calibration_loss=None if s["linear"] is None else s["linear"]["loss"],
+                trials_per_minute=s["trials_per_minute"])
 
 
 def markdown(meta: dict, rows: list[dict]) -> str:
@@ -134,6 +174,8 @@ def markdown(meta: dict, rows: list[dict]) -> str:
         "error over windows. All-position: every position, only the last protected (a pruned position is "
         "predicted from the layer where it was dropped, so this mostly measures which positions were pruned).",
         *(["", "Rows merged from " + ", ".join(f"`{m}`" for m in meta["merged"]) + " (their commands are in those files)."] if meta.get("merged") else []),
+        *(["", "Calibrated: {trials} Optuna trials (seed {seed}) per ratio and objective on {tokens} tokens of "
+           "`{data}`; keep ratios per layer below.".format(**meta["calibration"])] if meta.get("calibration") else []),
         "",
         "| model | method | target | FLOP ratio | headline loss | ± | all-position loss | device |",
         "|---|---|---:|---:|---:|---:|---:|---|",
@@ -144,6 +186,13 @@ def markdown(meta: dict, rows: list[dict]) -> str:
             f"| {r['model']} | {r['method']} | {r['flops_target']:.4g} | {r['flop_ratio']:.4f} | {r['loss']:.4f} "
             f"| {r['loss_se']:.4f} | {ap} | {r.get('device', meta['device'])} |"
         )
+    keeps = [r for r in rows if r.get("keep")]
+    if keeps:
+        lines += ["", "| method | target | calibration loss (linear's) | keep per layer |", "|---|---:|---:|---|"]
+        for r in keeps:
+            lin = "n/a" if r.get("linear_calibration_loss") is None else f"{r['linear_calibration_loss']:.4f}"
+            lines.append(f"| {r['method']} | {r['flops_target']:.4g} | {r['calibration_loss']:.4f} ({lin}) | "
+                         + " ".join(f"{k:.2f}" for k in r["keep"]) + " |")
     return "\n".join(lines) + "\n"
 
 

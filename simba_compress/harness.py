@@ -1,11 +1,13 @@
 """lm-eval integration: a model class registered under the name `simba` (needs `pip install ".[eval]"`).
 
-    python -m simba_compress.harness run --model simba --model_args pretrained=OUT --tasks hellaswag
-    # or, from Python, after `import simba_compress.harness`:
+    lm_eval run --model simba --model_args pretrained=OUT --tasks hellaswag
+    # or, from Python:
     lm_eval.simple_evaluate(model="simba", model_args="pretrained=OUT", tasks=["hellaswag"])
 
-lm-eval 0.4 finds model classes only in its own registry, so `simba` exists once this module is imported;
-`python -m simba_compress.harness` imports it and then runs lm-eval's own command line.
+lm-eval 0.4 finds model classes only in its own registry and reads no plugins: the installed package ships
+a .pth hook (setup.py) that registers `simba` when lm-eval loads its models. An editable install (pip
+install -e) lacks that hook; there `python -m simba_compress.harness run ...` runs lm-eval's command line
+with this module imported, and `import simba_compress.harness` registers the class for simple_evaluate.
 
 What pruning does to each request type:
 - loglikelihood (multiple choice, cloze): the continuation and the last context token (which predicts the

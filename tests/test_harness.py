@@ -2,6 +2,7 @@
 
 import json
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -100,15 +101,30 @@ def test_loglikelihood_equals_a_direct_computation(pruned_l16):
     assert isinstance(text, str) and "\n" not in text
 
 
-def test_lm_eval_command_line_through_the_module(tiny_task, pruned_l16, tmp_path):
-    """`python -m simba_compress.harness run --model simba ...`: lm-eval's own CLI with `simba` registered."""
+def _hook_installed() -> bool:
+    """Whether the wheel's lm-eval hook (setup.py) is in site-packages; editable installs lack it."""
+    import site
+
+    dirs = [*site.getsitepackages(), site.getusersitepackages()]
+    return any((Path(d) / "simba_compress-lm_eval.pth").exists() for d in dirs)
+
+
+@pytest.mark.parametrize("how", ["lm_eval", "module"])
+def test_lm_eval_command_line(how, tiny_task, pruned_l16, tmp_path):
+    """`lm_eval run --model simba ...` (the installed hook registers `simba`), and
+    `python -m simba_compress.harness run ...` (lm-eval's own CLI with `simba` registered, for editable installs)."""
     import subprocess
     import sys
 
+    if how == "lm_eval":
+        if not _hook_installed():
+            pytest.skip("editable install: the lm-eval hook (.pth) ships only in built wheels")
+        cmd = [str(Path(sys.executable).parent / "lm_eval")]
+    else:
+        cmd = [sys.executable, "-m", "simba_compress.harness"]
     r = subprocess.run(
-        [sys.executable, "-m", "simba_compress.harness", "run", "--model", "simba",
-         "--model_args", f"pretrained={pruned_l16}", "--device", "cpu", "--tasks", "simba_tiny_mc",
-         "--include_path", str(tiny_task), "--output_path", str(tmp_path / "res")],
+        [*cmd, "run", "--model", "simba", "--model_args", f"pretrained={pruned_l16}", "--device", "cpu",
+         "--tasks", "simba_tiny_mc", "--include_path", str(tiny_task), "--output_path", str(tmp_path / "res")],
         capture_output=True, text=True,
     )
     assert r.returncode == 0, r.stderr[-2000:]
