@@ -19,8 +19,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from .pruning import CRITERION_FNS, SimbaConfig, TokenPlan
-from .ssm import global_impact, selective_scan, selective_step
-from .ssm.kernels import mamba_scan, use_kernels
+from .ssm import selective_scan, selective_step
+from .ssm.kernels import freeze_and_gather, mamba1_forward, use_kernels
 
 
 @dataclass
@@ -116,6 +116,9 @@ class MambaMixer(nn.Module):
         returns each token's global impact on row position score_last[b] (b, l), computed inside the scan.
         """
         m = None if mask is None else mask.unsqueeze(-1).to(hidden.dtype)
+        if use_kernels(hidden):  # CUDA with mamba_ssm: channel-major kernels, the score from Triton
+            out, impact, conv, ssm = mamba1_forward(self, hidden, m, score_last, want_state)
+            return out, impact, LayerState(conv=conv, ssm=ssm) if want_state else None
         if m is not None:
             hidden = hidden * m
         x, z = self.in_proj(hidden).chunk(2, dim=-1)  # (b, l, d) each
@@ -127,11 +130,7 @@ class MambaMixer(nn.Module):
         dt_raw = F.linear(dt, self.dt_proj.weight)  # the bias is added in float32, as mamba_ssm's kernel does
         dt = F.softplus(dt_raw.float() + self.dt_proj.bias.float())  # (b, l, d)
         A = -torch.exp(self.A_log.float())  # (d, n)
-        if use_kernels(x):  # mamba_ssm on a GPU; the score (if asked) from the reference
-            y, h = mamba_scan(x, dt_raw, self.dt_proj.bias, A, B, C)
-            impact = None if score_last is None else global_impact(x, dt, A, B, C, score_last)
-        else:
-            y, h, impact = selective_scan(x, dt, A, B, C, last=score_last)
+        y, h, impact = selective_scan(x, dt, A, B, C, last=score_last)  # the score fused into the scan
         y = (y + x.float() * self.D.float()) * F.silu(z.float())
         out = self.out_proj(y.to(hidden.dtype))
         state = LayerState(conv=xc[:, :, -(self.d_conv - 1) :].clone(), ssm=h) if want_state else None
@@ -253,7 +252,7 @@ class MambaLM(nn.Module):
             raise ValueError(f"simba.keep has {simba.n_layer} layers, the model {self.config.n_layer}")
         b, length = input_ids.shape
         plan = TokenPlan(attention_mask, b, length, simba, input_ids.device)
-        frozen = None if simba is None else input_ids.new_zeros(b, length + 1, self.config.d_model, dtype=self._stream_dtype)
+        frozen = None  # (b, l + 1, d_model): allocated at the first pruning, after layer 0's activations are freed
         states, kept_positions = [], []
         if prefix is None:
             h, start = self.backbone.embeddings(input_ids).to(self._stream_dtype), 0
@@ -264,7 +263,7 @@ class MambaLM(nn.Module):
                 raise ValueError(f"prefix: simba prunes within its first {prefix.layers} layers")
             h, start = prefix.hidden, prefix.layers
             if plan.prunes_after(start - 1):
-                h = self._prune(start - 1, h, prefix.impact, plan, frozen)
+                h, frozen = self._prune(start - 1, h, prefix.impact, plan, frozen)
         for i in range(start, self.config.n_layer):
             if return_kept:
                 kept_positions.append(torch.where(plan.real, plan.idx, -1))
@@ -272,7 +271,7 @@ class MambaLM(nn.Module):
             h, impact, state = self._layer(i, h, plan, prune and simba.criterion == "simba", return_states)
             states.append(state)
             if prune:
-                h = self._prune(i, h, impact, plan, frozen)
+                h, frozen = self._prune(i, h, impact, plan, frozen)
         if frozen is not None:
             frozen.scatter_(1, plan.idx.unsqueeze(-1).expand_as(h), h)
             h = frozen[:, :length]
@@ -285,13 +284,16 @@ class MambaLM(nn.Module):
             kept=kept_positions if return_kept else None,
         )
 
-    def _prune(self, layer: int, h: torch.Tensor, impact, plan: TokenPlan, frozen: torch.Tensor) -> torch.Tensor:
-        """After `layer`: freeze every slot's stream, keep the criterion's top tokens for layer + 1."""
+    def _prune(self, layer: int, h: torch.Tensor, impact, plan: TokenPlan, frozen: torch.Tensor | None):
+        """After `layer`: keep the criterion's top tokens for layer + 1, freeze the stream of those that leave.
+        Returns the next layer's stream and the frozen buffer (allocated here on the first call)."""
         simba = plan.simba
         scores = CRITERION_FNS[simba.criterion](plan.view(layer, h, impact), simba.seed)
-        frozen.scatter_(1, plan.idx.unsqueeze(-1).expand_as(h), h)
+        if frozen is None:
+            frozen = h.new_zeros(h.shape[0], plan.seq_len + 1, h.shape[-1])
+        idx = plan.idx  # the slots' positions before select replaces them
         kept = plan.select(scores, layer + 1)
-        return h.gather(1, kept.unsqueeze(-1).expand(-1, -1, h.shape[-1]))
+        return freeze_and_gather(h, idx, kept, plan.real, frozen), frozen
 
     @torch.no_grad()
     def generate(

@@ -171,6 +171,8 @@ class TokenPlan:
         # the row's real tokens end at `end`: the last protect_last positions before it are protected
         self.end = torch.full_like(self.n_real, seq_len) if self.side == "left" else self.n_real.clone()
         self.counts = simba.counts(self.n_real) if simba is not None else None
+        # a host copy: per-layer decisions (prune or not, the kept width) need no device sync on a GPU
+        self.counts_host = self.counts.cpu() if self.counts is not None else None
 
     @property
     def mask(self) -> torch.Tensor | None:
@@ -178,9 +180,9 @@ class TokenPlan:
         return self.real if self.padded else None
 
     def prunes_after(self, layer: int) -> bool:
-        if self.counts is None or layer + 1 >= self.counts.shape[0]:
+        if self.counts_host is None or layer + 1 >= self.counts_host.shape[0]:
             return False
-        return bool((self.counts[layer + 1] < self.counts[layer]).any())
+        return bool((self.counts_host[layer + 1] < self.counts_host[layer]).any())
 
     def last_slot(self) -> torch.Tensor:
         """(b,) slot of each row's last real token."""
@@ -201,7 +203,7 @@ class TokenPlan:
         order = torch.argsort(scores, dim=1, descending=True, stable=True)
         rank = torch.empty_like(order).scatter_(1, order, slots)
         chosen = rank < target[:, None]
-        width = int(target.max())
+        width = int(self.counts_host[layer].max())
         # chosen slots keep their order; the rest go to the padding side and fill the row up to `width`
         if self.side == "left":
             key = torch.where(chosen, slots, -1)
@@ -210,6 +212,6 @@ class TokenPlan:
             key = torch.where(chosen, slots, w)
             kept = torch.sort(key, dim=1, stable=True).indices[:, :width]
         self.real = chosen.gather(1, kept)
-        self.padded = self.padded or bool((target < width).any())
+        self.padded = self.padded or bool((self.counts_host[layer] < width).any())
         self.idx = torch.where(self.real, self.idx.gather(1, kept), self.seq_len)
         return kept

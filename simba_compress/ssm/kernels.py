@@ -1,5 +1,14 @@
-"""GPU kernels: mamba_ssm's selective scan when it is installed (it only imports with its compiled CUDA
-extension, so nothing on the CPU path may import it)."""
+"""The GPU path and its dispatch: mamba_ssm / causal_conv1d kernels when they are installed, the project's
+Triton kernels (ssm/triton_kernels.py) for the global-impact score and the freeze/gather of kept tokens, and
+the reference PyTorch path for everything else. Nothing here imports mamba_ssm, causal_conv1d or triton on
+the CPU path: each is looked up once, on first use with a CUDA tensor.
+
+The Mamba-1 mixer on CUDA with mamba_ssm (mamba1_forward) works channel-major, (b, d, l), the layout of the
+scan kernel, so no activation is transposed or copied: in_proj is one GEMM that writes x and z as (b, d, l)
+views (as mamba_ssm's own Mamba does), x_proj and dt_proj are batched GEMMs whose outputs B, C (b, n, l) and
+dt (b, d, l) are already the kernel's operands, and the kernel applies softplus(dt + bias), D and the
+silu(z) gate itself. dt exists only in the model's dtype; the score kernel takes the softplus again in float32.
+"""
 
 from __future__ import annotations
 
@@ -7,9 +16,14 @@ import functools
 import os
 
 import torch
+import torch.nn.functional as F
 
-# SIMBA_COMPRESS_KERNELS=0 forces the reference path everywhere (to compare, or to debug)
+from .score import global_impact
+
+# SIMBA_COMPRESS_KERNELS=0 forces the reference path everywhere (to compare, or to debug);
+# SIMBA_COMPRESS_TRITON=0 keeps mamba_ssm but takes the score and the gather from PyTorch.
 ENABLED = os.environ.get("SIMBA_COMPRESS_KERNELS", "1") != "0"
+TRITON_ENABLED = os.environ.get("SIMBA_COMPRESS_TRITON", "1") != "0"
 
 
 @functools.cache
@@ -21,29 +35,111 @@ def _mamba_selective_scan():
     return selective_scan_fn
 
 
+@functools.cache
+def _causal_conv1d():
+    try:
+        from causal_conv1d import causal_conv1d_fn
+    except Exception:
+        return None
+    return causal_conv1d_fn
+
+
+@functools.cache
+def _triton_kernels():
+    try:
+        from . import triton_kernels
+    except Exception:  # triton missing, or no backend for this machine
+        return None
+    return triton_kernels
+
+
 def mamba_ssm_available() -> bool:
     return torch.cuda.is_available() and _mamba_selective_scan() is not None
 
 
+def causal_conv1d_available() -> bool:
+    return torch.cuda.is_available() and _causal_conv1d() is not None
+
+
+def triton_available() -> bool:
+    return torch.cuda.is_available() and _triton_kernels() is not None
+
+
 def use_kernels(x: torch.Tensor) -> bool:
-    """Whether this tensor's scan runs in mamba_ssm's kernel."""
+    """Whether a Mamba-1 mixer on this tensor runs through mamba1_forward (mamba_ssm's scan)."""
     return ENABLED and x.is_cuda and _mamba_selective_scan() is not None
 
 
-def mamba_scan(
-    x: torch.Tensor, dt_raw: torch.Tensor, dt_bias: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """mamba_ssm's fused selective scan; shapes as ssm.scan (b, l, d) / (b, l, n). dt = softplus(dt_raw + dt_bias)
-    is taken inside the kernel, as in mamba_ssm's own Mamba. Returns y (b, l, d) float32 and h (b, d, n)."""
-    fn = _mamba_selective_scan()
-    y, h = fn(
-        x.transpose(1, 2).contiguous(),
-        dt_raw.transpose(1, 2).contiguous().to(x.dtype),
-        A.float().contiguous(),
-        B.transpose(1, 2).contiguous(),
-        C.transpose(1, 2).contiguous(),
-        delta_bias=dt_bias.float(),
-        delta_softplus=True,
+def _use_triton(x: torch.Tensor) -> bool:
+    return ENABLED and TRITON_ENABLED and x.is_cuda and _triton_kernels() is not None
+
+
+def impact_score(x, dt_raw, dt_bias, A, B, C, last) -> torch.Tensor:
+    """Global impact of every token on row position last[b]: (b, l) float32. Channel-major operands: x and
+    dt_raw (b, d, l) (dt = softplus(dt_raw + dt_bias)), B and C (b, n, l). Triton on CUDA, else score.py."""
+    if _use_triton(x):
+        return _triton_kernels().global_impact(x, dt_raw, dt_bias, A, B, C, last)
+    dt = F.softplus(dt_raw.float() + dt_bias.float()[:, None])
+    return global_impact(x.mT, dt.mT, A, B.mT, C.mT, last)
+
+
+def freeze_and_gather(h, idx, kept, stays, frozen) -> torch.Tensor:
+    """Freeze the stream h (b, w, dm) of the tokens that leave it into frozen (b, l + 1, dm) at their original
+    positions idx (b, w), and return the rows `kept` (b, w') that the next layer runs on (stays (b, w'): the
+    kept slot holds a real token). One Triton pass on CUDA; on CPU a scatter of every slot and a gather (a
+    kept token's frozen row is written again later, so freezing it too changes nothing)."""
+    if _use_triton(h):
+        return _triton_kernels().freeze_and_gather(h, idx, kept, stays, frozen)
+    frozen.scatter_(1, idx.unsqueeze(-1).expand_as(h), h)
+    return h.gather(1, kept.unsqueeze(-1).expand(-1, -1, h.shape[-1]))
+
+
+def _batched(weight: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """weight (o, i) @ x (b, i, l) -> (b, o, l) contiguous, one batched GEMM, no copy of x."""
+    return torch.bmm(weight.unsqueeze(0).expand(x.shape[0], -1, -1), x)
+
+
+def causal_conv_silu(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """silu(causal depthwise conv) of x (b, d, l) with weight (d, k): causal_conv1d's kernel when installed."""
+    fn = _causal_conv1d()
+    if fn is not None:
+        return fn(x, weight, bias, activation="silu")
+    k = weight.shape[-1]
+    return F.silu(F.conv1d(x, weight.unsqueeze(1), bias, padding=k - 1, groups=x.shape[1])[..., : x.shape[-1]])
+
+
+def mamba1_forward(mixer, hidden: torch.Tensor, mask: torch.Tensor | None, score_last, want_state: bool):
+    """MambaMixer.forward on CUDA through mamba_ssm's selective scan: (out, impact, conv_state, ssm_state).
+
+    hidden (b, l, d_model), mask (b, l, 1) in hidden's dtype or None. Equal to the reference path up to
+    float rounding: the kernel computes dt, the scan, D x and the gate in float32, as the reference does.
+    """
+    b, length, dm = hidden.shape
+    d, n, r, k = mixer.d_inner, mixer.d_state, mixer.dt_rank, mixer.d_conv
+    if mask is not None:
+        hidden = hidden * mask
+    # one GEMM (2d, dm) @ (dm, b l) read as (b, 2d, l): x and z are views with unit stride along l
+    xz = (mixer.in_proj.weight @ hidden.reshape(b * length, dm).t()).view(2 * d, b, length).permute(1, 0, 2)
+    if mixer.in_proj.bias is not None:
+        xz = xz + mixer.in_proj.bias.view(1, -1, 1)
+    x, z = xz[:, :d], xz[:, d:]
+    conv_state = None
+    if want_state:  # the last k-1 conv inputs, zero-padded on the left as the reference's padded window
+        conv_state = F.pad(x[:, :, -(k - 1) :], (max(0, k - 1 - length), 0)).contiguous()
+    x = causal_conv_silu(x, mixer.conv1d.weight.squeeze(1), mixer.conv1d.bias)
+    if mask is not None:
+        x = x * mask.transpose(1, 2)
+    x_dbl = _batched(mixer.x_proj.weight, x)  # (b, r + 2n, l)
+    dt_raw = _batched(mixer.dt_proj.weight, x_dbl[:, :r])  # (b, d, l), bias added in float32 by the kernels
+    B, C = x_dbl[:, r : r + n], x_dbl[:, r + n :]  # (b, n, l) views
+    A = -torch.exp(mixer.A_log.float())
+    impact = None if score_last is None else impact_score(x, dt_raw, mixer.dt_proj.bias, A, B, C, score_last)
+    y, h = _mamba_selective_scan()(
+        x, dt_raw, A, B, C, mixer.D.float(), z=z, delta_bias=mixer.dt_proj.bias.float(), delta_softplus=True,
         return_last_state=True,
-    )
-    return y.transpose(1, 2).float(), h.float()
+    )  # fmt: skip
+    # y (b, d, l) = (scan + D x) * silu(z) in hidden's dtype; out_proj reads it transposed, without a copy
+    out = torch.bmm(y.transpose(1, 2), mixer.out_proj.weight.t().unsqueeze(0).expand(b, -1, -1))
+    if mixer.out_proj.bias is not None:
+        out = out + mixer.out_proj.bias
+    return out, impact, conv_state, (h.float().contiguous() if want_state else None)

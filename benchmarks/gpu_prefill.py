@@ -1,0 +1,290 @@
+"""Wall-clock prefill on a GPU: dense vs Simba-pruned, same kernels, and transformers' MambaForCausalLM dense.
+
+    python benchmarks/gpu_prefill.py --out benchmarks/results
+
+Random-weight bf16 models shaped like mamba-130m (d_model 768, 24 layers) and mamba-1.4b (2048, 48), vocab
+50280; batch 1 and 8, sequence 2048 and 8192. Prefill = forward(input_ids, last_logits=1), the call generate
+needs (transformers: logits_to_keep=1, use_cache=False). Per case: median of --reps CUDA-event timings after
+--warmup runs (the first runs compile the Triton kernels), tokens/s, peak torch.cuda.max_memory_allocated
+(weights included), and the score's cost two ways: CUDA events around every score call in one extra run
+(score_ms), and the same schedule with criterion "stride" (same kept counts, no score) as the baseline.
+
+Schedules: knots(n_layer, [1.0], level) fitted to the FLOP ratio, i.e. the paper's linear schedule where it
+reaches the budget (0.8, 0.6) and the same line clipped at the floor below it (0.4 is below what a linear
+schedule reaches: about 0.5 of backbone FLOPs with the score counted).
+Writes gpu_prefill.json (rows) and gpu_prefill.md after every case, so a run cut short keeps what it measured.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from simba_compress import MambaLM, ModelConfig, SimbaConfig  # noqa: E402
+from simba_compress.flops import count  # noqa: E402
+from simba_compress.schedules import fit_flops, knots  # noqa: E402
+from simba_compress.ssm import kernels  # noqa: E402
+
+SHAPES = {"mamba-1.4b": (2048, 48), "mamba-130m": (768, 24)}
+VOCAB = 50280
+TARGET_SPEEDUP, TARGET_SCORE_SHARE = 1.5, 0.05
+
+
+def random_lm(d_model: int, n_layer: int) -> MambaLM:
+    """A bf16 model on the GPU with mamba_ssm's initialisation ranges (A = -(1..n), dt in [1e-3, 0.1])."""
+    torch.manual_seed(0)
+    cfg = ModelConfig(d_model=d_model, n_layer=n_layer, vocab_size=VOCAB)
+    with torch.device("cuda"):
+        m = MambaLM(cfg)
+    with torch.no_grad():
+        for name, p in m.named_parameters():
+            if name.endswith(("in_proj.weight", "x_proj.weight", "out_proj.weight", "embeddings.weight", "conv1d.weight")):
+                p.normal_(0, 0.02)
+            elif name.endswith("dt_proj.weight"):
+                p.uniform_(-cfg.dt_rank**-0.5, cfg.dt_rank**-0.5)
+        for block in m.backbone.layers:
+            dt = torch.exp(torch.rand(cfg.d_inner, device="cuda") * (math.log(0.1) - math.log(1e-3)) + math.log(1e-3))
+            block.mixer.dt_proj.bias.copy_(dt + torch.log(-torch.expm1(-dt)))
+    return m.to(torch.bfloat16).eval()
+
+
+def hf_twin(m: MambaLM):
+    """transformers' MambaForCausalLM with the same weights (same parameter names), or None if unavailable."""
+    try:
+        from transformers import MambaConfig, MambaForCausalLM
+
+        from simba_compress.checkpoints import hf_config
+
+        conf = MambaConfig(**{k: v for k, v in hf_config(m.config).items() if k != "architectures"})
+        with torch.device("cuda"):
+            hf = MambaForCausalLM(conf).to(torch.bfloat16).eval()
+        missing, unexpected = hf.load_state_dict(m.state_dict(), strict=False)
+        if missing or unexpected:
+            print(f"  transformers twin: {len(missing)} missing, {len(unexpected)} unexpected keys (timing unaffected)")
+        return hf
+    except Exception as e:  # noqa: BLE001: the comparison is optional
+        print(f"  transformers MambaForCausalLM unavailable: {e!r}")
+        return None
+
+
+def schedule(cfg: ModelConfig, flops: float, seq_len: int, criterion: str = "simba") -> SimbaConfig:
+    s = fit_flops(cfg, lambda t: SimbaConfig(knots(cfg.n_layer, [1.0], 2 * t - 1)), flops, seq_len)
+    return SimbaConfig(s.keep, criterion=criterion)
+
+
+def measure(fn, reps: int, warmup: int) -> dict:
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    times = []
+    for _ in range(reps):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end))
+    return {"ms": statistics.median(times), "ms_all": [round(t, 3) for t in times],
+            "peak_mem_gb": torch.cuda.max_memory_allocated() / 2**30}  # fmt: skip
+
+
+def score_ms(fn) -> float:
+    """Run fn once with CUDA events around every score call; the summed score time in ms."""
+    inner, pairs = kernels.impact_score, []
+
+    def timed(*a, **k):
+        s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        s.record()
+        out = inner(*a, **k)
+        e.record()
+        pairs.append((s, e))
+        return out
+
+    kernels.impact_score = timed
+    try:
+        fn()
+        torch.cuda.synchronize()
+    finally:
+        kernels.impact_score = inner
+    return sum(s.elapsed_time(e) for s, e in pairs)
+
+
+def profile_table(fn, rows: int = 14) -> str:
+    from torch.profiler import ProfilerActivity, profile
+
+    fn()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        fn()
+        torch.cuda.synchronize()
+    ka = prof.key_averages()
+    for key in ("self_device_time_total", "self_cuda_time_total"):
+        try:
+            return ka.table(sort_by=key, row_limit=rows, max_name_column_width=70)
+        except Exception:  # noqa: BLE001: the key's name changed across torch versions
+            continue
+    return "(profiler table unavailable)"
+
+
+def versions() -> dict:
+    out = {"torch": torch.__version__, "python": platform.python_version(), "device": torch.cuda.get_device_name()}
+    for mod in ("triton", "mamba_ssm", "causal_conv1d", "transformers"):
+        try:
+            out[mod] = __import__(mod).__version__
+        except Exception as e:  # noqa: BLE001
+            out[mod] = f"unavailable ({type(e).__name__})"
+    out["mamba_ssm_scan"] = kernels.mamba_ssm_available()
+    out["causal_conv1d_kernel"] = kernels.causal_conv1d_available()
+    out["triton_score_and_gather"] = kernels.triton_available()
+    return out
+
+
+def write(out: Path, rows: list, meta: dict, notes: list[str]) -> None:
+    (out / "gpu_prefill.json").write_text(json.dumps(rows, indent=1))
+    lines = [
+        "# Prefill wall-clock time on a GPU: dense vs Simba (same kernels) and transformers' MambaForCausalLM",
+        "",
+        f"Device: {meta['versions']['device']}. Versions: "
+        + ", ".join(f"{k} {v}" for k, v in meta["versions"].items() if k != "device"),
+        "",
+        f"Command: `{meta['command']}`",
+        "",
+        "Random-weight bf16 models, prefill = forward(input_ids, last_logits=1) (transformers: logits_to_keep=1).",
+        f"Median of {meta['reps']} CUDA-event timings after {meta['warmup']} warm-up runs. speedup = our dense ms / ms "
+        "(for the transformers row below 1 means transformers is slower than our dense path). Peak memory is "
+        "torch.cuda.max_memory_allocated, weights included. score_ms: CUDA events around every score call in one "
+        "run; stride_ms: the same schedule ranked by position (no score), so ms - stride_ms is the score's cost too.",
+        "",
+        "| model | batch | seq | impl | flops (actual) | ms | speedup | tokens/s | peak GB | score ms | score share | stride ms |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        if "error" in r:
+            lines.append(f"| {r['model']} | {r['batch']} | {r['seq_len']} | {r['impl']} | {r['flops']} | error: {r['error']} |||||||")
+            continue
+        f = lambda k, fmt: (fmt.format(r[k]) if r.get(k) is not None else "")  # noqa: E731
+        lines.append(
+            f"| {r['model']} | {r['batch']} | {r['seq_len']} | {r['impl']} | {r['flops']} ({f('flops_actual', '{:.3f}')}) "
+            f"| {r['ms']:.2f} | {f('speedup', '{:.2f}')} | {r['tokens_per_s']:.0f} | {r['peak_mem_gb']:.2f} "
+            f"| {f('score_ms', '{:.2f}')} | {f('score_share', '{:.1%}')} | {f('stride_ms', '{:.2f}')} |"
+        )
+    lines += ["", "## Targets and where the time goes", ""] + notes
+    (out / "gpu_prefill.md").write_text("\n".join(lines) + "\n")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", default="benchmarks/results")
+    ap.add_argument("--models", nargs="+", default=list(SHAPES))
+    ap.add_argument("--batches", nargs="+", type=int, default=[1, 8])
+    ap.add_argument("--seq-lens", nargs="+", type=int, default=[8192, 2048])
+    ap.add_argument("--flops", nargs="+", type=float, default=[0.8, 0.6, 0.4])
+    ap.add_argument("--reps", type=int, default=5)
+    ap.add_argument("--warmup", type=int, default=2)
+    ap.add_argument("--max-seconds", type=float, default=230.0, help="skip the cases left after this long")
+    ap.add_argument("--no-transformers", action="store_true")
+    ap.add_argument("--no-profile", action="store_true")
+    args = ap.parse_args()
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    meta = {"versions": versions(), "command": "python " + " ".join(sys.argv), "reps": args.reps, "warmup": args.warmup}
+    print(json.dumps(meta["versions"]), flush=True)
+    rows, notes, t_start = [], [], time.time()
+    profiles: dict[str, str] = {}
+    for name in args.models:
+        d_model, n_layer = SHAPES[name]
+        m = random_lm(d_model, n_layer)
+        hf = None if args.no_transformers else hf_twin(m)
+        for seq in args.seq_lens:
+            scheds = {f: schedule(m.config, f, seq) for f in args.flops}
+            for batch in args.batches:
+                if time.time() - t_start > args.max_seconds:
+                    notes.append(f"- {name} batch {batch} seq {seq}: skipped, past --max-seconds {args.max_seconds}")
+                    continue
+                ids = torch.randint(0, VOCAB, (batch, seq), device="cuda")
+                base = {"model": name, "d_model": d_model, "n_layer": n_layer, "batch": batch, "seq_len": seq}
+
+                def run(simba):
+                    with torch.no_grad():
+                        return m(ids, simba=simba, last_logits=1).logits
+
+                def add(impl, flops, fn, **extra):
+                    t0 = time.time()
+                    try:
+                        res = measure(fn, args.reps, args.warmup)
+                    except torch.cuda.OutOfMemoryError as e:
+                        torch.cuda.empty_cache()
+                        rows.append({**base, "impl": impl, "flops": flops, "error": f"OOM ({str(e)[:80]})"})
+                        return None
+                    row = {**base, "impl": impl, "flops": flops, **res, "tokens_per_s": batch * seq / res["ms"] * 1e3, **extra}
+                    rows.append(row)
+                    print(f"{name} b{batch} l{seq} {impl} {flops}: {res['ms']:.2f} ms, peak {res['peak_mem_gb']:.2f} GB "
+                          f"({time.time() - t0:.1f} s)", flush=True)  # fmt: skip
+                    return row
+
+                dense = add("dense", 1.0, lambda: run(None), flops_actual=1.0)
+                if dense is None:
+                    continue
+                dense["speedup"] = 1.0
+                if hf is not None:
+                    def run_hf():
+                        with torch.no_grad():
+                            return hf(ids, use_cache=False, logits_to_keep=1).logits
+
+                    r = add("transformers-dense", 1.0, run_hf, flops_actual=1.0)
+                    if r is not None:
+                        r["speedup"] = dense["ms"] / r["ms"]
+                for f, s in scheds.items():
+                    r = add("simba", f, lambda: run(s), flops_actual=count(m.config, s, seq).ratio, final_keep=s.keep[-1])
+                    if r is None:
+                        continue
+                    r["speedup"] = dense["ms"] / r["ms"]
+                    r["peak_mem_vs_dense"] = r["peak_mem_gb"] / dense["peak_mem_gb"]
+                    r["score_ms"] = statistics.median(score_ms(lambda: run(s)) for _ in range(3))
+                    r["score_share"] = r["score_ms"] / r["ms"]
+                    stride = SimbaConfig(s.keep, criterion="stride")
+                    r["stride_ms"] = measure(lambda: run(stride), args.reps, 1)["ms"]
+                    r["score_share_by_difference"] = (r["ms"] - r["stride_ms"]) / r["ms"]
+                    if name == "mamba-1.4b" and seq == 8192 and abs(f - 0.6) < 1e-9 and batch == min(args.batches):
+                        if not args.no_profile:
+                            profiles[f"dense, {name}, batch {batch}, seq {seq}"] = profile_table(lambda: run(None))
+                            profiles[f"simba 0.6, {name}, batch {batch}, seq {seq}"] = profile_table(lambda: run(s))
+                write(out, rows, meta, notes)
+                del ids
+        del m, hf
+        torch.cuda.empty_cache()
+    # targets: 1.5x at 0.6 for mamba-1.4b at 8192; score <= 5% of the pruned forward; peak memory <= dense
+    for r in rows:
+        if r.get("impl") != "simba" or "error" in r:
+            continue
+        misses = []
+        if r["model"] == "mamba-1.4b" and r["seq_len"] == 8192 and abs(r["flops"] - 0.6) < 1e-9 and r["speedup"] < TARGET_SPEEDUP:
+            misses.append(f"speedup {r['speedup']:.2f} < {TARGET_SPEEDUP} (ideal {1 / r['flops_actual']:.2f})")
+        if r["score_share"] > TARGET_SCORE_SHARE:
+            misses.append(f"score {r['score_share']:.1%} of the forward > {TARGET_SCORE_SHARE:.0%}")
+        if r["peak_mem_vs_dense"] > 1.0:
+            misses.append(f"peak memory {r['peak_mem_vs_dense']:.3f} x dense")
+        if misses:
+            notes.append(f"- {r['model']} batch {r['batch']} seq {r['seq_len']} flops {r['flops']}: " + "; ".join(misses)
+                         + f" (without the score, stride ranking: {r['stride_ms']:.2f} ms, speedup {r['ms'] / r['stride_ms'] * r['speedup']:.2f})")  # fmt: skip
+    if not notes:
+        notes.append("- every target met")
+    for title, table in profiles.items():
+        notes += ["", f"### torch.profiler, {title} (one forward, kernels by self GPU time)", "", "```", table, "```"]
+    notes += ["", f"Total benchmark time {time.time() - t_start:.0f} s."]
+    write(out, rows, meta, notes)
+    print("\n".join(notes))
+
+
+if __name__ == "__main__":
+    main()

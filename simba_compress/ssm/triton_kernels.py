@@ -1,0 +1,184 @@
+"""Triton kernels for the GPU path: Simba's Mamba-1 global-impact score and the freeze/gather of kept tokens.
+
+Imported only through ssm/kernels.py, and only when triton imports (CI has no triton; the CPU path never
+imports this module). With TRITON_INTERPRET=1 set before the import, the kernels run on CPU tensors through
+Triton's interpreter, which is how tests check them on a machine without a GPU.
+
+Score (ssm/score.py is the reference): for token t of row b, against the row's last real position T,
+    s(t) = max_d |dt_t[d] x_t[d]| * |sum_n C_T[n] B_t[n] exp(A[d,n] (S_T[d] - S_t[d]))|,  S_t = sum_{k<=t} dt_k
+with dt = softplus(dt_raw + dt_bias) taken inside the kernel (no float32 (b, l, d) dt in memory) and S_T - S_t
+a suffix sum (no cancellation of two large prefix sums). Two launches over a (d-block, time segment, batch)
+grid: the first sums dt over each segment; a tiny torch op turns those sums into each segment's suffix sum;
+the second walks its segment backwards in time blocks, carrying the suffix sum of every channel of its block,
+and writes the max over its channels of every token's contribution; a last amax over channel blocks gives
+s(t). Nothing of size (b, l, d, n) exists: the sum over n is a loop of d_state exp2 per (t, d) in registers,
+the same exp count as one pass of the scan itself, which is the floor for this score.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+LOG2E = 1.4426950408889634
+BLOCK_T = 32  # time steps per tile
+BLOCK_D = 64  # channels per tile: 32 x 64 fp32 accumulators = 16 registers a thread with 4 warps
+PROGRAMS_PER_SM = 4  # enough programs in flight to hide memory latency; more segments only add passes
+
+
+@triton.jit
+def _softplus(v):
+    # as mamba_ssm's selective scan: identity above 20; log(1 + e^v) ~ e^v far below 0 (no log1p in tl)
+    return tl.where(v > 20.0, v, tl.where(v < -15.0, tl.exp(v), tl.log(1.0 + tl.exp(tl.minimum(v, 20.0)))))
+
+
+@triton.jit
+def _segment_dt_sums(
+    dt_ptr, bias_ptr, last_ptr, out_ptr,
+    L, D, n_seg, SEG, s_b, s_d, s_l,
+    BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    """out[b, seg, d] = sum of softplus(dt_raw + bias) over the segment's steps t <= last[b]."""
+    pid_d, seg, b = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
+    dmask = d < D
+    last = tl.load(last_ptr + b)
+    bias = tl.load(bias_ptr + d, mask=dmask, other=0.0).to(tl.float32)
+    acc = tl.zeros((BLOCK_D,), dtype=tl.float32)
+    base = dt_ptr + b.to(tl.int64) * s_b
+    for i in range(SEG // BLOCK_T):
+        t = seg * SEG + i * BLOCK_T + tl.arange(0, BLOCK_T)
+        m = (t[:, None] <= last) & dmask[None, :]
+        v = tl.load(base + t[:, None] * s_l + d[None, :] * s_d, mask=m, other=0.0).to(tl.float32)
+        acc += tl.sum(tl.where(m, _softplus(v + bias[None, :]), 0.0), axis=0)
+    tl.store(out_ptr + (b * n_seg + seg) * D + d, acc, mask=dmask)
+
+
+@triton.jit
+def _impact_partial(
+    x_ptr, dt_ptr, bias_ptr, A_ptr, B_ptr, C_ptr, last_ptr, carry_ptr, out_ptr,
+    L, D, n_seg, n_dblk, SEG,
+    sx_b, sx_d, sx_l, sdt_b, sdt_d, sdt_l, sB_b, sB_n, sB_l, sC_b, sC_n, sC_l, sA_d, sA_n,
+    N: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    """out[b, d-block, t] = max over the block's channels of |dy_T(t)[d]| for the segment's tokens."""
+    pid_d, seg, b = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
+    dmask = d < D
+    last = tl.load(last_ptr + b)
+    bias = tl.load(bias_ptr + d, mask=dmask, other=0.0).to(tl.float32)
+    carry = tl.load(carry_ptr + (b * n_seg + seg) * D + d, mask=dmask, other=0.0)  # sum of dt after the segment
+    b64 = b.to(tl.int64)
+    x_base, dt_base = x_ptr + b64 * sx_b, dt_ptr + b64 * sdt_b
+    B_base, C_base = B_ptr + b64 * sB_b, C_ptr + b64 * sC_b
+    for i in range(SEG // BLOCK_T):  # backwards in time: the suffix sum grows block by block
+        t = seg * SEG + SEG - (i + 1) * BLOCK_T + tl.arange(0, BLOCK_T)
+        tmask = t <= last
+        m = tmask[:, None] & dmask[None, :]
+        v = tl.load(dt_base + t[:, None] * sdt_l + d[None, :] * sdt_d, mask=m, other=0.0).to(tl.float32)
+        dt = tl.where(m, _softplus(v + bias[None, :]), 0.0)
+        after = carry[None, :] + (tl.cumsum(dt, axis=0, reverse=True) - dt)  # S_T - S_t >= 0
+        carry += tl.sum(dt, axis=0)
+        x = tl.load(x_base + t[:, None] * sx_l + d[None, :] * sx_d, mask=m, other=0.0).to(tl.float32)
+        acc = tl.zeros((BLOCK_T, BLOCK_D), dtype=tl.float32)
+        for n in tl.static_range(N):
+            a = tl.load(A_ptr + d * sA_d + n * sA_n, mask=dmask, other=0.0) * 1.4426950408889634  # A log2(e)
+            c_last = tl.load(C_base + n * sC_n + last * sC_l).to(tl.float32)
+            bt = tl.load(B_base + n * sB_n + t * sB_l, mask=tmask, other=0.0).to(tl.float32)
+            acc += (bt * c_last)[:, None] * tl.exp2(after * a[None, :])
+        s = tl.max(tl.abs(acc) * tl.abs(dt * x), axis=1)  # 0 for t > last: dt is 0 there
+        tl.store(out_ptr + (b64 * n_dblk + pid_d) * L + t, s, mask=t < L)
+
+
+def _programs_wanted(device: torch.device) -> int:
+    if device.type == "cuda":
+        return PROGRAMS_PER_SM * torch.cuda.get_device_properties(device).multi_processor_count
+    return 8  # the interpreter on CPU: a few segments, so the suffix-sum carry between them is exercised
+
+
+def global_impact(
+    x: torch.Tensor,
+    dt_raw: torch.Tensor,
+    dt_bias: torch.Tensor,
+    A: torch.Tensor,
+    B: torch.Tensor,
+    C: torch.Tensor,
+    last: torch.Tensor,
+) -> torch.Tensor:
+    """Score every token against row position last[b]; (b, l) float32, 0 after last[b].
+
+    x and dt_raw (b, d, l) and B, C (b, n, l) in any strides (the GPU path passes the channel-major views it
+    already has), dt_bias (d,), A (d, n) float32. dt = softplus(dt_raw + dt_bias) is taken in float32 here.
+    """
+    b, d, length = x.shape
+    n = A.shape[-1]
+    last = last.to(torch.int32).contiguous()
+    bias = dt_bias.float().contiguous()
+    A = A.float()
+    n_dblk = triton.cdiv(d, BLOCK_D)
+    n_tblk = triton.cdiv(length, BLOCK_T)
+    n_seg = min(n_tblk, max(1, triton.cdiv(_programs_wanted(x.device), b * n_dblk)))
+    seg = triton.cdiv(n_tblk, n_seg) * BLOCK_T
+    n_seg = triton.cdiv(length, seg)
+    grid = (n_dblk, n_seg, b)
+    sums = torch.empty(b, n_seg, d, device=x.device, dtype=torch.float32)
+    _segment_dt_sums[grid](
+        dt_raw, bias, last, sums, length, d, n_seg, seg, *dt_raw.stride(), BLOCK_T=BLOCK_T, BLOCK_D=BLOCK_D
+    )  # SEG is a run-time argument: every layer's width differs, and a constexpr would compile each one
+    # each segment's carry: the sum of dt over the segments after it (float64: b * n_seg * d numbers, cheap)
+    sums = sums.double()
+    carry = (sums.flip(1).cumsum(1).flip(1) - sums).float().contiguous()
+    partial = torch.empty(b, n_dblk, length, device=x.device, dtype=torch.float32)
+    _impact_partial[grid](
+        x, dt_raw, bias, A, B, C, last, carry, partial,
+        length, d, n_seg, n_dblk, seg,
+        *x.stride(), *dt_raw.stride(), *B.stride(), *C.stride(), *A.stride(),
+        N=n, BLOCK_T=BLOCK_T, BLOCK_D=BLOCK_D,
+    )  # fmt: skip
+    return partial.amax(dim=1)
+
+
+@triton.jit
+def _freeze_gather(
+    h_ptr, dest_ptr, freeze_ptr, frozen_ptr, out_ptr,
+    W, DM, s_hb, s_hw, s_fb, s_fl, s_ob, s_ow,
+    BLOCK: tl.constexpr,
+):
+    """Row (b, slot) of h goes to out[b, dest] if dest >= 0 and to frozen[b, freeze] if freeze >= 0."""
+    slot, b = tl.program_id(0), tl.program_id(1)
+    b64 = b.to(tl.int64)
+    dest = tl.load(dest_ptr + b64 * W + slot).to(tl.int64)
+    pos = tl.load(freeze_ptr + b64 * W + slot).to(tl.int64)
+    src = h_ptr + b64 * s_hb + slot * s_hw
+    for c0 in range(0, DM, BLOCK):
+        c = c0 + tl.arange(0, BLOCK)
+        m = c < DM
+        row = tl.load(src + c, mask=m)
+        if dest >= 0:
+            tl.store(out_ptr + b64 * s_ob + dest * s_ow + c, row, mask=m)
+        if pos >= 0:
+            tl.store(frozen_ptr + b64 * s_fb + pos * s_fl + c, row, mask=m)
+
+
+def freeze_and_gather(
+    h: torch.Tensor, idx: torch.Tensor, kept: torch.Tensor, stays: torch.Tensor, frozen: torch.Tensor
+) -> torch.Tensor:
+    """One pass over h (b, w, dm): the rows of `kept` (b, w') go to the next layer's stream, and the rows whose
+    token leaves the stream go to frozen (b, l + 1, dm) at their position idx (b, w). A token stays when its
+    slot is kept and real in the next layer (stays (b, w')); kept fill slots of a shorter row are frozen too.
+    Each row is read once and written once or twice (a dropped token of a fill slot)."""
+    b, w, dm = h.shape
+    h = h.contiguous()
+    width = kept.shape[1]
+    slots = torch.arange(width, device=h.device, dtype=torch.int32).expand(b, width)
+    dest = torch.full((b, w), -1, device=h.device, dtype=torch.int32).scatter_(1, kept, slots)
+    stays_slot = torch.zeros(b, w, device=h.device, dtype=torch.bool).scatter_(1, kept, stays)
+    freeze = torch.where(stays_slot, -1, idx).to(torch.int32)
+    out = h.new_empty(b, width, dm)
+    block = min(triton.next_power_of_2(dm), 4096)
+    _freeze_gather[(w, b)](
+        h, dest, freeze, frozen, out, w, dm, h.stride(0), h.stride(1), frozen.stride(0), frozen.stride(1),
+        out.stride(0), out.stride(1), BLOCK=block, num_warps=4 if block <= 1024 else 8,
+    )
+    return out

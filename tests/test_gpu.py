@@ -1,0 +1,252 @@
+"""The GPU path (ssm/kernels.py, ssm/triton_kernels.py) against the CPU reference.
+
+Relative error = max |gpu - reference| / max |reference|, as benchmarks/gpu_check.py. Tolerances: 1e-4 in
+float32, 1e-2 in bf16, where the reference is the float32 CPU forward of the same bf16-rounded weights.
+In bf16 two tokens' scores can differ by less than the rounding of the two paths, so a near-tie may keep a
+different token and change the logits legitimately; bf16 is therefore checked (a) on the
+score itself, same inputs into both implementations, and (b) on pruned logits with the kept tokens fixed by
+position (criterion "stride"), so the pruned forward, the freeze/gather and the kernels are compared on equal
+kept sets. Float32 compares Simba-pruned logits directly and asserts the kept sets are equal.
+
+Three groups: (1) the channel-major mixer path on CPU with a PyTorch stand-in for mamba_ssm's scan (runs
+everywhere: checks layouts, masks, decode states); (2) the Triton kernels through Triton's interpreter on CPU
+(skips without triton); (3) everything on CUDA (skips without a GPU; mamba_ssm tests also skip without it).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import simba_compress.model as model_mod
+from simba_compress import SimbaConfig, load
+from simba_compress.schedules import linear
+from simba_compress.ssm import kernels
+from simba_compress.ssm.scan import selective_scan
+from simba_compress.ssm.score import global_impact
+
+from conftest import REPO, random_model
+
+CUDA = torch.cuda.is_available()
+needs_cuda = pytest.mark.skipif(not CUDA, reason="no CUDA device")
+needs_mamba_ssm = pytest.mark.skipif(not kernels.mamba_ssm_available(), reason="mamba_ssm (with CUDA) not installed")
+needs_triton = pytest.mark.skipif(not kernels.triton_available(), reason="triton (with CUDA) not available")
+
+
+def proxy_path() -> Path | None:
+    """The l16 proxy: $SIMBA_PROXY_MODEL, the GPU machine's .carry copy, or ../shared."""
+    for p in (os.environ.get("SIMBA_PROXY_MODEL"), REPO / ".carry/models/mamba-proxy-d320-l16",
+              REPO.parent / "shared/models/mamba-proxy-d320-l16"):  # fmt: skip
+        if p and (Path(p) / "config.json").exists():
+            return Path(p)
+    return None
+
+
+def rel(a: torch.Tensor, ref: torch.Tensor) -> float:
+    a, ref = a.detach().double().cpu(), ref.detach().double().cpu()
+    return ((a - ref).abs().max() / ref.abs().max()).item()
+
+
+TOL = {torch.float32: 1e-4, torch.bfloat16: 1e-2}
+PRUNE = SimbaConfig(linear(4, 0.25))
+STRIDE = SimbaConfig(linear(4, 0.25), criterion="stride")
+
+
+def scan_stand_in(u, delta, A, B, C, D, z=None, delta_bias=None, delta_softplus=True, return_last_state=False):
+    """mamba_ssm's selective_scan_fn contract in PyTorch (channel-major operands), for the CPU layout check."""
+    dt = F.softplus(delta.float() + delta_bias.float()[:, None])
+    y, h, _ = selective_scan(u.mT, dt.mT, A, B.mT, C.mT)
+    y = (y.mT + u.float() * D[:, None]) * F.silu(z.float())
+    return (y.to(u.dtype), h) if return_last_state else y.to(u.dtype)
+
+
+# (1) the channel-major mixer path on CPU -------------------------------------------------------------------
+
+
+@pytest.fixture
+def kernel_path_on_cpu(monkeypatch):
+    monkeypatch.setattr(model_mod, "use_kernels", lambda x: True)
+    monkeypatch.setattr(kernels, "_mamba_selective_scan", lambda: scan_stand_in)
+    monkeypatch.setattr(kernels, "_causal_conv1d", lambda: None)
+
+
+def test_kernel_layout_matches_reference_on_cpu(kernel_path_on_cpu, monkeypatch):
+    m = random_model(n_layer=4, d_model=16, d_state=4)
+    ids = torch.randint(0, 64, (3, 21))
+    mask = torch.ones(3, 21, dtype=torch.long)
+    mask[1, :5] = 0  # left padding
+    outs = {}
+    for path in ("kernel", "reference"):
+        if path == "reference":
+            monkeypatch.setattr(model_mod, "use_kernels", lambda x: False)
+        with torch.no_grad():
+            outs[path] = [
+                m(ids, simba=None, return_states=True),
+                m(ids, simba=PRUNE, return_kept=True),
+                m(ids, mask, simba=PRUNE, return_kept=True),
+                m(ids[:, :2], simba=None, return_states=True),  # shorter than the conv window
+            ]
+    for k, r in zip(outs["kernel"], outs["reference"]):
+        assert rel(k.logits, r.logits) < 1e-5
+        for sk, sr in zip(k.states or [], r.states or []):
+            assert sk.conv.shape == sr.conv.shape and rel(sk.conv, sr.conv) < 1e-6 and rel(sk.ssm, sr.ssm) < 1e-5
+        for a, b in zip(k.kept or [], r.kept or []):
+            assert torch.equal(a, b)
+
+
+# (2) the Triton kernels through Triton's interpreter on CPU ------------------------------------------------
+
+INTERPRET_CHECK = r"""
+import json, os, sys
+import torch, torch.nn.functional as F
+import triton.runtime.interpreter as ti
+# triton's interpreter turns a scalar into an int with int(ndarray of shape (1,)), which numpy >= 2.3 refuses
+_orig = ti._patch_lang_tensor
+def _patched(tensor):
+    _orig(tensor)
+    tensor.__index__ = lambda self: int(self.handle.data.reshape(-1)[0])
+ti._patch_lang_tensor = _patched
+from simba_compress.ssm import triton_kernels as tk
+from simba_compress.ssm.score import global_impact
+torch.manual_seed(0)
+out = {}
+for dtype in (torch.float32, torch.bfloat16):
+    b, d, l, n = 2, 80, 150, 4   # d and l not multiples of the blocks; several time segments
+    x = torch.randn(b, d, l).to(dtype)
+    dt_raw = (torch.randn(b, d, l) - 2).to(dtype)
+    bias = torch.randn(d)
+    A = -torch.exp(torch.rand(d, n) * 3)
+    xdbl = torch.randn(b, 3 + 2 * n, l).to(dtype)
+    B, C = xdbl[:, 3:3 + n], xdbl[:, 3 + n:]   # views, as the GPU path passes them
+    last = torch.tensor([l - 1, 97])
+    s = tk.global_impact(x, dt_raw, bias, A, B, C, last)
+    dt = F.softplus(dt_raw.float() + bias[:, None])
+    ref = global_impact(x.mT, dt.mT, A, B.mT, C.mT, last)
+    out[str(dtype)] = ((s - ref).abs().max() / ref.abs().max()).item()
+    out[str(dtype) + "_after_last_zero"] = bool((s[1, 98:] == 0).all())
+h = torch.randn(2, 10, 6)
+idx = torch.tensor([[0, 1, 2, 3, 4, 5, 6, 7, 8, 9], [10, 1, 2, 3, 4, 5, 6, 7, 8, 9]])
+kept = torch.tensor([[1, 3, 5, 9], [0, 2, 8, 9]])
+stays = torch.tensor([[True, True, True, True], [False, True, False, True]])
+fr = torch.zeros(2, 11, 6)
+got = tk.freeze_and_gather(h, idx, kept, stays, fr)
+ref = torch.zeros(2, 11, 6).scatter_(1, idx.unsqueeze(-1).expand_as(h), h)
+leaves = ~torch.zeros(2, 10, dtype=torch.bool).scatter_(1, kept, stays)
+out["gather"] = torch.equal(got, h.gather(1, kept.unsqueeze(-1).expand(-1, -1, 6)))
+out["frozen"] = all(torch.equal(fr[r, idx[r][leaves[r]]], ref[r, idx[r][leaves[r]]]) for r in range(2))
+print(json.dumps(out))
+"""
+
+
+def test_triton_kernels_in_interpreter():
+    pytest.importorskip("triton")
+    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=str(REPO))
+    res = subprocess.run([sys.executable, "-c", INTERPRET_CHECK], env=env, capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr[-3000:]
+    out = json.loads(res.stdout.strip().splitlines()[-1])
+    assert out["torch.float32"] < 1e-5 and out["torch.bfloat16"] < 1e-5, out
+    assert out["torch.float32_after_last_zero"] and out["torch.bfloat16_after_last_zero"]
+    assert out["gather"] and out["frozen"], out
+
+
+# (3) on CUDA -------------------------------------------------------------------------------------------------
+
+
+def gpu_model(dtype):
+    """(CPU reference, GPU model): a random model scaled like a trained one (weights ~ 0.3 / sqrt(fan_in);
+    conftest's N(0, 0.3) weights lose 25% of their logits to bf16 rounding). The reference is the float32
+    forward of the same (dtype-rounded) weights, so the error measured is the GPU path's alone."""
+    m = random_model(n_layer=4, d_model=64, d_state=16, vocab=128)
+    with torch.no_grad():
+        for name, p in m.named_parameters():
+            if name.endswith(("in_proj.weight", "x_proj.weight", "dt_proj.weight", "out_proj.weight", "conv1d.weight")):
+                p.div_(math.sqrt(p[0].numel()))
+    return m.to(dtype).float(), m.to("cuda", dtype)
+
+
+@needs_cuda
+@needs_triton
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_score_kernel_matches_reference(dtype):
+    torch.manual_seed(0)
+    b, d, l, n = 3, 300, 1000, 16
+    x = torch.randn(b, d, l, device="cuda").to(dtype)
+    dt_raw = (torch.randn(b, d, l, device="cuda") - 3).to(dtype)
+    bias = torch.randn(d, device="cuda")
+    A = -torch.exp(torch.rand(d, n, device="cuda") * 3)
+    xdbl = torch.randn(b, 8 + 2 * n, l, device="cuda").to(dtype)
+    B, C = xdbl[:, 8 : 8 + n], xdbl[:, 8 + n :]
+    last = torch.tensor([l - 1, 500, 3], device="cuda")
+    got = kernels.impact_score(x, dt_raw, bias, A, B, C, last)
+    dt = F.softplus(dt_raw.float() + bias[:, None])
+    ref = global_impact(*(t.cpu() for t in (x.mT, dt.mT, A, B.mT, C.mT, last)))
+    assert rel(got, ref) < TOL[dtype]
+    assert (got[1, 501:] == 0).all() and (got[2, 4:] == 0).all()
+
+
+def _compare(gpu_m, cpu_m, ids, mask, simba, dtype, check_kept: bool):
+    with torch.no_grad():
+        g = gpu_m(ids.cuda(), None if mask is None else mask.cuda(), simba=simba, return_kept=True)
+        r = cpu_m(ids, mask, simba=simba, return_kept=True)
+    if check_kept:
+        for a, b in zip(g.kept, r.kept):
+            assert torch.equal(a.cpu(), b), "kept tokens differ (a near-tie in the score?)"
+    assert rel(g.logits, r.logits) < TOL[dtype]
+
+
+@needs_cuda
+@pytest.mark.parametrize("with_mamba_ssm", [True, False])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_random_model_matches_cpu(dtype, with_mamba_ssm, monkeypatch):
+    if with_mamba_ssm and not kernels.mamba_ssm_available():
+        pytest.skip("mamba_ssm not installed")
+    if not with_mamba_ssm:  # the project's own GPU path: PyTorch chunked scan on CUDA, Triton gather
+        monkeypatch.setattr(model_mod, "use_kernels", lambda x: False)
+    cpu_m, gpu_m = gpu_model(dtype)
+    ids = torch.randint(0, 128, (2, 300))
+    mask = torch.ones(2, 300, dtype=torch.long)
+    mask[0, :37] = 0
+    _compare(gpu_m, cpu_m, ids, None, None, dtype, False)
+    _compare(gpu_m, cpu_m, ids, None, STRIDE, dtype, True)
+    _compare(gpu_m, cpu_m, ids, mask, STRIDE, dtype, True)
+    if dtype == torch.float32:
+        _compare(gpu_m, cpu_m, ids, None, PRUNE, dtype, True)
+        _compare(gpu_m, cpu_m, ids, mask, PRUNE, dtype, True)
+
+
+@needs_cuda
+@needs_mamba_ssm
+def test_decode_states_and_generate_match_cpu():
+    cpu_m, gpu_m = gpu_model(torch.float32)
+    ids = torch.randint(0, 128, (2, 50))
+    with torch.no_grad():
+        g = gpu_m(ids.cuda(), simba=PRUNE, return_states=True)
+        r = cpu_m(ids, simba=PRUNE, return_states=True)
+    for sg, sr in zip(g.states, r.states):
+        assert rel(sg.conv, sr.conv) < 1e-4 and rel(sg.ssm, sr.ssm) < 1e-4
+    gpu_m.simba = cpu_m.simba = PRUNE
+    assert torch.equal(gpu_m.generate(ids.cuda(), max_new_tokens=8).cpu(), cpu_m.generate(ids, max_new_tokens=8))
+
+
+@needs_cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_proxy_matches_cpu(dtype):
+    path = proxy_path()
+    if path is None:
+        pytest.skip("proxy checkpoint not found (set SIMBA_PROXY_MODEL)")
+    cpu_m, gpu_m = load(path, dtype=dtype).float(), load(path, dtype=dtype, device="cuda")
+    torch.manual_seed(0)
+    ids = torch.randint(0, cpu_m.config.vocab_size, (2, 512))
+    keep = linear(cpu_m.config.n_layer, 0.2)
+    _compare(gpu_m, cpu_m, ids, None, None, dtype, False)
+    _compare(gpu_m, cpu_m, ids, None, SimbaConfig(keep, criterion="stride"), dtype, True)
+    if dtype == torch.float32:
+        _compare(gpu_m, cpu_m, ids, None, SimbaConfig(keep), dtype, True)
