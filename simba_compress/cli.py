@@ -54,6 +54,16 @@ def _parser() -> argparse.ArgumentParser:
                    "default OUTPUT.optuna.db, copied to OUTPUT/study.db")
     c.add_argument("--study-name", help="calibrated: the study in --storage (default simba-calibration)")
     c.add_argument("--objective", help="calibrated: loss (default: next-token loss on the scored tail) or kl (to dense)")
+    c.add_argument("--finetune-steps", type=int, help="recovery fine-tune of the pruned model for N steps (default 0: none)")
+    c.add_argument("--finetune-data", help='fine-tuning text: file, folder, datasets name (streamed) or "demo"')
+    c.add_argument("--finetune-eval-data", help="held-out text (default: windows held out after the training part)")
+    c.add_argument("--distill-weight", type=float, help="0: next-token loss, 1: KL to the dense model (default 0.5)")
+    c.add_argument("--finetune-lr", type=float, help="peak learning rate (default 1e-4)")
+    c.add_argument("--finetune-batch-size", type=int, help="windows per step (default 8)")
+    c.add_argument("--finetune-seq-len", type=int, help="window length (default 1024)")
+    c.add_argument("--finetune-train", help="what trains: all (default), ssm (A_log, D, dt, x_proj, conv1d, norms), norms")
+    c.add_argument("--gradient-checkpointing", action="store_true", default=None, help="recompute mixers in the backward")
+    c.add_argument("--finetune-dir", help="resumable fine-tune state (default OUTPUT.finetune); a rerun resumes from it")
     c.add_argument("--tokenizer", help="tokenizer folder or hub id, when the checkpoint has none")
     c.add_argument("--seed", type=int)
     c.add_argument("--device", help="auto (default), cpu, cuda")
@@ -151,6 +161,16 @@ def _compress(args) -> int:
         "storage": args.storage,
         "study_name": args.study_name,
         "objective": args.objective,
+        "finetune.steps": args.finetune_steps,
+        "finetune.data": args.finetune_data,
+        "finetune.eval_data": args.finetune_eval_data,
+        "finetune.distill_weight": args.distill_weight,
+        "finetune.lr": args.finetune_lr,
+        "finetune.batch_size": args.finetune_batch_size,
+        "finetune.seq_len": args.finetune_seq_len,
+        "finetune.train": args.finetune_train,
+        "finetune.gradient_checkpointing": args.gradient_checkpointing,
+        "finetune_dir": args.finetune_dir,
         "tokenizer": args.tokenizer,
         "seed": args.seed,
         "device": args.device,
@@ -177,6 +197,13 @@ def _compress(args) -> int:
             f"pruned {cal['sparse']['loss']:.4f}; all positions {cal['dense']['all_position_loss']:.4f} -> "
             f"{cal['sparse']['all_position_loss']:.4f}"
         )
+        if report["finetune"] is not None:
+            f = report["finetune"]
+            print(
+                f"  fine-tuned {f['steps_done']} steps (kept step {f['best_step']}): held-out loss, last "
+                f"{f['before']['protect']} tokens {f['before']['loss']:.4f} -> {f['after']['loss']:.4f}; "
+                f"all positions {f['before']['all_position_loss']:.4f} -> {f['after']['all_position_loss']:.4f}"
+            )
         if report["search"] is not None:
             s = report["search"]
             vs = f"linear {s['linear']['loss']:.4f} (trial {s['linear']['trial']})" if s["linear"] else s["linear_note"]

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import platform
+from dataclasses import asdict
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -28,6 +29,7 @@ from .schedules import linear, linear_for_flops
 
 if TYPE_CHECKING:
     from .calibrate import CalibrationConfig, CalibrationResult
+    from .finetune import FinetuneConfig, FinetuneResult
 
 
 def compress(
@@ -92,6 +94,12 @@ def run(recipe: Recipe, overwrite: bool = False, progress: bool = True) -> tuple
     tokenizer = load_tokenizer(recipe.model, recipe.tokenizer)
     cal = recipe.calibration
     windows = load_windows(cal.data, tokenizer, cal.seq_len + 1, cal.samples)  # bad data fails before the model loads
+    ft = recipe.finetune
+    if ft.steps:
+        from .finetune import load_finetune_windows
+
+        ft_windows = load_finetune_windows(ft, tokenizer)  # before the model loads and the schedule search runs
+        ft_state = Path(recipe.finetune_dir).expanduser() if recipe.finetune_dir else out.resolve().parent / f"{out.name}.finetune"
     model = load(recipe.model, dtype=dtype, device=device)
     study_file = out.resolve().parent / f"{out.name}.optuna.db"  # beside: the output folder appears only when whole
     study = None
@@ -115,6 +123,10 @@ def run(recipe: Recipe, overwrite: bool = False, progress: bool = True) -> tuple
         )
     protect = default_protect(cal.seq_len)
     dense = evaluate(model, windows, protect, simba=None, progress=progress)
+    tuned = None
+    if ft.steps:
+        training_free = evaluate(model, windows, protect, progress=progress)
+        tuned = _finetune(model, ft, ft_windows, ft_state, progress)
     sparse = evaluate(model, windows, protect, progress=progress)
     flops = count(model.config, simba, recipe.seq_len)
     report = {
@@ -128,8 +140,10 @@ def run(recipe: Recipe, overwrite: bool = False, progress: bool = True) -> tuple
             "seq_len": cal.seq_len,
             "protect": protect,
             "dense": dense.to_dict() | {"position_loss": None},
-            "sparse": sparse.to_dict() | {"position_loss": None},
+            "sparse": sparse.to_dict() | {"position_loss": None},  # the saved model: fine-tuned when finetune.steps
+            "sparse_training_free": None if tuned is None else training_free.to_dict() | {"position_loss": None},
         },
+        "finetune": None if tuned is None else {"settings": asdict(ft), **tuned.to_dict()},
         "search": None if study is None else study.summary(),
         "device": str(device),
         "dtype": str(dtype).replace("torch.", ""),
@@ -153,7 +167,32 @@ def run(recipe: Recipe, overwrite: bool = False, progress: bool = True) -> tuple
     )
     if study is not None and recipe.storage is None:
         study_file.unlink(missing_ok=True)  # its copy is the folder's study.db
+    if tuned is not None:
+        _remove_finetune_state(ft_state)  # the output holds the result; the state was only there to resume
     return folder, report
+
+
+def _finetune(model: MambaLM, ft: FinetuneConfig, ft_windows, state: Path, progress: bool) -> FinetuneResult:
+    """Recovery fine-tune with the schedule fixed, distilled from a dense copy taken before any update."""
+    from .finetune import dense_teacher, finetune
+
+    teacher = dense_teacher(model) if ft.distill_weight > 0 else None
+    result = finetune(model, teacher, ft, train_windows=ft_windows[0], eval_windows=ft_windows[1], state_dir=state,
+                      progress=progress)
+    del teacher
+    return result
+
+
+def _remove_finetune_state(state: Path) -> None:
+    """Remove what finetune() wrote into its state folder, and the folder when nothing else is left in it."""
+    import shutil
+
+    for name in ("last", "best"):
+        shutil.rmtree(state / name, ignore_errors=True)
+    try:
+        state.rmdir()
+    except OSError:  # the user's own files stay
+        pass
 
 
 def _search_config(recipe: Recipe, study_file: Path, progress: bool) -> CalibrationConfig:

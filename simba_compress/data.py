@@ -54,8 +54,8 @@ def read_documents(source: str) -> list[str]:
         if not path.name.endswith(TEXT_SUFFIXES):
             raise SimbaError(f"{path}: unsupported file type; use {', '.join(TEXT_SUFFIXES)}")
         docs = _read_file(path)
-    elif "/" in source and not source.startswith((".", "/", "~")) or ":" in source or "@" in source:
-        docs = _load_dataset(source)
+    elif is_dataset_name(source):
+        docs = list(_load_dataset(source))
     else:
         raise SimbaError(f"{source}: no such file or folder")
     docs = [d for d in docs if d.strip()]
@@ -64,18 +64,25 @@ def read_documents(source: str) -> list[str]:
     return docs
 
 
-def _load_dataset(spec: str) -> list[str]:
+def is_dataset_name(source: str) -> bool:
+    """Not a local path, but NAME (owner/name), NAME:CONFIG or either with @SPLIT."""
+    return "/" in source and not source.startswith((".", "/", "~")) or ":" in source or "@" in source
+
+
+def _load_dataset(spec: str, streaming: bool = False):
+    """The text column of a datasets split, as strings; streaming yields them without loading the split."""
     name, _, split = spec.partition("@")
     name, _, config = name.partition(":")
     try:
         import datasets
 
-        ds = datasets.load_dataset(name, config or None, split=split or "train")
+        ds = datasets.load_dataset(name, config or None, split=split or "train", streaming=streaming)
+        columns = ds.column_names or list(next(iter(ds)).keys())
     except Exception as e:
         first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
         raise SimbaError(f"{spec}: not a local file and the dataset could not be loaded ({first})") from None
-    column = "text" if "text" in ds.column_names else ds.column_names[0]
-    return [str(t) for t in ds[column]]
+    column = "text" if "text" in columns else columns[0]
+    return (str(row[column]) for row in ds)
 
 
 def tokenize(docs: list[str], tokenizer) -> torch.Tensor:
@@ -83,6 +90,36 @@ def tokenize(docs: list[str], tokenizer) -> torch.Tensor:
     eos = [] if tokenizer.eos_token_id is None else [tokenizer.eos_token_id]
     encoded = tokenizer(docs, add_special_tokens=False)["input_ids"]
     return torch.tensor([t for doc in encoded for t in doc + eos], dtype=torch.long)
+
+
+def read_tokens(source: str, tokenizer, max_tokens: int, piece_chars: int = 1 << 20) -> torch.Tensor:
+    """Like tokenize(read_documents(source)), but stops after max_tokens: a large corpus is tokenized only as far
+    as a run needs it, and a datasets name is streamed instead of downloaded whole. Long documents are
+    tokenized in pieces cut at line ends (a token may split differently only at a cut)."""
+    if max_tokens < 1:
+        raise ValueError(f"max_tokens: must be >= 1, got {max_tokens}")
+    docs = _load_dataset(source, streaming=True) if _is_remote(source) else read_documents(source)
+    eos = [] if tokenizer.eos_token_id is None else [tokenizer.eos_token_id]
+    parts, n = [], 0
+    for doc in docs:
+        if not doc.strip():
+            continue
+        start = 0
+        while start < len(doc) and n < max_tokens:
+            end = len(doc) if len(doc) - start <= piece_chars else doc.rfind("\n", start, start + piece_chars) + 1
+            end = end if end > start else min(len(doc), start + piece_chars)  # no line end in the piece: cut anyway
+            ids = tokenizer(doc[start:end], add_special_tokens=False)["input_ids"] + (eos if end == len(doc) else [])
+            parts.append(torch.tensor(ids, dtype=torch.long))
+            n, start = n + len(ids), end
+        if n >= max_tokens:
+            break
+    if not parts:
+        raise SimbaError(f"{source}: contains no text")
+    return torch.cat(parts)[:max_tokens]
+
+
+def _is_remote(source: str) -> bool:
+    return source != "demo" and not Path(source).expanduser().exists() and is_dataset_name(source)
 
 
 def windows(stream: torch.Tensor, length: int, max_windows: int | None = None, source: str = "data") -> torch.Tensor:

@@ -13,6 +13,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from .errors import SimbaError
+from .finetune import FinetuneConfig
 from .pruning import CRITERIA
 
 Criterion = Literal["simba", "utr", "l2norm", "random", "stride"]
@@ -50,6 +51,8 @@ class Recipe(_Strict):
     storage: str | None = None  # Optuna URL or .db/.journal file; None: <output>.optuna.db, then <output>/study.db
     study_name: str = "simba-calibration"
     objective: Literal["loss", "kl"] = "loss"  # next-token loss, or KL to the dense model, on the scored tail
+    finetune: FinetuneConfig = Field(default_factory=FinetuneConfig)  # recovery fine-tune (finetune.py); steps 0: none
+    finetune_dir: str | None = None  # its resumable state; None: <output>.finetune beside the output
     seed: int = 0
     device: str = "auto"  # auto, cpu, cuda, cuda:N
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
@@ -86,7 +89,7 @@ def _explain(e: ValidationError, where: str) -> SimbaError:
     err = e.errors()[0]
     key = ".".join(str(p) for p in err["loc"])
     msg = err["msg"].removeprefix("Value error, ")
-    if err["type"] == "extra_forbidden":
+    if err["type"] in ("extra_forbidden", "unexpected_keyword_argument"):  # a model's / a dataclass's extra key
         msg = "unknown key"
     return SimbaError(f"{where}: {key}: {msg}" if key else f"{where}: {msg}")
 
@@ -113,10 +116,11 @@ def build_recipe(base: dict | None = None, overrides: dict | None = None, source
     for key, value in (overrides or {}).items():
         if value is None:
             continue
-        if key.startswith("calibration."):
-            data.setdefault("calibration", {})
-            if isinstance(data["calibration"], dict):
-                data["calibration"] = {**data["calibration"], key.split(".", 1)[1]: value}
+        section, dot, sub = key.partition(".")
+        if dot:  # calibration.samples, finetune.steps, ...: one key of a section
+            data.setdefault(section, {})
+            if isinstance(data[section], dict):
+                data[section] = {**data[section], sub: value}
         else:
             data[key] = value
         if key in ("flops", "keep", "final_keep"):  # a flag's target replaces the recipe's
