@@ -49,7 +49,7 @@ def _versions() -> dict:
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--models", required=True, help=f"folder holding {BASE} and {SHALLOW}")
+    ap.add_argument("--models", required=True, help=f"folder holding {BASE} (and {SHALLOW}, for its row)")
     ap.add_argument("--train", required=True)
     ap.add_argument("--valid", required=True)
     ap.add_argument("--tokenizer", help="default: the one beside the l16 checkpoint")
@@ -98,9 +98,12 @@ def main() -> None:
     n16 = base.config.n_layer
     add("dense l16", base, simba=None)
     del base
-    shallow = load(models / SHALLOW, device=args.device)
-    add("dense l9", shallow, simba=None, flop_ratio=shallow.config.n_layer / n16)  # of l16's backbone (DESIGN.md)
-    del shallow
+    if (models / SHALLOW).is_dir():  # optional: benchmarks/quality.py has the same row on the same windows
+        shallow = load(models / SHALLOW, device=args.device)
+        add("dense l9", shallow, simba=None, flop_ratio=shallow.config.n_layer / n16)  # of l16's backbone (DESIGN.md)
+        del shallow
+    else:
+        print(f"{models / SHALLOW} not found: no dense l9 row", flush=True)
     schedule = "keep file" if args.keep_file else "linear"
     add(f"Simba l16 {args.flops} ({schedule}), training-free", pruned())
 
@@ -113,6 +116,37 @@ def main() -> None:
     train_w, held_w = load_finetune_windows(cfg0, tok)
     print(f"fine-tuning text: {train_w.shape[0]} windows + {held_w.shape[0]} held out ({time.time() - t:.1f} s)", flush=True)
     runs = []
+
+    def save() -> None:
+        """Write the JSON and markdown (after every run, so a run cut short keeps what it measured)."""
+        out = Path(args.out)
+        out.mkdir(parents=True, exist_ok=True)
+        command = "python " + shlex.join(sys.argv)
+        meta = dict(device=device_name, versions=_versions(), command=command, seconds=round(time.time() - t0, 1),
+                    valid_windows=args.windows, seq_len=args.seq_len, protect=args.protect,
+                    finetune={k: v for k, v in dataclasses.asdict(cfg0).items() if k != "distill_weight"}, train_windows=int(train_w.shape[0]))
+        (out / "finetune_quality.json").write_text(json.dumps({"meta": meta, "rows": rows, "runs": runs}, indent=1) + "\n")
+        lines = [
+            f"# Recovery fine-tuning: mamba-proxy-d320-l16 at {args.flops} of the backbone FLOPs",
+            "",
+            f"{device_name}; {', '.join(f'{k} {v}' for k, v in meta['versions'].items() if v)}; {meta['seconds']} s in all.",
+            f"Validation: {args.windows} windows of {args.seq_len} tokens of {args.valid}; loss = mean over the last "
+            f"{args.protect} positions (protected: a continuation after the pruned prompt); all-position loss = every "
+            "position, same schedule (a stress figure: a pruned position is predicted from the layer where it was dropped).",
+            f"Fine-tune: {args.steps} steps x {args.batch_size} windows of {args.seq_len} tokens of {args.train}, lr "
+            f"{args.lr}, trains {args.train_subset}; weights selected on {args.eval_windows} windows held out of the training text.",
+            "",
+            f"| model | FLOP ratio | loss (last {args.protect}) | ± se | all-position loss | train s |",
+            "| --- | --- | --- | --- | --- | --- |",
+        ]
+        for r in rows:
+            lines.append(f"| {r['model']} | {r['flop_ratio']:.4f} | {r['loss']:.4f} | {r['loss_se']:.4f} | "
+                         f"{r['all_position_loss']:.4f} | {r.get('train_seconds', '')} |")
+        lines += ["", "```", command, "```", ""]
+        (out / "finetune_quality.md").write_text("\n".join(lines))
+        print("\n".join(lines))
+
+    save()
     for w in args.distill_weights:
         cfg = dataclasses.replace(cfg0, distill_weight=w)
         model = pruned()
@@ -126,33 +160,7 @@ def main() -> None:
         del model
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
-
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    command = "python " + shlex.join(sys.argv)
-    meta = dict(device=device_name, versions=_versions(), command=command, seconds=round(time.time() - t0, 1),
-                valid_windows=args.windows, seq_len=args.seq_len, protect=args.protect,
-                finetune={k: v for k, v in dataclasses.asdict(cfg0).items() if k != "distill_weight"}, train_windows=int(train_w.shape[0]))
-    (out / "finetune_quality.json").write_text(json.dumps({"meta": meta, "rows": rows, "runs": runs}, indent=1) + "\n")
-    lines = [
-        f"# Recovery fine-tuning: mamba-proxy-d320-l16 at {args.flops} of the backbone FLOPs",
-        "",
-        f"{device_name}; {', '.join(f'{k} {v}' for k, v in meta['versions'].items() if v)}; {meta['seconds']} s in all.",
-        f"Validation: {args.windows} windows of {args.seq_len} tokens of {args.valid}; loss = mean over the last "
-        f"{args.protect} positions (protected: a continuation after the pruned prompt); all-position loss = every "
-        "position, same schedule (a stress figure: a pruned position is predicted from the layer where it was dropped).",
-        f"Fine-tune: {args.steps} steps x {args.batch_size} windows of {args.seq_len} tokens of {args.train}, lr "
-        f"{args.lr}, trains {args.train_subset}; weights selected on {args.eval_windows} windows held out of the training text.",
-        "",
-        f"| model | FLOP ratio | loss (last {args.protect}) | ± se | all-position loss | train s |",
-        "| --- | --- | --- | --- | --- | --- |",
-    ]
-    for r in rows:
-        lines.append(f"| {r['model']} | {r['flop_ratio']:.4f} | {r['loss']:.4f} | {r['loss_se']:.4f} | "
-                     f"{r['all_position_loss']:.4f} | {r.get('train_seconds', '')} |")
-    lines += ["", "```", command, "```", ""]
-    (out / "finetune_quality.md").write_text("\n".join(lines))
-    print("\n".join(lines))
+        save()
 
 
 if __name__ == "__main__":

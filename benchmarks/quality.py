@@ -108,9 +108,16 @@ def main() -> None:
                 continue
             add(BASE, f"{crit} (linear)", f, run(base, simba=replace(sched, protect_last=1)))
         add(BASE, "truncate prompt", f, evaluate_truncated(base, win, f, args.protect, args.batch_size, progress=False))
-    if args.calibrate:
-        calibrated(args, base, tok, win, add)
 
+    write(args, rows, win, device_name, t0)
+    if args.calibrate:
+        calibrated(args, base, tok, win, add, lambda: write(args, rows, win, device_name, t0))
+
+
+def write(args, measured: list[dict], win, device_name: str, t0: float) -> None:
+    """Write quality_T{seq_len}.json/.md/.png: the rows so far plus --merge's (again after each study, so a
+    run cut short keeps what it measured)."""
+    rows = list(measured)
     for other in args.merge:
         rows += json.loads(Path(other).read_text())["rows"]
     rows.sort(key=lambda r: (r["method"] != "dense", -r["flops_target"], r["model"], r["method"]))
@@ -136,10 +143,9 @@ def main() -> None:
     stem.with_suffix(".md").write_text(markdown(meta, rows))
     if any(r["method"] != "dense" for r in rows):
         plot(rows, stem.with_suffix(".png"), meta)
-    print(markdown(meta, rows))
 
 
-def calibrated(args, base, tok, win, add) -> None:
+def calibrated(args, base, tok, win, add, save) -> None:
     """Rows for the calibrated schedule at each --calibrate ratio (one study per objective, in memory)."""
     from simba_compress.calibrate import CalibrationConfig, calibrate
 
@@ -160,6 +166,7 @@ def calibrated(args, base, tok, win, add) -> None:
             add(BASE, method, f, res, keep=[round(k, 3) for k in sched.keep], calibration_loss=s["best"]["loss"],
                 linear_calibration_loss=None if s["linear"] is None else s["linear"]["loss"],
                 trials_per_minute=s["trials_per_minute"])
+            save()
 
 
 def markdown(meta: dict, rows: list[dict]) -> str:

@@ -250,3 +250,26 @@ def test_proxy_matches_cpu(dtype):
     _compare(gpu_m, cpu_m, ids, None, SimbaConfig(keep, criterion="stride"), dtype, True)
     if dtype == torch.float32:
         _compare(gpu_m, cpu_m, ids, None, SimbaConfig(keep), dtype, True)
+
+
+@needs_cuda
+@pytest.mark.parametrize("with_mamba_ssm", [True, False])
+def test_pruned_gradients_match_cpu(with_mamba_ssm, monkeypatch):
+    """Fine-tuning on CUDA: gradients of a pruned forward equal the CPU reference's (the Triton gather has
+    no backward, so under autograd the PyTorch gather must run)."""
+    if with_mamba_ssm and not kernels.mamba_ssm_available():
+        pytest.skip("mamba_ssm not installed")
+    if not with_mamba_ssm:
+        monkeypatch.setattr(model_mod, "use_kernels", lambda x: False)
+    cpu_m, gpu_m = gpu_model(torch.float32)
+    ids = torch.randint(0, 128, (2, 200))
+    grads = []
+    for m, x in ((gpu_m, ids.cuda()), (cpu_m, ids)):
+        m.zero_grad()
+        logits = m(x, simba=PRUNE).logits
+        F.cross_entropy(logits[:, -16:-1].flatten(0, 1).float(), x[:, -15:].flatten()).backward()
+        grads.append({n: p.grad for n, p in m.named_parameters()})
+    first = "backbone.layers.0.mixer.in_proj.weight"
+    assert grads[0][first] is not None and grads[0][first].abs().sum() > 0
+    for name, ref in grads[1].items():
+        assert rel(grads[0][name], ref) < 1e-3, name

@@ -88,7 +88,7 @@ def freeze_and_gather(h, idx, kept, stays, frozen) -> torch.Tensor:
     positions idx (b, w), and return the rows `kept` (b, w') that the next layer runs on (stays (b, w'): the
     kept slot holds a real token). One Triton pass on CUDA; on CPU a scatter of every slot and a gather (a
     kept token's frozen row is written again later, so freezing it too changes nothing)."""
-    if _use_triton(h):
+    if _use_triton(h) and not (torch.is_grad_enabled() and h.requires_grad):  # the kernel has no backward
         return _triton_kernels().freeze_and_gather(h, idx, kept, stays, frozen)
     frozen.scatter_(1, idx.unsqueeze(-1).expand_as(h), h)
     return h.gather(1, kept.unsqueeze(-1).expand(-1, -1, h.shape[-1]))
