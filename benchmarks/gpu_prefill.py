@@ -11,7 +11,10 @@ needs (transformers: logits_to_keep=1, use_cache=False). Per case: median of --r
 
 Schedules: knots(n_layer, [1.0], level) fitted to the FLOP ratio, i.e. the paper's linear schedule where it
 reaches the budget (0.8, 0.6) and the same line clipped at the floor below it (0.4 is below what a linear
-schedule reaches: about 0.5 of backbone FLOPs with the score counted).
+schedule reaches: about 0.5 of backbone FLOPs with the score counted). Each ratio runs twice: with exact
+token counts (the paper's schedule: every layer prunes a little and scores its tokens), and as a staircase
+(SimbaConfig.granularity: counts rounded to multiples of 2048 tokens at 8192, of a quarter of the prompt at
+2048), where only a few layers score and every width is a whole number of mamba_ssm's scan chunks.
 Writes gpu_prefill.json (rows) and gpu_prefill.md after every case, so a run cut short keeps what it measured.
 """
 
@@ -76,9 +79,14 @@ def hf_twin(m: MambaLM):
         return None
 
 
-def schedule(cfg: ModelConfig, flops: float, seq_len: int, criterion: str = "simba") -> SimbaConfig:
-    s = fit_flops(cfg, lambda t: SimbaConfig(knots(cfg.n_layer, [1.0], 2 * t - 1)), flops, seq_len)
-    return SimbaConfig(s.keep, criterion=criterion)
+def schedule(cfg: ModelConfig, flops: float, seq_len: int, granularity: int = 1) -> SimbaConfig:
+    return fit_flops(cfg, lambda t: SimbaConfig(knots(cfg.n_layer, [1.0], 2 * t - 1), granularity=granularity), flops, seq_len)
+
+
+def staircase_granularity(seq_len: int) -> int:
+    """The staircase rows' granularity: mamba_ssm's scan chunk (2048 tokens) where the prompt holds four of
+    them, else a quarter of the prompt."""
+    return 2048 if seq_len >= 4 * 2048 else max(8, seq_len // 4)
 
 
 def measure(fn, reps: int, warmup: int) -> dict:
@@ -206,7 +214,9 @@ def main() -> None:
         m = random_lm(d_model, n_layer)
         hf = None if args.no_transformers else hf_twin(m)
         for seq in args.seq_lens:
-            scheds = {f: schedule(m.config, f, seq) for f in args.flops}
+            g = staircase_granularity(seq)
+            scheds = {(f, impl): schedule(m.config, f, seq, gran) for f in args.flops
+                      for impl, gran in (("simba", 1), (f"simba, granularity {g}", g))}
             for batch in args.batches:
                 if time.time() - t_start > args.max_seconds:
                     notes.append(f"- {name} batch {batch} seq {seq}: skipped, past --max-seconds {args.max_seconds}")
@@ -244,28 +254,31 @@ def main() -> None:
                     r = add("transformers-dense", 1.0, run_hf, flops_actual=1.0)
                     if r is not None:
                         r["speedup"] = dense["ms"] / r["ms"]
-                for f, s in scheds.items():
-                    r = add("simba", f, lambda: run(s), flops_actual=count(m.config, s, seq).ratio, final_keep=s.keep[-1])
+                for (f, impl), s in scheds.items():
+                    rep = count(m.config, s, seq)
+                    r = add(impl, f, lambda: run(s), flops_actual=rep.ratio, final_keep=s.keep[-1],
+                            granularity=s.granularity, pruning_layers=sum(a > b for a, b in zip(rep.tokens, rep.tokens[1:])))
                     if r is None:
                         continue
                     r["speedup"] = dense["ms"] / r["ms"]
                     r["peak_mem_vs_dense"] = r["peak_mem_gb"] / dense["peak_mem_gb"]
                     r["score_ms"] = statistics.median(score_ms(lambda: run(s)) for _ in range(3))
                     r["score_share"] = r["score_ms"] / r["ms"]
-                    stride = SimbaConfig(s.keep, criterion="stride")
+                    stride = SimbaConfig(s.keep, criterion="stride", granularity=s.granularity)
                     r["stride_ms"] = measure(lambda: run(stride), args.reps, 1)["ms"]
                     r["score_share_by_difference"] = (r["ms"] - r["stride_ms"]) / r["ms"]
                     if name == "mamba-1.4b" and seq == 8192 and abs(f - 0.6) < 1e-9 and batch == min(args.batches):
                         if not args.no_profile:
-                            profiles[f"dense, {name}, batch {batch}, seq {seq}"] = profile_table(lambda: run(None))
-                            profiles[f"simba 0.6, {name}, batch {batch}, seq {seq}"] = profile_table(lambda: run(s))
+                            key = f"dense, {name}, batch {batch}, seq {seq}"
+                            profiles.setdefault(key, profile_table(lambda: run(None)))
+                            profiles[f"{impl} 0.6, {name}, batch {batch}, seq {seq}"] = profile_table(lambda: run(s))
                 write(out, rows, meta, notes)
                 del ids
         del m, hf
         torch.cuda.empty_cache()
     # targets: 1.5x at 0.6 for mamba-1.4b at 8192; score <= 5% of the pruned forward; peak memory <= dense
     for r in rows:
-        if r.get("impl") != "simba" or "error" in r:
+        if not r.get("impl", "").startswith("simba") or "error" in r:
             continue
         misses = []
         if r["model"] == "mamba-1.4b" and r["seq_len"] == 8192 and abs(r["flops"] - 0.6) < 1e-9 and r["speedup"] < TARGET_SPEEDUP:
@@ -275,7 +288,7 @@ def main() -> None:
         if r["peak_mem_vs_dense"] > 1.0:
             misses.append(f"peak memory {r['peak_mem_vs_dense']:.3f} x dense")
         if misses:
-            notes.append(f"- {r['model']} batch {r['batch']} seq {r['seq_len']} flops {r['flops']}: " + "; ".join(misses)
+            notes.append(f"- {r['model']} batch {r['batch']} seq {r['seq_len']} {r['impl']} flops {r['flops']}: " + "; ".join(misses)
                          + f" (without the score, stride ranking: {r['stride_ms']:.2f} ms, speedup {r['ms'] / r['stride_ms'] * r['speedup']:.2f})")  # fmt: skip
     if not notes:
         notes.append("- every target met")

@@ -61,6 +61,7 @@ class CalibrationConfig:
     seq_len: int = 1024  # input length the FLOP ratio is computed at
     criterion: str = "simba"
     protect_last: int = 1
+    granularity: int = 1  # token counts rounded to multiples of this (SimbaConfig.granularity)
     trials: int = 40  # finished trials the study should hold (shared by all workers)
     timeout: float | None = None  # seconds after which this process starts no new trial
     objective: Literal["loss", "kl"] = "loss"
@@ -286,6 +287,7 @@ def _identity(model: MambaLM, windows: torch.Tensor, cfg: CalibrationConfig, pro
         "criterion": cfg.criterion,
         "seq_len": cfg.seq_len,
         "protect_last": cfg.protect_last,
+        "granularity": cfg.granularity,
         "objective": cfg.objective,
         "protect": protect,
         "knots": cfg.knots,
@@ -380,7 +382,7 @@ def calibrate(model: MambaLM, windows: torch.Tensor, config: CalibrationConfig) 
     tol = FLOP_TOLERANCE * cfg.flops
 
     def schedule(increments: list[float], level: float) -> SimbaConfig:
-        return SimbaConfig(knots(mc.n_layer, increments, level), cfg.criterion, cfg.protect_last, cfg.seed)
+        return SimbaConfig(knots(mc.n_layer, increments, level), cfg.criterion, cfg.protect_last, cfg.seed, cfg.granularity)
 
     lowest = count(mc, schedule([1.0] + [0.0] * (cfg.knots - 1), DEEPEST), cfg.seq_len).ratio
     if cfg.flops < lowest - tol and cfg.flops < 1.0:
@@ -390,7 +392,7 @@ def calibrate(model: MambaLM, windows: torch.Tensor, config: CalibrationConfig) 
         )
     linear_keep, note = None, None
     try:
-        linear_keep = linear_for_flops(mc, cfg.flops, cfg.seq_len, cfg.criterion, cfg.protect_last, cfg.seed).keep
+        linear_keep = linear_for_flops(mc, cfg.flops, cfg.seq_len, cfg.criterion, cfg.protect_last, cfg.seed, cfg.granularity).keep
     except SimbaError as e:
         note = f"linear baseline skipped: {e}"
 
@@ -465,7 +467,7 @@ def calibrate(model: MambaLM, windows: torch.Tensor, config: CalibrationConfig) 
         search_seconds=search,
         setup_seconds=setup,
     )
-    simba = SimbaConfig(best.keep, cfg.criterion, cfg.protect_last, cfg.seed)
+    simba = SimbaConfig(best.keep, cfg.criterion, cfg.protect_last, cfg.seed, cfg.granularity)
     simba.extra = {"schedule": "calibrated", "flops_target": cfg.flops, "seq_len": cfg.seq_len, "trial": best.number}
     return simba, result
 

@@ -44,6 +44,7 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--final-keep", type=float, help="linear schedule down to this keep ratio at the top layer")
     c.add_argument("--criterion", help="simba (default), utr, l2norm, random, stride")
     c.add_argument("--protect-last", type=int, help="last tokens never pruned (default 1)")
+    c.add_argument("--granularity", type=int, help="round each layer's token count to a multiple of this (default 1; GPU speed: 2048)")
     c.add_argument("--seq-len", type=int, help="input length the FLOP ratio is computed at (default 1024)")
     c.add_argument("--calib-data", help='calibration text: file, folder, datasets name, or "demo" (default)')
     c.add_argument("--calib-samples", type=int, help="calibration windows (default 16)")
@@ -152,6 +153,7 @@ def _compress(args) -> int:
         "final_keep": args.final_keep,
         "criterion": args.criterion,
         "protect_last": args.protect_last,
+        "granularity": args.granularity,
         "seq_len": args.seq_len,
         "calibration.data": args.calib_data,
         "calibration.samples": args.calib_samples,

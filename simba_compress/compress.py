@@ -42,6 +42,7 @@ def compress(
     protect_last: int = 1,
     seq_len: int = 1024,
     seed: int = 0,
+    granularity: int = 1,
 ) -> SimbaConfig:
     """Give `model` a fixed pruning schedule (in place) and return it; calibrate() searches one instead.
 
@@ -53,11 +54,11 @@ def compress(
         if keep is not None:
             if len(keep) != n_layer:
                 raise SimbaError(f"keep: {len(keep)} ratios for a model of {n_layer} layers")
-            simba = SimbaConfig(list(keep), criterion, protect_last, seed)
+            simba = SimbaConfig(list(keep), criterion, protect_last, seed, granularity)
         elif final_keep is not None:
-            simba = SimbaConfig(linear(n_layer, final_keep), criterion, protect_last, seed)
+            simba = SimbaConfig(linear(n_layer, final_keep), criterion, protect_last, seed, granularity)
         elif flops is not None:
-            simba = linear_for_flops(model.config, flops, seq_len, criterion, protect_last, seed)
+            simba = linear_for_flops(model.config, flops, seq_len, criterion, protect_last, seed, granularity)
         else:
             raise SimbaError("compress: give flops, final_keep or keep")
     except ValueError as e:  # SimbaConfig's own validation
@@ -120,6 +121,7 @@ def run(recipe: Recipe, overwrite: bool = False, progress: bool = True) -> tuple
             protect_last=recipe.protect_last,
             seq_len=recipe.seq_len,
             seed=recipe.seed,
+            granularity=recipe.granularity,
         )
     protect = default_protect(cal.seq_len)
     dense = evaluate(model, windows, protect, simba=None, progress=progress)
@@ -203,6 +205,7 @@ def _search_config(recipe: Recipe, study_file: Path, progress: bool) -> Calibrat
         seq_len=recipe.seq_len,
         criterion=recipe.criterion,
         protect_last=recipe.protect_last,
+        granularity=recipe.granularity,
         trials=recipe.trials,
         timeout=recipe.timeout,
         objective=recipe.objective,

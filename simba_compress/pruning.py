@@ -33,12 +33,17 @@ class SimbaConfig:
         (clipped-activation sum of the block output), "l2norm" (block output norm), "random", "stride".
     protect_last: the last real tokens of every row that are always kept (at least 1).
     seed: seeds the "random" criterion.
+    granularity: each pruned layer's token count is rounded to the nearest multiple of this (1: exact). With
+        a granularity of 2048 on 8192-token prompts a schedule becomes a staircase: the GPU scores tokens only
+        where the count drops, and every width is one that mamba_ssm's scan (2048-token chunks) and the
+        GEMMs run at full speed (README, GPU speed). A row shorter than the granularity is not pruned.
     """
 
     keep: list[float]
     criterion: str = "simba"
     protect_last: int = 1
     seed: int = 0
+    granularity: int = 1
     extra: dict = field(default_factory=dict)  # provenance a writer may attach (schedule name, FLOP target)
 
     def __post_init__(self) -> None:
@@ -55,6 +60,9 @@ class SimbaConfig:
         if int(self.protect_last) < 1:
             raise ValueError(f"protect_last: must be >= 1, got {self.protect_last}")
         self.protect_last = int(self.protect_last)
+        if int(self.granularity) < 1:
+            raise ValueError(f"granularity: must be >= 1, got {self.granularity}")
+        self.granularity = int(self.granularity)
 
     @property
     def n_layer(self) -> int:
@@ -66,6 +74,9 @@ class SimbaConfig:
         n = n_real.to(torch.float64)
         # round before ceil so 0.6 * 1000 = 600.0000000001 counts as 600
         k = torch.ceil(torch.round(keep[:, None] * n[None, :], decimals=6)).long()
+        if self.granularity > 1:  # nearest multiple (never 0); a layer that keeps every token stays dense
+            g = self.granularity
+            k = torch.where(k < n_real[None, :], torch.clamp(torch.round(k / g).long() * g, min=g), k)
         floor = torch.clamp(n_real, max=self.protect_last)[None, :]
         return torch.minimum(torch.maximum(k, floor), n_real[None, :])
 

@@ -73,13 +73,19 @@ def check_flops(flops: float) -> None:
 
 
 def linear_for_flops(
-    cfg: ModelConfig, flops: float, seq_len: int, criterion: str = "simba", protect_last: int = 1, seed: int = 0
+    cfg: ModelConfig,
+    flops: float,
+    seq_len: int,
+    criterion: str = "simba",
+    protect_last: int = 1,
+    seed: int = 0,
+    granularity: int = 1,
 ) -> SimbaConfig:
     """The linear schedule whose FLOP ratio at seq_len is within FLOP_TOLERANCE of `flops`."""
     check_flops(flops)
 
     def make(final: float) -> SimbaConfig:
-        return SimbaConfig(linear(cfg.n_layer, final), criterion, protect_last, seed)
+        return SimbaConfig(linear(cfg.n_layer, final), criterion, protect_last, seed, granularity)
 
     if flops >= 1.0 - 1e-12:
         return make(1.0)

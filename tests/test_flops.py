@@ -5,7 +5,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from conftest import MODELS, random_model
-from simba_compress import SimbaConfig, SimbaError, load
+from simba_compress import ModelConfig, SimbaConfig, SimbaError, load
 from simba_compress.flops import count, head_flops, matmul_flops
 from simba_compress.schedules import linear, linear_for_flops
 
@@ -70,3 +70,24 @@ def test_unreachable_or_invalid_targets_are_clear_errors():
     for bad in (0.0, 1.5, -1):
         with pytest.raises(SimbaError, match=r"--flops: must be in \(0, 1\]"):
             linear_for_flops(cfg, bad, 1024)
+
+
+def test_granularity_rounds_counts_into_a_staircase():
+    from simba_compress.pruning import SimbaConfig
+    from simba_compress.schedules import linear
+
+    n = torch.tensor([8192, 1000])
+    exact = SimbaConfig(linear(48, 0.2))
+    stairs = SimbaConfig(linear(48, 0.2), granularity=2048)
+    k, ks = exact.counts(n), stairs.counts(n)
+    assert (ks[:, 0] % 2048 == 0).all() and set(ks[:, 0].tolist()) == {8192, 6144, 4096, 2048}
+    assert ((ks[:, 0] - k[:, 0]).abs() <= 1024).all()  # the nearest multiple
+    assert (ks[1:] <= ks[:-1]).all()  # never increases with depth
+    assert (ks[:, 1] == 1000).all()  # a row shorter than the granularity is not pruned
+    # the FLOP ratio counts the rounded tokens; only the three layers where the count drops pay for a score
+    cfg = ModelConfig(d_model=2048, n_layer=48, vocab_size=50280)
+    r, rs = count(cfg, exact, 8192), count(cfg, stairs, 8192)
+    assert abs(rs.ratio - r.ratio) < 0.02
+    assert sum(a > b for a, b in zip(rs.tokens, rs.tokens[1:])) == 3 and rs.score < r.score / 5
+    with pytest.raises(ValueError, match="granularity"):
+        SimbaConfig([1.0], granularity=0)

@@ -15,6 +15,7 @@ everywhere: checks layouts, masks, decode states); (2) the Triton kernels throug
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 import os
@@ -148,7 +149,7 @@ print(json.dumps(out))
 
 def test_triton_kernels_in_interpreter():
     pytest.importorskip("triton")
-    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=str(REPO))
+    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])))
     res = subprocess.run([sys.executable, "-c", INTERPRET_CHECK], env=env, capture_output=True, text=True, timeout=600)
     assert res.returncode == 0, res.stderr[-3000:]
     out = json.loads(res.stdout.strip().splitlines()[-1])
@@ -169,7 +170,7 @@ def gpu_model(dtype):
         for name, p in m.named_parameters():
             if name.endswith(("in_proj.weight", "x_proj.weight", "dt_proj.weight", "out_proj.weight", "conv1d.weight")):
                 p.div_(math.sqrt(p[0].numel()))
-    return m.to(dtype).float(), m.to("cuda", dtype)
+    return copy.deepcopy(m).to(dtype).float(), m.to("cuda", dtype)  # Module.to moves in place: copy first
 
 
 @needs_cuda

@@ -24,6 +24,7 @@ from .score import global_impact
 # SIMBA_COMPRESS_TRITON=0 keeps mamba_ssm but takes the score and the gather from PyTorch.
 ENABLED = os.environ.get("SIMBA_COMPRESS_KERNELS", "1") != "0"
 TRITON_ENABLED = os.environ.get("SIMBA_COMPRESS_TRITON", "1") != "0"
+ALIGN_TOKENS = 8  # the GPU mixer pads the token axis to a multiple of this (16-byte rows for the GEMMs)
 
 
 @functools.cache
@@ -114,10 +115,19 @@ def mamba1_forward(mixer, hidden: torch.Tensor, mask: torch.Tensor | None, score
     hidden (b, l, d_model), mask (b, l, 1) in hidden's dtype or None. Equal to the reference path up to
     float rounding: the kernel computes dt, the scan, D x and the gate in float32, as the reference does.
     """
-    b, length, dm = hidden.shape
     d, n, r, k = mixer.d_inner, mixer.d_state, mixer.dt_rank, mixer.d_conv
     if mask is not None:
         hidden = hidden * mask
+    # Token counts of pruned layers are arbitrary; a GEMM whose row stride is not a multiple of 8 bf16 values
+    # misses the tensor-core kernels (measured on the H200: 2-3x slower). Pad the token axis with zero inputs
+    # at the end: causal, so no real token sees them, and their outputs are dropped. Not when the final state
+    # is wanted (the padded steps would move it).
+    true_length = hidden.shape[1]
+    pad = 0 if want_state else (-true_length) % ALIGN_TOKENS
+    if pad:
+        hidden = F.pad(hidden, (0, 0, 0, pad))
+        mask = None if mask is None else F.pad(mask, (0, 0, 0, pad))
+    b, length, dm = hidden.shape
     # one GEMM (2d, dm) @ (dm, b l) read as (b, 2d, l): x and z are views with unit stride along l
     xz = (mixer.in_proj.weight @ hidden.reshape(b * length, dm).t()).view(2 * d, b, length).permute(1, 0, 2)
     if mixer.in_proj.bias is not None:
@@ -142,4 +152,6 @@ def mamba1_forward(mixer, hidden: torch.Tensor, mask: torch.Tensor | None, score
     out = torch.bmm(y.transpose(1, 2), mixer.out_proj.weight.t().unsqueeze(0).expand(b, -1, -1))
     if mixer.out_proj.bias is not None:
         out = out + mixer.out_proj.bias
+    if pad:
+        out, impact = out[:, :true_length], None if impact is None else impact[:, :true_length]
     return out, impact, conv_state, (h.float().contiguous() if want_state else None)
