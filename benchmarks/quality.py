@@ -47,8 +47,9 @@ def main() -> None:
     ap.add_argument("--seq-len", type=int, default=1024)
     ap.add_argument("--windows", type=int, default=64)
     ap.add_argument("--protect", type=int, default=128)
-    ap.add_argument("--flops", type=float, nargs="+", default=[0.8, 0.7, 0.6])
-    ap.add_argument("--criteria", nargs="+", default=["simba", "utr", "l2norm", "random", "stride"])
+    ap.add_argument("--flops", type=float, nargs="*", default=[0.8, 0.7, 0.6])
+    ap.add_argument("--criteria", nargs="*", default=["simba", "utr", "l2norm", "random", "stride"])
+    ap.add_argument("--no-base", action="store_true", help="no dense l16 row (it is in a --merge file)")
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--shallow", nargs="*", default=SHALLOW, help="dense shallower models to compare with")
@@ -91,7 +92,7 @@ def main() -> None:
     def run(model, **kw):
         return evaluate(model, win, protect=args.protect, batch_size=args.batch_size, progress=False, **kw)
 
-    if not args.dense_only:
+    if not (args.dense_only or args.no_base):
         add(BASE, "dense", 1.0, run(base, simba=None))
     for name in args.shallow:
         m = load(models / name, device=args.device)
@@ -141,7 +142,7 @@ def write(args, measured: list[dict], win, device_name: str, t0: float) -> None:
     stem = out / f"quality_T{args.seq_len}"
     stem.with_suffix(".json").write_text(json.dumps(dict(meta=meta, rows=rows), indent=2) + "\n")
     stem.with_suffix(".md").write_text(markdown(meta, rows))
-    if any(r["method"] != "dense" for r in rows):
+    if any(r["method"] != "dense" for r in rows) and any(r["model"] == BASE and r["method"] == "dense" for r in rows):
         plot(rows, stem.with_suffix(".png"), meta)
 
 

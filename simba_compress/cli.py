@@ -54,7 +54,7 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--storage", help="calibrated: Optuna storage URL, .db file or .log/.journal file (shared by workers); "
                    "default OUTPUT.optuna.db, copied to OUTPUT/study.db")
     c.add_argument("--study-name", help="calibrated: the study in --storage (default simba-calibration)")
-    c.add_argument("--objective", help="calibrated: loss (default: next-token loss on the scored tail) or kl (to dense)")
+    c.add_argument("--objective", help="calibrated: kl (default: KL to the dense model on the scored tail) or loss (next-token loss there)")
     c.add_argument("--finetune-steps", type=int, help="recovery fine-tune of the pruned model for N steps (default 0: none)")
     c.add_argument("--finetune-data", help='fine-tuning text: file, folder, datasets name (streamed) or "demo"')
     c.add_argument("--finetune-eval-data", help="held-out text (default: windows held out after the training part)")

@@ -51,7 +51,7 @@ class Recipe(_Strict):
     timeout: float | None = Field(None, gt=0)  # seconds after which this run starts no new trial
     storage: str | None = None  # Optuna URL or .db/.journal file; None: <output>.optuna.db, then <output>/study.db
     study_name: str = "simba-calibration"
-    objective: Literal["loss", "kl"] = "loss"  # next-token loss, or KL to the dense model, on the scored tail
+    objective: Literal["loss", "kl"] = "kl"  # KL to the dense model, or next-token loss, on the scored tail
     finetune: FinetuneConfig = Field(default_factory=FinetuneConfig)  # recovery fine-tune (finetune.py); steps 0: none
     finetune_dir: str | None = None  # its resumable state; None: <output>.finetune beside the output
     seed: int = 0

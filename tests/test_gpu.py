@@ -111,8 +111,8 @@ import torch, torch.nn.functional as F
 import triton.runtime.interpreter as ti
 # triton's interpreter turns a scalar into an int with int(ndarray of shape (1,)), which numpy >= 2.3 refuses
 _orig = ti._patch_lang_tensor
-def _patched(tensor):
-    _orig(tensor)
+def _patched(tensor, *args):  # one argument in triton 3.5, two in 3.6
+    _orig(tensor, *args)
     tensor.__index__ = lambda self: int(self.handle.data.reshape(-1)[0])
 ti._patch_lang_tensor = _patched
 from simba_compress.ssm import triton_kernels as tk
