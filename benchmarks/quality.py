@@ -50,6 +50,7 @@ def main() -> None:
     ap.add_argument("--flops", type=float, nargs="*", default=[0.8, 0.7, 0.6])
     ap.add_argument("--criteria", nargs="*", default=["simba", "utr", "l2norm", "random", "stride"])
     ap.add_argument("--no-base", action="store_true", help="no dense l16 row (it is in a --merge file)")
+    ap.add_argument("--granularity", type=int, default=1, help="round the linear schedules' token counts to multiples of this (a staircase)")
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--shallow", nargs="*", default=SHALLOW, help="dense shallower models to compare with")
@@ -104,10 +105,13 @@ def main() -> None:
         for crit in args.criteria:
             try:
                 sched = linear_for_flops(base.config, f, args.seq_len, crit, protect_last=args.protect)
+                # a staircase lands near F, not within 0.5%: its own FLOP ratio is in the row
+                sched = replace(sched, granularity=args.granularity)
             except SimbaError as e:
                 print(f"skip {crit} at {f}: {e}")
                 continue
-            add(BASE, f"{crit} (linear)", f, run(base, simba=replace(sched, protect_last=1)))
+            method = f"{crit} (linear)" if args.granularity == 1 else f"{crit} (linear, granularity {args.granularity})"
+            add(BASE, method, f, run(base, simba=replace(sched, protect_last=1)))
         add(BASE, "truncate prompt", f, evaluate_truncated(base, win, f, args.protect, args.batch_size, progress=False))
 
     write(args, rows, win, device_name, t0)
@@ -194,6 +198,15 @@ def markdown(meta: dict, rows: list[dict]) -> str:
             f"| {r['model']} | {r['method']} | {r['flops_target']:.4g} | {r['flop_ratio']:.4f} | {r['loss']:.4f} "
             f"| {r['loss_se']:.4f} | {ap} | {r.get('device', meta['device'])} |"
         )
+    buckets = [r for r in rows if r.get("position_buckets")]
+    if buckets:  # the all-position run's loss by position: does information reach further with highways?
+        edges = [(b["start"], b["end"]) for b in buckets[0]["position_buckets"]]
+        lines += ["", "Loss by position (the all-position run, only the last token protected):", "",
+                  "| model | method | target | " + " | ".join(f"[{a}, {b})" for a, b in edges) + " |",
+                  "|---|---|---:|" + "---:|" * len(edges)]
+        for r in buckets:
+            lines.append(f"| {r['model']} | {r['method']} | {r['flops_target']:.4g} | "
+                         + " | ".join(f"{b['loss']:.4f}" for b in r["position_buckets"]) + " |")
     keeps = [r for r in rows if r.get("keep")]
     if keeps:
         lines += ["", "| method | target | calibration loss (linear's) | keep per layer |", "|---|---:|---:|---|"]
