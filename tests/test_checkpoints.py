@@ -54,10 +54,10 @@ def test_saved_folder_round_trips_and_transformers_reads_it_dense(tmp_path):
 
     tok = AutoTokenizer.from_pretrained(str(CORPUS / "tokenizer"))
     m = random_model(n_layer=4, vocab=8192, seed=4)
-    m.simba = SimbaConfig(linear(4, 0.4), "simba", 2)
+    m.simba = SimbaConfig(linear(4, 0.4), "simba", 2, granularity=8)
     out = save(m, tmp_path / "out", tokenizer=tok, files={"recipe.yaml": "model: x\n"})
     cfg = json.loads((out / "config.json").read_text())
-    assert cfg["simba"]["keep"] == m.simba.keep and cfg["simba"]["criterion"] == "simba"
+    assert cfg["simba"]["keep"] == m.simba.keep and cfg["simba"]["criterion"] == "simba" and cfg["simba"]["granularity"] == 8
     assert {"model.safetensors", "tokenizer.json", "recipe.yaml"} <= {p.name for p in out.iterdir()}
     back = load(out)
     assert back.simba == m.simba
