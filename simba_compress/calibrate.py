@@ -3,7 +3,7 @@
 Search space (schedules.knots): keep(u) = 1 - c * shape(u) over relative depth u (floored above 0), shape
 rising from 0 to 1 through `knots` evenly spaced knots whose increments are the trial's parameters. The depth
 of the drop c is not searched: each trial solves it by bisection (schedules.fit_flops) so its FLOP ratio sits
-within 0.5% of the budget, and the trials are spent on the shape alone; a handful of parameters describe 6 or
+within 0.5% of the budget (one step of a layer with a granularity), and the trials are spent on the shape alone; a handful of parameters describe 6 or
 64 layers alike. The ratio is recorded with trial.set_constraint; a shape that cannot reach the budget (flat
 at the bottom) is infeasible and is not evaluated.
 
@@ -45,7 +45,7 @@ from .evaluate import default_protect, protected
 from .flops import count
 from .model import MambaLM, Prefix
 from .pruning import SimbaConfig
-from .schedules import FLOP_TOLERANCE, check_flops, fit_flops, knots, linear_for_flops
+from .schedules import check_flops, fit_flops, flop_tolerance, knots, linear_for_flops
 
 JOURNAL_SUFFIXES = (".log", ".journal")
 SQLITE_SUFFIXES = (".db", ".sqlite", ".sqlite3")
@@ -106,6 +106,7 @@ class CalibrationResult:
     trials_run: int  # by this process
     search_seconds: float  # this process's trial loop
     setup_seconds: float  # caching layer 0 and the dense logits
+    tolerance: float = 0.0  # how far from flops a feasible ratio may land (schedules.flop_tolerance)
 
     def row(self, number: int) -> TrialRow:
         return next(r for r in self.trials if r.number == number)
@@ -167,9 +168,9 @@ class CalibrationResult:
         best = self.row(self.best)
         ax.scatter([best.flop_ratio], [best.loss], marker="*", s=140, c="tab:red", label="chosen", zorder=4)
         ax.axvline(self.flops, ls=":", c="k", lw=1)
-        ax.axvspan(self.flops * (1 - FLOP_TOLERANCE), self.flops * (1 + FLOP_TOLERANCE), color="k", alpha=0.06)
+        ax.axvspan(self.flops - self.tolerance, self.flops + self.tolerance, color="k", alpha=0.06)
         ax.ticklabel_format(axis="x", useOffset=False)
-        ax.set_xlabel(f"backbone FLOP ratio (target {self.flops} ± 0.5% shaded)")
+        ax.set_xlabel(f"backbone FLOP ratio (target {self.flops} ± {self.tolerance:.3g} shaded)")
         ax.set_ylabel(f"calibration {self.objective} (last {self.protect} positions)")
         skipped = len(self.trials) - len(done)
         ax.set_title(f"{len(done)} evaluated trials" + (f" ({skipped} infeasible or unfinished)" if skipped else ""))
@@ -381,7 +382,7 @@ def calibrate(model: MambaLM, windows: torch.Tensor, config: CalibrationConfig) 
     protect = cfg.protect or default_protect(window_len)
     if windows.ndim != 2 or windows.shape[0] < 1 or not 1 <= protect <= window_len:
         raise SimbaError(f"calibrate: need windows (n, l + 1) with l >= the {protect} scored positions")
-    tol = FLOP_TOLERANCE * cfg.flops
+    tol = flop_tolerance(mc, cfg.flops, cfg.seq_len, cfg.granularity)
 
     def schedule(increments: list[float], level: float) -> SimbaConfig:
         return SimbaConfig(knots(mc.n_layer, increments, level), cfg.criterion, cfg.protect_last, cfg.seed, cfg.granularity)
@@ -416,7 +417,7 @@ def calibrate(model: MambaLM, windows: torch.Tensor, config: CalibrationConfig) 
         trial.set_user_attr("keep", simba.keep)
         trial.set_user_attr("top_keep", simba.keep[-1])
         trial.set_user_attr("flop_ratio", ratio)
-        trial.set_constraint("flops", abs(ratio - cfg.flops) - tol)  # feasible: within 0.5% of the budget
+        trial.set_constraint("flops", abs(ratio - cfg.flops) - tol)  # feasible: within tol of the budget
         if abs(ratio - cfg.flops) > tol:
             return math.inf  # this shape cannot go as low as the budget: nothing to evaluate
         if scorer is None:  # built only when a trial needs it (a finished study needs no forward pass)
@@ -449,7 +450,7 @@ def calibrate(model: MambaLM, windows: torch.Tensor, config: CalibrationConfig) 
     if not feasible:
         closest = min((r.flop_ratio for r in rows if r.flop_ratio is not None), default=None)
         raise SimbaError(
-            f"--flops {cfg.flops}: no trial of study {cfg.study_name!r} reached it within 0.5% "
+            f"--flops {cfg.flops}: no trial of study {cfg.study_name!r} reached it within {tol:.3g} "
             f"(closest ratio {closest}); raise --trials"
         )
     best = min(feasible, key=lambda r: (r.loss, r.number))
@@ -468,6 +469,7 @@ def calibrate(model: MambaLM, windows: torch.Tensor, config: CalibrationConfig) 
         trials_run=ran,
         search_seconds=search,
         setup_seconds=setup,
+        tolerance=tol,
     )
     simba = SimbaConfig(best.keep, cfg.criterion, cfg.protect_last, cfg.seed, cfg.granularity)
     simba.extra = {"schedule": "calibrated", "flops_target": cfg.flops, "seq_len": cfg.seq_len, "trial": best.number}

@@ -298,7 +298,7 @@ def _info(args) -> int:
         print("  dense (no pruning schedule)")
     else:
         s = ckpt.simba
-        print(f"  criterion {s.criterion}, protect_last {s.protect_last}")
+        print(f"  criterion {s.criterion}, protect_last {s.protect_last}" + (f", granularity {s.granularity}" if s.granularity > 1 else ""))
         print("  keep " + " ".join(f"{k:.3f}" for k in s.keep))
         print(f"  FLOP ratio {flops.ratio:.4f} at {args.seq_len} tokens (score {flops.score / flops.dense:.4f})")
     return 0

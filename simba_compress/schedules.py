@@ -14,6 +14,12 @@ from .model import ModelConfig
 from .pruning import SimbaConfig
 
 FLOP_TOLERANCE = 0.005  # a schedule for --flops F lands within 0.5% of F
+
+
+def flop_tolerance(cfg: ModelConfig, flops: float, seq_len: int, granularity: int = 1) -> float:
+    """How close to `flops` a schedule must land: 0.5% of it, or, when token counts come in multiples of
+    `granularity`, one such step of one layer (a staircase cannot land between its steps)."""
+    return max(FLOP_TOLERANCE * flops, granularity / (seq_len * cfg.n_layer) if granularity > 1 else 0.0)
 LOWEST_T = 1e-6  # the smallest keep ratio a fitted schedule may reach (ratios must stay > 0)
 
 
@@ -81,7 +87,7 @@ def linear_for_flops(
     seed: int = 0,
     granularity: int = 1,
 ) -> SimbaConfig:
-    """The linear schedule whose FLOP ratio at seq_len is within FLOP_TOLERANCE of `flops`."""
+    """The linear schedule whose FLOP ratio at seq_len is within flop_tolerance of `flops`."""
     check_flops(flops)
 
     def make(final: float) -> SimbaConfig:
@@ -97,7 +103,7 @@ def linear_for_flops(
         )
     best = fit_flops(cfg, make, flops, seq_len)
     ratio = count(cfg, best, seq_len).ratio
-    if abs(ratio - flops) > FLOP_TOLERANCE * flops:
+    if abs(ratio - flops) > flop_tolerance(cfg, flops, seq_len, granularity):
         raise SimbaError(f"--flops {flops}: the closest linear schedule gives {ratio:.4f} at --seq-len {seq_len}")
     return best
 

@@ -104,3 +104,17 @@ def test_debug_shows_the_traceback(tmp_path):
 def test_info_human_readable():
     code, out, _ = cli("info", L16)
     assert code == 0 and "16 layers" in out and "dense" in out
+
+
+def test_granularity_flag_gives_a_staircase_near_the_budget(tmp_path):
+    """--granularity: token counts in multiples of G; the linear fit lands within one step of a layer."""
+    out = tmp_path / "g"
+    code, stdout, err = cli("--model", "demo", "--flops", "0.6", "--schedule", "linear", "--granularity", "128",
+                            "--output", out, "--calib-samples", "2", "--json")
+    assert code == 0, err
+    assert json.loads((out / "config.json").read_text())["simba"]["granularity"] == 128
+    flops = json.loads(stdout)["flops"]
+    assert all(t % 128 == 0 for t in flops["tokens"]) and flops["tokens"] == sorted(flops["tokens"], reverse=True)
+    assert abs(flops["ratio"] - 0.6) <= 128 / (1024 * 6)
+    code, _, err = cli("--model", "demo", "--flops", "0.6", "--granularity", "0", "--output", tmp_path / "h")
+    assert code == 2 and "granularity" in err and "Traceback" not in err
