@@ -382,6 +382,11 @@ def calibrate(model: MambaLM, windows: torch.Tensor, config: CalibrationConfig) 
     protect = cfg.protect or default_protect(window_len)
     if windows.ndim != 2 or windows.shape[0] < 1 or not 1 <= protect <= window_len:
         raise SimbaError(f"calibrate: need windows (n, l + 1) with l >= the {protect} scored positions")
+    if cfg.granularity > window_len:
+        raise SimbaError(
+            f"--granularity {cfg.granularity}: longer than the {window_len}-token calibration windows, which would "
+            "then not be pruned at all; raise --calib-seq-len"
+        )
     tol = flop_tolerance(mc, cfg.flops, cfg.seq_len, cfg.granularity)
 
     def schedule(increments: list[float], level: float) -> SimbaConfig:

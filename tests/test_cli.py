@@ -118,3 +118,5 @@ def test_granularity_flag_gives_a_staircase_near_the_budget(tmp_path):
     assert abs(flops["ratio"] - 0.6) <= 128 / (1024 * 6)
     code, _, err = cli("--model", "demo", "--flops", "0.6", "--granularity", "0", "--output", tmp_path / "h")
     assert code == 2 and "granularity" in err and "Traceback" not in err
+    code, _, err = cli("--model", "demo", "--flops", "0.6", "--granularity", "2048", "--output", tmp_path / "i")
+    assert code == 2 and "--granularity 2048: longer than the 1024-token calibration windows" in err
