@@ -3,9 +3,10 @@
 Search space (schedules.knots): keep(u) = 1 - c * shape(u) over relative depth u (floored above 0), shape
 rising from 0 to 1 through `knots` evenly spaced knots whose increments are the trial's parameters. The depth
 of the drop c is not searched: each trial solves it by bisection (schedules.fit_flops) so its FLOP ratio sits
-within 0.5% of the budget (one step of a layer with a granularity), and the trials are spent on the shape alone; a handful of parameters describe 6 or
-64 layers alike. The ratio is recorded with trial.set_constraint; a shape that cannot reach the budget (flat
-at the bottom) is infeasible and is not evaluated.
+within 0.5% of the budget (within one layer's step with a granularity: schedules.flop_tolerance), and the
+trials are spent on the shape alone; a handful of parameters describe 6 or 64 layers alike. The ratio is
+recorded with trial.set_constraint; a shape that cannot reach the budget (flat at the bottom) is infeasible
+and is not evaluated.
 
 Objective, on the calibration windows: the DESIGN.md headline, i.e. the next-token loss on the last K
 positions with them protected, or (objective "kl") the KL divergence from the dense model's predictions

@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import json
 import platform
-from dataclasses import asdict
 import time
+from dataclasses import asdict
 from pathlib import Path
 from typing import TYPE_CHECKING
 

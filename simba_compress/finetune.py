@@ -171,9 +171,11 @@ def finetune(
     model.float()  # master weights in float32; bf16 only inside autocast
     for n, p in model.named_parameters():
         p.requires_grad_(n in names)
-    params = [p for n, p in model.named_parameters() if n in names]
-    decay = [p for n, p in model.named_parameters() if n in names and p.ndim >= 2 and not n.endswith("A_log")]
-    rest = [p for n, p in model.named_parameters() if n in names and not (p.ndim >= 2 and not n.endswith("A_log"))]
+    params, decay, rest = [], [], []
+    for n, p in model.named_parameters():
+        if n in names:  # weight decay on matrices and embeddings; A_log is a matrix of rates, not weights
+            params.append(p)
+            (decay if p.ndim >= 2 and not n.endswith("A_log") else rest).append(p)
     opt = torch.optim.AdamW(
         [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": rest, "weight_decay": 0.0}],
         lr=cfg.lr, betas=(0.9, 0.95), fused=False,
@@ -396,8 +398,7 @@ def _nan_error(step: int, what: str, value: float, state: Path) -> SimbaError:
 def _identity(cfg: FinetuneConfig, model: MambaLM, train_w: torch.Tensor, eval_w: torch.Tensor) -> dict:
     """What a resumed run must share with the one that saved the state (not how often it saves or evaluates)."""
     d = asdict(cfg)
-    for k in ("save_every",):
-        d.pop(k)
+    d.pop("save_every")
     d["schedule"] = model.simba.to_dict()
     d["train_windows"] = [int(train_w.shape[0]), int(train_w[:, :8].sum())]  # count and a cheap fingerprint
     d["eval_windows"] = [int(eval_w.shape[0]), int(eval_w[:, :8].sum())]

@@ -14,13 +14,13 @@ from .model import ModelConfig
 from .pruning import SimbaConfig
 
 FLOP_TOLERANCE = 0.005  # a schedule for --flops F lands within 0.5% of F
+LOWEST_T = 1e-6  # the smallest keep ratio a fitted schedule may reach (ratios must stay > 0)
 
 
 def flop_tolerance(cfg: ModelConfig, flops: float, seq_len: int, granularity: int = 1) -> float:
     """How close to `flops` a schedule must land: 0.5% of it, or, when token counts come in multiples of
     `granularity`, one such step of one layer (a staircase cannot land between its steps)."""
     return max(FLOP_TOLERANCE * flops, granularity / (seq_len * cfg.n_layer) if granularity > 1 else 0.0)
-LOWEST_T = 1e-6  # the smallest keep ratio a fitted schedule may reach (ratios must stay > 0)
 
 
 def linear(n_layer: int, final: float) -> list[float]:
@@ -95,15 +95,16 @@ def linear_for_flops(
 
     if flops >= 1.0 - 1e-12:
         return make(1.0)
+    tol = flop_tolerance(cfg, flops, seq_len, granularity)
     lowest = count(cfg, make(LOWEST_T), seq_len).ratio
-    if flops < lowest * (1 - FLOP_TOLERANCE):
+    if flops < lowest - tol:  # the same tolerance as the fit's below, and as the search's (calibrate.py)
         raise SimbaError(
             f"--flops {flops}: below what a linear schedule reaches ({lowest:.3f} at --seq-len {seq_len}); "
             "use a calibrated or explicit schedule"
         )
     best = fit_flops(cfg, make, flops, seq_len)
     ratio = count(cfg, best, seq_len).ratio
-    if abs(ratio - flops) > flop_tolerance(cfg, flops, seq_len, granularity):
+    if abs(ratio - flops) > tol:
         raise SimbaError(f"--flops {flops}: the closest linear schedule gives {ratio:.4f} at --seq-len {seq_len}")
     return best
 
