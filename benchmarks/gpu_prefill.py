@@ -15,6 +15,11 @@ schedule reaches: about 0.5 of backbone FLOPs with the score counted). Each rati
 token counts (the paper's schedule: every layer prunes a little and scores its tokens), and as a staircase
 (SimbaConfig.granularity: counts rounded to multiples of 2048 tokens at 8192, of a quarter of the prompt at
 2048), where only a few layers score and every width is a whole number of mamba_ssm's scan chunks.
+Every case runs once per scan kernel in --scans: "auto" (mamba_ssm's where installed) and "triton" (the
+project's own scan, what runs without mamba_ssm; SIMBA_COMPRESS_SCAN=triton), each against its own dense
+time. --scan-kernels first times the two scans alone on a mamba-1.4b layer (d_inner 4096, d_state 16) at
+token counts a pruned layer sees (gpu_scan.json): mamba_ssm's kernel works in 2048-token chunks, the Triton
+scan in tiles of a few steps.
 Writes gpu_prefill.json (rows) and gpu_prefill.md after every case, so a run cut short keeps what it measured.
 """
 
@@ -144,6 +149,38 @@ def profile_table(fn, rows: int = 14) -> str:
     return "(profiler table unavailable)"
 
 
+def scan_kernels_table(batches: list[int], reps: int) -> list[dict]:
+    """Both scans alone, bf16 operands as the mixer passes them (views of x_dbl and xz), at token counts of a
+    dense layer (8192, 2048) and of pruned ones between whole 2048-token chunks."""
+    from simba_compress.ssm import triton_kernels
+
+    d, n, rows = 4096, 16, []
+    for batch in batches:
+        for length in (2048, 2056, 4096, 4920, 6144, 6152, 8192):
+            x = torch.randn(batch, d, length, device="cuda", dtype=torch.bfloat16)
+            xz = torch.randn(batch, 2 * d, length, device="cuda", dtype=torch.bfloat16)
+            dt = torch.randn(batch, d, length, device="cuda", dtype=torch.bfloat16) - 4
+            xdbl = torch.randn(batch, 128 + 2 * n, length, device="cuda", dtype=torch.bfloat16)
+            A = -torch.arange(1, n + 1, device="cuda", dtype=torch.float32).repeat(d, 1)
+            D, bias = torch.ones(d, device="cuda"), torch.zeros(d, device="cuda")
+            args = (x, dt, A, xdbl[:, 128 : 128 + n], xdbl[:, 128 + n :], D)
+            kw = dict(z=xz[:, d:], delta_bias=bias, delta_softplus=True, return_last_state=True)
+            row = {"batch": batch, "tokens": length, "d_inner": d, "d_state": n}
+            fns = {"triton": triton_kernels.selective_scan}
+            if kernels.mamba_ssm_available():
+                fns["mamba_ssm"] = kernels._mamba_selective_scan()
+            for name, fn in fns.items():
+                row[f"{name}_ms"] = measure(lambda: fn(*args, **kw), reps, 3)["ms"]
+            if "mamba_ssm_ms" in row:
+                row["triton_vs_mamba_ssm"] = row["triton_ms"] / row["mamba_ssm_ms"]
+                ym = fns["mamba_ssm"](*args, **kw)[0].float()
+                row["max_rel_diff"] = ((fns["triton"](*args, **kw)[0].float() - ym).abs().max() / ym.abs().max()).item()
+            print(json.dumps(row), flush=True)
+            rows.append(row)
+            del x, xz, dt, xdbl
+    return rows
+
+
 def versions() -> dict:
     out = {"torch": torch.__version__, "python": platform.python_version(), "device": torch.cuda.get_device_name()}
     for mod in ("triton", "mamba_ssm", "causal_conv1d", "transformers"):
@@ -157,7 +194,7 @@ def versions() -> dict:
     return out
 
 
-def write(out: Path, rows: list, meta: dict, notes: list[str]) -> None:
+def write(out: Path, rows: list, meta: dict, notes: list[str], scan_rows: list[dict]) -> None:
     (out / "gpu_prefill.json").write_text(json.dumps(rows, indent=1))
     lines = [
         "# Prefill wall-clock time on a GPU: dense vs Simba (same kernels) and transformers' MambaForCausalLM",
@@ -173,19 +210,27 @@ def write(out: Path, rows: list, meta: dict, notes: list[str]) -> None:
         "torch.cuda.max_memory_allocated, weights included. score_ms: CUDA events around every score call in one "
         "run; stride_ms: the same schedule ranked by position (no score), so ms - stride_ms is the score's cost too.",
         "",
-        "| model | batch | seq | impl | flops (actual) | ms | speedup | tokens/s | peak GB | score ms | score share | stride ms |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| model | batch | seq | scan | impl | flops (actual) | ms | speedup | tokens/s | peak GB | score ms | score share | stride ms |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         if "error" in r:
-            lines.append(f"| {r['model']} | {r['batch']} | {r['seq_len']} | {r['impl']} | {r['flops']} | error: {r['error']} |||||||")
+            lines.append(f"| {r['model']} | {r['batch']} | {r['seq_len']} | {r['scan']} | {r['impl']} | {r['flops']} | error: {r['error']} |||||||")
             continue
         f = lambda k, fmt: (fmt.format(r[k]) if r.get(k) is not None else "")  # noqa: E731
         lines.append(
-            f"| {r['model']} | {r['batch']} | {r['seq_len']} | {r['impl']} | {r['flops']} ({f('flops_actual', '{:.3f}')}) "
+            f"| {r['model']} | {r['batch']} | {r['seq_len']} | {r['scan']} | {r['impl']} | {r['flops']} ({f('flops_actual', '{:.3f}')}) "
             f"| {r['ms']:.2f} | {f('speedup', '{:.2f}')} | {r['tokens_per_s']:.0f} | {r['peak_mem_gb']:.2f} "
             f"| {f('score_ms', '{:.2f}')} | {f('score_share', '{:.1%}')} | {f('stride_ms', '{:.2f}')} |"
         )
+    if scan_rows:
+        (out / "gpu_scan.json").write_text(json.dumps(scan_rows, indent=1))
+        lines += ["", "## The scan kernels alone (mamba-1.4b layer: d_inner 4096, d_state 16, bf16)", "",
+                  "| batch | tokens | mamba_ssm ms | triton ms | triton / mamba_ssm | max rel diff |", "|---|---|---|---|---|---|"]
+        for r in scan_rows:
+            g = lambda k, fmt: (fmt.format(r[k]) if r.get(k) is not None else "")  # noqa: E731
+            lines.append(f"| {r['batch']} | {r['tokens']} | {g('mamba_ssm_ms', '{:.3f}')} | {r['triton_ms']:.3f} "
+                         f"| {g('triton_vs_mamba_ssm', '{:.2f}')} | {g('max_rel_diff', '{:.1e}')} |")  # fmt: skip
     lines += ["", "## Targets and where the time goes", ""] + notes
     (out / "gpu_prefill.md").write_text("\n".join(lines) + "\n")
 
@@ -202,6 +247,9 @@ def main() -> None:
     ap.add_argument("--max-seconds", type=float, default=230.0, help="skip the cases left after this long")
     ap.add_argument("--no-transformers", action="store_true")
     ap.add_argument("--no-profile", action="store_true")
+    ap.add_argument("--scans", nargs="+", default=["auto", "triton"], choices=["auto", "triton"],
+                    help="scan kernels to run every case with (auto: mamba_ssm's where installed)")
+    ap.add_argument("--scan-kernels", action="store_true", help="first time the two scans alone (gpu_scan.json)")
     args = ap.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -209,20 +257,24 @@ def main() -> None:
     print(json.dumps(meta["versions"]), flush=True)
     rows, notes, t_start = [], [], time.time()
     profiles: dict[str, str] = {}
-    for name in args.models:
+    scan_rows = scan_kernels_table(args.batches, args.reps) if args.scan_kernels else []
+    scans = {("mamba_ssm" if s == "auto" and kernels.mamba_ssm_available() else "triton"): s for s in args.scans}
+    cases = [(name, label) for name in args.models for label in scans]
+    for name, scan in cases:
+        kernels.SCAN = scans[scan]
         d_model, n_layer = SHAPES[name]
         m = random_lm(d_model, n_layer)
-        hf = None if args.no_transformers else hf_twin(m)
+        hf = None if args.no_transformers or scan != next(iter(scans)) else hf_twin(m)
         for seq in args.seq_lens:
             g = staircase_granularity(seq)
             scheds = {(f, impl): schedule(m.config, f, seq, gran) for f in args.flops
                       for impl, gran in (("simba", 1), (f"simba, granularity {g}", g))}
             for batch in args.batches:
                 if time.time() - t_start > args.max_seconds:
-                    notes.append(f"- {name} batch {batch} seq {seq}: skipped, past --max-seconds {args.max_seconds}")
+                    notes.append(f"- {name} {scan} scan batch {batch} seq {seq}: skipped, past --max-seconds {args.max_seconds}")
                     continue
                 ids = torch.randint(0, VOCAB, (batch, seq), device="cuda")
-                base = {"model": name, "d_model": d_model, "n_layer": n_layer, "batch": batch, "seq_len": seq}
+                base = {"model": name, "d_model": d_model, "n_layer": n_layer, "batch": batch, "seq_len": seq, "scan": scan}
 
                 def run(simba):
                     with torch.no_grad():
@@ -238,7 +290,7 @@ def main() -> None:
                         return None
                     row = {**base, "impl": impl, "flops": flops, **res, "tokens_per_s": batch * seq / res["ms"] * 1e3, **extra}
                     rows.append(row)
-                    print(f"{name} b{batch} l{seq} {impl} {flops}: {res['ms']:.2f} ms, peak {res['peak_mem_gb']:.2f} GB "
+                    print(f"{name} {scan} b{batch} l{seq} {impl} {flops}: {res['ms']:.2f} ms, peak {res['peak_mem_gb']:.2f} GB "
                           f"({time.time() - t0:.1f} s)", flush=True)  # fmt: skip
                     return row
 
@@ -269,10 +321,10 @@ def main() -> None:
                     r["score_share_by_difference"] = (r["ms"] - r["stride_ms"]) / r["ms"]
                     if name == "mamba-1.4b" and seq == 8192 and abs(f - 0.6) < 1e-9 and batch == min(args.batches):
                         if not args.no_profile:
-                            key = f"dense, {name}, batch {batch}, seq {seq}"
+                            key = f"dense, {scan} scan, {name}, batch {batch}, seq {seq}"
                             profiles.setdefault(key, profile_table(lambda: run(None)))
-                            profiles[f"{impl} 0.6, {name}, batch {batch}, seq {seq}"] = profile_table(lambda: run(s))
-                write(out, rows, meta, notes)
+                            profiles[f"{impl} 0.6, {scan} scan, {name}, batch {batch}, seq {seq}"] = profile_table(lambda: run(s))
+                write(out, rows, meta, notes, scan_rows)
                 del ids
         del m, hf
         torch.cuda.empty_cache()
@@ -288,14 +340,14 @@ def main() -> None:
         if r["peak_mem_vs_dense"] > 1.0:
             misses.append(f"peak memory {r['peak_mem_vs_dense']:.3f} x dense")
         if misses:
-            notes.append(f"- {r['model']} batch {r['batch']} seq {r['seq_len']} {r['impl']} flops {r['flops']}: " + "; ".join(misses)
+            notes.append(f"- {r['model']} {r['scan']} scan batch {r['batch']} seq {r['seq_len']} {r['impl']} flops {r['flops']}: " + "; ".join(misses)
                          + f" (without the score, stride ranking: {r['stride_ms']:.2f} ms, speedup {r['ms'] / r['stride_ms'] * r['speedup']:.2f})")  # fmt: skip
     if not notes:
         notes.append("- every target met")
     for title, table in profiles.items():
         notes += ["", f"### torch.profiler, {title} (one forward, kernels by self GPU time)", "", "```", table, "```"]
     notes += ["", f"Total benchmark time {time.time() - t_start:.0f} s."]
-    write(out, rows, meta, notes)
+    write(out, rows, meta, notes, scan_rows)
     print("\n".join(notes))
 
 

@@ -20,7 +20,7 @@ from torch import nn
 
 from .pruning import CRITERION_FNS, SimbaConfig, TokenPlan
 from .ssm import selective_scan, selective_step
-from .ssm.kernels import freeze_and_gather, mamba1_forward, use_kernels
+from .ssm.kernels import freeze_and_gather, mamba1_forward, scan_kernel
 
 
 @dataclass
@@ -116,8 +116,9 @@ class MambaMixer(nn.Module):
         returns each token's global impact on row position score_last[b] (b, l), computed inside the scan.
         """
         m = None if mask is None else mask.unsqueeze(-1).to(hidden.dtype)
-        if use_kernels(hidden):  # CUDA with mamba_ssm: channel-major kernels, the score from Triton
-            out, impact, conv, ssm = mamba1_forward(self, hidden, m, score_last, want_state)
+        scan = scan_kernel(self, hidden)
+        if scan is not None:  # CUDA: channel-major, mamba_ssm's scan or the Triton one, the score from Triton
+            out, impact, conv, ssm = mamba1_forward(self, hidden, m, score_last, want_state, scan)
             return out, impact, LayerState(conv=conv, ssm=ssm) if want_state else None
         if m is not None:
             hidden = hidden * m

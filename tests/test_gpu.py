@@ -8,7 +8,7 @@ score itself, same inputs into both implementations, and (b) on pruned logits wi
 position (criterion "stride"), so the pruned forward, the freeze/gather and the kernels are compared on equal
 kept sets. Float32 compares Simba-pruned logits directly and asserts the kept sets are equal.
 
-Three groups: (1) the channel-major mixer path on CPU with a PyTorch stand-in for mamba_ssm's scan (runs
+Three groups: (1) the channel-major mixer path on CPU with a PyTorch stand-in for the scan kernel (runs
 everywhere: checks layouts, masks, decode states); (2) the Triton kernels through Triton's interpreter on CPU
 (skips without triton); (3) everything on CUDA (skips without a GPU; mamba_ssm tests also skip without it).
 """
@@ -74,8 +74,7 @@ def scan_stand_in(u, delta, A, B, C, D, z=None, delta_bias=None, delta_softplus=
 
 @pytest.fixture
 def kernel_path_on_cpu(monkeypatch):
-    monkeypatch.setattr(model_mod, "use_kernels", lambda x: True)
-    monkeypatch.setattr(kernels, "_mamba_selective_scan", lambda: scan_stand_in)
+    monkeypatch.setattr(model_mod, "scan_kernel", lambda mixer, hidden: scan_stand_in)
     monkeypatch.setattr(kernels, "_causal_conv1d", lambda: None)
 
 
@@ -87,7 +86,7 @@ def test_kernel_layout_matches_reference_on_cpu(kernel_path_on_cpu, monkeypatch)
     outs = {}
     for path in ("kernel", "reference"):
         if path == "reference":
-            monkeypatch.setattr(model_mod, "use_kernels", lambda x: False)
+            monkeypatch.setattr(model_mod, "scan_kernel", lambda mixer, hidden: None)
         with torch.no_grad():
             outs[path] = [
                 m(ids, simba=None, return_states=True),
@@ -133,6 +132,24 @@ for dtype in (torch.float32, torch.bfloat16):
     ref = global_impact(x.mT, dt.mT, A, B.mT, C.mT, last)
     out[str(dtype)] = ((s - ref).abs().max() / ref.abs().max()).item()
     out[str(dtype) + "_after_last_zero"] = bool((s[1, 98:] == 0).all())
+# the selective scan against the reference (mamba_ssm's contract: softplus, D, the gate), operands as views
+from simba_compress.ssm.scan import selective_scan
+b, d, l, n = 2, 20, 37, 5   # several time tiles, a partial last one, d and n off the block sizes
+for dtype in (torch.float32, torch.bfloat16):
+    u = torch.randn(b, d, l).to(dtype)
+    z = torch.randn(b, 2 * d, l).to(dtype)[:, d:]
+    dt_raw = (torch.randn(b, d, l) - 1).to(dtype)
+    bias, D = torch.randn(d), torch.randn(d)
+    A = -torch.exp(torch.rand(d, n) * 4)
+    xdbl = torch.randn(b, 3 + 2 * n, l).to(dtype)
+    B, C = xdbl[:, 3:3 + n], xdbl[:, 3 + n:]
+    y, hl = tk.selective_scan(u, dt_raw, A, B, C, D, z=z, delta_bias=bias, delta_softplus=True, return_last_state=True)
+    dt = F.softplus(dt_raw.float() + bias[:, None])
+    yr, hr, _ = selective_scan(u.mT, dt.mT, A, B.mT, C.mT)
+    yr = (yr.mT + u.float() * D[:, None]) * F.silu(z.float())
+    out["scan_" + str(dtype)] = max(((y.float() - yr).abs().max() / yr.abs().max()).item(),
+                                    ((hl - hr).abs().max() / hr.abs().max()).item())
+    out["scan_dtype_" + str(dtype)] = y.dtype == dtype and hl.dtype == torch.float32
 h = torch.randn(2, 10, 6)
 idx = torch.tensor([[0, 1, 2, 3, 4, 5, 6, 7, 8, 9], [10, 1, 2, 3, 4, 5, 6, 7, 8, 9]])
 kept = torch.tensor([[1, 3, 5, 9], [0, 2, 8, 9]])
@@ -156,6 +173,9 @@ def test_triton_kernels_in_interpreter():
     assert out["torch.float32"] < 1e-5 and out["torch.bfloat16"] < 1e-5, out
     assert out["torch.float32_after_last_zero"] and out["torch.bfloat16_after_last_zero"]
     assert out["gather"] and out["frozen"], out
+    # the interpreter casts float32 to bf16 by truncation (the GPU rounds to nearest): bf16 gets bf16's tolerance
+    assert out["scan_torch.float32"] < 1e-5 and out["scan_torch.bfloat16"] < 1e-2, out
+    assert out["scan_dtype_torch.float32"] and out["scan_dtype_torch.bfloat16"], out
 
 
 # (3) on CUDA -------------------------------------------------------------------------------------------------
@@ -193,6 +213,36 @@ def test_score_kernel_matches_reference(dtype):
     assert (got[1, 501:] == 0).all() and (got[2, 4:] == 0).all()
 
 
+@needs_cuda
+@needs_triton
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_triton_scan_matches_reference(dtype):
+    """The Triton selective scan (the GPU path without mamba_ssm) against the CPU reference, on a long row with
+    decays strong enough that the reference needs float64 chunks (A up to -e^5, dt up to ~e^1)."""
+    from simba_compress.ssm import triton_kernels
+
+    torch.manual_seed(0)
+    b, d, l, n = 2, 300, 3000, 16
+    u = torch.randn(b, d, l, device="cuda").to(dtype)
+    z = torch.randn(b, 2 * d, l, device="cuda").to(dtype)[:, d:]
+    dt_raw = (torch.randn(b, d, l, device="cuda") - 2).to(dtype)
+    bias, D = torch.randn(d, device="cuda"), torch.randn(d, device="cuda")
+    A = -torch.exp(torch.rand(d, n, device="cuda") * 5)
+    xdbl = torch.randn(b, 8 + 2 * n, l, device="cuda").to(dtype)
+    B, C = xdbl[:, 8 : 8 + n], xdbl[:, 8 + n :]
+    y, h = triton_kernels.selective_scan(u, dt_raw, A, B, C, D, z=z, delta_bias=bias, delta_softplus=True,
+                                         return_last_state=True)  # fmt: skip
+    u, z, dt_raw, bias, D, A, B, C = (t.cpu() for t in (u, z, dt_raw, bias, D, A, B, C))
+    dt = F.softplus(dt_raw.float() + bias[:, None])
+    yr, hr, _ = selective_scan(u.mT, dt.mT, A, B.mT, C.mT)
+    yr = (yr.mT + u.float() * D[:, None]) * F.silu(z.float())
+    assert y.dtype == dtype and rel(y, yr) < TOL[dtype] and rel(h, hr) < 1e-4
+    if kernels.mamba_ssm_available():  # and against mamba_ssm's own kernel, same operands
+        ym = kernels._mamba_selective_scan()(*(t.cuda() for t in (u, dt_raw, A, B, C, D)), z=z.cuda(),
+                                             delta_bias=bias.cuda(), delta_softplus=True)  # fmt: skip
+        assert rel(y, ym) < TOL[dtype]
+
+
 def _compare(gpu_m, cpu_m, ids, mask, simba, dtype, check_kept: bool):
     with torch.no_grad():
         g = gpu_m(ids.cuda(), None if mask is None else mask.cuda(), simba=simba, return_kept=True)
@@ -203,14 +253,27 @@ def _compare(gpu_m, cpu_m, ids, mask, simba, dtype, check_kept: bool):
     assert rel(g.logits, r.logits) < TOL[dtype]
 
 
-@needs_cuda
-@pytest.mark.parametrize("with_mamba_ssm", [True, False])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_random_model_matches_cpu(dtype, with_mamba_ssm, monkeypatch):
-    if with_mamba_ssm and not kernels.mamba_ssm_available():
+def use_scan(path: str, monkeypatch) -> None:
+    """Route the GPU mixer through one scan: "mamba_ssm", "triton" (the project's own GPU path, as without
+    mamba_ssm) or "reference" (the PyTorch chunked scan on CUDA)."""
+    if path == "mamba_ssm" and not kernels.mamba_ssm_available():
         pytest.skip("mamba_ssm not installed")
-    if not with_mamba_ssm:  # the project's own GPU path: PyTorch chunked scan on CUDA, Triton gather
-        monkeypatch.setattr(model_mod, "use_kernels", lambda x: False)
+    if path == "triton":
+        if not kernels.triton_available():
+            pytest.skip("triton not available")
+        monkeypatch.setattr(kernels, "_mamba_selective_scan", lambda: None)
+    if path == "reference":
+        monkeypatch.setattr(model_mod, "scan_kernel", lambda mixer, hidden: None)
+
+
+SCANS = ["mamba_ssm", "triton", "reference"]
+
+
+@needs_cuda
+@pytest.mark.parametrize("scan", SCANS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_random_model_matches_cpu(dtype, scan, monkeypatch):
+    use_scan(scan, monkeypatch)
     cpu_m, gpu_m = gpu_model(dtype)
     ids = torch.randint(0, 128, (2, 300))
     mask = torch.ones(2, 300, dtype=torch.long)
@@ -238,8 +301,10 @@ def test_decode_states_and_generate_match_cpu():
 
 
 @needs_cuda
+@pytest.mark.parametrize("scan", ["mamba_ssm", "triton"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_proxy_matches_cpu(dtype):
+def test_proxy_matches_cpu(dtype, scan, monkeypatch):
+    use_scan(scan, monkeypatch)
     path = proxy_path()
     if path is None:
         pytest.skip("proxy checkpoint not found (set SIMBA_PROXY_MODEL)")
@@ -256,12 +321,14 @@ def test_proxy_matches_cpu(dtype):
 @needs_cuda
 @pytest.mark.parametrize("with_mamba_ssm", [True, False])
 def test_pruned_gradients_match_cpu(with_mamba_ssm, monkeypatch):
-    """Fine-tuning on CUDA: gradients of a pruned forward equal the CPU reference's (the Triton gather has
-    no backward, so under autograd the PyTorch gather must run)."""
+    """Fine-tuning on CUDA: gradients of a pruned forward equal the CPU reference's. The Triton gather and
+    scan have no backward: under autograd the PyTorch gather runs, and without mamba_ssm the reference scan."""
     if with_mamba_ssm and not kernels.mamba_ssm_available():
         pytest.skip("mamba_ssm not installed")
     if not with_mamba_ssm:
-        monkeypatch.setattr(model_mod, "use_kernels", lambda x: False)
+        monkeypatch.setattr(kernels, "_mamba_selective_scan", lambda: None)
+        assert kernels.scan_kernel(gpu_model(torch.float32)[1].backbone.layers[0].mixer,
+                                   torch.zeros(1, device="cuda")) is None  # fmt: skip
     cpu_m, gpu_m = gpu_model(torch.float32)
     ids = torch.randint(0, 128, (2, 200))
     grads = []

@@ -1,9 +1,9 @@
 """The GPU path and its dispatch: mamba_ssm / causal_conv1d kernels when they are installed, the project's
-Triton kernels (ssm/triton_kernels.py) for the global-impact score and the freeze/gather of kept tokens, and
-the reference PyTorch path for everything else. Nothing here imports mamba_ssm, causal_conv1d or triton on
+Triton kernels (ssm/triton_kernels.py) for the selective scan where mamba_ssm is missing, the global-impact
+score and the freeze/gather of kept tokens, and the reference PyTorch path for everything else. Nothing here imports mamba_ssm, causal_conv1d or triton on
 the CPU path: each is looked up once, on first use with a CUDA tensor.
 
-The Mamba-1 mixer on CUDA with mamba_ssm (mamba1_forward) works channel-major, (b, d, l), the layout of the
+The Mamba-1 mixer on CUDA (mamba1_forward) works channel-major, (b, d, l), the layout of the
 scan kernel, so no activation is transposed or copied: in_proj is one GEMM that writes x and z as (b, d, l)
 views (as mamba_ssm's own Mamba does), x_proj and dt_proj are batched GEMMs whose outputs B, C (b, n, l) and
 dt (b, d, l) are already the kernel's operands, and the kernel applies softplus(dt + bias), D and the
@@ -24,6 +24,9 @@ from .score import global_impact
 # SIMBA_COMPRESS_TRITON=0 keeps mamba_ssm but takes the score and the gather from PyTorch.
 ENABLED = os.environ.get("SIMBA_COMPRESS_KERNELS", "1") != "0"
 TRITON_ENABLED = os.environ.get("SIMBA_COMPRESS_TRITON", "1") != "0"
+# SIMBA_COMPRESS_SCAN=triton runs inference through the Triton scan even where mamba_ssm is installed: its cost
+# follows the token count step by step, where mamba_ssm's kernel works in 2048-token chunks (README, GPU speed)
+SCAN = os.environ.get("SIMBA_COMPRESS_SCAN", "auto")
 ALIGN_TOKENS = 8  # the GPU mixer pads the token axis to a multiple of this (16-byte rows for the GEMMs)
 
 
@@ -66,13 +69,22 @@ def triton_available() -> bool:
     return torch.cuda.is_available() and _triton_kernels() is not None
 
 
-def use_kernels(x: torch.Tensor) -> bool:
-    """Whether a Mamba-1 mixer on this tensor runs through mamba1_forward (mamba_ssm's scan)."""
-    return ENABLED and x.is_cuda and _mamba_selective_scan() is not None
-
-
 def _use_triton(x: torch.Tensor) -> bool:
     return ENABLED and TRITON_ENABLED and x.is_cuda and _triton_kernels() is not None
+
+
+def scan_kernel(mixer: torch.nn.Module, hidden: torch.Tensor):
+    """The selective scan a Mamba-1 mixer on `hidden` runs through mamba1_forward: mamba_ssm's selective_scan_fn
+    on CUDA, else the Triton scan (same contract, forward only: not when a backward will run); None means the
+    reference path (CPU, kernels disabled, or training without mamba_ssm). SCAN = "triton" prefers the Triton
+    scan to mamba_ssm's where no backward runs."""
+    if not (ENABLED and hidden.is_cuda):
+        return None
+    needs_grad = torch.is_grad_enabled() and (hidden.requires_grad or any(p.requires_grad for p in mixer.parameters()))
+    triton_ok = _use_triton(hidden) and not needs_grad
+    if _mamba_selective_scan() is not None and not (SCAN == "triton" and triton_ok):
+        return _mamba_selective_scan()
+    return _triton_kernels().selective_scan if triton_ok else None
 
 
 def impact_score(x, dt_raw, dt_bias, A, B, C, last) -> torch.Tensor:
@@ -109,8 +121,8 @@ def causal_conv_silu(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor |
     return F.silu(F.conv1d(x, weight.unsqueeze(1), bias, padding=k - 1, groups=x.shape[1])[..., : x.shape[-1]])
 
 
-def mamba1_forward(mixer, hidden: torch.Tensor, mask: torch.Tensor | None, score_last, want_state: bool):
-    """MambaMixer.forward on CUDA through mamba_ssm's selective scan: (out, impact, conv_state, ssm_state).
+def mamba1_forward(mixer, hidden: torch.Tensor, mask: torch.Tensor | None, score_last, want_state: bool, scan):
+    """MambaMixer.forward on CUDA through `scan` (scan_kernel's choice): (out, impact, conv_state, ssm_state).
 
     hidden (b, l, d_model), mask (b, l, 1) in hidden's dtype or None. Equal to the reference path up to
     float rounding: the kernel computes dt, the scan, D x and the gate in float32, as the reference does.
@@ -143,15 +155,16 @@ def mamba1_forward(mixer, hidden: torch.Tensor, mask: torch.Tensor | None, score
     dt_raw = _batched(mixer.dt_proj.weight, x_dbl[:, :r])  # (b, d, l), bias added in float32 by the kernels
     B, C = x_dbl[:, r : r + n], x_dbl[:, r + n :]  # (b, n, l) views
     A = -torch.exp(mixer.A_log.float())
-    impact = None if score_last is None else impact_score(x, dt_raw, mixer.dt_proj.bias, A, B, C, score_last)
-    y, h = _mamba_selective_scan()(
+    y, h = scan(
         x, dt_raw, A, B, C, mixer.D.float(), z=z, delta_bias=mixer.dt_proj.bias.float(), delta_softplus=True,
         return_last_state=True,
     )  # fmt: skip
     # y (b, d, l) = (scan + D x) * silu(z) in hidden's dtype; out_proj reads it transposed, without a copy
     out = torch.bmm(y.transpose(1, 2), mixer.out_proj.weight.t().unsqueeze(0).expand(b, -1, -1))
+    del y, xz, z  # the score runs in their memory: a pruned layer's peak stays at the dense layer's
     if mixer.out_proj.bias is not None:
         out = out + mixer.out_proj.bias
+    impact = None if score_last is None else impact_score(x, dt_raw, mixer.dt_proj.bias, A, B, C, score_last)
     if pad:
         out, impact = out[:, :true_length], None if impact is None else impact[:, :true_length]
     return out, impact, conv_state, (h.float().contiguous() if want_state else None)

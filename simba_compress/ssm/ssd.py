@@ -43,14 +43,18 @@ def ssd_scan(
     y = torch.einsum("bctsh,bcshp->bcthp", weights, x)
     # each chunk's own contribution to the state at its end, then the states carried across chunks
     local = torch.einsum("bcsh,bcshp,bcshn->bchpn", torch.exp(a[:, :, -1:] - a) * dt, x, B)
-    h = x.new_zeros(b, H, P, B.shape[-1]) if h0 is None else h0.float()
-    carried = []
-    for c in range(a.shape[1]):
-        carried.append(h)
-        h = torch.exp(a[:, c, -1])[:, :, None, None] * h + local[:, c]
-    carried = torch.stack(carried, dim=1)  # (b, c, h, p, n): the state entering each chunk
-    y = y + torch.einsum("bcthn,bchpn->bcthp", C * torch.exp(a).unsqueeze(-1), carried)
-    return y.flatten(1, 2)[:, :length], h
+    # across chunks, the same closed form one level up (no loop over chunks): the state entering chunk c is
+    # sum_{j<c} exp(T_c - T_{j+1}) local_j + exp(T_c) h0, T_c the log decay of all chunks before c. T in float64:
+    # the differences of two long sums keep their precision; every exponent is <= 0.
+    T = F.pad(torch.cumsum(a[:, :, -1].double(), dim=1), (0, 0, 1, 0))  # (b, c + 1, h): T_0 = 0 ... T_C
+    n_chunks = a.shape[1]
+    before = torch.ones(n_chunks + 1, n_chunks, dtype=torch.bool, device=x.device).tril(-1)  # j < c
+    gap = (T.unsqueeze(2) - T[:, 1:].unsqueeze(1)).masked_fill(~before[None, :, :, None], float("-inf"))
+    carried = torch.einsum("bcjh,bjhpn->bchpn", torch.exp(gap).float(), local)  # (b, c + 1, h, p, n)
+    if h0 is not None:
+        carried = carried + torch.exp(T).float()[:, :, :, None, None] * h0.float().unsqueeze(1)
+    y = y + torch.einsum("bcthn,bchpn->bcthp", C * torch.exp(a).unsqueeze(-1), carried[:, :-1])
+    return y.flatten(1, 2)[:, :length], carried[:, -1]
 
 
 def ssd_step(h, x, dt, A, B, C):

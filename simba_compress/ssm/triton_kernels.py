@@ -1,4 +1,5 @@
-"""Triton kernels for the GPU path: Simba's Mamba-1 global-impact score and the freeze/gather of kept tokens.
+"""Triton kernels for the GPU path: the Mamba-1 selective scan (the GPU path without mamba_ssm), Simba's
+global-impact score and the freeze/gather of kept tokens.
 
 Imported only through ssm/kernels.py, and only when triton imports (CI has no triton; the CPU path never
 imports this module). With TRITON_INTERPRET=1 set before the import, the kernels run on CPU tensors through
@@ -16,6 +17,8 @@ the same exp count as one pass of the scan itself, which is the floor for this s
 """
 
 from __future__ import annotations
+
+import os
 
 import torch
 import triton
@@ -182,3 +185,109 @@ def freeze_and_gather(
         out.stride(0), out.stride(1), BLOCK=block, num_warps=4 if block <= 1024 else 8,
     )
     return out
+
+
+# Selective scan (forward), channel-major as mamba_ssm's selective_scan_fn, whose contract it follows:
+#     h_t[d,n] = exp(dt_t[d] A[d,n]) h_{t-1}[d,n] + dt_t[d] B_t[n] u_t[d],   y_t[d] = C_t . h_t[d] + D[d] u_t[d]
+# times silu(z_t[d]) when z is given, dt = softplus(delta + delta_bias). One program owns BLOCK_D channels of one
+# row and keeps their (BLOCK_D, n) state in registers; it walks the row in tiles of BLOCK_T steps, and inside a
+# tile the recurrence is a parallel prefix (tl.associative_scan) over pairs (decay, input): every factor is a
+# product of decays <= 1, so nothing can overflow (unlike the closed form of ssm/scan.py, which divides by them).
+
+
+@triton.jit
+def _linear_recurrence(a1, b1, a2, b2):
+    # (a1, b1) then (a2, b2): h -> a2 (a1 h + b1) + b2
+    return a1 * a2, b1 * a2 + b2
+
+
+def _scan_configs():
+    if os.environ.get("TRITON_INTERPRET") == "1":  # the interpreter: one small tile, no tuning runs
+        return [triton.Config({"BLOCK_D": 8, "BLOCK_T": 16}, num_warps=4)]
+    return [
+        triton.Config({"BLOCK_D": bd, "BLOCK_T": bt}, num_warps=w, num_stages=s)
+        for bd, bt, w, s in ((8, 32, 4, 2), (16, 16, 4, 2), (16, 32, 8, 2), (32, 16, 8, 2), (8, 64, 8, 2), (4, 64, 4, 3))
+    ]
+
+
+@triton.autotune(configs=_scan_configs(), key=["D", "N_PAD"])  # not the length: every pruned layer differs
+@triton.jit
+def _selective_scan_fwd(
+    u_ptr, dt_ptr, bias_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, y_ptr, h_ptr,
+    L, D, N,
+    su_b, su_d, su_l, sdt_b, sdt_d, sdt_l, sA_d, sA_n, sB_b, sB_n, sB_l, sC_b, sC_n, sC_l,
+    sz_b, sz_d, sz_l, sy_b, sy_d, sy_l,
+    N_PAD: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr, HAS_D: tl.constexpr,
+    HAS_Z: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_T: tl.constexpr,
+):
+    pid_d, b = tl.program_id(0), tl.program_id(1)
+    b64 = b.to(tl.int64)
+    d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
+    n = tl.arange(0, N_PAD)
+    dmask, nmask = d < D, n < N
+    A = tl.load(A_ptr + d[:, None] * sA_d + n[None, :] * sA_n, mask=dmask[:, None] & nmask[None, :], other=0.0)
+    A = A.to(tl.float32) * 1.4426950408889634  # exp(x) = exp2(x log2 e)
+    bias = tl.load(bias_ptr + d, mask=dmask, other=0.0).to(tl.float32) if HAS_BIAS else tl.zeros((BLOCK_D,), tl.float32)
+    Dd = tl.load(D_ptr + d, mask=dmask, other=0.0).to(tl.float32) if HAS_D else tl.zeros((BLOCK_D,), tl.float32)
+    h = tl.zeros((BLOCK_D, N_PAD), dtype=tl.float32)
+    last_step = (tl.arange(0, BLOCK_T) == BLOCK_T - 1)[None, None, :]
+    u_base, dt_base, y_base = u_ptr + b64 * su_b, dt_ptr + b64 * sdt_b, y_ptr + b64 * sy_b
+    B_base, C_base, z_base = B_ptr + b64 * sB_b, C_ptr + b64 * sC_b, z_ptr + b64 * sz_b
+    for t0 in range(0, L, BLOCK_T):
+        t = t0 + tl.arange(0, BLOCK_T)
+        tmask = t < L
+        m = dmask[:, None] & tmask[None, :]
+        u = tl.load(u_base + d[:, None] * su_d + t[None, :] * su_l, mask=m, other=0.0).to(tl.float32)
+        dt = tl.load(dt_base + d[:, None] * sdt_d + t[None, :] * sdt_l, mask=m, other=0.0).to(tl.float32)
+        dt = dt + bias[:, None]
+        if SOFTPLUS:
+            dt = _softplus(dt)
+        dt = tl.where(m, dt, 0.0)  # steps past the end: decay 1, input 0, so the state passes through
+        nt = nmask[:, None] & tmask[None, :]
+        Bt = tl.load(B_base + n[:, None] * sB_n + t[None, :] * sB_l, mask=nt, other=0.0).to(tl.float32)
+        Ct = tl.load(C_base + n[:, None] * sC_n + t[None, :] * sC_l, mask=nt, other=0.0).to(tl.float32)
+        decay = tl.exp2(dt[:, None, :] * A[:, :, None])  # (BLOCK_D, N_PAD, BLOCK_T)
+        inp = (dt * u)[:, None, :] * Bt[None, :, :]
+        decay, states = tl.associative_scan((decay, inp), axis=2, combine_fn=_linear_recurrence)
+        states += decay * h[:, :, None]  # the state entering the tile, carried through the tile's decays
+        y = tl.sum(states * Ct[None, :, :], axis=1) + Dd[:, None] * u  # (BLOCK_D, BLOCK_T)
+        if HAS_Z:
+            zt = tl.load(z_base + d[:, None] * sz_d + t[None, :] * sz_l, mask=m, other=0.0).to(tl.float32)
+            y = y * zt * tl.sigmoid(zt)
+        tl.store(y_base + d[:, None] * sy_d + t[None, :] * sy_l, y.to(y_ptr.dtype.element_ty), mask=m)
+        h = tl.sum(tl.where(last_step, states, 0.0), axis=2)
+    hmask = dmask[:, None] & nmask[None, :]
+    tl.store(h_ptr + (b64 * D + d[:, None]) * N + n[None, :], h, mask=hmask)
+
+
+def selective_scan(
+    u: torch.Tensor,
+    delta: torch.Tensor,
+    A: torch.Tensor,
+    B: torch.Tensor,
+    C: torch.Tensor,
+    D: torch.Tensor | None = None,
+    z: torch.Tensor | None = None,
+    delta_bias: torch.Tensor | None = None,
+    delta_softplus: bool = False,
+    return_last_state: bool = False,
+):
+    """mamba_ssm's selective_scan_fn, forward only: u, delta, z (b, d, l), A (d, n), B and C (b, n, l), each in
+    any strides (the GPU path passes views), D and delta_bias (d,). Returns y (b, d, l) in u's dtype and, with
+    return_last_state, the final state (b, d, n) float32. No backward: callers under autograd use mamba_ssm or
+    the reference scan."""
+    b, d, length = u.shape
+    n = A.shape[-1]
+    y = torch.empty(b, d, length, device=u.device, dtype=u.dtype)
+    h = torch.empty(b, d, n, device=u.device, dtype=torch.float32)
+    dummy = y  # stands for absent optional operands; never read (the flags are constexpr)
+    zs = z.stride() if z is not None else (0, 0, 0)
+    _selective_scan_fwd[lambda meta: (triton.cdiv(d, meta["BLOCK_D"]), b)](
+        u, delta, dummy if delta_bias is None else delta_bias, A, B, C, dummy if D is None else D,
+        dummy if z is None else z, y, h,
+        length, d, n,
+        *u.stride(), *delta.stride(), *A.stride(), *B.stride(), *C.stride(), *zs, *y.stride(),
+        N_PAD=triton.next_power_of_2(n), HAS_BIAS=delta_bias is not None, SOFTPLUS=delta_softplus,
+        HAS_D=D is not None, HAS_Z=z is not None,
+    )  # fmt: skip
+    return (y, h) if return_last_state else y
