@@ -181,9 +181,19 @@ class TokenPlan:
         self.idx = positions.expand(self.real.shape[0], seq_len).clone()
         # the row's real tokens end at `end`: the last protect_last positions before it are protected
         self.end = torch.full_like(self.n_real, seq_len) if self.side == "left" else self.n_real.clone()
-        self.counts = simba.counts(self.n_real) if simba is not None else None
-        # a host copy: per-layer decisions (prune or not, the kept width) need no device sync on a GPU
-        self.counts_host = self.counts.cpu() if self.counts is not None else None
+        # on the host: per-layer decisions (prune or not, the kept width) need no device sync on a GPU; the
+        # device copy is made at the first pruning, outside the dense layers' peak (a pruned forward's peak
+        # memory stays at the dense forward's)
+        n_real_host = torch.full((b,), seq_len) if not self.padded else self.n_real.cpu()
+        self.counts_host = simba.counts(n_real_host) if simba is not None else None
+        self._counts: torch.Tensor | None = None
+
+    @property
+    def counts(self) -> torch.Tensor | None:
+        """(n_layer, b) tokens each layer runs on, per row, on the batch's device (SimbaConfig.counts)."""
+        if self._counts is None and self.counts_host is not None:
+            self._counts = self.counts_host.to(self.idx.device)
+        return self._counts
 
     @property
     def mask(self) -> torch.Tensor | None:
