@@ -218,7 +218,7 @@ class MambaLM(nn.Module):
         mixed, impact, state = block.mixer(
             block.norm(h.to(block.norm.weight.dtype)),
             plan.mask,
-            score_last=plan.last_slot() if score else None,
+            score_last=plan.last if score else None,
             want_state=want_state,
         )
         return h + mixed.to(h.dtype), impact, state

@@ -187,6 +187,9 @@ class TokenPlan:
         n_real_host = torch.full((b,), seq_len) if not self.padded else self.n_real.cpu()
         self.counts_host = simba.counts(n_real_host) if simba is not None else None
         self._counts: torch.Tensor | None = None
+        # (b,) slot of each row's last real token, the position Simba scores against; kept up to date by select
+        # (made here, before any layer, so a scoring layer allocates nothing at its peak that a dense one does not)
+        self.last = self._last_real_slot()
 
     @property
     def counts(self) -> torch.Tensor | None:
@@ -205,14 +208,14 @@ class TokenPlan:
             return False
         return bool((self.counts_host[layer + 1] < self.counts_host[layer]).any())
 
-    def last_slot(self) -> torch.Tensor:
+    def _last_real_slot(self) -> torch.Tensor:
         """(b,) slot of each row's last real token."""
         w = self.idx.shape[1]
         slots = torch.arange(w, device=self.idx.device).expand_as(self.idx)
         return torch.where(self.real, slots, -1).amax(dim=1)
 
     def view(self, layer: int, hidden: torch.Tensor, impact: torch.Tensor | None) -> LayerView:
-        return LayerView(layer, hidden, impact, self.last_slot(), self.real, self.counts[layer + 1])
+        return LayerView(layer, hidden, impact, self.last, self.real, self.counts[layer + 1])
 
     def select(self, scores: torch.Tensor, layer: int) -> torch.Tensor:
         """Keep the top-scoring tokens for `layer`; returns the kept slots (b, w') to gather with."""
@@ -235,4 +238,5 @@ class TokenPlan:
         self.real = chosen.gather(1, kept)
         self.padded = self.padded or bool((self.counts_host[layer] < width).any())
         self.idx = torch.where(self.real, self.idx.gather(1, kept), self.seq_len)
+        self.last = self._last_real_slot()
         return kept
