@@ -47,6 +47,12 @@ def test_ssd_matches_loop(length, chunk, scale):
     _, h_prev = ssd_scan(x[:, :-1], dt[:, :-1], A, B[:, :-1], C[:, :-1], chunk=chunk)
     y_last, _ = ssd_step(h_prev, x[:, -1], dt[:, -1], A, B[:, -1], C[:, -1])
     assert torch.allclose(y_last, y[:, -1], rtol=1e-4, atol=1e-5)
+    # continuing from a state (h0): the second half after the first equals the whole
+    half = length // 2
+    _, h_half = ssd_scan(x[:, :half], dt[:, :half], A, B[:, :half], C[:, :half], chunk=chunk)
+    y2, h2 = ssd_scan(x[:, half:], dt[:, half:], A, B[:, half:], C[:, half:], h0=h_half, chunk=chunk)
+    assert torch.allclose(y2.double(), yr[:, half:], rtol=1e-5, atol=1e-5 * yr.abs().max().item())
+    assert torch.allclose(h2.double(), hr, rtol=1e-5, atol=1e-5 * hr.abs().max().item())
 
 
 def test_ssd_impact_matches_definition():
