@@ -1,10 +1,11 @@
 """The GPU path and its dispatch: mamba_ssm / causal_conv1d kernels when they are installed, the project's
 Triton kernels (ssm/triton_kernels.py) for the selective scan where mamba_ssm is missing, the global-impact
-score and the freeze/gather of kept tokens, and the reference PyTorch path for everything else. Nothing here imports mamba_ssm, causal_conv1d or triton on
-the CPU path: each is looked up once, on first use with a CUDA tensor.
+score and the freeze/gather of kept tokens, and the reference PyTorch path for everything else. Nothing here
+imports mamba_ssm, causal_conv1d or triton on the CPU path: each is looked up once, on first use with a CUDA
+tensor.
 
-The Mamba-1 mixer on CUDA (mamba1_forward) works channel-major, (b, d, l), the layout of the
-scan kernel, so no activation is transposed or copied: in_proj is one GEMM that writes x and z as (b, d, l)
+The Mamba-1 mixer on CUDA (mamba1_forward) works channel-major, (b, d, l), the layout of the scan kernels,
+so no activation is transposed or copied: in_proj is one GEMM that writes x and z as (b, d, l)
 views (as mamba_ssm's own Mamba does), x_proj and dt_proj are batched GEMMs whose outputs B, C (b, n, l) and
 dt (b, d, l) are already the kernel's operands, and the kernel applies softplus(dt + bias), D and the
 silu(z) gate itself. dt exists only in the model's dtype; the score kernel takes the softplus again in float32.
