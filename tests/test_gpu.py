@@ -70,11 +70,17 @@ PRUNE = SimbaConfig(linear(4, 0.25))
 STRIDE = SimbaConfig(linear(4, 0.25), criterion="stride")
 
 
-def scan_stand_in(u, delta, A, B, C, D, z=None, delta_bias=None, delta_softplus=True, return_last_state=False):
-    """mamba_ssm's selective_scan_fn contract in PyTorch (channel-major operands), for the CPU layout check."""
+def scan_reference(u, delta, A, B, C, D, z, delta_bias) -> tuple[torch.Tensor, torch.Tensor]:
+    """mamba_ssm's selective_scan_fn contract (channel-major operands, softplus, D, the silu(z) gate) through the
+    reference scan: y (b, d, l) and the final state (b, d, n), both float32."""
     dt = F.softplus(delta.float() + delta_bias.float()[:, None])
     y, h, _ = selective_scan(u.mT, dt.mT, A, B.mT, C.mT)
-    y = (y.mT + u.float() * D[:, None]) * F.silu(z.float())
+    return (y.mT + u.float() * D[:, None]) * F.silu(z.float()), h
+
+
+def scan_stand_in(u, delta, A, B, C, D, z=None, delta_bias=None, delta_softplus=True, return_last_state=False):
+    """scan_reference in the kernels' calling convention (y in u's dtype), for the CPU layout check."""
+    y, h = scan_reference(u, delta, A, B, C, D, z, delta_bias)
     return (y.to(u.dtype), h) if return_last_state else y.to(u.dtype)
 
 
@@ -242,9 +248,7 @@ def test_triton_scan_matches_reference(dtype):
     y, h = triton_kernels.selective_scan(u, dt_raw, A, B, C, D, z=z, delta_bias=bias, delta_softplus=True,
                                          return_last_state=True)  # fmt: skip
     u, z, dt_raw, bias, D, A, B, C = (t.cpu() for t in (u, z, dt_raw, bias, D, A, B, C))
-    dt = F.softplus(dt_raw.float() + bias[:, None])
-    yr, hr, _ = selective_scan(u.mT, dt.mT, A, B.mT, C.mT)
-    yr = (yr.mT + u.float() * D[:, None]) * F.silu(z.float())
+    yr, hr = scan_reference(u, dt_raw, A, B, C, D, z, bias)
     assert y.dtype == dtype and rel(y, yr) < TOL[dtype] and rel(h, hr) < 1e-4
     if kernels.mamba_ssm_available():  # and against mamba_ssm's own kernel, same operands
         ym = kernels._mamba_selective_scan()(*(t.cuda() for t in (u, dt_raw, A, B, C, D)), z=z.cuda(),
