@@ -5,7 +5,8 @@ float32, 1e-2 in bf16, where the reference is the float32 CPU forward of the sam
 Whole-model bf16 logits are compared norm-wise, ||gpu - reference|| / ||reference||: the max-abs ratio of a
 bf16 forward through 16 layers sits at the bar by rounding alone (the CPU's own bf16 forward of the proxy is
 0.008 from its float32 forward, max-abs; 0.005 norm-wise; the GPU's measured 0.0107 once, through the Triton
-scan), so the max-abs bar would flip with the kernels' summation order rather than catch an error.
+scan; benchmarks/bf16_floor.py), so the max-abs bar would flip with the kernels' summation order rather than
+catch an error.
 In bf16 two tokens' scores can differ by less than the rounding of the two paths, so a near-tie may keep a
 different token and change the logits legitimately; bf16 is therefore checked (a) on the
 score itself, same inputs into both implementations, and (b) on pruned logits with the kept tokens fixed by
