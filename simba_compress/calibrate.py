@@ -215,14 +215,16 @@ def _pareto(rows: list[TrialRow]) -> list[TrialRow]:
 class _Scorer:
     """The calibration objective of a schedule on fixed windows; what no schedule changes is computed once."""
 
-    def __init__(self, model: MambaLM, windows: torch.Tensor, protect: int, objective: str, batch_size: int):
+    def __init__(
+        self, model: MambaLM, windows: torch.Tensor, protect: int, objective: str, batch_size: int, criterion: str
+    ):
         self.model, self.protect, self.objective = model, protect, objective
         self.batches: list[tuple[torch.Tensor, Prefix, torch.Tensor]] = []
         with torch.no_grad():
             for s in range(0, windows.shape[0], batch_size):
                 w = windows[s : s + batch_size].to(model.device)
                 x, targets = w[:, :-1], w[:, -protect:]
-                prefix = model.prefix(x)  # layer 0 is dense under every schedule
+                prefix = model.prefix(x, criterion=criterion)  # layer 0 is dense under every schedule
                 if objective == "kl":
                     targets = self._logits(x, prefix, None).log_softmax(-1)  # the dense teacher
                 self.batches.append((x, prefix, targets))
@@ -428,7 +430,7 @@ def calibrate(model: MambaLM, windows: torch.Tensor, config: CalibrationConfig) 
             return math.inf  # this shape cannot go as low as the budget: nothing to evaluate
         if scorer is None:  # built only when a trial needs it (a finished study needs no forward pass)
             t0 = time.time()
-            scorer = _Scorer(model, windows, protect, cfg.objective, cfg.batch_size)
+            scorer = _Scorer(model, windows, protect, cfg.objective, cfg.batch_size, cfg.criterion)
             setup = time.time() - t0
         return scorer(simba)
 

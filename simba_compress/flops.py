@@ -72,6 +72,8 @@ def matmul_flops(cfg: ModelConfig) -> dict[str, int]:
 def score_flops(cfg: ModelConfig, criterion: str) -> int:
     """FLOPs per scored token of a criterion (the token sort is O(l log l) and not counted)."""
     e, n, d = cfg.d_inner, cfg.d_state, cfg.d_model
+    if cfg.layer == "mamba2" and criterion == "deci":
+        return 2 * (e // cfg.headdim)  # one step size per head
     if cfg.layer == "mamba2" and criterion == "simba":
         # C_T . B_t per group (2gn), reverse cumsum, exp and products per head (~6h), max |x| over head dims (2e)
         return 2 * cfg.ngroups * n + 6 * (e // cfg.headdim) + 2 * e
@@ -79,6 +81,7 @@ def score_flops(cfg: ModelConfig, criterion: str) -> int:
         # contraction of the scan's own exp(-G) dt B x with a per-chunk weight (2en), |.| and max over d (2e),
         # and the per-chunk weights exp(A (S_T - S_c)) C_T amortised over a chunk of 8 (<= en)
         "simba": 3 * e * n + 2 * e,
+        "deci": 2 * e,  # square and sum of the step sizes the layer already computed
         "utr": 2 * d,  # clamp, sum
         "l2norm": 2 * d,  # square, sum
         "random": 1,

@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .model import LayerState, ModelConfig
+from .ssm.score import step_norm
 from .ssm.ssd import ssd_impact, ssd_scan, ssd_step
 
 
@@ -54,7 +55,8 @@ class Mamba2Mixer(nn.Module):
         self,
         hidden: torch.Tensor,
         mask: torch.Tensor | None = None,
-        score_last: torch.Tensor | None = None,
+        score: str | None = None,
+        last: torch.Tensor | None = None,
         want_state: bool = False,
     ) -> tuple[torch.Tensor, torch.Tensor | None, LayerState | None]:
         """hidden (b, l, d_model) -> (out, impact, state), as MambaMixer.forward."""
@@ -70,7 +72,7 @@ class Mamba2Mixer(nn.Module):
         dt = F.softplus(dt.float() + self.dt_bias.float())  # (b, l, h)
         A = -torch.exp(self.A_log.float())  # (h,)
         y, h = ssd_scan(x, dt, A, B, C)
-        impact = None if score_last is None else ssd_impact(x, dt, A, B, C, score_last)
+        impact = ssd_impact(x, dt, A, B, C, last) if score == "simba" else step_norm(dt) if score == "deci" else None
         y = (y + x.float() * self.D.float()[:, None]).flatten(-2)  # (b, l, e)
         out = self.out_proj(self.norm(y, z).to(hidden.dtype))
         state = LayerState(conv=xc[:, :, -(self.d_conv - 1) :].clone(), ssm=h) if want_state else None

@@ -18,8 +18,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .pruning import CRITERION_FNS, SimbaConfig, TokenPlan
-from .ssm import selective_scan, selective_step
+from .pruning import CRITERION_FNS, IN_LAYER, SimbaConfig, TokenPlan
+from .ssm import selective_scan, selective_step, step_norm
 from .ssm.kernels import freeze_and_gather, mamba1_forward, scan_kernel
 
 
@@ -107,18 +107,20 @@ class MambaMixer(nn.Module):
         self,
         hidden: torch.Tensor,
         mask: torch.Tensor | None = None,
-        score_last: torch.Tensor | None = None,
+        score: str | None = None,
+        last: torch.Tensor | None = None,
         want_state: bool = False,
     ) -> tuple[torch.Tensor, torch.Tensor | None, LayerState | None]:
-        """hidden (b, l, d_model) -> (out, impact, state).
+        """hidden (b, l, d_model) -> (out, scores, state).
 
-        mask (b, l) bool zeroes padding's input (it then cannot reach real tokens). With score_last (b,), also
-        returns each token's global impact on row position score_last[b] (b, l), computed inside the scan.
+        mask (b, l) bool zeroes padding's input (it then cannot reach real tokens). score names an in-layer
+        criterion (pruning.IN_LAYER: "simba", each token's global impact on row position last[b], computed inside
+        the scan; "deci", the norm of its step sizes) whose (b, l) scores are returned; None: no scores.
         """
         m = None if mask is None else mask.unsqueeze(-1).to(hidden.dtype)
         scan = scan_kernel(self, hidden)
         if scan is not None:  # CUDA: channel-major, mamba_ssm's scan or the Triton one, the score from Triton
-            out, impact, conv, ssm = mamba1_forward(self, hidden, m, score_last, want_state, scan)
+            out, impact, conv, ssm = mamba1_forward(self, hidden, m, score, last, want_state, scan)
             return out, impact, LayerState(conv=conv, ssm=ssm) if want_state else None
         if m is not None:
             hidden = hidden * m
@@ -131,7 +133,9 @@ class MambaMixer(nn.Module):
         dt_raw = F.linear(dt, self.dt_proj.weight)  # the bias is added in float32, as mamba_ssm's kernel does
         dt = F.softplus(dt_raw.float() + self.dt_proj.bias.float())  # (b, l, d)
         A = -torch.exp(self.A_log.float())  # (d, n)
-        y, h, impact = selective_scan(x, dt, A, B, C, last=score_last)  # the score fused into the scan
+        y, h, impact = selective_scan(x, dt, A, B, C, last=last if score == "simba" else None)  # fused score
+        if score == "deci":
+            impact = step_norm(dt)
         y = (y + x.float() * self.D.float()) * F.silu(z.float())
         out = self.out_proj(y.to(hidden.dtype))
         state = LayerState(conv=xc[:, :, -(self.d_conv - 1) :].clone(), ssm=h) if want_state else None
@@ -188,8 +192,9 @@ class Prefix:
     """
 
     hidden: torch.Tensor  # (b, l, d_model) residual stream, stream dtype
-    impact: torch.Tensor  # (b, l) the last prefix layer's global impact on the last position
+    impact: torch.Tensor | None  # (b, l) the last prefix layer's in-layer scores (criterion's), None if it has none
     layers: int
+    criterion: str = "simba"
 
 
 class MambaLM(nn.Module):
@@ -212,25 +217,27 @@ class MambaLM(nn.Module):
     def _stream_dtype(self) -> torch.dtype:
         return torch.float32 if self.config.residual_in_fp32 else self.lm_head.weight.dtype
 
-    def _layer(self, i: int, h: torch.Tensor, plan: TokenPlan, score: bool, want_state: bool):
-        """Run block i on the residual stream h: (h + mixer(norm(h)), impact, state)."""
+    def _layer(self, i: int, h: torch.Tensor, plan: TokenPlan, score: str | None, want_state: bool):
+        """Run block i on the residual stream h: (h + mixer(norm(h)), scores of the in-layer criterion `score`
+        or None, state)."""
         block = self.backbone.layers[i]
         mixed, impact, state = block.mixer(
-            block.norm(h.to(block.norm.weight.dtype)),
-            plan.mask,
-            score_last=plan.last if score else None,
-            want_state=want_state,
+            block.norm(h.to(block.norm.weight.dtype)), plan.mask, score=score, last=plan.last, want_state=want_state
         )
         return h + mixed.to(h.dtype), impact, state
 
     @torch.no_grad()
-    def prefix(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, layers: int = 1) -> Prefix:
-        """Run the first `layers` layers densely; forward(same inputs, prefix=...) continues from there."""
+    def prefix(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, layers: int = 1, criterion: str = "simba"
+    ) -> Prefix:
+        """Run the first `layers` layers densely; forward(same inputs, prefix=...) continues from there (with a
+        schedule of the same criterion: the last prefix layer's in-layer scores are kept for it)."""
         plan = TokenPlan(attention_mask, *input_ids.shape, None, input_ids.device)
         h = self.backbone.embeddings(input_ids).to(self._stream_dtype)
+        score = criterion if criterion in IN_LAYER else None
         for i in range(layers):
-            h, impact, _ = self._layer(i, h, plan, score=i == layers - 1, want_state=False)
-        return Prefix(h, impact, layers)
+            h, impact, _ = self._layer(i, h, plan, score=score if i == layers - 1 else None, want_state=False)
+        return Prefix(h, impact, layers, criterion)
 
     def forward(
         self,
@@ -262,6 +269,8 @@ class MambaLM(nn.Module):
                 raise ValueError("prefix: return_states and return_kept need the full forward")
             if simba is not None and simba.keep[prefix.layers - 1] < 1.0:
                 raise ValueError(f"prefix: simba prunes within its first {prefix.layers} layers")
+            if simba is not None and simba.criterion in IN_LAYER and simba.criterion != prefix.criterion:
+                raise ValueError(f"prefix: made for criterion {prefix.criterion!r}, not {simba.criterion!r}")
             h, start = prefix.hidden, prefix.layers
             if plan.prunes_after(start - 1):
                 h, frozen = self._prune(start - 1, h, prefix.impact, plan, frozen)
@@ -269,7 +278,8 @@ class MambaLM(nn.Module):
             if return_kept:
                 kept_positions.append(torch.where(plan.real, plan.idx, -1))
             prune = plan.prunes_after(i)
-            h, impact, state = self._layer(i, h, plan, prune and simba.criterion == "simba", return_states)
+            score = simba.criterion if prune and simba.criterion in IN_LAYER else None
+            h, impact, state = self._layer(i, h, plan, score, return_states)
             states.append(state)
             if prune:
                 h, frozen = self._prune(i, h, impact, plan, frozen)

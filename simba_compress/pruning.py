@@ -19,7 +19,9 @@ from typing import Callable
 import torch
 
 
-CRITERIA = ("simba", "utr", "l2norm", "random", "stride")
+CRITERIA = ("simba", "deci", "utr", "l2norm", "random", "stride")
+# criteria whose scores the layer computes from its own SSM inputs while it runs (LayerView.impact)
+IN_LAYER = ("simba", "deci")
 SIMBA_FORMAT_VERSION = 1
 
 
@@ -29,8 +31,9 @@ class SimbaConfig:
 
     keep: per-layer fraction of the input's real tokens that each layer runs on; keep[0] = 1.0 and it
         never increases with depth.
-    criterion: how tokens are ranked: "simba" (global impact through the layer's own recurrence), "utr"
-        (clipped-activation sum of the block output), "l2norm" (block output norm), "random", "stride".
+    criterion: how tokens are ranked: "simba" (global impact through the layer's own recurrence), "deci"
+        (DeciMamba's: the L2 norm over channels of the step size softplus(dt)), "utr" (clipped-activation sum of
+        the block output), "l2norm" (block output norm), "random", "stride".
     protect_last: the last real tokens of every row that are always kept (at least 1).
     seed: seeds the "random" criterion.
     granularity: each pruned layer's token count is rounded to the nearest multiple of this (1: exact). With
@@ -98,14 +101,15 @@ class LayerView:
 
     layer: int
     hidden: torch.Tensor  # (b, w, d_model) the block output (residual stream)
-    impact: torch.Tensor | None  # (b, w) Simba's global impact, computed inside the layer's scan
+    impact: torch.Tensor | None  # (b, w) an in-layer criterion's scores (IN_LAYER), computed while the layer ran
     last: torch.Tensor  # (b,) slot of each row's last real token
     real: torch.Tensor  # (b, w) bool: slot holds a real token
     target: torch.Tensor  # (b,) how many tokens the next layer keeps
 
 
-def _simba(view: LayerView, seed: int) -> torch.Tensor:
-    return view.impact  # fused into the scan (ssm.scan); ssm.score.global_impact is its reference
+def _in_layer(view: LayerView, seed: int) -> torch.Tensor:
+    # simba: fused into the scan (ssm.scan; ssm.score.global_impact is its reference); deci: ssm.score.step_norm
+    return view.impact
 
 
 def _utr(view: LayerView, seed: int) -> torch.Tensor:
@@ -131,7 +135,8 @@ def _stride(view: LayerView, seed: int) -> torch.Tensor:
 
 
 CRITERION_FNS: dict[str, Callable[[LayerView, int], torch.Tensor]] = {
-    "simba": _simba,
+    "simba": _in_layer,
+    "deci": _in_layer,
     "utr": _utr,
     "l2norm": _l2norm,
     "random": _random,

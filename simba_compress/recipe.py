@@ -16,7 +16,7 @@ from .errors import SimbaError
 from .finetune import FinetuneConfig
 from .pruning import CRITERIA
 
-Criterion = Literal["simba", "utr", "l2norm", "random", "stride"]
+Criterion = Literal["simba", "deci", "utr", "l2norm", "random", "stride"]
 assert set(Criterion.__args__) == set(CRITERIA)
 
 

@@ -69,6 +69,7 @@ def rel_norm(a: torch.Tensor, ref: torch.Tensor) -> float:
 TOL = {torch.float32: 1e-4, torch.bfloat16: 1e-2}
 PRUNE = SimbaConfig(linear(4, 0.25))
 STRIDE = SimbaConfig(linear(4, 0.25), criterion="stride")
+DECI = SimbaConfig(linear(4, 0.25), criterion="deci")
 
 
 def scan_reference(u, delta, A, B, C, D, z, delta_bias) -> tuple[torch.Tensor, torch.Tensor]:
@@ -108,6 +109,7 @@ def test_kernel_layout_matches_reference_on_cpu(kernel_path_on_cpu, monkeypatch)
                 m(ids, simba=None, return_states=True),
                 m(ids, simba=PRUNE, return_kept=True),
                 m(ids, mask, simba=PRUNE, return_kept=True),
+                m(ids, mask, simba=DECI, return_kept=True),
                 m(ids[:, :2], simba=None, return_states=True),  # shorter than the conv window
             ]
     for k, r in zip(outs["kernel"], outs["reference"]):

@@ -64,6 +64,8 @@ def naive_sparse_forward(model, ids, simba):
         if i + 1 < len(counts) and counts[i + 1] < counts[i]:
             if simba.criterion == "simba":
                 score = loop_impact(x[None], dt[None], A, B[None], C[None], torch.tensor([len(positions) - 1]))[0]
+            elif simba.criterion == "deci":
+                score = dt.norm(dim=-1)
             elif simba.criterion == "utr":
                 score = sub.clamp(min=0).sum(-1)
             else:
@@ -74,7 +76,7 @@ def naive_sparse_forward(model, ids, simba):
     return model.lm_head(model.backbone.norm_f(stream))
 
 
-@pytest.mark.parametrize("criterion", ["simba", "utr", "l2norm"])
+@pytest.mark.parametrize("criterion", ["simba", "deci", "utr", "l2norm"])
 @pytest.mark.parametrize("protect", [1, 5])
 def test_sparse_forward_equals_naive_reference(criterion, protect):
     m = random_model(n_layer=4, d_model=16, vocab=64, seed=3)
@@ -91,7 +93,7 @@ def test_sparse_forward_equals_naive_reference(criterion, protect):
 
 
 @pytest.mark.parametrize("side", ["left", "right"])
-@pytest.mark.parametrize("criterion", ["simba", "utr", "stride"])
+@pytest.mark.parametrize("criterion", ["simba", "deci", "utr", "stride"])
 def test_padded_batch_equals_rows_alone(side, criterion):
     m = random_model(n_layer=4, d_model=16, vocab=64, seed=5)
     simba = SimbaConfig(linear(4, 0.2), criterion, 2)

@@ -19,7 +19,7 @@ import os
 import torch
 import torch.nn.functional as F
 
-from .score import global_impact
+from .score import global_impact, step_norm
 
 # SIMBA_COMPRESS_KERNELS=0 forces the reference path everywhere (to compare, or to debug);
 # SIMBA_COMPRESS_TRITON=0 keeps mamba_ssm but takes the score and the gather from PyTorch.
@@ -122,7 +122,7 @@ def causal_conv_silu(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor |
     return F.silu(F.conv1d(x, weight.unsqueeze(1), bias, padding=k - 1, groups=x.shape[1])[..., : x.shape[-1]])
 
 
-def mamba1_forward(mixer, hidden: torch.Tensor, mask: torch.Tensor | None, score_last, want_state: bool, scan):
+def mamba1_forward(mixer, hidden: torch.Tensor, mask: torch.Tensor | None, score, last, want_state: bool, scan):
     """MambaMixer.forward on CUDA through `scan` (scan_kernel's choice): (out, impact, conv_state, ssm_state).
 
     hidden (b, l, d_model), mask (b, l, 1) in hidden's dtype or None. Equal to the reference path up to
@@ -165,7 +165,11 @@ def mamba1_forward(mixer, hidden: torch.Tensor, mask: torch.Tensor | None, score
     del y, xz, z  # the score runs in their memory: a pruned layer's peak stays at the dense layer's
     if mixer.out_proj.bias is not None:
         out = out + mixer.out_proj.bias
-    impact = None if score_last is None else impact_score(x, dt_raw, mixer.dt_proj.bias, A, B, C, score_last)
+    impact = None
+    if score == "simba":
+        impact = impact_score(x, dt_raw, mixer.dt_proj.bias, A, B, C, last)
+    elif score == "deci":
+        impact = step_norm(F.softplus(dt_raw.float() + mixer.dt_proj.bias.float()[:, None]), dim=1)
     if pad:
         out, impact = out[:, :true_length], None if impact is None else impact[:, :true_length]
     return out, impact, conv_state, (h.float().contiguous() if want_state else None)

@@ -46,3 +46,9 @@ def global_impact(
         impact = torch.einsum("bldn,bln->bld", decay, cb[:, c0:c1]).abs_().mul_(u[:, c0:c1])
         score[:, c0:c1] = impact.amax(dim=-1)
     return score.masked_fill_(~upto.squeeze(-1), 0.0)
+
+
+def step_norm(dt: torch.Tensor, dim: int = -1) -> torch.Tensor:
+    """DeciMamba's token score: the L2 norm over channels (`dim`) of the step size dt = softplus(dt_raw + bias),
+    (b, l) float32. A large step writes the token strongly into the state (and forgets what came before)."""
+    return dt.float().norm(dim=dim)
