@@ -20,7 +20,7 @@ from torch import nn
 
 from .pruning import CRITERION_FNS, IN_LAYER, SimbaConfig, TokenPlan
 from .ssm import selective_scan, selective_step, step_norm
-from .ssm.kernels import freeze_and_gather, mamba1_forward, scan_kernel
+from .ssm.kernels import freeze_and_gather, mamba1_forward, rms_norm, scan_kernel
 
 
 @dataclass
@@ -70,14 +70,21 @@ class ModelConfig:
 
 
 class RMSNorm(nn.Module):
+    """(x * rsqrt(mean(x^2) + eps)) in float32, in the weight's dtype, times the weight (kernels.rms_norm: one
+    Triton pass on CUDA). It reads the float32 residual stream as it is, as mamba_ssm's fused add-norm does."""
+
     def __init__(self, d: int, eps: float):
         super().__init__()
         self.weight = nn.Parameter(torch.ones(d))
         self.eps = eps
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        xf = x.float()
-        return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)).to(self.weight.dtype) * self.weight
+    def forward(self, x: torch.Tensor, add: torch.Tensor | None = None) -> torch.Tensor:
+        return rms_norm(x, self.weight, self.eps, add)
+
+
+def norm(module: nn.Module, h: torch.Tensor) -> torch.Tensor:
+    """A block's (or the final) norm of the residual stream h: RMSNorm reads h as it is; LayerNorm in its dtype."""
+    return module(h) if isinstance(module, RMSNorm) else module(h.to(module.weight.dtype))
 
 
 @dataclass
@@ -221,10 +228,8 @@ class MambaLM(nn.Module):
         """Run block i on the residual stream h: (h + mixer(norm(h)), scores of the in-layer criterion `score`
         or None, state)."""
         block = self.backbone.layers[i]
-        mixed, impact, state = block.mixer(
-            block.norm(h.to(block.norm.weight.dtype)), plan.mask, score=score, last=plan.last, want_state=want_state
-        )
-        return h + mixed.to(h.dtype), impact, state
+        mixed, impact, state = block.mixer(norm(block.norm, h), plan.mask, score=score, last=plan.last, want_state=want_state)
+        return h + mixed, impact, state  # one kernel: the add promotes mixed to the stream's dtype
 
     @torch.no_grad()
     def prefix(
@@ -288,7 +293,7 @@ class MambaLM(nn.Module):
             h = frozen[:, :length]
         if last_logits is not None:
             h = h[:, -last_logits:]
-        h = self.backbone.norm_f(h.to(self.backbone.norm_f.weight.dtype))
+        h = norm(self.backbone.norm_f, h)
         return LMOutput(
             logits=self.lm_head(h.to(self.lm_head.weight.dtype)),
             states=states if return_states else None,
@@ -318,54 +323,24 @@ class MambaLM(nn.Module):
         top_p: float = 1.0,
         eos_token_id: int | None = None,
         generator: torch.Generator | None = None,
+        cuda_graph: bool = True,
     ) -> torch.Tensor:
-        """Prefill the prompt (pruned as configured), then decode token by token through every layer.
+        """Prefill the prompt (pruned as configured), then decode token by token through every layer: on CUDA
+        one graph replay a token (generation.py). Prompts in a batch must be left-padded. Returns (b, l + new)
+        token ids; rows that hit eos_token_id are padded with it."""
+        from .generation import GenerationConfig, generate
 
-        Prompts in a batch must be left-padded. Returns (b, l + new) token ids; rows that hit eos_token_id
-        are padded with it.
-        """
-        if attention_mask is not None and not bool(attention_mask.bool().all()):
-            from .pruning import padding_side
-
-            if padding_side(attention_mask) != "left":
-                raise ValueError("generate: batched prompts must be left-padded")
-        out = self(input_ids, attention_mask, return_states=True)
-        states, logits = out.states, out.logits[:, -1]
-        tokens = [input_ids]
-        done = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
-        for _ in range(max_new_tokens):
-            nxt = _sample(logits.float(), do_sample, temperature, top_k, top_p, generator)
-            if eos_token_id is not None:
-                nxt = torch.where(done, eos_token_id, nxt)
-                done |= nxt == eos_token_id
-            tokens.append(nxt.unsqueeze(1))
-            if eos_token_id is not None and bool(done.all()):
-                break
-            logits, states = self.step(nxt, states)
-        return torch.cat(tokens, dim=1)
+        config = GenerationConfig(max_new_tokens, do_sample, temperature, top_k, top_p, eos_token_id, cuda_graph)
+        return generate(self, input_ids, attention_mask, config, generator).sequences
 
     def step(self, token: torch.Tensor, states: list[LayerState]) -> tuple[torch.Tensor, list[LayerState]]:
-        """One decoding step for token (b,): every layer runs on it (a new token is never pruned)."""
+        """One decoding step for token (b,), the reference (functional, no kernels): every layer runs on it (a new
+        token is never pruned). Returns the logits (b, vocab) and the new states."""
         h = self.backbone.embeddings(token).to(self._stream_dtype)
         new_states = []
         for block, state in zip(self.backbone.layers, states):
-            mixed, state = block.mixer.step(block.norm(h.to(block.norm.weight.dtype)), state)
-            h = h + mixed.to(h.dtype)
+            mixed, state = block.mixer.step(norm(block.norm, h), state)
+            h = h + mixed
             new_states.append(state)
-        h = self.backbone.norm_f(h.to(self.backbone.norm_f.weight.dtype))
+        h = norm(self.backbone.norm_f, h)
         return self.lm_head(h.to(self.lm_head.weight.dtype)), new_states
-
-
-def _sample(logits, do_sample, temperature, top_k, top_p, generator) -> torch.Tensor:
-    if not do_sample:
-        return logits.argmax(-1)
-    logits = logits / max(temperature, 1e-6)
-    if top_k > 0:
-        kth = torch.topk(logits, min(top_k, logits.shape[-1])).values[:, -1:]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    if top_p < 1.0:
-        sorted_logits, order = torch.sort(logits, descending=True)
-        cum = torch.softmax(sorted_logits, -1).cumsum(-1)
-        drop = cum - torch.softmax(sorted_logits, -1) > top_p  # keep the smallest set reaching top_p
-        logits = logits.scatter(1, order, sorted_logits.masked_fill(drop, float("-inf")))
-    return torch.multinomial(torch.softmax(logits, -1), 1, generator=generator).squeeze(1)

@@ -296,3 +296,133 @@ def selective_scan(
         HAS_D=D is not None, HAS_Z=z is not None,
     )  # fmt: skip
     return (y, h) if return_last_state else y
+
+
+# RMS norm of the residual stream, as model.RMSNorm: (x * rsqrt(mean(x^2) + eps)) in float32, rounded to the
+# weight's dtype, times the weight. One program per row; optionally adds the mixer's output to the stream first
+# and writes the sum back (the decode step's residual add), so the stream is read once and written once.
+
+
+@triton.jit
+def _rms_norm(
+    x_ptr, add_ptr, w_ptr, out_ptr, DM, s_x, s_add, s_out, eps,
+    HAS_ADD: tl.constexpr, BLOCK: tl.constexpr,
+):
+    row = tl.program_id(0).to(tl.int64)
+    c = tl.arange(0, BLOCK)
+    m = c < DM
+    x = tl.load(x_ptr + row * s_x + c, mask=m, other=0.0).to(tl.float32)
+    if HAS_ADD:
+        x += tl.load(add_ptr + row * s_add + c, mask=m, other=0.0).to(tl.float32)
+        tl.store(x_ptr + row * s_x + c, x.to(x_ptr.dtype.element_ty), mask=m)
+    rstd = 1.0 / tl.sqrt(tl.sum(x * x, axis=0) / DM + eps)
+    w = tl.load(w_ptr + c, mask=m, other=0.0)
+    y = (x * rstd).to(w_ptr.dtype.element_ty).to(tl.float32) * w.to(tl.float32)
+    tl.store(out_ptr + row * s_out + c, y.to(out_ptr.dtype.element_ty), mask=m)
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, add: torch.Tensor | None = None) -> torch.Tensor:
+    """RMS norm of x (..., dm) in the weight's dtype. With `add` (x's shape): x += add first, in place (x is the
+    residual stream, contiguous), and the norm is of the sum."""
+    dm = x.shape[-1]
+    assert add is None or x.is_contiguous()  # the in-place add must reach x itself
+    rows = x.reshape(-1, dm)
+    rows = rows if rows.stride(-1) == 1 else rows.contiguous()
+    out = torch.empty(rows.shape, device=x.device, dtype=weight.dtype)
+    addr = rows if add is None else add.reshape(-1, dm).contiguous()
+    block = triton.next_power_of_2(dm)
+    _rms_norm[(rows.shape[0],)](
+        rows, addr, weight, out, dm, rows.stride(0), addr.stride(0), out.stride(0), eps,
+        HAS_ADD=add is not None, BLOCK=block, num_warps=min(16, max(1, block // 256)),
+    )  # fmt: skip
+    return out.view(x.shape)
+
+
+# Decode step kernels (one new token per row), for GPUs without mamba_ssm / causal_conv1d:
+#   conv_step: x_t -> silu(sum_k w[d, k] window[d, k] + bias[d]) with window = (conv state, x_t); the state (the
+#   last d_conv - 1 inputs) shifts by one in place.
+#   ssm_step: dt = softplus(dt_raw + bias); h = exp(dt A) h + dt B x (in place, float32);
+#   y = (C . h + D x) * silu(z).
+
+
+@triton.jit
+def _conv_step(
+    x_ptr, state_ptr, w_ptr, b_ptr, out_ptr, D, s_xb, s_sb, s_sd, s_ob,
+    K: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    pid, b = tl.program_id(0), tl.program_id(1).to(tl.int64)
+    d = pid * BLOCK_D + tl.arange(0, BLOCK_D)
+    m = d < D
+    x = tl.load(x_ptr + b * s_xb + d, mask=m, other=0.0)
+    acc = tl.load(w_ptr + d * K + (K - 1), mask=m, other=0.0).to(tl.float32) * x.to(tl.float32)
+    state = state_ptr + b * s_sb + d * s_sd
+    prev = tl.load(state, mask=m, other=0.0)
+    for k in tl.static_range(K - 1):  # state[k] (oldest first) meets w[k]; then shifts to state[k - 1]
+        acc += tl.load(w_ptr + d * K + k, mask=m, other=0.0).to(tl.float32) * prev.to(tl.float32)
+        if k + 1 < K - 1:
+            nxt = tl.load(state + (k + 1), mask=m, other=0.0)
+            tl.store(state + k, nxt, mask=m)
+            prev = nxt
+    tl.store(state + (K - 2), x.to(state_ptr.dtype.element_ty), mask=m)
+    if HAS_BIAS:
+        acc += tl.load(b_ptr + d, mask=m, other=0.0).to(tl.float32)
+    out = acc * tl.sigmoid(acc)
+    tl.store(out_ptr + b * s_ob + d, out.to(out_ptr.dtype.element_ty), mask=m)
+
+
+def conv_step(x: torch.Tensor, state: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """x (b, d) any row stride, state (b, d, k - 1) updated in place, weight (d, k) -> silu(conv) (b, d)."""
+    b, d = x.shape
+    k = weight.shape[-1]
+    assert x.stride(1) == 1 and state.stride(2) == 1 and weight.is_contiguous() and k >= 2
+    out = torch.empty(b, d, device=x.device, dtype=x.dtype)
+    block = 256
+    _conv_step[(triton.cdiv(d, block), b)](
+        x, state, weight, weight if bias is None else bias, out, d, x.stride(0), state.stride(0), state.stride(1),
+        out.stride(0), K=k, HAS_BIAS=bias is not None, BLOCK_D=block,
+    )  # fmt: skip
+    return out
+
+
+@triton.jit
+def _ssm_step(
+    h_ptr, x_ptr, dt_ptr, bias_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, y_ptr,
+    D, N, s_hb, s_xb, s_dtb, s_Bb, s_Cb, s_zb, s_yb,
+    N_PAD: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    pid, b = tl.program_id(0), tl.program_id(1).to(tl.int64)
+    d = pid * BLOCK_D + tl.arange(0, BLOCK_D)
+    n = tl.arange(0, N_PAD)
+    dm, nm = d < D, n < N
+    m2 = dm[:, None] & nm[None, :]
+    x = tl.load(x_ptr + b * s_xb + d, mask=dm, other=0.0).to(tl.float32)
+    dt = tl.load(dt_ptr + b * s_dtb + d, mask=dm, other=0.0).to(tl.float32)
+    dt = _softplus(dt + tl.load(bias_ptr + d, mask=dm, other=0.0).to(tl.float32))
+    A = tl.load(A_ptr + d[:, None] * N + n[None, :], mask=m2, other=0.0)
+    Bt = tl.load(B_ptr + b * s_Bb + n, mask=nm, other=0.0).to(tl.float32)
+    Ct = tl.load(C_ptr + b * s_Cb + n, mask=nm, other=0.0).to(tl.float32)
+    hp = h_ptr + b * s_hb + d[:, None] * N + n[None, :]
+    h = tl.load(hp, mask=m2, other=0.0)
+    h = tl.exp(dt[:, None] * A) * h + (dt * x)[:, None] * Bt[None, :]
+    tl.store(hp, h, mask=m2)
+    y = tl.sum(h * Ct[None, :], axis=1) + tl.load(D_ptr + d, mask=dm, other=0.0).to(tl.float32) * x
+    z = tl.load(z_ptr + b * s_zb + d, mask=dm, other=0.0).to(tl.float32)
+    y = y * z * tl.sigmoid(z)
+    tl.store(y_ptr + b * s_yb + d, y.to(y_ptr.dtype.element_ty), mask=dm)
+
+
+def ssm_step(h, x, dt_raw, dt_bias, A, B, C, D, z) -> torch.Tensor:
+    """One selective-scan step: h (b, d, n) float32 contiguous, updated in place; x, dt_raw, z (b, d) and B, C
+    (b, n) with unit stride along their last axis (views of the step's GEMM outputs); dt_bias, D (d,); A (d, n)
+    float32 contiguous. Returns y (b, d) in x's dtype."""
+    b, d, n = h.shape
+    assert h.is_contiguous() and A.is_contiguous() and h.dtype == A.dtype == torch.float32
+    assert all(t.stride(-1) == 1 for t in (x, dt_raw, z, B, C))
+    y = torch.empty(b, d, device=x.device, dtype=x.dtype)
+    block = max(16, min(128, 4096 // triton.next_power_of_2(n)))
+    _ssm_step[(triton.cdiv(d, block), b)](
+        h, x, dt_raw, dt_bias, A, B, C, D, z, y, d, n,
+        h.stride(0), x.stride(0), dt_raw.stride(0), B.stride(0), C.stride(0), z.stride(0), y.stride(0),
+        N_PAD=triton.next_power_of_2(n), BLOCK_D=block,
+    )  # fmt: skip
+    return y
