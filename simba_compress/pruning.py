@@ -12,7 +12,6 @@ unpadded: masked slots carry zero input to the SSM, and they sit before (left pa
 
 from __future__ import annotations
 
-import math
 from dataclasses import asdict, dataclass, field
 from typing import Callable
 

@@ -140,3 +140,20 @@ def test_flops_defaults_to_the_fast_form_and_exact_stays_available(tmp_path, cap
         assert report["schedule"]["extra"]["form"] == form and abs(report["flops"]["ratio"] - 0.6) <= 0.006
     assert all(float(k).hex().startswith("0x1.0000000000000p") for k in keeps["fast"])  # powers of two
     assert len(set(keeps["exact"])) == len(keeps["exact"])  # every layer its own ratio
+
+
+def test_bench_on_the_cpu_says_so(tmp_path, capsys):
+    """simba-compress bench: the compressed folder against the same weights dense, one JSON object."""
+    out = tmp_path / "d"
+    assert main(["--model", "demo", "--flops", "0.6", "--schedule", "linear", "--output", str(out), "--calib-samples", "2"]) == 0
+    capsys.readouterr()
+    assert main(["bench", "--model", str(out), "--prompt-len", "64", "--new-tokens", "4", "--reps", "1", "--json"]) == 0
+    res = json.loads(capsys.readouterr().out)
+    assert "CPU" in res["note"] and [r["impl"] for r in res["rows"]] == ["simba", "dense"]
+    simba, dense = res["rows"]
+    assert dense["flops"] == 1.0 and simba["flops"] < 0.65 and simba["peak_mem_gb"] is None
+    for r in res["rows"]:
+        assert r["total_ms"] >= r["first_token_ms"] > 0 and r["decode_ms_per_token"] == pytest.approx(
+            (r["total_ms"] - r["first_token_ms"]) / 3, abs=1e-3)
+    code, _, err = cli("bench", "--model", out, "--new-tokens", "1")
+    assert code == 2 and err.strip() == "simba-compress: error: --new-tokens: must be >= 2, got 1"
