@@ -8,11 +8,13 @@ Random-weight bf16 models shaped like mamba-1.4b (d_model 2048, 48 layers) and m
 the first-token latency, of generate(K) the total, decode per token = (total - first) / (K - 1)):
   mamba_ssm      MambaLMHeadModel.generate(cg=True): its CUDA-graph decode
   transformers   MambaForCausalLM.generate (its fast path with mamba_ssm and causal_conv1d where installed);
-                 K = 128 only, its decode is not graph-captured and takes minutes at 1024
+                 K = 128 and prompts up to 8192 only: its decode is not graph-captured (~50 ms a token)
   dense          this project, the same weights unpruned
   simba          this project at --flops (0.6), the CLI's default output: the fast form (a power-of-two staircase;
                  here its linear variant, calibration picks among staircases that run alike)
   staircase      the exact schedule with counts rounded to 2048-token multiples (the earlier GPU recipe)
+  dense_mamba_ssm_step  our dense model decoding through mamba_ssm's and causal_conv1d's update kernels
+                 (SIMBA_COMPRESS_STEP=mamba_ssm) instead of the project's fused Triton step: target cases only
 Cases run in order of priority (the issue's target cases first) until --max-seconds; rows are written after
 every case. --profile adds where the time goes for the target case (torch.profiler, one generate call) and the
 eager decode (no CUDA graph) after a dense and after a pruned prefill. --block causal_conv1d hides that package
@@ -53,6 +55,7 @@ from gpu_prefill import SHAPES, free_memory, profile_table, random_lm, versions 
 from simba_compress.bench import BenchConfig, BenchRow, implementations, schedule, table, time_generation  # noqa: E402
 from simba_compress.flops import count  # noqa: E402
 from simba_compress.schedules import linear_for_flops  # noqa: E402
+from simba_compress.ssm import kernels  # noqa: E402
 
 TARGETS = {"total": 0.85, "first": 0.7, "decode": 1.1, "dense_first": 1.0}  # vs mamba_ssm's generate(cg=True)
 
@@ -72,7 +75,8 @@ def main() -> None:
     ap.add_argument("--batches", nargs="+", type=int, default=[1, 8])
     ap.add_argument("--new-tokens", nargs="+", type=int, default=[128, 1024])
     ap.add_argument("--flops", type=float, default=0.6)
-    ap.add_argument("--impls", nargs="+", default=["mamba_ssm", "transformers", "dense", "simba", "staircase"])
+    ap.add_argument("--impls", nargs="+",
+                    default=["mamba_ssm", "transformers", "dense", "simba", "staircase", "dense_mamba_ssm_step"])
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--max-seconds", type=float, default=300.0)
     ap.add_argument("--profile", action="store_true")
@@ -104,12 +108,14 @@ def main() -> None:
                             generator=torch.Generator("cuda").manual_seed(prompt))  # fmt: skip
         device = torch.cuda.get_device_name()
         for impl in args.impls:
-            if impl == "transformers" and k > 128:
+            if impl == "transformers" and (k > 128 or prompt > 8192):  # its decode alone takes minutes there
                 continue
             run, weights, simba = None, model, None
             if impl in ("simba", "staircase"):
                 simba = fast if impl == "simba" else stairs
                 run = _with(model, simba)
+            elif impl == "dense_mamba_ssm_step" and (name, prompt, k) == ("mamba-1.4b", 8192, 128):
+                run = _mamba_ssm_step(model)
             elif impl in impls:
                 run, weights = impls[impl]
             if run is None:
@@ -143,6 +149,18 @@ def _with(model, simba):
     def run(ids, n):
         with schedule(model, simba):
             return model.generate(ids, max_new_tokens=n)
+
+    return run
+
+
+def _mamba_ssm_step(model):
+    def run(ids, n):
+        step, kernels.STEP = kernels.STEP, "mamba_ssm"
+        try:
+            with schedule(model, None):
+                return model.generate(ids, max_new_tokens=n)
+        finally:
+            kernels.STEP = step
 
     return run
 

@@ -8,8 +8,9 @@ for the last position only. A new token is never pruned: it runs through every l
 kernel launches, not FLOPs (a 1.4B model moves its 2.8 GB of weights per token in ~0.6 ms on an H200, while a
 step is ~350 launches): so on CUDA the whole step, sampling included, is captured once per batch size and
 mode into a CUDA graph over static buffers (Decoder) and replayed, as mamba_ssm's generate(cg=True) does.
-The Mamba-1 step runs through fused update kernels (kernels.mamba1_step: causal_conv1d's and mamba_ssm's where
-installed, the project's Triton ones otherwise); other mixers and the CPU run their reference step.
+The Mamba-1 step runs through fused kernels (kernels.mamba1_step: the project's Triton kernels for conv + x_proj
+and dt_proj + the SSM update; mamba_ssm's and causal_conv1d's with SIMBA_COMPRESS_STEP=mamba_ssm); other mixers
+and the CPU run their reference step.
 
 Sampling is one function for every path (next_token): temperature, top-k, then top-p on what top-k left, drawn
 with the Gumbel-max trick from uniform noise drawn outside the graph (so a torch.Generator seeds it, and the
@@ -23,7 +24,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .model import LayerState, MambaLM, MambaMixer, RMSNorm, norm
+from .model import LayerState, MambaLM, MambaMixer, add_norm
 from .pruning import padding_side
 from .ssm import kernels
 
@@ -90,6 +91,7 @@ class Decoder:
         self.states = [_zero_state(block.mixer, batch, dev, dtype) for block in layers]
         self.fused = [isinstance(b.mixer, MambaMixer) and kernels.fused_step_available(model.lm_head.weight) for b in layers]
         self.A = [torch.empty_like(b.mixer.A_log, dtype=torch.float32) if f else None for b, f in zip(layers, self.fused)]
+        self._A_source: dict[int, torch.Tensor] = {}  # what each A buffer was last copied from (float_params')
         self.token = torch.zeros(batch, dtype=torch.long, device=dev)
         self.done = torch.zeros(batch, dtype=torch.bool, device=dev)
         self.eos = torch.tensor(-1 if cfg.eos_token_id is None else cfg.eos_token_id, device=dev)
@@ -106,8 +108,11 @@ class Decoder:
             buf.conv.copy_(st.conv)
             buf.ssm.copy_(st.ssm)
         for A, block in zip(self.A, self.model.backbone.layers):
-            if A is not None:  # the weights may have changed in place since the last call
-                torch.exp(block.mixer.A_log.float(), out=A).neg_()
+            if A is not None:  # the weights may have changed in place since the last call: then A is made anew
+                fresh = kernels.float_params(block.mixer)[0]
+                if fresh is not self._A_source.get(id(A)):
+                    A.copy_(fresh)
+                    self._A_source[id(A)] = fresh
         self.done.zero_()
         self.eos.fill_(-1 if cfg.eos_token_id is None else cfg.eos_token_id)
         for buf, v in zip(self.params, (cfg.temperature, cfg.top_k, cfg.top_p)):
@@ -141,14 +146,15 @@ class Decoder:
         h = m.backbone.embeddings(self.token).to(m._stream_dtype, copy=True)  # the stream, added into in place
         mixed = None
         for i, block in enumerate(m.backbone.layers):
-            state, x = self.states[i], _add_norm(block.norm, h, mixed)  # h += the last layer's output, then norm
+            state = self.states[i]
+            h, x = add_norm(block.norm, h, mixed, inplace=True)  # h += the last layer's output, then its norm
             if self.fused[i]:
                 mixed = kernels.mamba1_step(block.mixer, x, state.conv, state.ssm, self.A[i])
             else:  # the reference step, its new state written into the static buffers
                 mixed, new = block.mixer.step(x, state)
                 state.conv.copy_(new.conv)
                 state.ssm.copy_(new.ssm)
-        logits = m.lm_head(_add_norm(m.backbone.norm_f, h, mixed).to(m.lm_head.weight.dtype))
+        logits = m.lm_head(add_norm(m.backbone.norm_f, h, mixed, inplace=True)[1].to(m.lm_head.weight.dtype))
         self._select(logits)
 
     def _capture(self) -> None:
@@ -163,15 +169,6 @@ class Decoder:
         self.graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(self.graph):
             self._step()
-
-
-def _add_norm(module, h: torch.Tensor, add: torch.Tensor | None) -> torch.Tensor:
-    """h += add (in place), then the norm of h: one Triton pass on CUDA for RMSNorm (model.RMSNorm)."""
-    if isinstance(module, RMSNorm):
-        return module(h, add)
-    if add is not None:
-        h.add_(add)
-    return norm(module, h)
 
 
 def _zero_state(mixer, batch: int, device, dtype) -> LayerState:
@@ -192,7 +189,7 @@ def _decoder(model: MambaLM, batch: int, cfg: GenerationConfig) -> Decoder:
     if cache.get("where") != where:
         cache.clear()
         cache["where"] = where
-    key = (batch, graph, cfg.do_sample, cfg.filtered)  # what the captured step branches on
+    key = (batch, graph, cfg.do_sample, cfg.filtered, kernels.STEP)  # what the captured step branches on
     if key not in cache:
         cache[key] = Decoder(model, batch, cfg, graph)
     cache[key].cfg = cfg

@@ -87,6 +87,18 @@ def norm(module: nn.Module, h: torch.Tensor) -> torch.Tensor:
     return module(h) if isinstance(module, RMSNorm) else module(h.to(module.weight.dtype))
 
 
+def add_norm(module: nn.Module, h: torch.Tensor, add: torch.Tensor | None, inplace: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """(h + add, its norm): the previous block's output joins the stream as this block normalises it. In place
+    in h when `inplace` (h is the caller's to change) and no autograd runs: for RMSNorm one Triton pass on CUDA
+    that reads the stream once and writes it once (mamba_ssm's fused add-norm)."""
+    if add is not None:
+        grad = torch.is_grad_enabled() and (h.requires_grad or add.requires_grad)
+        if inplace and not grad and isinstance(module, RMSNorm) and h.is_contiguous():
+            return h, module(h, add)
+        h = h + add  # one kernel: the add promotes add to the stream's dtype
+    return h, norm(module, h)
+
+
 @dataclass
 class LayerState:
     """Recurrent state of one layer for decoding: the last k-1 conv inputs and the SSM state."""
@@ -224,12 +236,14 @@ class MambaLM(nn.Module):
     def _stream_dtype(self) -> torch.dtype:
         return torch.float32 if self.config.residual_in_fp32 else self.lm_head.weight.dtype
 
-    def _layer(self, i: int, h: torch.Tensor, plan: TokenPlan, score: str | None, want_state: bool):
-        """Run block i on the residual stream h: (h + mixer(norm(h)), scores of the in-layer criterion `score`
-        or None, state)."""
+    def _layer(self, i: int, h: torch.Tensor, pending, plan: TokenPlan, score: str | None, want_state: bool, owned: bool):
+        """Block i on the residual stream h, the previous block's output `pending` not yet added to it: returns
+        (h + pending, this block's output, scores of the in-layer criterion `score` or None, state). The add is
+        fused into the norm, in h itself when `owned` (add_norm)."""
         block = self.backbone.layers[i]
-        mixed, impact, state = block.mixer(norm(block.norm, h), plan.mask, score=score, last=plan.last, want_state=want_state)
-        return h + mixed, impact, state  # one kernel: the add promotes mixed to the stream's dtype
+        h, x = add_norm(block.norm, h, pending, inplace=owned)
+        mixed, impact, state = block.mixer(x, plan.mask, score=score, last=plan.last, want_state=want_state)
+        return h, mixed, impact, state
 
     @torch.no_grad()
     def prefix(
@@ -238,11 +252,11 @@ class MambaLM(nn.Module):
         """Run the first `layers` layers densely; forward(same inputs, prefix=...) continues from there (with a
         schedule of the same criterion: the last prefix layer's in-layer scores are kept for it)."""
         plan = TokenPlan(attention_mask, *input_ids.shape, None, input_ids.device)
-        h = self.backbone.embeddings(input_ids).to(self._stream_dtype)
+        h, mixed = self.backbone.embeddings(input_ids).to(self._stream_dtype), None
         score = criterion if criterion in IN_LAYER else None
         for i in range(layers):
-            h, impact, _ = self._layer(i, h, plan, score=score if i == layers - 1 else None, want_state=False)
-        return Prefix(h, impact, layers, criterion)
+            h, mixed, impact, _ = self._layer(i, h, mixed, plan, score if i == layers - 1 else None, False, owned=True)
+        return Prefix(h + mixed, impact, layers, criterion)
 
     def forward(
         self,
@@ -267,6 +281,7 @@ class MambaLM(nn.Module):
         plan = TokenPlan(attention_mask, b, length, simba, input_ids.device)
         frozen = None  # (b, l + 1, d_model): allocated at the first pruning, after layer 0's activations are freed
         states, kept_positions = [], []
+        mixed, owned = None, prefix is None  # a prefix's stream is the caller's: the first add makes our own copy
         if prefix is None:
             h, start = self.backbone.embeddings(input_ids).to(self._stream_dtype), 0
         else:
@@ -284,10 +299,14 @@ class MambaLM(nn.Module):
                 kept_positions.append(torch.where(plan.real, plan.idx, -1))
             prune = plan.prunes_after(i)
             score = simba.criterion if prune and simba.criterion in IN_LAYER else None
-            h, impact, state = self._layer(i, h, plan, score, return_states)
+            h, out, impact, state = self._layer(i, h, mixed, plan, score, return_states, owned)
+            owned, mixed = owned or mixed is not None, out  # an add into a stream not ours made a new one
             states.append(state)
-            if prune:
+            if prune:  # the criteria see the block's output stream
+                h, mixed = h + mixed, None
                 h, frozen = self._prune(i, h, impact, plan, frozen)
+        if mixed is not None:
+            h = h + mixed
         if frozen is not None:
             frozen.scatter_(1, plan.idx.unsqueeze(-1).expand_as(h), h)
             h = frozen[:, :length]

@@ -199,7 +199,10 @@ class TokenPlan:
     def counts(self) -> torch.Tensor | None:
         """(n_layer, b) tokens each layer runs on, per row, on the batch's device (SimbaConfig.counts)."""
         if self._counts is None and self.counts_host is not None:
-            self._counts = self.counts_host.to(self.idx.device)
+            host = self.counts_host
+            if self.idx.is_cuda:  # pinned and non-blocking: a pageable copy would wait for every queued layer, and
+                host = host.pin_memory()  # the host, no longer ahead of the GPU, would stall the narrow layers after it
+            self._counts = host.to(self.idx.device, non_blocking=True)
         return self._counts
 
     @property

@@ -185,24 +185,27 @@ from simba_compress.ssm import triton_kernels as tk
 from simba_compress.ssm.scan import selective_step
 torch.manual_seed(0)
 out = {}
-b, d, k, n = 3, 300, 4, 5  # d not a multiple of the block
+b, d, k, n, r = 3, 150, 4, 5, 40  # d not a multiple of the blocks, r not of BLOCK_R
 xz = torch.randn(b, 2 * d)
 x, z = xz[:, :d], xz[:, d:]  # strided views, as the step passes them
 state = torch.randn(b, d, k - 1)
 w, bias = torch.randn(d, k), torch.randn(d)
-window = torch.cat([state, x.unsqueeze(-1)], -1)
-ref = F.silu((window * w).sum(-1) + bias)
-got = tk.conv_step(x, state, w, bias)
-out["conv"] = ((got - ref).abs().max() / ref.abs().max()).item()
-out["conv_state"] = bool(torch.equal(state, window[:, :, 1:]))
+Wx, Wdt = torch.randn(r + 2 * n, d) / 12, torch.randn(d, r) / 6
 h = torch.randn(b, d, n)
-xdbl = torch.randn(b, 3 + 2 * n)
-B, C = xdbl[:, 3:3 + n], xdbl[:, 3 + n:]
-dt_raw, dt_bias, D = torch.randn(b, d) - 1, torch.randn(d), torch.randn(d)
+dt_bias, D = torch.randn(d), torch.randn(d)
 A = -torch.exp(torch.rand(d, n) * 3)
-yr, hr = selective_step(h, x, F.softplus(dt_raw + dt_bias), A, B, C)
-yr = (yr + x * D) * F.silu(z)
-y = tk.ssm_step(h, x, dt_raw, dt_bias, A, B, C, D, z)
+# the reference: MambaMixer.step's math, one op at a time
+window = torch.cat([state, x.unsqueeze(-1)], -1)
+xc = F.silu((window * w).sum(-1) + bias)
+xdbl = xc @ Wx.T
+dt = F.softplus(xdbl[:, :r] @ Wdt.T + dt_bias)
+yr, hr = selective_step(h, xc, dt, A, xdbl[:, r:r + n], xdbl[:, r + n:])
+yr = (yr + xc * D) * F.silu(z)
+xo, parts = tk.conv_xproj_step(x, state, w, bias, Wx)
+out["conv"] = ((xo - xc).abs().max() / xc.abs().max()).item()
+out["conv_state"] = bool(torch.equal(state, window[:, :, 1:]))
+out["xproj"] = ((parts.sum(1) - xdbl).abs().max() / xdbl.abs().max()).item()
+y = tk.ssm_step(h, xo, parts, Wdt, dt_bias, A, D, z)
 out["ssm"] = ((y - yr).abs().max() / yr.abs().max()).item()
 out["ssm_state"] = ((h - hr).abs().max() / hr.abs().max()).item()
 s, add, wn = torch.randn(4, 7, 96), torch.randn(4, 7, 96), torch.rand(96) + 0.5
@@ -220,7 +223,7 @@ def test_triton_step_kernels_in_interpreter():
     res = subprocess.run([sys.executable, "-c", INTERPRET_STEP], env=env, capture_output=True, text=True, timeout=600)
     assert res.returncode == 0, res.stderr[-3000:]
     out = json.loads(res.stdout.strip().splitlines()[-1])
-    assert out["conv"] < 1e-5 and out["conv_state"], out
+    assert out["conv"] < 1e-5 and out["conv_state"] and out["xproj"] < 1e-5, out
     assert out["ssm"] < 1e-5 and out["ssm_state"] < 1e-5, out
     assert out["norm"] < 1e-5 and out["norm_add"], out
 
@@ -245,8 +248,10 @@ def cuda_pair(dtype, n_layer=4, d_model=64, d_state=16, vocab=128):
 def use_step_kernels(which: str, monkeypatch):
     """Route the fused step: "mamba_ssm" (causal_conv1d_update + selective_state_update, where installed) or
     "triton" (the project's step kernels, as without them)."""
-    if which == "mamba_ssm" and (kernels._selective_state_update() is None or kernels._causal_conv1d_update() is None):
-        pytest.skip("mamba_ssm / causal_conv1d not installed")
+    if which == "mamba_ssm":
+        if kernels._selective_state_update() is None or kernels._causal_conv1d_update() is None:
+            pytest.skip("mamba_ssm / causal_conv1d not installed")
+        monkeypatch.setattr(kernels, "STEP", "mamba_ssm")
     if which == "triton":
         if not kernels.triton_available():
             pytest.skip("triton not available")
@@ -265,7 +270,7 @@ def test_cuda_graph_decode_equals_the_cpu_reference(which, monkeypatch):
     ids, mask = left_padded([60, 41, 7], vocab=128)
     for cfg in (GenerationConfig(max_new_tokens=64), GenerationConfig(max_new_tokens=64, do_sample=True, top_k=20, top_p=0.9)):
         out = generate(gpu_m, ids.cuda(), mask.cuda(), cfg, torch.Generator("cuda").manual_seed(1) if cfg.do_sample else None)
-        assert gpu_m._decoders[(3, True, cfg.do_sample, cfg.filtered)].graph is not None
+        assert gpu_m._decoders[(3, True, cfg.do_sample, cfg.filtered, kernels.STEP)].graph is not None
         if cfg.do_sample:  # the graph against the eager step on the GPU, same draws
             eager = generate(gpu_m, ids.cuda(), mask.cuda(), GenerationConfig(**{**cfg.__dict__, "cuda_graph": False}),
                              torch.Generator("cuda").manual_seed(1))  # fmt: skip
@@ -306,4 +311,5 @@ def test_graph_cache_per_batch_size_and_repeat_calls():
     b = generate(gpu_m, ids, None, cfg).sequences  # replays the cached graph from fresh states
     assert torch.equal(a, b)
     generate(gpu_m, ids[:1], None, cfg)
-    assert {k for k in gpu_m._decoders if k != "where"} == {(4, True, False, False), (1, True, False, False)}
+    step = kernels.STEP
+    assert {k for k in gpu_m._decoders if k != "where"} == {(4, True, False, False, step), (1, True, False, False, step)}

@@ -28,6 +28,10 @@ TRITON_ENABLED = os.environ.get("SIMBA_COMPRESS_TRITON", "1") != "0"
 # SIMBA_COMPRESS_SCAN=triton runs inference through the Triton scan even where mamba_ssm is installed: its cost
 # follows the token count step by step, where mamba_ssm's kernel works in 2048-token chunks (README, GPU speed)
 SCAN = os.environ.get("SIMBA_COMPRESS_SCAN", "auto")
+# The decode step (mamba1_step): "triton" (default where triton runs: the project's two kernels for conv + x_proj
+# and dt_proj + the SSM update, four launches in two) or "mamba_ssm" (causal_conv1d's and mamba_ssm's update
+# kernels with the projections between them, as mamba_ssm's own step)
+STEP = os.environ.get("SIMBA_COMPRESS_STEP", "triton")
 ALIGN_TOKENS = 8  # the GPU mixer pads the token axis to a multiple of this (16-byte rows for the GEMMs)
 
 
@@ -174,11 +178,8 @@ def mamba1_forward(mixer, hidden: torch.Tensor, mask: torch.Tensor | None, score
     x_dbl = _batched(mixer.x_proj.weight, x)  # (b, r + 2n, l)
     dt_raw = _batched(mixer.dt_proj.weight, x_dbl[:, :r])  # (b, d, l), bias added in float32 by the kernels
     B, C = x_dbl[:, r : r + n], x_dbl[:, r + n :]  # (b, n, l) views
-    A = -torch.exp(mixer.A_log.float())
-    y, h = scan(
-        x, dt_raw, A, B, C, mixer.D.float(), z=z, delta_bias=mixer.dt_proj.bias.float(), delta_softplus=True,
-        return_last_state=True,
-    )  # fmt: skip
+    A, D, dt_bias = float_params(mixer)
+    y, h = scan(x, dt_raw, A, B, C, D, z=z, delta_bias=dt_bias, delta_softplus=True, return_last_state=True)
     # y (b, d, l) = (scan + D x) * silu(z) in hidden's dtype; out_proj reads it transposed, without a copy
     out = torch.bmm(y.transpose(1, 2), mixer.out_proj.weight.t().unsqueeze(0).expand(b, -1, -1))
     del y, xz, z  # the score runs in their memory: a pruned layer's peak stays at the dense layer's
@@ -186,12 +187,27 @@ def mamba1_forward(mixer, hidden: torch.Tensor, mask: torch.Tensor | None, score
         out = out + mixer.out_proj.bias
     impact = None
     if score == "simba":
-        impact = impact_score(x, dt_raw, mixer.dt_proj.bias, A, B, C, last)
+        impact = impact_score(x, dt_raw, dt_bias, A, B, C, last)
     elif score == "deci":
-        impact = step_norm(F.softplus(dt_raw.float() + mixer.dt_proj.bias.float()[:, None]), dim=1)
+        impact = step_norm(F.softplus(dt_raw.float() + dt_bias[:, None]), dim=1)
     if pad:
         out, impact = out[:, pad:], None if impact is None else impact[:, pad:]
     return out, impact, conv_state, (h.float().contiguous() if want_state else None)
+
+
+def float_params(mixer) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A = -exp(A_log), D and the dt bias of a Mamba-1 mixer in float32, as its kernels take them. Without
+    autograd they are made once per version of the weights (a model in bf16 would otherwise cast them in every
+    layer of every forward: five small launches a layer); an in-place update or a move makes them anew."""
+    params = (mixer.A_log, mixer.D, mixer.dt_proj.bias)
+    if torch.is_grad_enabled() and any(p.requires_grad for p in params):
+        return -torch.exp(params[0].float()), params[1].float(), params[2].float()
+    key = tuple((p.data_ptr(), p._version, p.dtype) for p in params)
+    cached = mixer.__dict__.get("_float_params")
+    if cached is None or cached[0] != key:
+        cached = (key, (-torch.exp(params[0].float()), params[1].float(), params[2].float()))
+        mixer.__dict__["_float_params"] = cached
+    return cached[1]
 
 
 def _zero_left(t: torch.Tensor, pad: int) -> torch.Tensor:
@@ -218,33 +234,31 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, add: torch.Tenso
 
 
 def fused_step_available(x: torch.Tensor) -> bool:
-    """Whether mamba1_step has kernels for both of its recurrent updates on x's device."""
+    """Whether mamba1_step has kernels on x's device: the project's Triton step, or mamba_ssm's and causal_conv1d's."""
     if not (ENABLED and x.is_cuda):
         return False
-    conv = _causal_conv1d_update() is not None or _use_triton(x)
-    ssm = _selective_state_update() is not None or _use_triton(x)
-    return conv and ssm
+    return _use_triton(x) or (_selective_state_update() is not None and _causal_conv1d_update() is not None)
 
 
 def mamba1_step(mixer, hidden: torch.Tensor, conv_state: torch.Tensor, ssm_state: torch.Tensor, A: torch.Tensor):
     """MambaMixer.step through fused kernels, on state buffers updated in place: hidden (b, d_model), conv_state
-    (b, d, k - 1), ssm_state (b, d, n) float32, A = -exp(A_log) (d, n) float32 (the decode runtime computes it
-    once per generate call). causal_conv1d's and mamba_ssm's update kernels where installed, else the project's
-    Triton ones (fused_step_available says which exist). Returns the mixer output (b, d_model)."""
+    (b, d, k - 1), ssm_state (b, d, n) float32, A = -exp(A_log) (d, n) float32 (the decode runtime keeps it).
+    STEP "triton" (default): the project's two kernels for conv + x_proj and dt_proj + the SSM update
+    (triton_kernels.py), between in_proj and out_proj; "mamba_ssm": causal_conv1d_update, x_proj, dt_proj and
+    mamba_ssm's selective_state_update, as mamba_ssm's own step. Returns the mixer output (b, d_model)."""
     d, n, r = mixer.d_inner, mixer.d_state, mixer.dt_rank
     xz = F.linear(hidden, mixer.in_proj.weight, mixer.in_proj.bias)  # (b, 2d)
     x, z = xz[:, :d], xz[:, d:]
     weight = mixer.conv1d.weight.squeeze(1)  # (d, k)
-    if _causal_conv1d_update() is not None:
+    mamba = _selective_state_update() is not None and _causal_conv1d_update() is not None
+    if (STEP == "mamba_ssm" and mamba) or not _use_triton(x):
         x = _causal_conv1d_update()(x, conv_state, weight, mixer.conv1d.bias, "silu")
+        x_dbl = F.linear(x, mixer.x_proj.weight)  # (b, r + 2n)
+        dt_raw = F.linear(x_dbl[:, :r], mixer.dt_proj.weight)  # (b, d); the bias is added in float32 by the kernel
+        y = _selective_state_update()(ssm_state, x, dt_raw, A, x_dbl[:, r : r + n], x_dbl[:, r + n :], mixer.D, z=z,
+                                      dt_bias=mixer.dt_proj.bias, dt_softplus=True)  # fmt: skip
     else:
-        x = _triton_kernels().conv_step(x, conv_state, weight, mixer.conv1d.bias)
-    x_dbl = F.linear(x, mixer.x_proj.weight)  # (b, r + 2n)
-    dt_raw = F.linear(x_dbl[:, :r], mixer.dt_proj.weight)  # (b, d); the bias is added in float32 by the kernel
-    B, C = x_dbl[:, r : r + n], x_dbl[:, r + n :]
-    if _selective_state_update() is not None:
-        y = _selective_state_update()(ssm_state, x, dt_raw, A, B, C, mixer.D, z=z, dt_bias=mixer.dt_proj.bias,
-                                      dt_softplus=True)  # fmt: skip
-    else:
-        y = _triton_kernels().ssm_step(ssm_state, x, dt_raw, mixer.dt_proj.bias, A, B, C, mixer.D, z)
+        tk = _triton_kernels()
+        x, parts = tk.conv_xproj_step(x, conv_state, weight, mixer.conv1d.bias, mixer.x_proj.weight)
+        y = tk.ssm_step(ssm_state, x, parts, mixer.dt_proj.weight, mixer.dt_proj.bias, A, mixer.D, z)
     return F.linear(y, mixer.out_proj.weight, mixer.out_proj.bias)
