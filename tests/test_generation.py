@@ -4,15 +4,11 @@ Triton's interpreter; and on CUDA the fused kernels and the CUDA graph (skipped 
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
 
-from conftest import REPO, random_model
+from conftest import random_model, run_in_triton_interpreter
 from simba_compress import SimbaConfig
 from simba_compress.generation import GenerationConfig, generate, next_token
 from simba_compress.schedules import linear
@@ -173,14 +169,6 @@ def test_bad_generation_settings_are_clear_errors(model):
 # The Triton step kernels through Triton's interpreter on CPU -----------------------------------------------
 
 INTERPRET_STEP = r"""
-import json
-import torch, torch.nn.functional as F
-import triton.runtime.interpreter as ti
-_orig = ti._patch_lang_tensor
-def _patched(tensor, *args):  # numpy >= 2.3 refuses int() of a shape-(1,) array, which the interpreter does
-    _orig(tensor, *args)
-    tensor.__index__ = lambda self: int(self.handle.data.reshape(-1)[0])
-ti._patch_lang_tensor = _patched
 from simba_compress.ssm import triton_kernels as tk
 from simba_compress.ssm.scan import selective_step
 torch.manual_seed(0)
@@ -218,11 +206,7 @@ print(json.dumps(out))
 
 
 def test_triton_step_kernels_in_interpreter():
-    pytest.importorskip("triton")
-    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])))
-    res = subprocess.run([sys.executable, "-c", INTERPRET_STEP], env=env, capture_output=True, text=True, timeout=600)
-    assert res.returncode == 0, res.stderr[-3000:]
-    out = json.loads(res.stdout.strip().splitlines()[-1])
+    out = run_in_triton_interpreter(INTERPRET_STEP)
     assert out["conv"] < 1e-5 and out["conv_state"] and out["xproj"] < 1e-5, out
     assert out["ssm"] < 1e-5 and out["ssm_state"] < 1e-5, out
     assert out["norm"] < 1e-5 and out["norm_add"], out
