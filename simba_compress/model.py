@@ -280,6 +280,10 @@ class MambaLM(nn.Module):
         b, length = input_ids.shape
         plan = TokenPlan(attention_mask, b, length, simba, input_ids.device)
         frozen = None  # (b, l + 1, d_model): allocated at the first pruning, after layer 0's activations are freed
+        # Logits of the last positions only, all of them protected (generate's prefill): the dropped tokens'
+        # streams are never read, so they are not kept (no frozen buffer, a gather instead of freeze-and-gather)
+        plan.freeze = not (last_logits is not None and simba is not None and last_logits <= simba.protect_last
+                           and plan.side == "left")  # fmt: skip
         states, kept_positions = [], []
         mixed, owned = None, prefix is None  # a prefix's stream is the caller's: the first add makes our own copy
         if prefix is None:
@@ -310,6 +314,7 @@ class MambaLM(nn.Module):
         if frozen is not None:
             frozen.scatter_(1, plan.idx.unsqueeze(-1).expand_as(h), h)
             h = frozen[:, :length]
+        # (without it, h holds the kept tokens in order, each row's last real ones in its last slots)
         if last_logits is not None:
             h = h[:, -last_logits:]
         h = norm(self.backbone.norm_f, h)
@@ -324,10 +329,12 @@ class MambaLM(nn.Module):
         Returns the next layer's stream and the frozen buffer (allocated here on the first call)."""
         simba = plan.simba
         scores = CRITERION_FNS[simba.criterion](plan.view(layer, h, impact), simba.seed)
-        if frozen is None:
-            frozen = h.new_zeros(h.shape[0], plan.seq_len + 1, h.shape[-1])
         idx = plan.idx  # the slots' positions before select replaces them
         kept = plan.select(scores, layer + 1)
+        if not plan.freeze:
+            return h.gather(1, kept.unsqueeze(-1).expand(-1, -1, h.shape[-1])), None
+        if frozen is None:
+            frozen = h.new_zeros(h.shape[0], plan.seq_len + 1, h.shape[-1])
         return freeze_and_gather(h, idx, kept, plan.real, frozen), frozen
 
     @torch.no_grad()

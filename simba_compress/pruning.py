@@ -191,6 +191,7 @@ class TokenPlan:
         n_real_host = torch.full((b,), seq_len) if not self.padded else self.n_real.cpu()
         self.counts_host = simba.counts(n_real_host) if simba is not None else None
         self._counts: torch.Tensor | None = None
+        self.freeze = True  # keep the dropped tokens' streams (for logits at every position); the forward decides
         # (b,) slot of each row's last real token, the position Simba scores against; kept up to date by select
         # (made here, before any layer, so a scoring layer allocates nothing at its peak that a dense one does not)
         self.last = self._last_real_slot()
