@@ -2,7 +2,8 @@
 # The GPU machine's runs, in stages (each guarded by a time limit; results land under $OUT as they come):
 #   OUT=/some/folder STAGES="setup tests generate prefill" bash benchmarks/gpu_run.sh
 # setup:    wheels of packages the image lacks (.whl/*.whl, e.g. pydantic) into /tmp/site; mamba_ssm and
-#           causal_conv1d from .carry/wheels (whole wheels, or pieces NAME.whl.part-* joined first), else built
+#           causal_conv1d from .carry/cuda_site.tgz (their installed files), or .carry/wheels (whole wheels, or
+#           pieces NAME.whl.part-* joined first), else built
 #           from .carry/sdist/*.tar.gz for sm_90 in parallel (benchmarks/build_mamba_ssm.sh, ~4 minutes), the
 #           built wheels then cut into pieces under 16 MB in $OUT/wheels so a later machine installs them in
 #           seconds. A warm machine that has them skips all of this.
@@ -32,6 +33,11 @@ if on setup; then
   if [ ! -d /tmp/site ] && ls .whl/*.whl >/dev/null 2>&1; then
     python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
       && export PYTHONPATH=/tmp/site || echo "wheel install FAILED"
+  fi
+  # a tarball of both packages' files, their extensions stripped of symbols (48 MB instead of 54: it travels
+  # beside the repository under the 64 MB limit), unpacked into /tmp/site
+  if [ -f .carry/cuda_site.tgz ] && ! has selective_scan_cuda; then
+    mkdir -p /tmp/site && tar xzf .carry/cuda_site.tgz -C /tmp/site && export PYTHONPATH=/tmp/site
   fi
   for whole in $(ls .carry/wheels/*.whl.part-aa 2>/dev/null); do cat "${whole%.part-aa}".part-* > "${whole%.part-aa}"; done
   if ls .carry/wheels/*.whl >/dev/null 2>&1 && ! has selective_scan_cuda; then
