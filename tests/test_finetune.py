@@ -191,3 +191,90 @@ def test_gradient_checkpointing_gives_the_same_gradients():
     assert saved[1] < saved[0] / 2, saved
     for a, b in zip(*grads):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
+
+
+# --- memory: micro-batches, the plan, the one-line error -----------------------------------------------------------
+
+
+def test_micro_batches_and_checkpointing_train_as_one_batch():
+    """Gradient accumulation over micro-batches (the configured batch stays the optimizer's) and checkpointing
+    change the result only by float rounding."""
+    runs = []
+    for micro, ckpt in ((4, False), (1, False), (2, True)):
+        m = pruned_model()
+        res = run(m, config(micro_batch_size=micro, gradient_checkpointing=ckpt, grad_clip=1e6))  # clipping would hide a scale
+        assert res.memory["micro_batch"] == micro and res.memory["gradient_checkpointing"] is ckpt
+        runs.append((m.state_dict(), [h["eval_loss"] for h in res.history]))
+    (whole, losses), *others = runs
+    for sd, ls in others:
+        assert ls == pytest.approx(losses, rel=1e-5)
+        for name, v in whole.items():
+            torch.testing.assert_close(sd[name], v, rtol=1e-4, atol=1e-6, msg=name)
+    assert not torch.equal(whole["lm_head.weight"], pruned_model().lm_head.weight)
+
+
+def test_the_plan_splits_the_batch_before_it_checkpoints():
+    from simba_compress.memory import MemoryEstimate, plan_training_memory
+
+    def estimate(micro, ckpt):  # 10 per window without checkpointing, 3 with
+        return MemoryEstimate(weights=0, optimizer=0, activations=micro * (3 if ckpt else 10), logits=0, transient=0,
+                              runtime=0)
+
+    def plan(budget, micro=None, ckpt=None):
+        p = plan_training_memory(estimate, 8, budget, micro, ckpt)
+        return None if p is None else (p.micro_batch, p.checkpointing)
+
+    assert plan(80) == (8, False) and plan(79) == (4, False) and plan(10) == (1, False)  # divisors of 8 only
+    assert plan(9) == (2, True) and plan(3) == (1, True) and plan(2) is None  # checkpointing once 1 does not fit
+    assert plan(80, micro=2) == (2, False) and plan(80, ckpt=True) == (8, True) and plan(9, ckpt=False) is None
+
+
+def test_the_estimate_follows_the_shape():
+    from simba_compress.memory import estimate_training_memory
+
+    cfg = pruned_model().config
+
+    def est(**kw):
+        kw = dict(seq_len=1024, micro_batch=4, checkpointing=False, params=10**6, trainable=10**6) | kw
+        return estimate_training_memory(cfg, **kw)
+
+    base = est()
+    assert est(micro_batch=8).activations == pytest.approx(2 * base.activations, rel=0.01)
+    assert est(seq_len=2048).activations == pytest.approx(2 * base.activations, rel=0.01)
+    assert est(checkpointing=True).activations < base.activations / 5
+    assert est(tokens=[1024, 512, 256, 128]).activations < 0.6 * base.activations  # pruned layers keep less
+    assert est(loss_positions=128).logits == base.logits // 8 and est(teacher_bytes=4 * 10**6).weights > base.weights
+    assert est(trainable=10**5).optimizer == base.optimizer // 10
+
+
+def test_a_budget_picks_the_micro_batch():
+    from simba_compress.finetune import memory_plan
+    from simba_compress.memory import GiB
+
+    m = pruned_model()
+    cfg = config(batch_size=8)
+    plan = memory_plan(m, m.simba, cfg, torch.device("cpu"), 8)
+    assert plan.micro_batch == 8 and not plan.checkpointing  # a tiny model fits whole
+    est = plan.estimate
+    limit = (est.weights + est.runtime + (est.training + memory_plan(
+        m, m.simba, config(batch_size=8, micro_batch_size=4), torch.device("cpu"), 8).estimate.training) / 2) / GiB
+    smaller = memory_plan(m, m.simba, config(batch_size=8, memory_gb=limit), torch.device("cpu"), 8)
+    assert smaller.micro_batch == 4 and not smaller.checkpointing and smaller.estimate.training <= smaller.budget
+
+
+@pytest.mark.parametrize(
+    "extra, flag",
+    [
+        (["--finetune-seq-len", "50000000"], "lower finetune.seq_len (--finetune-seq-len)"),
+        (["--finetune-seq-len", "50000000", "--no-gradient-checkpointing"], "allow gradient checkpointing (--gradient-checkpointing)"),
+        (["--finetune-micro-batch-size", "3"], "micro_batch_size 3 does not divide batch_size 4 (--finetune-micro-batch-size"),
+        (["--finetune-memory", "0.05"], "finetune.memory_gb (--finetune-memory): 0.05 GB is less than"),
+    ],
+)
+def test_cli_when_nothing_fits_is_one_line_naming_the_flag(tmp_path, extra, flag):
+    out = tmp_path / "out"
+    code, _, err = cli("--model", "demo", "--flops", "0.6", "--schedule", "linear", "--output", out, "--calib-samples", "2",
+                       "--calib-seq-len", "64", "--finetune-data", "demo", "--finetune-steps", "2", "--finetune-batch-size", "4",
+                       "--device", "cpu", *extra)
+    assert code == 2 and err.strip().count("\n") == 0 and flag in err, err
+    assert not out.exists()
