@@ -94,7 +94,7 @@ def run(recipe: Recipe, overwrite: bool = False, progress: bool = True) -> tuple
     check_output(out, overwrite)  # before any long work
     t0 = time.time()
     device, dtype = resolve_device(recipe.device, recipe.dtype)
-    state = _distributed()
+    state = _distributed(device)
     main = state is None or state.is_main_process
     torch.manual_seed(recipe.seed)
     config = read_checkpoint(resolve(recipe.model)).config  # a folder that is not a checkpoint is named as such
@@ -184,7 +184,7 @@ def run(recipe: Recipe, overwrite: bool = False, progress: bool = True) -> tuple
     return folder, report
 
 
-def _distributed():
+def _distributed(device: torch.device):
     """accelerate's PartialState when this process is one of several (accelerate launch, torchrun), else None."""
     import os
 
@@ -192,7 +192,7 @@ def _distributed():
         return None
     from accelerate import PartialState
 
-    return PartialState()
+    return PartialState(cpu=device.type == "cpu")  # on the CPU: gloo (finetune's Accelerator shares this state)
 
 
 def _on_main(state, search):

@@ -229,7 +229,9 @@ def finetune(
     from accelerate import Accelerator  # imported here: the rest of the package runs without it
 
     cpu = model.device.type == "cpu"
-    acc = Accelerator(cpu=cpu, mixed_precision="no" if cpu else "bf16")
+    # step_scheduler_with_optimizer=False: accelerate would step the schedule once per process (it assumes each
+    # process reads batches of its own); here every step is one global batch split over the processes
+    acc = Accelerator(cpu=cpu, mixed_precision="no" if cpu else "bf16", step_scheduler_with_optimizer=False)
     if cfg.batch_size % acc.num_processes:
         raise SimbaError(f"finetune.batch_size: {cfg.batch_size} does not split over {acc.num_processes} processes")
     plan = memory_plan(model, model.simba, cfg, acc.device, cfg.batch_size // acc.num_processes,

@@ -3,8 +3,10 @@
 import contextlib
 import copy
 import json
+import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -278,3 +280,35 @@ def test_cli_when_nothing_fits_is_one_line_naming_the_flag(tmp_path, extra, flag
                        "--device", "cpu", *extra)
     assert code == 2 and err.strip().count("\n") == 0 and flag in err, err
     assert not out.exists()
+
+
+# --- several processes ------------------------------------------------------------------------------------------
+
+
+def test_two_processes_train_as_one_resume_and_write_once(tmp_path, small_checkpoint):
+    """accelerate launch with 2 processes (DDP over gloo on the CPU), the same global batch of 4: the same weights
+    as one process within float rounding, after a stop at step 2 and a resume; the command line under the same
+    launch writes one folder and prints one report."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+              "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(port)]
+    worker = str(Path(__file__).with_name("ddp_worker.py"))
+    r = subprocess.run([*launch, worker, str(tmp_path), str(small_checkpoint)], capture_output=True, text=True,
+                       timeout=600, env=os.environ | {"OMP_NUM_THREADS": "1"})
+    assert r.returncode == 0, r.stderr[-3000:]
+    one = pruned_model()
+    reference = run(one, config(grad_clip=1e6))  # uninterrupted, one process
+    got = torch.load(tmp_path / "ddp.pt")
+    assert got["first"]["steps_done"] == 2 and not got["first"]["finished"]
+    assert got["result"]["processes"] == 2 and got["result"]["memory"]["micro_batch"] == 2 and got["result"]["finished"]
+    assert [h["eval_loss"] for h in got["result"]["history"]] == pytest.approx([h["eval_loss"] for h in reference.history], rel=1e-5)
+    for name, v in one.state_dict().items():
+        torch.testing.assert_close(got["state_dict"][name], v, rtol=1e-4, atol=1e-6, msg=name)
+    reports = [json.loads(line) for line in r.stdout.splitlines() if line.startswith("{")]
+    assert len(reports) == 1 and reports[0]["finetune"]["processes"] == 2 and reports[0]["finetune"]["steps_done"] == 2
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["cli", "ddp.pt", "state"]  # nothing written twice or left over
+    assert load(tmp_path / "cli").simba is not None
