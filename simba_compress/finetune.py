@@ -236,6 +236,8 @@ def finetune(
         raise SimbaError(f"finetune.batch_size: {cfg.batch_size} does not split over {acc.num_processes} processes")
     plan = memory_plan(model, model.simba, cfg, acc.device, cfg.batch_size // acc.num_processes,
                        teacher_bytes=0 if teacher is None else _bytes(teacher))
+    if state_dir is None and acc.num_processes > 1:  # each would make a temporary folder of its own
+        raise SimbaError("finetune: several processes need a state_dir that they share")
     tmp_state = state_dir is None
     state = Path(state_dir) if state_dir is not None else Path(_mkdtemp())
     identity = _identity(cfg, model, train_w, eval_w)
