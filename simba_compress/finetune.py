@@ -15,11 +15,16 @@ by construction) would spend the updates on an unreachable target and bend the k
 loss_positions="all" trains on every position instead (the all-position stress figure).
 KL: KL(teacher || student) on the same positions, with temperature T (scaled by T^2, as usual).
 
-Machinery: accelerate places the model, wraps it for multi-GPU (`accelerate launch`), runs bf16 autocast on
+Memory: memory_plan (memory.py's estimate against the free memory) picks the micro-batch, a divisor of the
+windows each process takes per step whose gradients accumulate into the step (the optimizer's batch stays
+batch_size), and gradient checkpointing only when one window does not fit without it; or fails in one line.
+
+Machinery: accelerate places the model, wraps it in DDP under `accelerate launch` (each process takes its
+slice of every step's windows, so N processes train as one on the same global batch), runs bf16 autocast on
 CUDA (float32 on CPU, master weights always float32) and saves / loads the resumable state (model,
 optimizer, scheduler, RNG). The batch of step s is a pure function of (seed, s), so a resumed run reads the
 same batches as an uninterrupted one. State folder (beside the output, since the output folder is written
-atomically and only when whole):
+atomically and only when whole; shared by the processes, the main one writes it):
     last/   accelerate state + progress.json (step, history, settings), swapped in atomically
     best/   the trainable weights with the lowest held-out loss so far (step 0 = the training-free model)
 A rerun with the same settings resumes from last/; other settings are refused (delete the folder).

@@ -26,14 +26,16 @@ from .model import ModelConfig
 GiB = 1 << 30
 Scan = Literal["reference", "mamba_ssm"]
 
-# Floats autograd keeps per layer and token (measured with saved_tensors_hooks on the proxies, rounded up):
-# the mixer's (b, l, d_inner) activations (in_proj's x and z, conv, x_proj, dt, the scan's inputs, y, gate),
-# the residual stream and norms (d_model), B and C (d_state), and the reference scan's chunk states, twice
-# d_inner * d_state / chunk for the channels it runs in float64.
-REFERENCE_PER_TOKEN = (18, 4, 4)  # (x d_inner, x d_model, x d_state)
+# Floats autograd keeps per layer and token (measured with saved_tensors_hooks on the l16 proxy: 20 d_inner
+# in all, with its float64 channels): the mixer's (b, l, d_inner) activations (in_proj's x and z, conv,
+# x_proj, dt, the scan's inputs, y, gate), the residual stream and norms (d_model), B and C (d_state), and the
+# reference scan's chunk states, d_inner * d_state / chunk, twice for the channels it runs in float64.
+REFERENCE_PER_TOKEN = (16, 4, 4)  # (x d_inner, x d_model, x d_state)
 MAMBA_SSM_PER_TOKEN = (12, 4, 4)  # mamba_ssm's kernel keeps its inputs, not states: not measured here (no GPU)
 CHECKPOINTED_PER_TOKEN = 4  # x d_model: with gradient checkpointing a layer keeps its input stream only
-RUNTIME = {"cpu": 700 << 20, "cuda": 1 * GiB}  # interpreter and libraries (CPU); CUDA context and workspaces
+# interpreter, torch, transformers, accelerate, the tokenizer (CPU: measured 0.9 GB with the proxy loaded);
+# CUDA context and workspaces
+RUNTIME = {"cpu": 900 << 20, "cuda": 1 * GiB}
 # Share of the free memory the plan may fill: RAM is shared with other processes that may grow after the
 # plan is made, and the estimate is good to about 20%; a GPU is the run's own, less the allocator's slack.
 HEADROOM = {"cpu": 0.5, "cuda": 0.85}
@@ -85,15 +87,19 @@ def estimate_training_memory(
     tokens = [seq_len] * c.n_layer if tokens is None else tokens
     b, f = micro_batch, 4  # activations are counted in float32 (also under bf16 autocast: an upper bound)
     d_in, d_st = c.d_inner, c.d_state
-    if c.layer == "mamba2" or scan == "reference":
-        from .ssm.scan import MAX_CHUNK, MAX_CHUNK_GPU
+    reference = c.layer == "mamba2" or scan == "reference"
+    if reference:
+        from .ssm.scan import MAX_CHUNK, MAX_CHUNK_GPU, PAIRWISE_ELEMENTS
 
         chunk = MAX_CHUNK if device == "cpu" else MAX_CHUNK_GPU
         k_in, k_model, k_state = REFERENCE_PER_TOKEN
         per_token = k_in * d_in + k_model * c.d_model + k_state * d_st + 2 * d_in * d_st / chunk
+        # one chunk recomputed in the backward (float64, a few tensors) and the pairwise path's decays (two)
+        scan_work = 8 * b * chunk * d_in * d_st * 8 + 2 * PAIRWISE_ELEMENTS * f
     else:
         k_in, k_model, k_state = MAMBA_SSM_PER_TOKEN
         per_token = k_in * d_in + k_model * c.d_model + k_state * d_st
+        scan_work = 0
     widest = max(tokens)
     stream = 2 * b * (seq_len + 1) * c.d_model * f  # embeddings and the frozen stream of pruned tokens
     if checkpointing:
@@ -103,7 +109,6 @@ def estimate_training_memory(
         activations = stream + sum(b * k * per_token * f for k in tokens)
         recompute = 0
     layer_backward = b * widest * (10 * d_in + 4 * c.d_model) * f  # gradients of one layer's activations
-    scan_work = 8 * b * 64 * d_in * d_st * 8 if scan == "reference" else 0  # one chunk, recomputed (float64)
     k = seq_len if loss_positions is None else loss_positions
     logits = b * k * c.vocab_size * f * (5 if teacher_bytes else 3)  # logits, log-softmax, KL terms
     extra_weights = params * 2 if device == "cuda" else 0  # autocast's bf16 copies of the weights
