@@ -15,9 +15,10 @@ the calibration data. Per batch, layer 0 (dense under every schedule) and the de
 
 Storage: any Optuna storage (RDB URL, or a journal file for workers on several machines), opened with
 load_if_exists, so a rerun resumes and several processes share one study; the study remembers what it was
-created for (model, budget, data, ...) and refuses another. Determinism: the sampler of each trial is seeded
-from (seed, trials finished or running before it), and trials left RUNNING by a killed process on this host
-are marked failed first, so a killed and rerun study asks exactly what an uninterrupted one asks.
+created for (model, budget, data, ...) and refuses another. Workers together finish exactly `trials` trials,
+none asked twice. Determinism: the sampler of each trial is seeded from (seed, its rank: the trials finished
+or running with a lower number), and trials left RUNNING by a killed process on this host are marked failed
+first, so a killed and rerun study asks exactly what an uninterrupted one asks.
 """
 
 from __future__ import annotations
@@ -254,7 +255,7 @@ def open_storage(url: str | None) -> optuna.storages.BaseStorage | None:
         return None
     try:
         if "://" in url:
-            return optuna.storages.RDBStorage(url)
+            return _rdb_storage(url)
         path = Path(url).expanduser().resolve()
         if path.name.endswith(SQLITE_SUFFIXES):
             return optuna.storages.RDBStorage(f"sqlite:///{path}")
@@ -271,6 +272,20 @@ def open_storage(url: str | None) -> optuna.storages.BaseStorage | None:
         f"--storage {url}: not an Optuna storage; give a URL (sqlite:///file.db, postgresql://...), "
         f"a {'/'.join(SQLITE_SUFFIXES)} file or a {'/'.join(JOURNAL_SUFFIXES)} journal file"
     )
+
+
+def _rdb_storage(url: str) -> optuna.storages.RDBStorage:
+    """RDBStorage(url); workers that meet an empty database at once all create Optuna's tables, and all but one
+    fail on the server's catalog: they try again, and find the tables made."""
+    from sqlalchemy.exc import IntegrityError, ProgrammingError
+
+    for attempt in range(3):
+        try:
+            return optuna.storages.RDBStorage(url)
+        except (IntegrityError, ProgrammingError):
+            if attempt == 2:
+                raise
+            time.sleep(0.5 * (attempt + 1))
 
 
 def hide_password(url: str) -> str:
@@ -350,10 +365,26 @@ def _alive(pid: int) -> bool:
     return True
 
 
-def _sampler(seed: int, before: int, trials: int) -> optuna.samplers.TPESampler:
-    """The sampler of the next trial, seeded by the trials before it so a resumed study asks the same."""
-    trial_seed = int(np.random.SeedSequence([seed, before]).generate_state(1)[0])
+def _sampler(seed: int, rank: int, trials: int) -> optuna.samplers.TPESampler:
+    """The sampler of the trial of `rank`, seeded by it so a resumed study asks the same."""
+    trial_seed = int(np.random.SeedSequence([seed, rank]).generate_state(1)[0])
     return optuna.samplers.TPESampler(seed=trial_seed, n_startup_trials=max(2, min(10, trials // 4)), multivariate=True)
+
+
+class _Fixed(optuna.samplers.BaseSampler):
+    """Asks given parameter values (the linear baseline), recorded as any trial's parameters."""
+
+    def __init__(self, params: dict[str, float]):
+        self.params = params
+
+    def infer_relative_search_space(self, study, trial):
+        return {}
+
+    def sample_relative(self, study, trial, search_space):
+        return {}
+
+    def sample_independent(self, study, trial, param_name, param_distribution):
+        return self.params[param_name]
 
 
 def _row(t: FrozenTrial) -> TrialRow:
@@ -430,9 +461,6 @@ def calibrate(model: MambaLM, windows: torch.Tensor, config: CalibrationConfig) 
     study = _open_study(cfg, _identity(model, windows, cfg, protect))
     _fail_dead_trials(study)
     equal = {f"w{j}": 0.5 for j in range(cfg.knots)}  # equal increments: the linear schedule
-    waiting_or_done = (TrialState.COMPLETE, TrialState.WAITING)
-    if linear_keep is not None and not any(t.user_attrs.get("baseline") for t in study.get_trials(states=waiting_or_done)):
-        study.enqueue_trial(equal, user_attrs={"baseline": True})
 
     scorer: _Scorer | None = None
     setup = 0.0
@@ -464,14 +492,27 @@ def calibrate(model: MambaLM, windows: torch.Tensor, config: CalibrationConfig) 
         seen[tuple(simba.keep)] = scorer(simba)
         return seen[tuple(simba.keep)]
 
-    finished = lambda: len(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)))  # noqa: E731
-    bar = tqdm(total=cfg.trials, initial=min(finished(), cfg.trials), desc="calibrate", disable=not cfg.progress, leave=False)
+    live = (TrialState.COMPLETE, TrialState.RUNNING)
+    trials_in = lambda *states: len(study.get_trials(deepcopy=False, states=states))  # noqa: E731
+    bar = tqdm(total=cfg.trials, initial=min(trials_in(TrialState.COMPLETE), cfg.trials), desc="calibrate",
+               disable=not cfg.progress, leave=False)
     t_start, ran = time.time(), 0
-    while finished() < cfg.trials and (cfg.timeout is None or time.time() - t_start < cfg.timeout):
-        before = len(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.RUNNING)))
-        study.sampler = _sampler(cfg.seed, before, cfg.trials)
-        trial = study.ask()
+    # Several workers share the study: one stops once the trials finished or running elsewhere make up
+    # cfg.trials. What the sampler asks follows from the trial's rank, the trials finished or running before it
+    # (the storage numbers trials atomically), never from a count taken before asking, which two workers can
+    # share. Rank 0 is the linear baseline (again after a rerun when the killed process was running it).
+    while trials_in(*live) < cfg.trials and (cfg.timeout is None or time.time() - t_start < cfg.timeout):
+        trial = study.ask()  # TPE samples at the first suggest, after the sampler below is set
         trial.set_user_attr("worker", f"{socket.gethostname()}:{os.getpid()}")  # see _fail_dead_trials
+        rank = sum(t.number < trial.number for t in study.get_trials(deepcopy=False, states=live))
+        if rank >= cfg.trials:  # another worker took the last place between the count and the ask
+            trial.set_user_attr("surplus", True)
+            study.tell(trial, state=TrialState.FAIL)  # never evaluated
+            break
+        baseline = rank == 0 and linear_keep is not None
+        if baseline:
+            trial.set_user_attr("baseline", True)
+        study.sampler = _Fixed(equal) if baseline else _sampler(cfg.seed, rank, cfg.trials)
         try:
             value = objective(trial)
         except BaseException:

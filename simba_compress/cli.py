@@ -63,10 +63,15 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--finetune-eval-data", help="held-out text (default: windows held out after the training part)")
     c.add_argument("--distill-weight", type=float, help="0: next-token loss, 1: KL to the dense model (default 0.5)")
     c.add_argument("--finetune-lr", type=float, help="peak learning rate (default 1e-4)")
-    c.add_argument("--finetune-batch-size", type=int, help="windows per step (default 8)")
+    c.add_argument("--finetune-batch-size", type=int, help="windows per optimizer step, over all processes (default 8)")
+    c.add_argument("--finetune-micro-batch-size", type=int,
+                   help="windows per forward/backward, gradients accumulated over the step (default: planned from the free memory)")
+    c.add_argument("--finetune-memory", type=float, metavar="GB",
+                   help="plan the fine-tune to peak below this many GB (default: half the available RAM, 85%% of a GPU's free memory)")
     c.add_argument("--finetune-seq-len", type=int, help="window length (default 1024)")
     c.add_argument("--finetune-train", help="what trains: all (default), ssm (A_log, D, dt, x_proj, conv1d, norms), norms")
-    c.add_argument("--gradient-checkpointing", action="store_true", default=None, help="recompute mixers in the backward")
+    c.add_argument("--gradient-checkpointing", action=argparse.BooleanOptionalAction, default=None,
+                   help="recompute mixers in the backward (default: only when the plan needs it to fit)")
     c.add_argument("--finetune-dir", help="resumable fine-tune state (default OUTPUT.finetune); a rerun resumes from it")
     c.add_argument("--tokenizer", help="tokenizer folder or hub id, when the checkpoint has none")
     c.add_argument("--seed", type=int)
@@ -184,6 +189,8 @@ def _compress(args) -> int:
         "finetune.distill_weight": args.distill_weight,
         "finetune.lr": args.finetune_lr,
         "finetune.batch_size": args.finetune_batch_size,
+        "finetune.micro_batch_size": args.finetune_micro_batch_size,
+        "finetune.memory_gb": args.finetune_memory,
         "finetune.seq_len": args.finetune_seq_len,
         "finetune.train": args.finetune_train,
         "finetune.gradient_checkpointing": args.gradient_checkpointing,
@@ -200,6 +207,8 @@ def _compress(args) -> int:
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)  # the progress bar and the summary say enough
     folder, report = run(recipe, overwrite=args.overwrite, progress=not args.json)
+    if folder is None:  # one of several processes (accelerate launch): the main one writes and reports
+        return 0
     if args.json:
         print(json.dumps({"output": str(folder), **report}))
     else:
@@ -220,6 +229,12 @@ def _compress(args) -> int:
                 f"  fine-tuned {f['steps_done']} steps (kept step {f['best_step']}): held-out loss, last "
                 f"{f['before']['protect']} tokens {f['before']['loss']:.4f} -> {f['after']['loss']:.4f}; "
                 f"all positions {f['before']['all_position_loss']:.4f} -> {f['after']['all_position_loss']:.4f}"
+            )
+            mem = f["memory"]
+            print(
+                f"  {f['processes']} process(es), micro-batches of {mem['micro_batch']} window(s)"
+                f"{', gradient checkpointing' if mem['gradient_checkpointing'] else ''}; estimated peak "
+                f"{mem['estimated_peak_gb']} GB per process"
             )
         if report["search"] is not None:
             s = report["search"]

@@ -88,16 +88,22 @@ def resolve_device(device: str, dtype: str) -> tuple[torch.device, torch.dtype]:
     return dev, getattr(torch, dtype)
 
 
-def run(recipe: Recipe, overwrite: bool = False, progress: bool = True) -> tuple[Path, dict]:
-    """Load, compress, measure on the calibration text, and save the folder. Returns (folder, report)."""
+def run(recipe: Recipe, overwrite: bool = False, progress: bool = True) -> tuple[Path | None, dict]:
+    """Load, compress, measure on the calibration text, and save the folder. Returns (folder, report).
+
+    Launched as several processes (accelerate launch, for a data-parallel fine-tune) every process runs the
+    job, the main one alone searches the schedule and writes; the others return (None, report).
+    """
     if recipe.output is None:
         raise SimbaError("--output: required (the folder to write the compressed model to)")
     out = Path(recipe.output).expanduser()
     check_output(out, overwrite)  # before any long work
     t0 = time.time()
     device, dtype = resolve_device(recipe.device, recipe.dtype)
+    state = _distributed(device)
+    main = state is None or state.is_main_process
     torch.manual_seed(recipe.seed)
-    read_checkpoint(resolve(recipe.model))  # a folder that is not a checkpoint is named as such, not for its tokenizer
+    config = read_checkpoint(resolve(recipe.model)).config  # a folder that is not a checkpoint is named as such
     tokenizer = load_tokenizer(recipe.model, recipe.tokenizer)
     cal = recipe.calibration
     windows = load_windows(cal.data, tokenizer, cal.seq_len + 1, cal.samples)  # bad data fails before the model loads
@@ -105,6 +111,7 @@ def run(recipe: Recipe, overwrite: bool = False, progress: bool = True) -> tuple
     if ft.steps:
         from .finetune import load_finetune_windows
 
+        _check_finetune_fits(config, ft, device, dtype, 1 if state is None else state.num_processes)
         ft_windows = load_finetune_windows(ft, tokenizer)  # before the model loads and the schedule search runs
         ft_state = Path(recipe.finetune_dir).expanduser() if recipe.finetune_dir else out.resolve().parent / f"{out.name}.finetune"
     model = load(recipe.model, dtype=dtype, device=device)
@@ -115,7 +122,8 @@ def run(recipe: Recipe, overwrite: bool = False, progress: bool = True) -> tuple
 
         if recipe.storage is None:
             out.parent.mkdir(parents=True, exist_ok=True)
-        simba, study = calibrate(model, windows, _search_config(recipe, study_file, progress))
+        search = lambda: calibrate(model, windows, _search_config(recipe, study_file, progress))  # noqa: E731
+        simba, study = search() if state is None else _on_main(state, search)
         model.simba = simba
     else:
         simba = compress(
@@ -165,6 +173,8 @@ def run(recipe: Recipe, overwrite: bool = False, progress: bool = True) -> tuple
         "report.json": json.dumps(report, indent=2) + "\n",
         "schedule.json": json.dumps(simba.to_dict() | {"flop_ratio": flops.ratio}, indent=2) + "\n",
     }
+    if not main:
+        return None, report
     if study is not None:
         files |= _study_files(study, study_file if recipe.storage is None else None)
     folder = save(
@@ -179,6 +189,47 @@ def run(recipe: Recipe, overwrite: bool = False, progress: bool = True) -> tuple
     if tuned is not None:
         _remove_finetune_state(ft_state)  # the output holds the result; the state was only there to resume
     return folder, report
+
+
+def _distributed(device: torch.device):
+    """accelerate's PartialState when this process is one of several (accelerate launch, torchrun), else None."""
+    import os
+
+    if int(os.environ.get("WORLD_SIZE", "1")) < 2:
+        return None
+    from accelerate import PartialState
+
+    return PartialState(cpu=device.type == "cpu")  # on the CPU: gloo (finetune's Accelerator shares this state)
+
+
+def _on_main(state, search):
+    """search() -> (schedule, study) on the main process; the others wait for its schedule, however long the
+    search takes (a gloo group of its own: the default group's 30-minute timeout would end the wait), and get
+    (schedule, None)."""
+    from datetime import timedelta
+
+    import torch.distributed as dist
+
+    group = dist.new_group(backend="gloo", timeout=timedelta(days=7))
+    result = search() if state.is_main_process else (None, None)
+    box = [result[0]]
+    dist.broadcast_object_list(box, src=0, group=group)
+    return box[0], result[1]
+
+
+def _check_finetune_fits(config, ft: FinetuneConfig, device: torch.device, dtype: torch.dtype, processes: int) -> None:
+    """Fail now, before the data is read and the schedule searched, when no micro-batch of the fine-tune fits
+    in memory even unpruned (an upper bound; finetune() plans the micro-batch later, with the schedule)."""
+    from dataclasses import replace
+
+    from .finetune import memory_plan
+
+    with torch.device("meta"):
+        shape = MambaLM(config)
+    if ft.batch_size % processes:
+        raise SimbaError(f"finetune.batch_size (--finetune-batch-size): {ft.batch_size} does not split over {processes} processes")
+    teacher = sum(p.numel() for p in shape.parameters()) * dtype.itemsize if ft.distill_weight > 0 else 0
+    memory_plan(shape, None, replace(ft, micro_batch_size=None), device, ft.batch_size // processes, teacher)
 
 
 def _finetune(model: MambaLM, ft: FinetuneConfig, ft_windows, state: Path, progress: bool) -> FinetuneResult:

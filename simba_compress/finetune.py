@@ -15,11 +15,16 @@ by construction) would spend the updates on an unreachable target and bend the k
 loss_positions="all" trains on every position instead (the all-position stress figure).
 KL: KL(teacher || student) on the same positions, with temperature T (scaled by T^2, as usual).
 
-Machinery: accelerate places the model, wraps it for multi-GPU (`accelerate launch`), runs bf16 autocast on
+Memory: memory_plan (memory.py's estimate against the free memory) picks the micro-batch, a divisor of the
+windows each process takes per step whose gradients accumulate into the step (the optimizer's batch stays
+batch_size), and gradient checkpointing only when one window does not fit without it; or fails in one line.
+
+Machinery: accelerate places the model, wraps it in DDP under `accelerate launch` (each process takes its
+slice of every step's windows, so N processes train as one on the same global batch), runs bf16 autocast on
 CUDA (float32 on CPU, master weights always float32) and saves / loads the resumable state (model,
 optimizer, scheduler, RNG). The batch of step s is a pure function of (seed, s), so a resumed run reads the
 same batches as an uninterrupted one. State folder (beside the output, since the output folder is written
-atomically and only when whole):
+atomically and only when whole; shared by the processes, the main one writes it):
     last/   accelerate state + progress.json (step, history, settings), swapped in atomically
     best/   the trainable weights with the lowest held-out loss so far (step 0 = the training-free model)
 A rerun with the same settings resumes from last/; other settings are refused (delete the folder).
@@ -42,14 +47,18 @@ from typing import Literal
 
 import torch
 import torch.nn.functional as F
-from pydantic import ConfigDict, Field
+from pydantic import ConfigDict, Field, model_validator
 from pydantic.dataclasses import dataclass
 from tqdm.auto import tqdm
 
 from .data import read_tokens
 from .errors import SimbaError
 from .evaluate import EvalResult, default_protect, evaluate, protected
+from .memory import (MemoryEstimate, MemoryPlan, available_memory, estimate_training_memory, gb, local_processes,
+                     plan_training_memory, training_budget)
 from .model import MambaLM
+from .pruning import SimbaConfig
+from .ssm.kernels import mamba_ssm_available
 
 STATE_FORMAT = 1
 
@@ -67,17 +76,26 @@ class FinetuneConfig:
     weight_decay: float = Field(0.01, ge=0)  # on matrices and embeddings; not on norms, biases, A_log, D
     grad_clip: float = Field(1.0, gt=0)  # max global gradient norm
     batch_size: int = Field(8, ge=1)  # windows per optimizer step (over all processes)
+    micro_batch_size: int | None = Field(None, ge=1)  # windows per forward/backward; None: planned (memory.py)
     seq_len: int = Field(1024, ge=2)  # tokens a window is read as (it holds seq_len + 1)
     protect: int | None = Field(None, ge=1)  # scored continuation; None: min(128, seq_len // 4)
     loss_positions: Literal["continuation", "all"] = "continuation"
     distill_weight: float = Field(0.5, ge=0, le=1)  # 0: next-token loss only, 1: KL to the dense model only
     temperature: float = Field(1.0, gt=0)
     train: Literal["all", "ssm", "norms"] = "all"  # what trains; "ssm": A_log, D, dt, x_proj, conv1d and norms
-    gradient_checkpointing: bool = False  # recompute each mixer in the backward (less memory, ~1.3x time)
+    gradient_checkpointing: bool | None = None  # recompute each mixer in the backward; None: only if needed to fit
+    memory_gb: float | None = Field(None, gt=0)  # cap on the process's peak; None: a share of the free memory
     eval_every: int = Field(50, ge=1)
     eval_windows: int = Field(16, ge=1)
     save_every: int = Field(100, ge=1)  # resumable state every this many steps (and at the end)
     seed: int = 0
+
+    @model_validator(mode="after")
+    def _micro_batch_divides(self):
+        if self.micro_batch_size is not None and self.batch_size % self.micro_batch_size:
+            raise ValueError(f"micro_batch_size {self.micro_batch_size} does not divide batch_size {self.batch_size} "
+                             "(--finetune-micro-batch-size, --finetune-batch-size)")
+        return self
 
     def resolved_warmup(self) -> int:
         return round(0.05 * self.steps) if self.warmup_steps is None else self.warmup_steps
@@ -99,6 +117,8 @@ class FinetuneResult:
     eval_windows: int = 0
     seconds: float = 0.0
     state_dir: str | None = None
+    processes: int = 1  # data-parallel processes (accelerate launch)
+    memory: dict | None = None  # the memory plan each process ran with (MemoryPlan.to_dict)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -121,6 +141,62 @@ def trainable_names(model: MambaLM, train: str) -> list[str]:
         if train == "all" or norm.search(name) or (train == "ssm" and ssm.search(name)):
             names.append(name)
     return names
+
+
+def memory_plan(
+    model: MambaLM, simba: SimbaConfig | None, cfg: FinetuneConfig, device: torch.device, per_process: int,
+    teacher_bytes: int = 0,
+) -> MemoryPlan:
+    """The micro-batch and gradient checkpointing that fine-tuning `model` under `simba` (None: dense, an upper
+    bound) fits in memory with (cfg's own where it fixes them), or a one-line SimbaError naming the setting to
+    change. per_process: the windows each process takes per step. `model` may live on the meta device."""
+    if cfg.micro_batch_size is not None and per_process % cfg.micro_batch_size:
+        raise SimbaError(f"finetune.micro_batch_size (--finetune-micro-batch-size): {cfg.micro_batch_size} does not "
+                         f"divide the {per_process} windows each process takes per step")
+    k = cfg.resolved_protect() if cfg.loss_positions == "continuation" else None
+    if simba is not None and k is not None:
+        simba = protected(simba, k)
+    tokens = None if simba is None else simba.counts(torch.tensor([cfg.seq_len]))[:, 0].tolist()
+    names = set(trainable_names(model, cfg.train))
+    count = {n: p.numel() for n, p in model.named_parameters()}
+    kind = "cuda" if device.type == "cuda" else "cpu"
+
+    def estimate(micro: int, checkpointing: bool) -> MemoryEstimate:
+        return estimate_training_memory(
+            model.config, seq_len=cfg.seq_len, micro_batch=micro, checkpointing=checkpointing, tokens=tokens,
+            loss_positions=k, params=sum(count.values()), trainable=sum(count[n] for n in names),
+            teacher_bytes=teacher_bytes, device=kind, scan="mamba_ssm" if kind == "cuda" and mamba_ssm_available() else "reference",
+        )
+
+    loaded = estimate(1, False)
+    budget = training_budget(device, local_processes(), cfg.memory_gb, loaded.weights + loaded.runtime)
+    plan = plan_training_memory(estimate, per_process, budget, cfg.micro_batch_size, cfg.gradient_checkpointing)
+    if plan is not None:
+        return plan
+    micro = cfg.micro_batch_size or 1
+    ckpt = cfg.gradient_checkpointing is not False
+    need = estimate(micro, ckpt).training
+    if cfg.memory_gb is not None and budget <= 0:
+        raise SimbaError(f"finetune.memory_gb (--finetune-memory): {cfg.memory_gb} GB is less than the "
+                         f"{gb(loaded.weights + loaded.runtime)} the loaded model{', teacher' if teacher_bytes else ''} and runtime take")
+    if cfg.memory_gb is not None:
+        room = f"the {gb(budget)} left under finetune.memory_gb (--finetune-memory) {cfg.memory_gb} once the model is loaded"
+    else:
+        room = f"the {gb(budget)} it may take of the {gb(available_memory(device))} free on {kind}"
+    if micro > 1:
+        change = "lower finetune.micro_batch_size (--finetune-micro-batch-size) or leave it unset"
+    elif not ckpt:
+        change = "allow gradient checkpointing (--gradient-checkpointing)"
+    else:
+        change = "lower finetune.seq_len (--finetune-seq-len)"
+    raise SimbaError(
+        f"finetune: micro-batches of {micro} window(s) of {cfg.seq_len} tokens {'with' if ckpt else 'without'} gradient "
+        f"checkpointing need about {gb(need)} for training, more than {room}; {change}"
+    )
+
+
+def _bytes(model: torch.nn.Module) -> int:
+    return sum(p.numel() * p.element_size() for p in model.parameters())
 
 
 def finetune(
@@ -158,9 +234,15 @@ def finetune(
     from accelerate import Accelerator  # imported here: the rest of the package runs without it
 
     cpu = model.device.type == "cpu"
-    acc = Accelerator(cpu=cpu, mixed_precision="no" if cpu else "bf16")
+    # step_scheduler_with_optimizer=False: accelerate would step the schedule once per process (it assumes each
+    # process reads batches of its own); here every step is one global batch split over the processes
+    acc = Accelerator(cpu=cpu, mixed_precision="no" if cpu else "bf16", step_scheduler_with_optimizer=False)
     if cfg.batch_size % acc.num_processes:
         raise SimbaError(f"finetune.batch_size: {cfg.batch_size} does not split over {acc.num_processes} processes")
+    plan = memory_plan(model, model.simba, cfg, acc.device, cfg.batch_size // acc.num_processes,
+                       teacher_bytes=0 if teacher is None else _bytes(teacher))
+    if state_dir is None and acc.num_processes > 1:  # each would make a temporary folder of its own
+        raise SimbaError("finetune: several processes need a state_dir that they share")
     tmp_state = state_dir is None
     state = Path(state_dir) if state_dir is not None else Path(_mkdtemp())
     identity = _identity(cfg, model, train_w, eval_w)
@@ -185,12 +267,12 @@ def finetune(
         teacher.to(acc.device).requires_grad_(False).eval()
     wrapped, opt, sched = acc.prepare(model, opt, sched)
     student = acc.unwrap_model(wrapped)
-    ckpt = _checkpointing(student) if cfg.gradient_checkpointing else nullcontext()
+    ckpt = _checkpointing(student) if plan.checkpointing else nullcontext()
     try:
         progress_file, start = _prepare_state(state, identity, acc)  # after prepare: load_state fills what it registered
         with ckpt:
             res = _train(cfg, acc, wrapped, student, teacher, opt, sched, params, names, train_w, eval_w, state,
-                         progress_file, start, identity, stop_after, progress)
+                         progress_file, start, identity, stop_after, progress, plan.micro_batch)
     finally:
         model = acc.unwrap_model(wrapped, keep_fp32_wrapper=False)  # drops accelerate's autocast wrapper
         model.to(in_dtype)
@@ -198,6 +280,8 @@ def finetune(
             p.requires_grad_(was_trainable[n])
         acc.free_memory()
     res.seconds = round(time.time() - t0, 1)
+    res.processes = acc.num_processes
+    res.memory = plan.to_dict()
     res.state_dir = None if tmp_state else str(state)
     if tmp_state and acc.is_main_process:
         shutil.rmtree(state, ignore_errors=True)
@@ -311,7 +395,7 @@ def _summary(r: EvalResult) -> dict:
 
 
 def _train(cfg, acc, model, student, teacher, opt, sched, params, names, train_w, eval_w, state: Path,
-           progress_file: dict | None, start: int, identity: dict, stop_after, progress) -> FinetuneResult:
+           progress_file: dict | None, start: int, identity: dict, stop_after, progress, micro: int) -> FinetuneResult:
     best_dir = state / "best"
     if progress_file is None:  # a fresh run: the starting point is the first "best"
         before = _eval(acc, student, eval_w, cfg, all_positions=True)
@@ -331,13 +415,20 @@ def _train(cfg, acc, model, student, teacher, opt, sched, params, names, train_w
     model.train()
     while step < end:
         batch = _batch(train_w, step, cfg.batch_size, cfg.seed)
-        batch = batch[acc.process_index * per_proc : (acc.process_index + 1) * per_proc].to(acc.device)
-        with acc.autocast():
-            loss, ce, kl = _loss(cfg, model, student, teacher, batch)
-        mean_loss = acc.reduce(loss.detach(), "mean").item()
+        batch = batch[acc.process_index * per_proc : (acc.process_index + 1) * per_proc]
+        sums = torch.zeros(3, device=acc.device)  # loss, next-token loss, KL over this process's micro-batches
+        parts = per_proc // micro
+        for j in range(parts):  # gradient accumulation: the sum of the parts' mean losses / parts is the mean
+            # DDP averages the gradients over processes in the last part's backward only
+            with acc.no_sync(model) if j < parts - 1 else nullcontext():
+                with acc.autocast():
+                    loss, ce, kl = _loss(cfg, model, student, teacher, batch[j * micro : (j + 1) * micro].to(acc.device))
+                acc.backward(loss / parts)
+            sums += torch.stack([loss.detach(), ce, ce if kl is None else kl]).float()
+        ce, kl = sums[1] / parts, None if kl is None else sums[2] / parts
+        mean_loss = acc.reduce(sums[0] / parts, "mean").item()  # every process, before any of them steps
         if not math.isfinite(mean_loss):
             raise _nan_error(step + 1, "loss", mean_loss, state)
-        acc.backward(loss)
         norm = acc.clip_grad_norm_(params, cfg.grad_clip)
         if not math.isfinite(float(norm)):
             raise _nan_error(step + 1, "gradient norm", float(norm), state)
@@ -396,9 +487,11 @@ def _nan_error(step: int, what: str, value: float, state: Path) -> SimbaError:
 
 
 def _identity(cfg: FinetuneConfig, model: MambaLM, train_w: torch.Tensor, eval_w: torch.Tensor) -> dict:
-    """What a resumed run must share with the one that saved the state (not how often it saves or evaluates)."""
+    """What a resumed run must share with the one that saved the state (not how often it saves, nor how it fits
+    in memory: micro-batches and checkpointing change the result only by float rounding)."""
     d = asdict(cfg)
-    d.pop("save_every")
+    for how in ("save_every", "micro_batch_size", "gradient_checkpointing", "memory_gb"):  # not what is trained
+        d.pop(how)
     d["schedule"] = model.simba.to_dict()
     d["train_windows"] = [int(train_w.shape[0]), int(train_w[:, :8].sum())]  # count and a cheap fingerprint
     d["eval_windows"] = [int(eval_w.shape[0]), int(eval_w[:, :8].sum())]

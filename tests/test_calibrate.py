@@ -10,6 +10,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import optuna
 import pytest
@@ -219,8 +220,9 @@ def test_two_workers_share_one_journal(small_checkpoint, tmp_path):
         optuna.storages.journal.JournalFileBackend(str(journal))))
     complete = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
     ran = [r["search"]["trials_run_here"] for r in reports]
-    assert all(n >= 1 for n in ran) and sum(ran) == len(study.trials)
-    assert trials <= len(complete) <= trials + 1  # a worker's last trial may overlap the other's
+    # none twice, none lost (a worker that starts after the other has finished runs none: the PostgreSQL test
+    # below starts its two together)
+    assert sum(ran) == len(complete) == trials
     best = min((t for t in complete if t.value != float("inf")), key=lambda t: (t.value, t.number))
     assert best.number in [r["search"]["best"]["trial"] for r in reports]
 
@@ -242,3 +244,87 @@ def test_cli_bad_input_is_one_line_and_leaves_nothing(small_checkpoint, tmp_path
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and message.replace("{tmp}", str(tmp_path)) in err[0], err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["short.txt"]
+
+
+# --- workers on a PostgreSQL server (.ci/run starts one and sets SIMBA_TEST_POSTGRES_URL) -------------------------
+
+WORKER = """
+import json, sys, time
+from pathlib import Path
+sys.path.insert(0, {tests!r})
+import torch
+from conftest import random_model
+from simba_compress.calibrate import CalibrationConfig, calibrate
+torch.set_num_threads(1)
+model, folder = random_model(n_layer=6, d_model=16, vocab=64), Path({folder!r})
+windows = torch.randint(0, 64, (4, 129), generator=torch.Generator().manual_seed(0))
+(folder / "ready.{i}").touch()
+while not (folder / "go").exists():  # both workers start their first trial together
+    time.sleep(0.01)
+_, res = calibrate(model, windows, CalibrationConfig(flops=0.6, seq_len=1024, trials={trials}, storage={url!r},
+                                                    study_name={name!r}, progress=False))
+print(json.dumps({{"ran": res.trials_run, "best": res.best}}))
+"""
+
+
+@pytest.fixture
+def postgres_url():
+    """SIMBA_TEST_POSTGRES_URL in a schema of its own, empty (Optuna's tables not made yet), dropped afterwards."""
+    import uuid
+
+    url = os.environ.get("SIMBA_TEST_POSTGRES_URL")
+    if not url:
+        pytest.skip("SIMBA_TEST_POSTGRES_URL is not set (.ci/run starts a PostgreSQL server and sets it)")
+    try:
+        import sqlalchemy
+
+        engine = sqlalchemy.create_engine(url)
+        schema = f"simba_test_{uuid.uuid4().hex[:12]}"
+        with engine.begin() as db:
+            db.execute(sqlalchemy.text(f"CREATE SCHEMA {schema}"))
+    except Exception as e:  # no driver, no server, no database, no right to create a schema
+        from simba_compress.calibrate import hide_password
+
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+        pytest.skip(f"no PostgreSQL server at {hide_password(url)} ({first})")
+    in_schema = sqlalchemy.engine.make_url(url).update_query_dict({"options": f"-csearch_path={schema}"})
+    yield in_schema.render_as_string(hide_password=False)
+    with engine.begin() as db:
+        db.execute(sqlalchemy.text(f"DROP SCHEMA {schema} CASCADE"))
+    engine.dispose()
+
+
+def test_two_workers_finish_one_study_on_postgres(tmp_path, postgres_url):
+    """Two processes start one study on a PostgreSQL server at the same moment, on an empty database: it ends
+    with exactly `trials` complete trials, each asked once (distinct numbers and parameters), none lost (every
+    trial a worker ran is recorded) and none left running."""
+    url, name, trials = postgres_url, "simba-calibration", 12
+    tests = str(Path(__file__).parent)
+    workers = [
+        subprocess.Popen([sys.executable, "-c", WORKER.format(tests=tests, folder=str(tmp_path), i=i, trials=trials,
+                                                              url=url, name=name)],
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV)
+        for i in range(2)
+    ]
+    try:
+        deadline = time.time() + 120
+        while not all((tmp_path / f"ready.{i}").exists() for i in range(2)):
+            assert time.time() < deadline and all(w.poll() is None for w in workers), [w.communicate() for w in workers]
+            time.sleep(0.05)
+        (tmp_path / "go").touch()
+        reports = []
+        for w in workers:
+            out, err = w.communicate(timeout=300)
+            assert w.returncode == 0, err
+            reports.append(json.loads(out.strip().splitlines()[-1]))
+        study = optuna.load_study(study_name=name, storage=url)
+        complete = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
+        assert len(complete) == trials, [(t.number, t.state.name) for t in study.trials]
+        assert len({t.number for t in study.trials}) == len(study.trials)
+        assert len({tuple(sorted(t.params.items())) for t in complete}) == trials  # no parameters asked twice
+        assert sum(r["ran"] for r in reports) == trials and all(r["ran"] >= 1 for r in reports)
+        assert not [t for t in study.trials if t.state == optuna.trial.TrialState.RUNNING]
+        assert sum(bool(t.user_attrs.get("baseline")) for t in complete) == 1
+    finally:
+        for w in workers:
+            w.kill()

@@ -3,8 +3,10 @@
 import contextlib
 import copy
 import json
+import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -191,3 +193,122 @@ def test_gradient_checkpointing_gives_the_same_gradients():
     assert saved[1] < saved[0] / 2, saved
     for a, b in zip(*grads):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
+
+
+# --- memory: micro-batches, the plan, the one-line error -----------------------------------------------------------
+
+
+def test_micro_batches_and_checkpointing_train_as_one_batch():
+    """Gradient accumulation over micro-batches (the configured batch stays the optimizer's) and checkpointing
+    change the result only by float rounding."""
+    runs = []
+    for micro, ckpt in ((4, False), (1, False), (2, True)):
+        m = pruned_model()
+        res = run(m, config(micro_batch_size=micro, gradient_checkpointing=ckpt, grad_clip=1e6))  # clipping would hide a scale
+        assert res.memory["micro_batch"] == micro and res.memory["gradient_checkpointing"] is ckpt
+        runs.append((m.state_dict(), [h["eval_loss"] for h in res.history]))
+    (whole, losses), *others = runs
+    for sd, ls in others:
+        assert ls == pytest.approx(losses, rel=1e-5)
+        for name, v in whole.items():
+            torch.testing.assert_close(sd[name], v, rtol=1e-4, atol=1e-6, msg=name)
+    assert not torch.equal(whole["lm_head.weight"], pruned_model().lm_head.weight)
+
+
+def test_the_plan_splits_the_batch_before_it_checkpoints():
+    from simba_compress.memory import MemoryEstimate, plan_training_memory
+
+    def estimate(micro, ckpt):  # 10 per window without checkpointing, 3 with
+        return MemoryEstimate(weights=0, optimizer=0, activations=micro * (3 if ckpt else 10), logits=0, transient=0,
+                              runtime=0)
+
+    def plan(budget, micro=None, ckpt=None):
+        p = plan_training_memory(estimate, 8, budget, micro, ckpt)
+        return None if p is None else (p.micro_batch, p.checkpointing)
+
+    assert plan(80) == (8, False) and plan(79) == (4, False) and plan(10) == (1, False)  # divisors of 8 only
+    assert plan(9) == (2, True) and plan(3) == (1, True) and plan(2) is None  # checkpointing once 1 does not fit
+    assert plan(80, micro=2) == (2, False) and plan(80, ckpt=True) == (8, True) and plan(9, ckpt=False) is None
+
+
+def test_the_estimate_follows_the_shape():
+    from simba_compress.memory import estimate_training_memory
+
+    cfg = pruned_model().config
+
+    def est(**kw):
+        kw = dict(seq_len=1024, micro_batch=4, checkpointing=False, params=10**6, trainable=10**6) | kw
+        return estimate_training_memory(cfg, **kw)
+
+    base = est()
+    assert est(micro_batch=8).activations == pytest.approx(2 * base.activations, rel=0.01)
+    assert est(seq_len=2048).activations == pytest.approx(2 * base.activations, rel=0.01)
+    assert est(checkpointing=True).activations < base.activations / 5
+    assert est(tokens=[1024, 512, 256, 128]).activations < 0.6 * base.activations  # pruned layers keep less
+    assert est(loss_positions=128).logits == base.logits // 8 and est(teacher_bytes=4 * 10**6).weights > base.weights
+    assert est(trainable=10**5).optimizer == base.optimizer // 10
+
+
+def test_a_budget_picks_the_micro_batch():
+    from simba_compress.finetune import memory_plan
+    from simba_compress.memory import GiB
+
+    m = pruned_model()
+    cfg = config(batch_size=8)
+    plan = memory_plan(m, m.simba, cfg, torch.device("cpu"), 8)
+    assert plan.micro_batch == 8 and not plan.checkpointing  # a tiny model fits whole
+    est = plan.estimate
+    limit = (est.weights + est.runtime + (est.training + memory_plan(
+        m, m.simba, config(batch_size=8, micro_batch_size=4), torch.device("cpu"), 8).estimate.training) / 2) / GiB
+    smaller = memory_plan(m, m.simba, config(batch_size=8, memory_gb=limit), torch.device("cpu"), 8)
+    assert smaller.micro_batch == 4 and not smaller.checkpointing and smaller.estimate.training <= smaller.budget
+
+
+@pytest.mark.parametrize(
+    "extra, flag",
+    [
+        (["--finetune-seq-len", "50000000"], "lower finetune.seq_len (--finetune-seq-len)"),
+        (["--finetune-seq-len", "50000000", "--no-gradient-checkpointing"], "allow gradient checkpointing (--gradient-checkpointing)"),
+        (["--finetune-micro-batch-size", "3"], "micro_batch_size 3 does not divide batch_size 4 (--finetune-micro-batch-size"),
+        (["--finetune-memory", "0.05"], "finetune.memory_gb (--finetune-memory): 0.05 GB is less than"),
+    ],
+)
+def test_cli_when_nothing_fits_is_one_line_naming_the_flag(tmp_path, extra, flag):
+    out = tmp_path / "out"
+    code, _, err = cli("--model", "demo", "--flops", "0.6", "--schedule", "linear", "--output", out, "--calib-samples", "2",
+                       "--calib-seq-len", "64", "--finetune-data", "demo", "--finetune-steps", "2", "--finetune-batch-size", "4",
+                       "--device", "cpu", *extra)
+    assert code == 2 and err.strip().count("\n") == 0 and flag in err, err
+    assert not out.exists()
+
+
+# --- several processes ------------------------------------------------------------------------------------------
+
+
+def test_two_processes_train_as_one_resume_and_write_once(tmp_path, small_checkpoint):
+    """accelerate launch with 2 processes (DDP over gloo on the CPU), the same global batch of 4: the same weights
+    as one process within float rounding, after a stop at step 2 and a resume; the command line under the same
+    launch writes one folder and prints one report."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+              "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(port)]
+    worker = str(Path(__file__).with_name("ddp_worker.py"))
+    r = subprocess.run([*launch, worker, str(tmp_path), str(small_checkpoint)], capture_output=True, text=True,
+                       timeout=600, env=os.environ | {"OMP_NUM_THREADS": "1"})
+    assert r.returncode == 0, r.stderr[-3000:]
+    one = pruned_model()
+    reference = run(one, config(grad_clip=1e6))  # uninterrupted, one process
+    got = torch.load(tmp_path / "ddp.pt")
+    assert got["first"]["steps_done"] == 2 and not got["first"]["finished"]
+    assert got["result"]["processes"] == 2 and got["result"]["memory"]["micro_batch"] == 2 and got["result"]["finished"]
+    assert [h["eval_loss"] for h in got["result"]["history"]] == pytest.approx([h["eval_loss"] for h in reference.history], rel=1e-5)
+    for name, v in one.state_dict().items():
+        torch.testing.assert_close(got["state_dict"][name], v, rtol=1e-4, atol=1e-6, msg=name)
+    reports = [json.loads(line) for line in r.stdout.splitlines() if line.startswith("{")]
+    assert len(reports) == 1 and reports[0]["finetune"]["processes"] == 2 and reports[0]["finetune"]["steps_done"] == 2
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["cli", "ddp.pt", "state"]  # nothing written twice or left over
+    assert load(tmp_path / "cli").simba is not None

@@ -98,16 +98,55 @@ def test_score_is_chunked_in_memory(monkeypatch):
     assert torch.allclose(score.global_impact(x, dt, A, B, C, last), full)
 
 
-@pytest.mark.parametrize("dt_scale", [0.05, 3.0, 40.0])
+@pytest.mark.parametrize("dt_scale", [0.05, 0.3, 3.0, 40.0])  # float32, float32 + float64, + pairwise, pairwise
 def test_scan_gradients_match_the_loop(dt_scale):
     """Gradients stay finite and accurate where decays are fast (the backward of exp(G) exp(-G) cancels)."""
-    x, dt, A, B, C = inputs(l=24, dt_scale=dt_scale)
-    leaves = [t.clone().requires_grad_(True) for t in (x, dt, B, C)]
-    y, h, _ = selective_scan(leaves[0], leaves[1], A, leaves[2], leaves[3])
-    (y.sum() + h.sum()).backward()
-    ref = [t.double().clone().requires_grad_(True) for t in (x, dt, B, C)]
-    yr, hr = loop_scan(ref[0], ref[1], A.double(), ref[2], ref[3])
-    (yr.sum() + hr.sum()).backward()
+    x, dt, A, B, C = inputs(l=70, dt_scale=dt_scale)
+    weights = torch.randn(2, 70, 6, generator=torch.Generator().manual_seed(1))
+    leaves = [t.clone().requires_grad_(True) for t in (x, dt, A, B, C)]
+    y, h, _ = selective_scan(*leaves)
+    ((y * weights).sum() + h.sum()).backward()
+    ref = [t.double().clone().requires_grad_(True) for t in (x, dt, A, B, C)]
+    yr, hr = loop_scan(*ref)
+    ((yr * weights).sum() + hr.sum()).backward()
     for got, want in zip(leaves, ref):
         assert torch.isfinite(got.grad).all()
         assert torch.allclose(got.grad.double(), want.grad, rtol=1e-3, atol=1e-3 * want.grad.abs().max().item())
+
+
+def test_recomputing_chunks_in_the_backward_changes_nothing(monkeypatch):
+    """Under autograd each chunk is recomputed in the backward; without the recomputation (the chunk's graph
+    kept whole) the forward is bit for bit the same and so are the gradients."""
+    import simba_compress.ssm.scan as scan
+
+    x, dt, A, B, C = inputs(l=70, dt_scale=0.3)  # float32, float64 and pairwise channels
+    last = torch.tensor([69, 40])
+    runs = []
+    for recompute in (True, False):
+        if not recompute:
+            monkeypatch.setattr(scan, "checkpoint", lambda fn, *args, **kw: fn(*args))
+        leaves = [t.clone().requires_grad_(True) for t in (x, dt, A, B, C)]
+        y, h, s = selective_scan(*leaves, last=last)
+        (y.square().sum() + h.sum()).backward()
+        runs.append((y.detach(), h.detach(), s, [t.grad for t in leaves]))
+    (y1, h1, s1, g1), (y2, h2, s2, g2) = runs
+    assert torch.equal(y1, y2) and torch.equal(h1, h2) and torch.equal(s1, s2)
+    for a, b in zip(g1, g2):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=0)
+
+
+@pytest.mark.parametrize("dt_scale", [0.05, 0.3, 40.0])
+def test_backward_keeps_chunk_states_not_every_decay(dt_scale):
+    """What autograd keeps for the backward of a scan (distinct storages) is O(b l (d + n)) plus one (b, d, n)
+    state per chunk: less than one (b, l, d, n) tensor, where keeping every chunk's decays and states took 7-17."""
+    b, l, d, n = 2, 256, 32, 16
+    leaves = [t.requires_grad_(True) for t in inputs(b=b, l=l, d=d, n=n, dt_scale=dt_scale)]
+    kept = {}
+
+    def pack(t):
+        kept[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        selective_scan(*leaves, last=torch.tensor([l - 1, 100]))
+    assert sum(kept.values()) < b * l * d * n * 4, sum(kept.values())
