@@ -45,6 +45,8 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--criterion", help="simba (default), deci, utr, l2norm, random, stride")
     c.add_argument("--protect-last", type=int, help="last tokens never pruned (default 1)")
     c.add_argument("--granularity", type=int, help="round each layer's token count to a multiple of this (default 1; GPU speed: 2048)")
+    c.add_argument("--max-tokens", help="cap the tokens layers run on, for prompts longer than the model was trained on: "
+                   "T@L (at most T tokens from layer L on) or one integer per layer (0: no cap)")
     c.add_argument("--seq-len", type=int, help="input length the FLOP ratio is computed at (default 1024)")
     c.add_argument("--calib-data", help='calibration text: file, folder, datasets name, or "demo" (default)')
     c.add_argument("--calib-samples", type=int, help="calibration windows (default 16)")
@@ -154,6 +156,7 @@ def _compress(args) -> int:
         "criterion": args.criterion,
         "protect_last": args.protect_last,
         "granularity": args.granularity,
+        "max_tokens": args.max_tokens,
         "seq_len": args.seq_len,
         "calibration.data": args.calib_data,
         "calibration.samples": args.calib_samples,
@@ -300,6 +303,8 @@ def _info(args) -> int:
         s = ckpt.simba
         print(f"  criterion {s.criterion}, protect_last {s.protect_last}" + (f", granularity {s.granularity}" if s.granularity > 1 else ""))
         print("  keep " + " ".join(f"{k:.3f}" for k in s.keep))
+        if s.max_tokens is not None:
+            print("  max tokens " + " ".join(str(c) if c else "-" for c in s.max_tokens))
         print(f"  FLOP ratio {flops.ratio:.4f} at {args.seq_len} tokens (score {flops.score / flops.dense:.4f})")
     return 0
 

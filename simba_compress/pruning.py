@@ -40,6 +40,9 @@ class SimbaConfig:
         a granularity of 2048 on 8192-token prompts a schedule becomes a staircase: the GPU scores tokens only
         where the count drops, and every width is one that mamba_ssm's scan (2048-token chunks) and the
         GEMMs run at full speed (README, GPU speed). A row shorter than the granularity is not pruned.
+    max_tokens: per-layer cap on the tokens of a row a layer runs on (0: no cap), or None. Context extension:
+        capping the upper layers near the training length keeps their state in the range they were trained on
+        when the prompt is longer (README, Long context); the cap binds only on prompts longer than it.
     """
 
     keep: list[float]
@@ -48,6 +51,7 @@ class SimbaConfig:
     seed: int = 0
     granularity: int = 1
     extra: dict = field(default_factory=dict)  # provenance a writer may attach (schedule name, FLOP target)
+    max_tokens: list[int] | None = None
 
     def __post_init__(self) -> None:
         self.keep = [float(k) for k in self.keep]
@@ -66,6 +70,15 @@ class SimbaConfig:
         if int(self.granularity) < 1:
             raise ValueError(f"granularity: must be >= 1, got {self.granularity}")
         self.granularity = int(self.granularity)
+        if self.max_tokens is not None:
+            self.max_tokens = [int(c) for c in self.max_tokens]
+            caps = [c or math.inf for c in self.max_tokens]
+            if len(caps) != len(self.keep) or caps[0] != math.inf or min(caps) < 1:
+                raise ValueError(
+                    f"max_tokens: one cap >= 1 per layer (0: none), none on the first layer; got {self.max_tokens}"
+                )
+            if any(b > a for a, b in zip(caps, caps[1:])):
+                raise ValueError(f"max_tokens: a cap may not loosen with depth; got {self.max_tokens}")
 
     @property
     def n_layer(self) -> int:
@@ -80,6 +93,9 @@ class SimbaConfig:
         if self.granularity > 1:  # nearest multiple (never 0); a layer that keeps every token stays dense
             g = self.granularity
             k = torch.where(k < n_real[None, :], torch.clamp(torch.round(k / g).long() * g, min=g), k)
+        if self.max_tokens is not None:
+            caps = torch.tensor([c or torch.iinfo(torch.long).max for c in self.max_tokens], device=n_real.device)
+            k = torch.minimum(k, caps[:, None])
         floor = torch.clamp(n_real, max=self.protect_last)[None, :]
         return torch.minimum(torch.maximum(k, floor), n_real[None, :])
 

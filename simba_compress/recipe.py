@@ -44,6 +44,7 @@ class Recipe(_Strict):
     criterion: Criterion = "simba"
     protect_last: int = Field(1, ge=1)  # last tokens never pruned (generation needs >= 1)
     granularity: int = Field(1, ge=1)  # token counts rounded to multiples of this (GPU speed: 2048 at 8192 tokens)
+    max_tokens: list[int] | str | None = None  # per-layer token caps (0: none) or "T@L": context extension
     seq_len: int = Field(1024, ge=2)  # input length the FLOP ratio is computed at
     calibration: CalibrationData = CalibrationData()
     # the Optuna study of schedule "calibrated" (calibrate.py)

@@ -120,3 +120,18 @@ def test_granularity_flag_gives_a_staircase_near_the_budget(tmp_path):
     assert code == 2 and "granularity" in err and "Traceback" not in err
     code, _, err = cli("--model", "demo", "--flops", "0.6", "--granularity", "2048", "--output", tmp_path / "i")
     assert code == 2 and "--granularity 2048: longer than the 1024-token calibration windows" in err
+
+
+def test_max_tokens_flag_round_trips_through_the_folder(tmp_path, capsys):
+    """--max-tokens T@L (context extension): saved in the simba section, loaded back, shown by info, counted."""
+    from simba_compress import load
+
+    out = tmp_path / "x"
+    assert main(["--model", "demo", "--final-keep", "1", "--max-tokens", "256@3", "--seq-len", "2048",
+                 "--output", str(out), "--calib-samples", "2", "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["flops"]["tokens"] == [2048] * 3 + [256] * 3
+    assert load(out).simba.max_tokens == [0, 0, 0, 256, 256, 256]
+    assert main(["info", str(out)]) == 0 and "max tokens - - - 256 256 256" in capsys.readouterr().out
+    code, _, err = cli("--model", "demo", "--final-keep", "1", "--max-tokens", "256@9", "--output", tmp_path / "y")
+    assert code == 2 and "--max-tokens 256@9: the first capped layer must be in [1, 5]" in err

@@ -200,3 +200,18 @@ def test_generate_left_padded_batch_equals_rows_alone():
     assert torch.equal(out[1, 20:], m.generate(b[None], max_new_tokens=4)[0, 12:])
     with pytest.raises(ValueError, match="left-padded"):
         m.generate(ids.flip(1), mask.flip(1), max_new_tokens=1)
+
+
+@pytest.mark.parametrize("criterion", ["simba", "deci"])
+def test_capped_forward_equals_naive_reference(criterion):
+    """max_tokens (context extension): dense lower layers, at most 12 tokens from layer 2 on."""
+    m = random_model(n_layer=4, d_model=16, vocab=64, seed=4)
+    simba = SimbaConfig([1.0] * 4, criterion, 3, max_tokens=[0, 0, 12, 12])
+    ids = torch.randint(0, 64, (2, 40), generator=torch.Generator().manual_seed(6))
+    with torch.no_grad():
+        out = m(ids, simba=simba, return_kept=True)
+        short = m(ids[:, :12], simba=simba).logits
+    assert [k.shape[1] for k in out.kept] == [40, 40, 12, 12]
+    for r in range(2):
+        assert rel_err(out.logits[r], naive_sparse_forward(m, ids[r], simba)) <= 1e-4
+    assert rel_err(short, m(ids[:, :12], simba=None).logits) <= 1e-6  # the cap binds only past its length
