@@ -42,7 +42,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     c.add_argument("--keep", type=_keep_list, help="explicit per-layer keep ratios, e.g. 1,0.9,0.8")
     c.add_argument("--final-keep", type=float, help="linear schedule down to this keep ratio at the top layer")
-    c.add_argument("--criterion", help="simba (default), deci, utr, l2norm, random, stride")
+    c.add_argument("--criterion", help="simba (default), share, deci, utr, l2norm, random, stride")
     c.add_argument("--protect-last", type=int, help="last tokens never pruned (default 1)")
     c.add_argument("--granularity", type=int, help="round each layer's token count to a multiple of this (default 1; GPU speed: 2048)")
     c.add_argument("--max-tokens", help="cap the tokens layers run on, for prompts longer than the model was trained on: "

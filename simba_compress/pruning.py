@@ -19,9 +19,9 @@ from typing import Callable
 import torch
 
 
-CRITERIA = ("simba", "deci", "utr", "l2norm", "random", "stride")
+CRITERIA = ("simba", "share", "deci", "utr", "l2norm", "random", "stride")
 # criteria whose scores the layer computes from its own SSM inputs while it runs (LayerView.impact)
-IN_LAYER = ("simba", "deci")
+IN_LAYER = ("simba", "share", "deci")
 SIMBA_FORMAT_VERSION = 1
 
 
@@ -31,7 +31,8 @@ class SimbaConfig:
 
     keep: per-layer fraction of the input's real tokens that each layer runs on; keep[0] = 1.0 and it
         never increases with depth.
-    criterion: how tokens are ranked: "simba" (global impact through the layer's own recurrence), "deci"
+    criterion: how tokens are ranked: "simba" (global impact through the layer's own recurrence), "share" (the
+        same impacts as shares of each channel's total: the largest share a token holds of any channel), "deci"
         (DeciMamba's: the L2 norm over channels of the step size softplus(dt)), "utr" (clipped-activation sum of
         the block output), "l2norm" (block output norm), "random", "stride".
     protect_last: the last real tokens of every row that are always kept (at least 1).
@@ -124,7 +125,8 @@ class LayerView:
 
 
 def _in_layer(view: LayerView, seed: int) -> torch.Tensor:
-    # simba: fused into the scan (ssm.scan; ssm.score.global_impact is its reference); deci: ssm.score.step_norm
+    # simba: fused into the scan (ssm.scan; ssm.score.global_impact is its reference); share: ssm.score.channel_share
+    # (Mamba-2: ssm.ssd.ssd_share); deci: ssm.score.step_norm
     return view.impact
 
 
@@ -152,6 +154,7 @@ def _stride(view: LayerView, seed: int) -> torch.Tensor:
 
 CRITERION_FNS: dict[str, Callable[[LayerView, int], torch.Tensor]] = {
     "simba": _in_layer,
+    "share": _in_layer,
     "deci": _in_layer,
     "utr": _utr,
     "l2norm": _l2norm,
