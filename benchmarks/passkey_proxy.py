@@ -119,9 +119,10 @@ def held_out(model, task: PasskeyTask, valid_windows: torch.Tensor, cfg: ProxyCo
 
 
 def build(base: str, out: Path, cfg: ProxyConfig, train_pieces: list[torch.Tensor], valid: torch.Tensor, tokenizer,
-          device: torch.device, command: str, log=print) -> dict:
+          device: torch.device, command: str, log=print, max_seconds: float | None = None) -> dict:
     """Fine-tune the dense model at `base` on passkey + next-token loss; save it to `out` with MODEL_CARD.md and
-    passkey_proxy.json; return the summary. train_pieces: training text (spread_text); valid: held-out stream."""
+    passkey_proxy.json; return the summary. train_pieces: training text (spread_text); valid: held-out stream.
+    max_seconds: stop after the step that passes it (the card says how many steps ran)."""
     t0 = time.time()
     torch.manual_seed(cfg.seed)
     rng = random.Random(cfg.seed)
@@ -157,13 +158,18 @@ def build(base: str, out: Path, cfg: ProxyConfig, train_pieces: list[torch.Tenso
         opt.step()
         sched.step()
         opt.zero_grad(set_to_none=True)
-        if step % cfg.eval_every == 0 or step == cfg.steps:
+        out_of_time = max_seconds is not None and time.time() - t0 > max_seconds
+        if step % cfg.eval_every == 0 or step == cfg.steps or out_of_time:
             history.append({"step": step, "passkey_loss": round(pk_loss.item(), 4), "lm_loss": round(lm_loss.item(), 4),
                             **held_out(model, valid_task, valid_windows, cfg, device), "seconds": round(time.time() - t0, 1)})
             log(f"  step {step}: {history[-1]}")
+        if out_of_time:
+            log(f"  stopped after step {step} of {cfg.steps}: past {max_seconds} s")
+            break
     model.eval()
     summary = {"base": str(base), "config": asdict(cfg), "device": device_name(device), "versions": versions(),
-               "command": command, "seconds": round(time.time() - t0, 1), "before": history[0], "after": history[-1],
+               "command": command, "seconds": round(time.time() - t0, 1), "steps_done": history[-1]["step"],
+               "before": history[0], "after": history[-1],
                "history": history, "train_tokens": int(sum(p.numel() for p in train_pieces)),
                "train_pieces": len(train_pieces)}
     save(model, out, tokenizer=tokenizer, overwrite=True,
@@ -189,7 +195,7 @@ def model_card(s: dict) -> str:
         "line starts (its sources follow one another, so every source is in them), serve as haystacks and as the "
         "plain windows; the held-out checks use `valid.txt.xz` only.",
         "",
-        f"**Training**: {c['steps']} steps; each step {c['batch']} passkey samples of one length drawn from "
+        f"**Training**: {s['steps_done']} steps (of {c['steps']} planned); each step {c['batch']} passkey samples of one length drawn from "
         f"{list(c['lengths'])} tokens (never past the training length) plus {c['lm_batch']} plain windows of "
         f"{c['lm_len']} tokens (next-token loss on every position, weight {c['lm_weight']}); AdamW lr {c['lr']} "
         f"(betas 0.9/0.95, weight decay {c['weight_decay']} on matrices), {c['warmup']} warm-up steps then cosine to "
