@@ -20,7 +20,8 @@ model on the last F x L tokens); "window": truncation to the training length; th
 utr with the linear schedule meeting F (and simba with the calibrated KL schedule of
 benchmarks/results/h200/quality_T1024_calibrated.json); two benchmark-only variants of simba's ranking, "mix"
 (half of each layer's budget goes to the most recent tokens) and "oracle" (the needle always kept: an upper
-bound on what a better score could do); and "ext-<criterion>", the calibrated context extension.
+bound on what a better score could do); "ext-<criterion>", the calibrated context extension, and "mid-<criterion>", the extension at DeciMamba's placement
+(the training length from the middle layer on).
 
     python benchmarks/long_context.py --models ../shared/models --corpus ../shared/corpus --out out/long_context
     python benchmarks/long_context.py ... --smoke          # tiny lengths and steps, CPU, the l6 proxy: tests the script
@@ -70,6 +71,7 @@ class Method:
     budget: float | None = None  # target FLOP ratio (pruned, truncate)
     calibrated: bool = False  # the calibrated keep list instead of the linear schedule
     variant: str | None = None  # benchmark-only re-ranking on top of the criterion: "mix" or "oracle"
+    middle: bool = False  # extension: DeciMamba's placement (the training length from the middle layer on), not calibrated
 
 
 def methods(budgets: list[float]) -> dict[str, list[Method]]:
@@ -82,6 +84,7 @@ def methods(budgets: list[float]) -> dict[str, list[Method]]:
         variants += [Method("share", "pruned", "share", f), Method("mix", "pruned", "simba", f, variant="mix")]
     variants.append(Method("oracle", "pruned", "simba", min(budgets), variant="oracle"))
     extension = [Method(f"ext-{c}", "extension", c) for c in EXT_CRITERIA]
+    extension += [Method(f"mid-{c}", "extension", c, middle=True) for c in ("simba", "share", "deci")]
     return {"main": main, "variants": variants, "extension": extension}
 
 
@@ -143,8 +146,8 @@ def schedule(m: Method, model, length: int, protect: int, keeps: dict, ext: dict
             return SimbaConfig(keeps[m.budget], m.criterion, protect)
         return linear_for_flops(cfg, m.budget, length, m.criterion, protect_last=protect)
     if m.kind == "extension":
-        best = ext[m.criterion]["best"]
-        return extension(cfg.n_layer, m.criterion, best["start"], best["cap"], protect)
+        chosen = ext["middle"] if m.middle else ext[m.criterion]["best"]
+        return extension(cfg.n_layer, m.criterion, chosen["start"], chosen["cap"], protect)
     return None
 
 
@@ -215,7 +218,7 @@ def calibrate_extension(model, wins: torch.Tensor, criteria: list[str], starts: 
     """Per criterion: the loss on the last 128 tokens of long training windows for every (first capped layer, cap),
     and the best pair. The dense model and truncation to each cap are measured beside them."""
     length = wins.shape[1] - 1
-    out = {"length": length, "windows": int(wins.shape[0]),
+    out = {"length": length, "windows": int(wins.shape[0]), "middle": {"start": model.config.n_layer // 2, "cap": caps[0]},
            "dense": round(evaluate(model, wins, 128, batch, simba=None, all_positions=False, progress=False).loss, 4),
            "truncate": {str(c): round(evaluate_truncated(model, wins, c / length, 128, batch, progress=False).loss, 4)
                         for c in caps}}
@@ -353,7 +356,7 @@ def main() -> None:
         if name not in res.data["extension"]:
             log(f"calibrating the context extension of {name} on {tuple(calib.shape)} training tokens")
             starts = [s for s in args.starts if s < model.config.n_layer]
-            criteria = [m.criterion for m in groups["extension"]]
+            criteria = list(dict.fromkeys(m.criterion for m in groups["extension"] if not m.middle))
             res.data["extension"][name] = calibrate_extension(model, calib, criteria, starts, caps, batch_for(args.calib_len), log)
             res.save()
         return res.data["extension"][name]
@@ -461,7 +464,8 @@ def markdown(d: dict) -> str:
         "criterion; simba-cal = the calibrated KL schedule (T = 1024); mix = simba with half of each layer's budget "
         "given to the most recent tokens; oracle = simba with the needle always kept (an upper bound for a better "
         "score); ext-<criterion> = context extension: every layer from L on runs on at most T tokens, (L, T) "
-        "calibrated on long training windows (below). Pruned methods protect the question and answer (passkey) or "
+        "calibrated on long training windows (below); mid-<criterion> = the same at DeciMamba's placement, T = the "
+        "training length from the middle layer on. Pruned methods protect the question and answer (passkey) or "
         "the scored last 128 tokens (loss).", ""]
     for name, p in d.get("proxies", {}).items():
         lines.append(f"Passkey proxy from {name}: {p['config']['steps']} steps, {p['seconds']} s; held-out passkey "
