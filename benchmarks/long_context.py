@@ -350,6 +350,7 @@ def main() -> None:
                             res.data["meta"]["command"], log, max_seconds=args.train_seconds)
             res.data["proxies"][name] = summary
             res.save()
+            out.joinpath(f"MODEL_CARD_{name}.md").write_text((folder / "MODEL_CARD.md").read_text())  # the model stays
         return folder
 
     def calibrated_extension(name: str, model) -> dict:
@@ -471,7 +472,7 @@ def markdown(d: dict) -> str:
         lines.append(f"Passkey proxy from {name}: {p['config']['steps']} steps, {p['seconds']} s; held-out passkey "
                      f"accuracy at {max(p['config']['lengths'])} tokens {p['before']['passkey_accuracy']:.3f} -> "
                      f"{p['after']['passkey_accuracy']:.3f}, valid loss {p['before']['valid_loss']:.4f} -> "
-                     f"{p['after']['valid_loss']:.4f} (MODEL_CARD.md in its folder).")
+                     f"{p['after']['valid_loss']:.4f} (`MODEL_CARD_{name}.md`).")
     for model in sorted({c["model"] for c in cells if c["task"] == "passkey"}):
         pk = [c for c in cells if c["task"] == "passkey" and c["model"] == model]
         n = pk[0].get("samples", "?")
