@@ -60,14 +60,7 @@ def global_impact(
     return score
 
 
-def channel_share(
-    x: torch.Tensor,
-    dt: torch.Tensor,
-    A: torch.Tensor,
-    B: torch.Tensor,
-    C: torch.Tensor,
-    last: torch.Tensor,
-) -> torch.Tensor:
+def channel_share(x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C: torch.Tensor, last: torch.Tensor):
     """The "share" criterion: s(t) = max_d |dy_T(t)[d]| / sum_t' |dy_T(t')[d]|, the largest share token t holds
     of any channel's total impact on position last[b]. A slow (long-memory) channel spreads its impact over
     the whole row, so a token it relies on scores by its content rather than its distance from T, where the
