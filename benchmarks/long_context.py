@@ -36,7 +36,7 @@ import platform
 import shlex
 import sys
 import time
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -177,7 +177,7 @@ def passkey_cell(model, samples, m: Method, keeps, ext, train_len: int, batch_to
         correct, kept = [c for p in parts for c in p.correct], [k for p in parts for k in p.needle_kept]
         flops = parts[0].flop_ratio
     else:
-        with forcing(recent_half) if m.variant == "mix" else _nothing():
+        with forcing(recent_half) if m.variant == "mix" else nullcontext():
             r = evaluate_passkey(model, samples, simba, recent=recent, batch_tokens=batch_tokens)
         correct, kept, flops = r.correct, r.needle_kept, r.flop_ratio
     by_depth = {}
@@ -194,11 +194,6 @@ def passkey_cell(model, samples, m: Method, keeps, ext, train_len: int, batch_to
     }
 
 
-@contextmanager
-def _nothing():
-    yield
-
-
 def loss_cell(model, wins: torch.Tensor, m: Method, keeps, ext, train_len: int, batch: int) -> dict:
     length = wins.shape[1] - 1
     protect = default_protect(length)  # the last 128 tokens (a quarter of a window shorter than 512)
@@ -207,7 +202,7 @@ def loss_cell(model, wins: torch.Tensor, m: Method, keeps, ext, train_len: int, 
         r = evaluate_truncated(model, wins, max(recent, protect) / length, protect, batch, progress=False)
     else:
         simba = schedule(m, model, length, protect, keeps, ext)
-        with forcing(recent_half) if m.variant == "mix" else _nothing():
+        with forcing(recent_half) if m.variant == "mix" else nullcontext():
             r = evaluate(model, wins, protect, batch, simba=simba, all_positions=False, progress=False)
     return {"loss": round(r.loss, 4), "loss_se": round(r.loss_se, 4), "flop_ratio": round(r.flop_ratio, 4),
             "windows": r.windows}

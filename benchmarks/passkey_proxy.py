@@ -48,7 +48,7 @@ class ProxyConfig:
     lengths: tuple[int, ...] = (256, 512, 768, 1024)  # passkey lengths, one drawn per step: at most the training length
     lm_len: int = 1024
     lm_weight: float = 1.0
-    lr: float = 5e-4
+    lr: float = 3e-4
     warmup: int = 30  # linear warm-up, then cosine to lr * 0.1
     weight_decay: float = 0.1  # on matrices (not A_log), as the proxies were trained
     grad_clip: float = 1.0
