@@ -38,6 +38,7 @@ class PasskeySample:
     key: str
     depth: float  # where the needle sits in the haystack: 0 at its start, 1 at its end
     needle: tuple[int, int]  # [start, end) of the needle sentence in ids
+    keys: tuple[tuple[int, int], ...]  # [start, end) of each copy of the key's tokens in the needle
     answer: int  # the answer is the last `answer` tokens of ids
     tail: int  # question + answer: the tokens a pruned model must keep
 
@@ -79,10 +80,11 @@ class PasskeyTask:
         at = round(depth * hay)
         ids = self.task + haystack[:at] + needle + haystack[at:] + self.question + answer
         n0 = len(self.task) + at
+        a = len(answer)
+        keys = tuple((n0 + i, n0 + i + a) for i in range(len(needle) - a + 1) if needle[i : i + a] == answer)
         return PasskeySample(
-            torch.tensor(ids, dtype=torch.long), key, depth, (n0, n0 + len(needle)), len(answer),
-            len(self.question) + len(answer),
-        )  # fmt: skip
+            torch.tensor(ids, dtype=torch.long), key, depth, (n0, n0 + len(needle)), keys, a, len(self.question) + a
+        )
 
     def samples(self, length: int, depths: list[float], per_depth: int, seed: int = 0) -> list[PasskeySample]:
         """per_depth samples at each depth, all `length` tokens long (one batch shape)."""
@@ -105,7 +107,7 @@ def exact_match(logits: torch.Tensor, samples: list[PasskeySample]) -> torch.Ten
 @dataclass
 class PasskeyResult:
     correct: list[bool]  # per sample
-    needle_kept: list[float]  # per sample: share of the needle's tokens that reach the top layer
+    key_kept: list[bool]  # per sample: a copy of the key reaches the top layer whole (pruning or truncation)
     flop_ratio: float  # backbone FLOPs against the dense model on the whole sample
     protect: int  # tokens protected at the end of every sample
 
@@ -134,7 +136,7 @@ def evaluate_passkey(
     if not 0 <= start <= length - protect:
         raise ValueError(f"recent: must keep at least the {protect}-token tail, got {recent}")
     k = max(s.answer for s in samples) + 1
-    correct, needle_kept = [], []
+    correct, key_kept = [], []
     per_batch = max(1, batch_tokens // length)
     for b0 in range(0, len(samples), per_batch):
         part = samples[b0 : b0 + per_batch]
@@ -143,7 +145,6 @@ def evaluate_passkey(
         correct += exact_match(out.logits, part).tolist()
         top = out.kept[-1].cpu() + start if simba is not None else torch.arange(start, length).expand(len(part), -1)
         for s, kept in zip(part, top):
-            lo, hi = s.needle
-            needle_kept.append(((kept >= lo) & (kept < hi)).sum().item() / (hi - lo))
+            key_kept.append(any(bool(torch.isin(torch.arange(lo, hi), kept).all()) for lo, hi in s.keys))
     flops = (length - start) / length if simba is None else count(model.config, simba, length).ratio
-    return PasskeyResult(correct, needle_kept, flops, protect)
+    return PasskeyResult(correct, key_kept, flops, protect)

@@ -25,6 +25,7 @@ def test_needle_sits_at_the_requested_depth_and_length(task, corpus_tokenizer, l
     lo, hi = s.needle
     assert decode(s.ids[lo:hi]).strip() == NEEDLE.format(key=s.key)
     assert decode(s.ids[-s.tail :]).strip() == f"{QUESTION} {s.key}" and decode(s.ids[-s.answer :]) == " " + s.key
+    assert len(s.keys) == 2 and all(torch.equal(s.ids[a:b], s.ids[-s.answer :]) and lo <= a < b <= hi for a, b in s.keys)
     hay = torch.cat([s.ids[len(task.task) : lo], s.ids[hi : length - s.tail]])
     assert lo - len(task.task) == round(depth * hay.numel())
     assert torch.equal(hay, torch.arange(int(hay[0]), int(hay[0]) + hay.numel()))  # one contiguous slice of the text
@@ -70,11 +71,11 @@ def test_evaluate_passkey_dense_pruned_and_truncated(task):
     m = random_model(n_layer=4, d_model=16, vocab=8192)
     samples = task.samples(160, [0.1, 0.9], per_depth=2)
     dense = evaluate_passkey(m, samples, batch_tokens=320)
-    assert len(dense.correct) == 4 and dense.needle_kept == [1.0] * 4 and dense.flop_ratio == 1.0
+    assert len(dense.correct) == 4 and dense.key_kept == [True] * 4 and dense.flop_ratio == 1.0
     assert dense.protect == max(s.tail for s in samples)
     pruned = evaluate_passkey(m, samples, SimbaConfig(linear(4, 0.2)))
-    assert pruned.flop_ratio < 0.8 and all(0.0 <= k <= 1.0 for k in pruned.needle_kept)
+    assert pruned.flop_ratio < 0.8 and len(pruned.key_kept) == 4
     cut = evaluate_passkey(m, samples, recent=60)  # the depth-0.1 needles are cut off, the 0.9 ones kept
-    assert cut.needle_kept == [0.0, 0.0, 1.0, 1.0] and cut.flop_ratio == 60 / 160
+    assert cut.key_kept == [False, False, True, True] and cut.flop_ratio == 60 / 160
     with pytest.raises(ValueError, match="tail"):
         evaluate_passkey(m, samples, recent=5)
