@@ -1,68 +1,96 @@
 #!/usr/bin/env bash
-# Issue 6 on a GPU machine: mamba_ssm and causal_conv1d, the GPU tests, the prefill benchmark.
-#   OUT=/some/folder STAGES="build tests bench" bash benchmarks/gpu_run.sh
-# build: install the wheels in .carry/wheels if there are any, else build both from .carry/sdist/*.tar.gz in
-#   parallel (about 6 minutes with 16 cores) and copy the wheels to $OUT/wheels.tgz when they are small enough to
-#   come back; a warm machine that already has them skips this. tests: tests/test_gpu.py. bench:
-#   benchmarks/gpu_prefill.py with both scans and the scan-kernel table, within BENCH_SECONDS.
-# Needs the wheels of packages the image lacks in .whl/ (pydantic: simba_compress imports it), optionally
-# .carry/models/mamba-proxy-d320-l16 (the proxy test skips without it). Every stage is guarded and writes under
-# $OUT as it goes: run.log (everything), build.log, test_gpu.log, gpu_prefill.{json,md}, gpu_scan.json.
+# The GPU machine's runs, in stages (each guarded by a time limit; results land under $OUT as they come):
+#   OUT=/some/folder STAGES="setup tests generate prefill" bash benchmarks/gpu_run.sh
+# setup:    wheels of packages the image lacks (.whl/*.whl, e.g. pydantic) into /tmp/site; mamba_ssm and
+#           causal_conv1d from .carry/cuda_site.tgz (their installed files), or .carry/wheels (whole wheels, or
+#           pieces NAME.whl.part-* joined first), else built
+#           from .carry/sdist/*.tar.gz for sm_90 in parallel (benchmarks/build_mamba_ssm.sh, ~4 minutes), the
+#           built wheels then cut into pieces under 16 MB in $OUT/wheels so a later machine installs them in
+#           seconds. A warm machine that has them skips all of this.
+# tests:    tests/test_gpu.py and tests/test_generation.py (TEST_SECONDS)
+# generate: benchmarks/gpu_generate.py (GEN_SECONDS; GEN_ARGS adds arguments), then without causal_conv1d
+#           (NOCC_ARGS) for the dense-parity rows
+# prefill:  benchmarks/gpu_prefill.py (PREFILL_SECONDS; PREFILL_ARGS)
+# extra:    EXTRA_CMD, a command line run as is (other benchmarks), within EXTRA_SECONDS
 set -uo pipefail
 OUT=${OUT:-out/gpu}
-STAGES=${STAGES:-build tests bench}
+STAGES=${STAGES:-setup tests generate prefill}
 mkdir -p "$OUT"
-export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TRANSFORMERS_VERBOSITY=error
+export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TRANSFORMERS_VERBOSITY=error TOKENIZERS_PARALLELISM=false
 exec > >(tee -a "$OUT/run.log") 2>&1
 t0=$SECONDS
 stage() { echo "=== [$((SECONDS - t0)) s] $*"; }
 has() { python3 -c "import $1" >/dev/null 2>&1; }
+on() { [[ " $STAGES " == *" $1 "* ]]; }
+[ -d /tmp/site ] && export PYTHONPATH=/tmp/site
 
 stage "machine"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 python3 -c 'import torch, triton; print("torch", torch.__version__, "cuda", torch.version.cuda, "triton", triton.__version__)'
-if [ -d /tmp/site ]; then export PYTHONPATH=/tmp/site  # installed by an earlier call on this machine
-elif ls .whl/*.whl >/dev/null 2>&1; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
-    && export PYTHONPATH=/tmp/site || echo "wheel install FAILED"
-fi
-python3 -c 'import simba_compress; print("simba_compress imports")' || echo "simba_compress does not import: see above"
 
-if [[ " $STAGES " == *" build "* ]]; then
-  stage "build"
-  if ls .carry/wheels/*.whl >/dev/null 2>&1; then
+if on setup; then
+  stage "setup"
+  if [ ! -d /tmp/site ] && ls .whl/*.whl >/dev/null 2>&1; then
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+      && export PYTHONPATH=/tmp/site || echo "wheel install FAILED"
+  fi
+  # a tarball of both packages' files, their extensions stripped of symbols (48 MB instead of 54: it travels
+  # beside the repository under the 64 MB limit), unpacked into /tmp/site
+  if [ -f .carry/cuda_site.tgz ] && ! has selective_scan_cuda; then
+    mkdir -p /tmp/site && tar xzf .carry/cuda_site.tgz -C /tmp/site && export PYTHONPATH=/tmp/site
+  fi
+  for whole in $(ls .carry/wheels/*.whl.part-aa 2>/dev/null); do cat "${whole%.part-aa}".part-* > "${whole%.part-aa}"; done
+  if ls .carry/wheels/*.whl >/dev/null 2>&1 && ! has selective_scan_cuda; then
     python3 -m pip install -q --no-index --no-deps .carry/wheels/*.whl || echo "prebuilt wheels FAILED to install"
   fi
   pids=()
   for pkg in mamba_ssm causal_conv1d; do
-    sdist=$(ls .carry/sdist/$pkg-*.tar.gz 2>/dev/null | head -1)
     mod=$([ $pkg = mamba_ssm ] && echo selective_scan_cuda || echo causal_conv1d_cuda)
-    if has "$mod"; then echo "$pkg already installed"; continue; fi
-    if [ -z "$sdist" ]; then echo "no $pkg sdist under .carry/sdist"; continue; fi
-    WHEEL_DIR=/tmp/wheels MAX_JOBS=8 timeout 560 bash benchmarks/build_mamba_ssm.sh "$sdist" > "$OUT/build_$pkg.log" 2>&1 &
+    if has "$mod"; then echo "$pkg installed"; continue; fi
+    sdist=$(ls .carry/sdist/$pkg-*.tar.gz 2>/dev/null | head -1)
+    if [ -z "$sdist" ]; then echo "no $pkg wheel or sdist under .carry"; continue; fi
+    WHEEL_DIR=/tmp/wheels MAX_JOBS=8 timeout 540 bash benchmarks/build_mamba_ssm.sh "$sdist" > "/tmp/build_$pkg.log" 2>&1 &
     pids+=($!)
   done
-  for p in "${pids[@]}"; do wait "$p" || echo "a build FAILED (see build.log)"; done
-  cat "$OUT"/build_*.log > "$OUT/build.log" 2>/dev/null; rm -f "$OUT"/build_*.log; tail -n 8 "$OUT/build.log"
-  if ls /tmp/wheels/*.whl >/dev/null 2>&1; then
-    tar czf "$OUT/wheels.tgz" -C /tmp/wheels . && ls -la /tmp/wheels "$OUT/wheels.tgz"
-    [ "$(stat -c %s "$OUT/wheels.tgz")" -gt 16000000 ] && { echo "wheels too large to come back"; rm "$OUT/wheels.tgz"; }
+  for p in "${pids[@]}"; do wait "$p" || echo "a build FAILED (its log below)"; done
+  tail -n 6 /tmp/build_*.log 2>/dev/null  # $OUT returns at most 8 files: the logs go into run.log
+  if [ ${#pids[@]} -gt 0 ] && ls /tmp/wheels/*.whl >/dev/null 2>&1; then
+    mkdir -p "$OUT/wheels"
+    for w in /tmp/wheels/*.whl; do split -b 15m -a 2 "$w" "$OUT/wheels/$(basename "$w").part-"; done
+    ls -la "$OUT/wheels"
   fi
 fi
-python3 -c 'from simba_compress.ssm import kernels as k; print("mamba_ssm", k.mamba_ssm_available(), "causal_conv1d", k.causal_conv1d_available(), "triton", k.triton_available())'
+python3 -c 'from simba_compress.ssm import kernels as k; print("mamba_ssm", k.mamba_ssm_available(), "causal_conv1d", k.causal_conv1d_available(), "triton", k.triton_available())' \
+  || echo "simba_compress does not import: see above"
 
-if [[ " $STAGES " == *" tests "* ]]; then
+if on tests; then
   stage "tests"
-  timeout ${TEST_SECONDS:-300} python3 -m pytest -q -rs tests/test_gpu.py -p no:cacheprovider 2>&1 | tee "$OUT/test_gpu.log" | tail -n 25 \
-    || echo "GPU tests FAILED or timed out (see test_gpu.log)"
+  # the Triton-interpreter tests run on the CPU (the suite's job), not here
+  timeout ${TEST_SECONDS:-300} python3 -m pytest -q -rs tests/test_generation.py tests/test_gpu.py -k "not interpreter" \
+    -p no:cacheprovider > "$OUT/test_gpu.log" 2>&1 || echo "GPU tests FAILED or timed out (see test_gpu.log)"
+  tail -n 30 "$OUT/test_gpu.log"
 fi
 
-if [[ " $STAGES " == *" bench "* ]]; then
-  stage "benchmark"
-  budget=${BENCH_SECONDS:-$((540 - (SECONDS - t0) - 40))}  # leave time for the profile and the files
-  [ "$budget" -lt 60 ] && budget=60
-  timeout $((budget + 60)) python3 benchmarks/gpu_prefill.py --out "$OUT" --max-seconds "$budget" --scan-kernels \
-    || echo "benchmark FAILED or timed out (rows so far are in gpu_prefill.json)"
+if on generate; then
+  stage "generate"
+  timeout $((${GEN_SECONDS:-300} + 90)) python3 benchmarks/gpu_generate.py --out "$OUT" --max-seconds ${GEN_SECONDS:-300} \
+    ${GEN_ARGS:-} || echo "gpu_generate FAILED or timed out"
+  if [ -n "${NOCC_ARGS:-}" ]; then
+    stage "generate without causal_conv1d"
+    timeout 240 python3 benchmarks/gpu_generate.py --out "$OUT" --block causal_conv1d --tag _no_causal_conv1d \
+      ${NOCC_ARGS} || echo "gpu_generate (no causal_conv1d) FAILED or timed out"
+  fi
+fi
+
+if on prefill; then
+  stage "prefill"
+  timeout $((${PREFILL_SECONDS:-200} + 90)) python3 benchmarks/gpu_prefill.py --out "$OUT" \
+    --max-seconds ${PREFILL_SECONDS:-200} ${PREFILL_ARGS:-} || echo "gpu_prefill FAILED or timed out"
+fi
+
+if on extra; then
+  stage "extra: ${EXTRA_CMD:-}"
+  timeout ${EXTRA_SECONDS:-300} bash -c "${EXTRA_CMD:-true}" || echo "extra command FAILED or timed out"
 fi
 stage "done"
 ls -la "$OUT"

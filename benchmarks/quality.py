@@ -51,6 +51,8 @@ def main() -> None:
     ap.add_argument("--criteria", nargs="*", default=["simba", "utr", "l2norm", "random", "stride"])
     ap.add_argument("--no-base", action="store_true", help="no dense l16 row (it is in a --merge file)")
     ap.add_argument("--granularity", type=int, default=1, help="round the linear schedules' token counts to multiples of this (a staircase)")
+    ap.add_argument("--forms", nargs="+", default=["exact"], choices=["exact", "fast"],
+                    help="schedule forms of the linear and calibrated rows (schedules.py: fast = power-of-two staircase)")
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--shallow", nargs="*", default=SHALLOW, help="dense shallower models to compare with")
@@ -102,16 +104,17 @@ def main() -> None:
         add(name, "dense", res.flop_ratio, res)
         del m
     for f in [] if args.dense_only else args.flops:
-        for crit in args.criteria:
+        for crit, form in [(c, form) for c in args.criteria for form in args.forms]:
             try:
-                sched = linear_for_flops(base.config, f, args.seq_len, crit, protect_last=args.protect)
+                sched = linear_for_flops(base.config, f, args.seq_len, crit, protect_last=args.protect, form=form)
                 # a staircase lands near F, not within 0.5%: its own FLOP ratio is in the row
                 sched = replace(sched, granularity=args.granularity)
             except SimbaError as e:
-                print(f"skip {crit} at {f}: {e}")
+                print(f"skip {crit} ({form}) at {f}: {e}")
                 continue
-            method = f"{crit} (linear)" if args.granularity == 1 else f"{crit} (linear, granularity {args.granularity})"
-            add(BASE, method, f, run(base, simba=replace(sched, protect_last=1)))
+            method = f"{crit} (linear" + (", fast" if form == "fast" else "") + (
+                f", granularity {args.granularity})" if args.granularity > 1 else ")")
+            add(BASE, method, f, run(base, simba=replace(sched, protect_last=1)), keep=[round(k, 3) for k in sched.keep])
         add(BASE, "truncate prompt", f, evaluate_truncated(base, win, f, args.protect, args.batch_size, progress=False))
 
     write(args, rows, win, device_name, t0)
@@ -157,21 +160,20 @@ def calibrated(args, base, tok, win, add, save) -> None:
     if not args.calib:
         raise SystemExit("--calibrate needs --calib (calibration text, not the evaluation data)")
     calib = load_windows(args.calib, tok, args.seq_len + 1, max(1, args.calib_tokens // args.seq_len))
-    for f in args.calibrate:
-        for objective in args.objectives:
-            cfg = CalibrationConfig(
-                flops=f, seq_len=args.seq_len, protect_last=args.protect, trials=args.trials, seed=args.seed,
-                objective=objective, progress=False,
-            )
-            sched, study = calibrate(base, calib, cfg)
-            s = study.summary()
-            res = evaluate(base, win, protect=args.protect, batch_size=args.batch_size, progress=False,
-                           simba=replace(sched, protect_last=1))
-            method = "simba (calibrated)" + ("" if objective == "loss" else f", {objective}")
-            add(BASE, method, f, res, keep=[round(k, 3) for k in sched.keep], calibration_loss=s["best"]["loss"],
-                linear_calibration_loss=None if s["linear"] is None else s["linear"]["loss"],
-                trials_per_minute=s["trials_per_minute"])
-            save()
+    for f, objective, form in [(f, o, form) for f in args.calibrate for o in args.objectives for form in args.forms]:
+        cfg = CalibrationConfig(
+            flops=f, seq_len=args.seq_len, protect_last=args.protect, trials=args.trials, seed=args.seed,
+            objective=objective, form=form, progress=False,
+        )
+        sched, study = calibrate(base, calib, cfg)
+        s = study.summary()
+        res = evaluate(base, win, protect=args.protect, batch_size=args.batch_size, progress=False,
+                       simba=replace(sched, protect_last=1))
+        method = "simba (calibrated" + (", fast" if form == "fast" else "") + ("" if objective == "loss" else f", {objective}") + ")"
+        add(BASE, method, f, res, keep=[round(k, 3) for k in sched.keep], calibration_loss=s["best"]["loss"],
+            linear_calibration_loss=None if s["linear"] is None else s["linear"]["loss"],
+            trials_per_minute=s["trials_per_minute"])
+        save()
 
 
 def markdown(meta: dict, rows: list[dict]) -> str:
@@ -212,7 +214,8 @@ def markdown(meta: dict, rows: list[dict]) -> str:
         lines += ["", "| method | target | calibration loss (linear's) | keep per layer |", "|---|---:|---:|---|"]
         for r in keeps:
             lin = "n/a" if r.get("linear_calibration_loss") is None else f"{r['linear_calibration_loss']:.4f}"
-            lines.append(f"| {r['method']} | {r['flops_target']:.4g} | {r['calibration_loss']:.4f} ({lin}) | "
+            cal = "n/a" if r.get("calibration_loss") is None else f"{r['calibration_loss']:.4f} ({lin})"
+            lines.append(f"| {r['method']} | {r['flops_target']:.4g} | {cal} | "
                          + " ".join(f"{k:.2f}" for k in r["keep"]) + " |")
     return "\n".join(lines) + "\n"
 

@@ -30,7 +30,7 @@ import os
 import re
 import socket
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Literal
 
@@ -46,7 +46,7 @@ from .evaluate import default_protect, protected
 from .flops import count
 from .model import MambaLM, Prefix
 from .pruning import SimbaConfig
-from .schedules import check_flops, fit_flops, flop_tolerance, knots, linear_for_flops
+from .schedules import FAST_DEPTH, Form, check_flops, fast_tolerance, fit_flops, flop_tolerance, knots, linear_for_flops, to_fast
 
 JOURNAL_SUFFIXES = (".log", ".journal")
 SQLITE_SUFFIXES = (".db", ".sqlite", ".sqlite3")
@@ -63,6 +63,7 @@ class CalibrationConfig:
     criterion: str = "simba"
     protect_last: int = 1
     granularity: int = 1  # token counts rounded to multiples of this (SimbaConfig.granularity)
+    form: Form = "fast"  # "fast": each trial's profile becomes its nearest fast-form staircase (schedules.to_fast)
     trials: int = 40  # finished trials the study should hold (shared by all workers)
     timeout: float | None = None  # seconds after which this process starts no new trial
     # KL to the dense model on the scored tail: lower variance than the next-token loss on the same windows, and
@@ -294,6 +295,7 @@ def _identity(model: MambaLM, windows: torch.Tensor, cfg: CalibrationConfig, pro
         "seq_len": cfg.seq_len,
         "protect_last": cfg.protect_last,
         "granularity": cfg.granularity,
+        "form": cfg.form,
         "objective": cfg.objective,
         "protect": protect,
         "knots": cfg.knots,
@@ -390,12 +392,28 @@ def calibrate(model: MambaLM, windows: torch.Tensor, config: CalibrationConfig) 
             f"--granularity {cfg.granularity}: longer than the {window_len}-token calibration windows, which would "
             "then not be pruned at all; raise --calib-seq-len"
         )
-    tol = flop_tolerance(mc, cfg.flops, cfg.seq_len, cfg.granularity)
+    if cfg.form == "fast" and cfg.granularity > 1:
+        raise SimbaError("--granularity: a staircase of its own; use it with --form exact")
+    template = SimbaConfig([1.0] * mc.n_layer, cfg.criterion, cfg.protect_last, cfg.seed, cfg.granularity)
+    if cfg.form == "fast":
+        tol = fast_tolerance(mc, template, cfg.flops, cfg.seq_len)
+    else:
+        tol = flop_tolerance(mc, cfg.flops, cfg.seq_len, cfg.granularity)
 
     def schedule(increments: list[float], level: float) -> SimbaConfig:
         return SimbaConfig(knots(mc.n_layer, increments, level), cfg.criterion, cfg.protect_last, cfg.seed, cfg.granularity)
 
-    lowest = count(mc, schedule([1.0] + [0.0] * (cfg.knots - 1), DEEPEST), cfg.seq_len).ratio
+    def in_form(simba: SimbaConfig) -> SimbaConfig | None:
+        """A trial's continuous profile at the budget as the form runs it; None: no staircase meets the budget."""
+        if cfg.form != "fast":
+            return simba
+        keep = to_fast(mc, simba, cfg.flops, cfg.seq_len)
+        return None if keep is None else replace(simba, keep=keep)
+
+    deepest = schedule([1.0] + [0.0] * (cfg.knots - 1), DEEPEST)
+    if cfg.form == "fast":
+        deepest = replace(deepest, keep=[1.0] + [2.0**-FAST_DEPTH] * (mc.n_layer - 1))
+    lowest = count(mc, deepest, cfg.seq_len).ratio
     if cfg.flops < lowest - tol and cfg.flops < 1.0:
         raise SimbaError(
             f"--flops {cfg.flops}: below what the calibrated schedules reach ({lowest:.3f} at --seq-len {cfg.seq_len}); "
@@ -403,7 +421,9 @@ def calibrate(model: MambaLM, windows: torch.Tensor, config: CalibrationConfig) 
         )
     linear_keep, note = None, None
     try:
-        linear_keep = linear_for_flops(mc, cfg.flops, cfg.seq_len, cfg.criterion, cfg.protect_last, cfg.seed, cfg.granularity).keep
+        linear_keep = linear_for_flops(
+            mc, cfg.flops, cfg.seq_len, cfg.criterion, cfg.protect_last, cfg.seed, cfg.granularity, cfg.form
+        ).keep
     except SimbaError as e:
         note = f"linear baseline skipped: {e}"
 
@@ -416,11 +436,18 @@ def calibrate(model: MambaLM, windows: torch.Tensor, config: CalibrationConfig) 
 
     scorer: _Scorer | None = None
     setup = 0.0
+    seen: dict[tuple[float, ...], float] = {}  # the fast form maps many profiles to one staircase: score it once
 
     def objective(trial: optuna.Trial) -> float:
         nonlocal scorer, setup
         inc = [trial.suggest_float(f"w{j}", 0.0, 1.0) for j in range(cfg.knots)]
-        simba = fit_flops(mc, lambda level: schedule(inc, level), cfg.flops, cfg.seq_len, lo=DEEPEST)
+        profile = fit_flops(mc, lambda level: schedule(inc, level), cfg.flops, cfg.seq_len, lo=DEEPEST)
+        simba = in_form(profile)
+        if simba is None:  # recorded as infeasible: the profile's ratio, marked beyond the tolerance
+            trial.set_user_attr("keep", profile.keep)
+            trial.set_user_attr("flop_ratio", count(mc, profile, cfg.seq_len).ratio)
+            trial.set_constraint("flops", 1.0)
+            return math.inf
         ratio = count(mc, simba, cfg.seq_len).ratio
         trial.set_user_attr("keep", simba.keep)
         trial.set_user_attr("top_keep", simba.keep[-1])
@@ -428,11 +455,14 @@ def calibrate(model: MambaLM, windows: torch.Tensor, config: CalibrationConfig) 
         trial.set_constraint("flops", abs(ratio - cfg.flops) - tol)  # feasible: within tol of the budget
         if abs(ratio - cfg.flops) > tol:
             return math.inf  # this shape cannot go as low as the budget: nothing to evaluate
+        if tuple(simba.keep) in seen:
+            return seen[tuple(simba.keep)]
         if scorer is None:  # built only when a trial needs it (a finished study needs no forward pass)
             t0 = time.time()
             scorer = _Scorer(model, windows, protect, cfg.objective, cfg.batch_size, cfg.criterion)
             setup = time.time() - t0
-        return scorer(simba)
+        seen[tuple(simba.keep)] = scorer(simba)
+        return seen[tuple(simba.keep)]
 
     finished = lambda: len(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)))  # noqa: E731
     bar = tqdm(total=cfg.trials, initial=min(finished(), cfg.trials), desc="calibrate", disable=not cfg.progress, leave=False)
@@ -480,6 +510,8 @@ def calibrate(model: MambaLM, windows: torch.Tensor, config: CalibrationConfig) 
         tolerance=tol,
     )
     simba = SimbaConfig(best.keep, cfg.criterion, cfg.protect_last, cfg.seed, cfg.granularity)
-    simba.extra = {"schedule": "calibrated", "flops_target": cfg.flops, "seq_len": cfg.seq_len, "trial": best.number}
+    simba.extra = {
+        "schedule": "calibrated", "form": cfg.form, "flops_target": cfg.flops, "seq_len": cfg.seq_len, "trial": best.number
+    }
     return simba, result
 

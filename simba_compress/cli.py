@@ -4,6 +4,7 @@
     simba-compress eval --model out/ --data valid.txt.xz [--json]
     simba-compress info out/ [--json]
     simba-compress compare --model DENSE out1/ out2/ [--flops 0.8 0.6] [--tasks ...] --output cmp/
+    simba-compress bench --model out/ [--prompt-len N] [--new-tokens K] [--batch B] [--json]
 
 Bad input prints one line naming the file or flag and exits with code 2 (--debug shows the traceback).
 """
@@ -18,7 +19,7 @@ from pathlib import Path
 
 from .errors import SimbaError
 
-COMMANDS = ("compress", "eval", "info", "compare")
+COMMANDS = ("compress", "eval", "info", "compare", "bench")
 
 
 def _keep_list(text: str) -> list[float]:
@@ -44,7 +45,9 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--final-keep", type=float, help="linear schedule down to this keep ratio at the top layer")
     c.add_argument("--criterion", help="simba (default), share, deci, utr, l2norm, random, stride")
     c.add_argument("--protect-last", type=int, help="last tokens never pruned (default 1)")
-    c.add_argument("--granularity", type=int, help="round each layer's token count to a multiple of this (default 1; GPU speed: 2048)")
+    c.add_argument("--form", help="with --flops: fast (default: keep ratios on a power-of-two staircase, fast on a GPU at "
+                   "any prompt length) or exact (the paper's smooth schedule: every layer prunes a little)")
+    c.add_argument("--granularity", type=int, help="--form exact: round each layer's token count to a multiple of this")
     c.add_argument("--max-tokens", help="cap the tokens layers run on, for prompts longer than the model was trained on: "
                    "T@L (at most T tokens from layer L on) or one integer per layer (0: no cap)")
     c.add_argument("--seq-len", type=int, help="input length the FLOP ratio is computed at (default 1024)")
@@ -103,12 +106,22 @@ def _parser() -> argparse.ArgumentParser:
     k.add_argument("--output", required=True, help="folder for compare.json, compare.md and the PNG plots")
     k.add_argument("--json", action="store_true")
 
+    g = sub.add_parser("bench", help="generation speed: the compressed model vs the same weights dense (and mamba_ssm)")
+    g.add_argument("--model", required=True, help="a compressed folder (or any checkpoint: then dense only)")
+    g.add_argument("--prompt-len", type=int, default=2048, help="prompt tokens per row (default 2048)")
+    g.add_argument("--new-tokens", type=int, default=128, help="greedy new tokens (default 128)")
+    g.add_argument("--batch", type=int, default=1)
+    g.add_argument("--reps", type=int, default=3, help="timed runs per measurement (the median is reported)")
+    g.add_argument("--device", default="auto")
+    g.add_argument("--dtype", default="auto")
+    g.add_argument("--json", action="store_true", help="print one JSON object on stdout")
+
     i = sub.add_parser("info", help="what a checkpoint or compressed folder holds")
     i.add_argument("path")
     i.add_argument("--seq-len", type=int, default=1024)
     i.add_argument("--json", action="store_true")
 
-    for p in (c, e, i, k):
+    for p in (c, e, i, k, g):
         p.add_argument("--debug", action="store_true", help="show tracebacks")
     return ap
 
@@ -123,7 +136,8 @@ def main(argv: list[str] | None = None) -> int:
     if getattr(args, "json", False):
         os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     try:
-        return {"compress": _compress, "eval": _eval, "info": _info, "compare": _compare}[args.command](args)
+        commands = {"compress": _compress, "eval": _eval, "info": _info, "compare": _compare, "bench": _bench}
+        return commands[args.command](args)
     except SimbaError as e:
         if args.debug:
             raise
@@ -155,6 +169,7 @@ def _compress(args) -> int:
         "final_keep": args.final_keep,
         "criterion": args.criterion,
         "protect_last": args.protect_last,
+        "form": args.form,
         "granularity": args.granularity,
         "max_tokens": args.max_tokens,
         "seq_len": args.seq_len,
@@ -275,6 +290,34 @@ def _compare(args) -> int:
     return 0
 
 
+def _bench(args) -> int:
+    from .bench import BenchConfig, run_bench, table
+    from .checkpoints import load
+    from .compress import resolve_device
+
+    for flag, v, low in (("--prompt-len", args.prompt_len, 1), ("--new-tokens", args.new_tokens, 2),
+                         ("--batch", args.batch, 1), ("--reps", args.reps, 1)):  # fmt: skip
+        if v < low:
+            raise SimbaError(f"{flag}: must be >= {low}, got {v}")
+    device, dtype = resolve_device(args.device, args.dtype)
+    model = load(args.model, dtype=dtype, device=device)
+    cfg = BenchConfig(prompt_len=args.prompt_len, new_tokens=args.new_tokens, batch=args.batch, reps=args.reps)
+    rows = run_bench(model, cfg)
+    note = None
+    if device.type != "cuda":
+        note = ("measured on the CPU (no CUDA device): the PyTorch path, no fused kernels or CUDA graphs; "
+                "GPU timings differ, and peak memory is measured on CUDA only")
+    elif not any(r.impl == "mamba_ssm" for r in rows):
+        note = "mamba_ssm is not installed (with its CUDA extension): no mamba_ssm row"
+    if args.json:
+        print(json.dumps({"model": args.model, "dtype": str(dtype).replace("torch.", ""), "note": note,
+                          "rows": [r.to_dict() for r in rows]}))  # fmt: skip
+    else:
+        print(f"{args.model} on {rows[0].device}, {str(dtype).replace('torch.', '')}" + (f" ({note})" if note else ""))
+        print(table(rows), end="")
+    return 0
+
+
 def _info(args) -> int:
     from .checkpoints import read_checkpoint, resolve
     from .flops import count
@@ -301,7 +344,8 @@ def _info(args) -> int:
         print("  dense (no pruning schedule)")
     else:
         s = ckpt.simba
-        print(f"  criterion {s.criterion}, protect_last {s.protect_last}" + (f", granularity {s.granularity}" if s.granularity > 1 else ""))
+        form = f", form {s.extra['form']}" if s.extra.get("form") else ""
+        print(f"  criterion {s.criterion}, protect_last {s.protect_last}{form}" + (f", granularity {s.granularity}" if s.granularity > 1 else ""))
         print("  keep " + " ".join(f"{k:.3f}" for k in s.keep))
         if s.max_tokens is not None:
             print("  max tokens " + " ".join(str(c) if c else "-" for c in s.max_tokens))

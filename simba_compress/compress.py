@@ -25,7 +25,7 @@ from .flops import count
 from .model import MambaLM
 from .pruning import SimbaConfig
 from .recipe import Recipe
-from .schedules import linear, linear_for_flops, max_tokens_list
+from .schedules import Form, linear, linear_for_flops, max_tokens_list
 
 if TYPE_CHECKING:
     from .calibrate import CalibrationConfig, CalibrationResult
@@ -43,12 +43,14 @@ def compress(
     seq_len: int = 1024,
     seed: int = 0,
     granularity: int = 1,
+    form: Form = "fast",
     max_tokens: str | list[int] | None = None,
 ) -> SimbaConfig:
     """Give `model` a fixed pruning schedule (in place) and return it; calibrate() searches one instead.
 
-    Exactly one target: flops (the linear schedule whose backbone FLOP ratio at seq_len is within 0.5% of it),
-    final_keep (the paper's linear schedule down to this ratio) or keep (explicit per-layer ratios).
+    Exactly one target: flops (the linear schedule whose backbone FLOP ratio at seq_len is within 0.5% of it,
+    in the fast form by default: the nearest power-of-two staircase, schedules.py; form="exact" keeps the
+    paper's line), final_keep (the paper's linear schedule down to this ratio) or keep (explicit ratios).
     max_tokens: per-layer token caps or "T@L" (schedules.max_tokens_list), applied on top of the schedule, which
     is fitted without them (they bind only on prompts longer than T).
     """
@@ -61,13 +63,17 @@ def compress(
         elif final_keep is not None:
             simba = SimbaConfig(linear(n_layer, final_keep), criterion, protect_last, seed, granularity)
         elif flops is not None:
-            simba = linear_for_flops(model.config, flops, seq_len, criterion, protect_last, seed, granularity)
+            if form == "fast" and granularity > 1:
+                raise SimbaError("--granularity: a staircase of its own; use it with --form exact")
+            simba = linear_for_flops(model.config, flops, seq_len, criterion, protect_last, seed, granularity, form)
         else:
             raise SimbaError("compress: give flops, final_keep or keep")
         simba = with_max_tokens(simba, max_tokens)
     except ValueError as e:  # SimbaConfig's own validation
         raise SimbaError(str(e)) from None
     simba.extra = {"schedule": "explicit" if keep is not None else "linear", "flops_target": flops, "seq_len": seq_len}
+    if flops is not None and keep is None and final_keep is None:
+        simba.extra["form"] = form
     model.simba = simba
     return simba
 
@@ -136,6 +142,7 @@ def run(recipe: Recipe, overwrite: bool = False, progress: bool = True) -> tuple
             seq_len=recipe.seq_len,
             seed=recipe.seed,
             granularity=recipe.granularity,
+            form=recipe.form,
             max_tokens=recipe.max_tokens,
         )
     protect = default_protect(cal.seq_len)
@@ -221,6 +228,7 @@ def _search_config(recipe: Recipe, study_file: Path, progress: bool) -> Calibrat
         criterion=recipe.criterion,
         protect_last=recipe.protect_last,
         granularity=recipe.granularity,
+        form=recipe.form,
         trials=recipe.trials,
         timeout=recipe.timeout,
         objective=recipe.objective,

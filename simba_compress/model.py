@@ -20,7 +20,7 @@ from torch import nn
 
 from .pruning import CRITERION_FNS, IN_LAYER, SimbaConfig, TokenPlan
 from .ssm import channel_share, selective_scan, selective_step, step_norm
-from .ssm.kernels import freeze_and_gather, mamba1_forward, scan_kernel
+from .ssm.kernels import freeze_and_gather, mamba1_forward, rms_norm, scan_kernel
 
 
 @dataclass
@@ -70,14 +70,33 @@ class ModelConfig:
 
 
 class RMSNorm(nn.Module):
+    """(x * rsqrt(mean(x^2) + eps)) in float32, in the weight's dtype, times the weight (kernels.rms_norm: one
+    Triton pass on CUDA). It reads the float32 residual stream as it is, as mamba_ssm's fused add-norm does."""
+
     def __init__(self, d: int, eps: float):
         super().__init__()
         self.weight = nn.Parameter(torch.ones(d))
         self.eps = eps
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        xf = x.float()
-        return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)).to(self.weight.dtype) * self.weight
+    def forward(self, x: torch.Tensor, add: torch.Tensor | None = None) -> torch.Tensor:
+        return rms_norm(x, self.weight, self.eps, add)
+
+
+def norm(module: nn.Module, h: torch.Tensor) -> torch.Tensor:
+    """A block's (or the final) norm of the residual stream h: RMSNorm reads h as it is; LayerNorm in its dtype."""
+    return module(h) if isinstance(module, RMSNorm) else module(h.to(module.weight.dtype))
+
+
+def add_norm(module: nn.Module, h: torch.Tensor, add: torch.Tensor | None, inplace: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """(h + add, its norm): the previous block's output joins the stream as this block normalises it. In place
+    in h when `inplace` (h is the caller's to change) and no autograd runs: for RMSNorm one Triton pass on CUDA
+    that reads the stream once and writes it once (mamba_ssm's fused add-norm)."""
+    if add is not None:
+        grad = torch.is_grad_enabled() and (h.requires_grad or add.requires_grad)
+        if inplace and not grad and isinstance(module, RMSNorm) and h.is_contiguous():
+            return h, module(h, add)
+        h = h + add  # one kernel: the add promotes add to the stream's dtype
+    return h, norm(module, h)
 
 
 @dataclass
@@ -220,14 +239,14 @@ class MambaLM(nn.Module):
     def _stream_dtype(self) -> torch.dtype:
         return torch.float32 if self.config.residual_in_fp32 else self.lm_head.weight.dtype
 
-    def _layer(self, i: int, h: torch.Tensor, plan: TokenPlan, score: str | None, want_state: bool):
-        """Run block i on the residual stream h: (h + mixer(norm(h)), scores of the in-layer criterion `score`
-        or None, state)."""
+    def _layer(self, i: int, h: torch.Tensor, pending, plan: TokenPlan, score: str | None, want_state: bool, owned: bool):
+        """Block i on the residual stream h, the previous block's output `pending` not yet added to it: returns
+        (h + pending, this block's output, scores of the in-layer criterion `score` or None, state). The add is
+        fused into the norm, in h itself when `owned` (add_norm)."""
         block = self.backbone.layers[i]
-        mixed, impact, state = block.mixer(
-            block.norm(h.to(block.norm.weight.dtype)), plan.mask, score=score, last=plan.last, want_state=want_state
-        )
-        return h + mixed.to(h.dtype), impact, state
+        h, x = add_norm(block.norm, h, pending, inplace=owned)
+        mixed, impact, state = block.mixer(x, plan.mask, score=score, last=plan.last, want_state=want_state)
+        return h, mixed, impact, state
 
     @torch.no_grad()
     def prefix(
@@ -236,11 +255,11 @@ class MambaLM(nn.Module):
         """Run the first `layers` layers densely; forward(same inputs, prefix=...) continues from there (with a
         schedule of the same criterion: the last prefix layer's in-layer scores are kept for it)."""
         plan = TokenPlan(attention_mask, *input_ids.shape, None, input_ids.device)
-        h = self.backbone.embeddings(input_ids).to(self._stream_dtype)
+        h, mixed = self.backbone.embeddings(input_ids).to(self._stream_dtype), None
         score = criterion if criterion in IN_LAYER else None
         for i in range(layers):
-            h, impact, _ = self._layer(i, h, plan, score=score if i == layers - 1 else None, want_state=False)
-        return Prefix(h, impact, layers, criterion)
+            h, mixed, impact, _ = self._layer(i, h, mixed, plan, score if i == layers - 1 else None, False, owned=True)
+        return Prefix(h + mixed, impact, layers, criterion)
 
     def forward(
         self,
@@ -264,7 +283,12 @@ class MambaLM(nn.Module):
         b, length = input_ids.shape
         plan = TokenPlan(attention_mask, b, length, simba, input_ids.device)
         frozen = None  # (b, l + 1, d_model): allocated at the first pruning, after layer 0's activations are freed
+        # Logits of the last positions only, all of them protected (generate's prefill): the dropped tokens'
+        # streams are never read, so they are not kept (no frozen buffer, a gather instead of freeze-and-gather)
+        plan.freeze = not (last_logits is not None and simba is not None and last_logits <= simba.protect_last
+                           and plan.side == "left")  # fmt: skip
         states, kept_positions = [], []
+        mixed, owned = None, prefix is None  # a prefix's stream is the caller's: the first add makes our own copy
         if prefix is None:
             h, start = self.backbone.embeddings(input_ids).to(self._stream_dtype), 0
         else:
@@ -282,16 +306,21 @@ class MambaLM(nn.Module):
                 kept_positions.append(torch.where(plan.real, plan.idx, -1))
             prune = plan.prunes_after(i)
             score = simba.criterion if prune and simba.criterion in IN_LAYER else None
-            h, impact, state = self._layer(i, h, plan, score, return_states)
+            h, out, impact, state = self._layer(i, h, mixed, plan, score, return_states, owned)
+            owned, mixed = owned or mixed is not None, out  # an add into a stream not ours made a new one
             states.append(state)
-            if prune:
+            if prune:  # the criteria see the block's output stream
+                h, mixed = h + mixed, None
                 h, frozen = self._prune(i, h, impact, plan, frozen)
+        if mixed is not None:
+            h = h + mixed
         if frozen is not None:
             frozen.scatter_(1, plan.idx.unsqueeze(-1).expand_as(h), h)
             h = frozen[:, :length]
+        # (without it, h holds the kept tokens in order, each row's last real ones in its last slots)
         if last_logits is not None:
             h = h[:, -last_logits:]
-        h = self.backbone.norm_f(h.to(self.backbone.norm_f.weight.dtype))
+        h = norm(self.backbone.norm_f, h)
         return LMOutput(
             logits=self.lm_head(h.to(self.lm_head.weight.dtype)),
             states=states if return_states else None,
@@ -303,10 +332,12 @@ class MambaLM(nn.Module):
         Returns the next layer's stream and the frozen buffer (allocated here on the first call)."""
         simba = plan.simba
         scores = CRITERION_FNS[simba.criterion](plan.view(layer, h, impact), simba.seed)
-        if frozen is None:
-            frozen = h.new_zeros(h.shape[0], plan.seq_len + 1, h.shape[-1])
         idx = plan.idx  # the slots' positions before select replaces them
         kept = plan.select(scores, layer + 1)
+        if not plan.freeze:
+            return h.gather(1, kept.unsqueeze(-1).expand(-1, -1, h.shape[-1])), None
+        if frozen is None:
+            frozen = h.new_zeros(h.shape[0], plan.seq_len + 1, h.shape[-1])
         return freeze_and_gather(h, idx, kept, plan.real, frozen), frozen
 
     @torch.no_grad()
@@ -321,54 +352,24 @@ class MambaLM(nn.Module):
         top_p: float = 1.0,
         eos_token_id: int | None = None,
         generator: torch.Generator | None = None,
+        cuda_graph: bool = True,
     ) -> torch.Tensor:
-        """Prefill the prompt (pruned as configured), then decode token by token through every layer.
+        """Prefill the prompt (pruned as configured), then decode token by token through every layer: on CUDA
+        one graph replay a token (generation.py). Prompts in a batch must be left-padded. Returns (b, l + new)
+        token ids; rows that hit eos_token_id are padded with it."""
+        from .generation import GenerationConfig, generate
 
-        Prompts in a batch must be left-padded. Returns (b, l + new) token ids; rows that hit eos_token_id
-        are padded with it.
-        """
-        if attention_mask is not None and not bool(attention_mask.bool().all()):
-            from .pruning import padding_side
-
-            if padding_side(attention_mask) != "left":
-                raise ValueError("generate: batched prompts must be left-padded")
-        out = self(input_ids, attention_mask, return_states=True)
-        states, logits = out.states, out.logits[:, -1]
-        tokens = [input_ids]
-        done = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
-        for _ in range(max_new_tokens):
-            nxt = _sample(logits.float(), do_sample, temperature, top_k, top_p, generator)
-            if eos_token_id is not None:
-                nxt = torch.where(done, eos_token_id, nxt)
-                done |= nxt == eos_token_id
-            tokens.append(nxt.unsqueeze(1))
-            if eos_token_id is not None and bool(done.all()):
-                break
-            logits, states = self.step(nxt, states)
-        return torch.cat(tokens, dim=1)
+        config = GenerationConfig(max_new_tokens, do_sample, temperature, top_k, top_p, eos_token_id, cuda_graph)
+        return generate(self, input_ids, attention_mask, config, generator).sequences
 
     def step(self, token: torch.Tensor, states: list[LayerState]) -> tuple[torch.Tensor, list[LayerState]]:
-        """One decoding step for token (b,): every layer runs on it (a new token is never pruned)."""
+        """One decoding step for token (b,), the reference (functional, no kernels): every layer runs on it (a new
+        token is never pruned). Returns the logits (b, vocab) and the new states."""
         h = self.backbone.embeddings(token).to(self._stream_dtype)
         new_states = []
         for block, state in zip(self.backbone.layers, states):
-            mixed, state = block.mixer.step(block.norm(h.to(block.norm.weight.dtype)), state)
-            h = h + mixed.to(h.dtype)
+            mixed, state = block.mixer.step(norm(block.norm, h), state)
+            h = h + mixed
             new_states.append(state)
-        h = self.backbone.norm_f(h.to(self.backbone.norm_f.weight.dtype))
+        h = norm(self.backbone.norm_f, h)
         return self.lm_head(h.to(self.lm_head.weight.dtype)), new_states
-
-
-def _sample(logits, do_sample, temperature, top_k, top_p, generator) -> torch.Tensor:
-    if not do_sample:
-        return logits.argmax(-1)
-    logits = logits / max(temperature, 1e-6)
-    if top_k > 0:
-        kth = torch.topk(logits, min(top_k, logits.shape[-1])).values[:, -1:]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    if top_p < 1.0:
-        sorted_logits, order = torch.sort(logits, descending=True)
-        cum = torch.softmax(sorted_logits, -1).cumsum(-1)
-        drop = cum - torch.softmax(sorted_logits, -1) > top_p  # keep the smallest set reaching top_p
-        logits = logits.scatter(1, order, sorted_logits.masked_fill(drop, float("-inf")))
-    return torch.multinomial(torch.softmax(logits, -1), 1, generator=generator).squeeze(1)

@@ -211,6 +211,7 @@ class TokenPlan:
         n_real_host = torch.full((b,), seq_len) if not self.padded else self.n_real.cpu()
         self.counts_host = simba.counts(n_real_host) if simba is not None else None
         self._counts: torch.Tensor | None = None
+        self.freeze = True  # keep the dropped tokens' streams (for logits at every position); the forward decides
         # (b,) slot of each row's last real token, the position Simba scores against; kept up to date by select
         # (made here, before any layer, so a scoring layer allocates nothing at its peak that a dense one does not)
         self.last = self._last_real_slot()
@@ -219,7 +220,10 @@ class TokenPlan:
     def counts(self) -> torch.Tensor | None:
         """(n_layer, b) tokens each layer runs on, per row, on the batch's device (SimbaConfig.counts)."""
         if self._counts is None and self.counts_host is not None:
-            self._counts = self.counts_host.to(self.idx.device)
+            host = self.counts_host
+            if self.idx.is_cuda:  # pinned and non-blocking: a pageable copy would wait for every queued layer, and
+                host = host.pin_memory()  # the host, no longer ahead of the GPU, would stall the narrow layers after it
+            self._counts = host.to(self.idx.device, non_blocking=True)
         return self._counts
 
     @property

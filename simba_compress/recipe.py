@@ -43,7 +43,9 @@ class Recipe(_Strict):
     final_keep: float | None = Field(None, gt=0, le=1)  # linear schedule's top-layer keep, instead of flops
     criterion: Criterion = "simba"
     protect_last: int = Field(1, ge=1)  # last tokens never pruned (generation needs >= 1)
-    granularity: int = Field(1, ge=1)  # token counts rounded to multiples of this (GPU speed: 2048 at 8192 tokens)
+    # with flops: "fast", keep ratios on a power-of-two staircase (fast on a GPU at any prompt length), or "exact"
+    form: Literal["fast", "exact"] = "fast"
+    granularity: int = Field(1, ge=1)  # form exact: token counts rounded to multiples of this
     max_tokens: list[int] | str | None = None  # per-layer token caps (0: none) or "T@L": context extension
     seq_len: int = Field(1024, ge=2)  # input length the FLOP ratio is computed at
     calibration: CalibrationData = CalibrationData()
@@ -81,6 +83,8 @@ class Recipe(_Strict):
             self.schedule = "calibrated" if self.flops is not None else "linear"
         if self.schedule == "calibrated" and self.flops is None:
             raise ValueError("schedule 'calibrated' needs flops (the FLOP budget to calibrate to)")
+        if self.flops is not None and self.form == "fast" and self.granularity > 1:
+            raise ValueError("granularity: a staircase of its own; use it with form 'exact'")
         return self
 
     def to_yaml(self) -> str:

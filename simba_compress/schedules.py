@@ -1,26 +1,103 @@
-"""Per-layer keep schedules: the paper's linear one, one that meets a FLOP ratio, and explicit lists."""
+"""Per-layer keep schedules: the paper's linear one, one that meets a FLOP ratio, explicit lists, and the
+fast form every --flops schedule takes by default.
+
+The fast form. A schedule is fast on a GPU when (a) few layers score (a score pass costs about one scan
+pass, and the paper's exact schedule scores after every layer) and (b) every pruned width is one that the
+scan kernel and the GEMMs run at full speed. mamba_ssm's scan is fast only on whole chunks (a multiple of
+2048 tokens, or 128/256/512/1024 for shorter rows: its kernel takes a slower path on any other length,
+1.5-2.3x slower per token on the H200, benchmarks/results/gpu_scan.json). So the fast form keeps ratios that
+are powers of two, 1, 1/2, 1/4, ... down to 1/2**FAST_DEPTH: a staircase whose widths are the prompt length
+halved, which are whole chunks whenever the prompt is (and a layer scores only where the ratio halves). Being
+relative to the prompt, one schedule serves every prompt length and batch size. A continuous profile (the
+linear schedule, or a calibration trial's) becomes the staircase closest to it in log2(keep) among those
+meeting the FLOP budget (to_fast).
+"""
 
 from __future__ import annotations
 
+import functools
+import itertools
 import json
+from dataclasses import replace
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Literal
 
 import numpy as np
+import torch
 
 from .errors import SimbaError
-from .flops import count
+from .flops import block_flops, count, score_flops
 from .model import ModelConfig
 from .pruning import SimbaConfig
 
 FLOP_TOLERANCE = 0.005  # a schedule for --flops F lands within 0.5% of F
 LOWEST_T = 1e-6  # the smallest keep ratio a fitted schedule may reach (ratios must stay > 0)
+Form = Literal["fast", "exact"]
+FORMS = ("fast", "exact")
+FAST_DEPTH = 4  # the fast form's lowest level: keep 1/16
 
 
 def flop_tolerance(cfg: ModelConfig, flops: float, seq_len: int, granularity: int = 1) -> float:
     """How close to `flops` a schedule must land: 0.5% of it, or, when token counts come in multiples of
     `granularity`, one such step of one layer (a staircase cannot land between its steps)."""
     return max(FLOP_TOLERANCE * flops, granularity / (seq_len * cfg.n_layer) if granularity > 1 else 0.0)
+
+
+def _fast_tokens(simba: SimbaConfig, seq_len: int) -> np.ndarray:
+    """Tokens a layer at each fast level 2**-j runs on, for a row of seq_len (SimbaConfig.counts: the protected
+    tail can make the lowest levels equal)."""
+    levels = [2.0**-j for j in range(FAST_DEPTH + 1)]
+    return replace(simba, keep=levels).counts(torch.tensor([seq_len]))[:, 0].double().numpy()
+
+
+def fast_tolerance(cfg: ModelConfig, simba: SimbaConfig, flops: float, seq_len: int) -> float:
+    """flop_tolerance of the fast form: at least half its smallest step (one layer moving between the two
+    lowest distinct levels), since its staircases cannot land between their steps."""
+    steps = np.diff(np.unique(_fast_tokens(simba, seq_len)))
+    smallest = steps.min() if steps.size else seq_len
+    return max(flop_tolerance(cfg, flops, seq_len), 0.5 * float(smallest) / (seq_len * cfg.n_layer))
+
+
+@functools.cache
+def _staircases(n_layer: int, depth: int) -> np.ndarray:
+    """Every fast-form staircase of n_layer layers: (m, depth + 1) layer counts per level 2**-j, level 0
+    (keep 1) holding at least the first layer. Stars and bars: C(n_layer - 1 + depth, depth) rows."""
+    rows = []
+    for bars in itertools.combinations(range(n_layer - 1 + depth), depth):
+        edges = (-1, *bars, n_layer - 1 + depth)
+        rows.append([edges[j + 1] - edges[j] - 1 for j in range(depth + 1)])
+    counts = np.asarray(rows, dtype=np.int64)
+    counts[:, 0] += 1
+    return counts
+
+
+def to_fast(cfg: ModelConfig, simba: SimbaConfig, flops: float, seq_len: int) -> list[float] | None:
+    """The fast-form staircase closest to simba.keep (sum over layers of the squared log2 keep distance) among
+    those whose FLOP ratio at seq_len (with simba's criterion and protected tail) is within flop_tolerance of
+    `flops`; None when none is."""
+    depth = FAST_DEPTH
+    counts = _staircases(cfg.n_layer, depth)  # (m, depth + 1)
+    per_token, score = sum(block_flops(cfg).values()), score_flops(cfg, simba.criterion)
+    levels = [2.0**-j for j in range(depth + 1)]
+    tokens = _fast_tokens(simba, seq_len)
+    # a level scores its tokens once, at its last layer, when the next nonempty level keeps fewer
+    nonempty = counts > 0
+    following = np.full(len(counts), np.inf)  # tokens of the next nonempty level, walking up from the top
+    scores = np.zeros(counts.shape, dtype=bool)
+    for j in range(depth, -1, -1):
+        scores[:, j] = nonempty[:, j] & (following < tokens[j])
+        following = np.where(nonempty[:, j], tokens[j], following)
+    ratio = (counts @ (tokens * per_token) + scores @ (tokens * score)) / (seq_len * cfg.n_layer * per_token)
+    ok = np.abs(ratio - flops) <= fast_tolerance(cfg, simba, flops, seq_len)
+    if not ok.any():
+        return None
+    counts = counts[ok]
+    target = -np.log2(np.clip(np.asarray(simba.keep, dtype=np.float64), levels[-1], 1.0))  # (n_layer,)
+    # layer l of a staircase sits at level j where cumsum(counts)[j-1] <= l < cumsum(counts)[j]
+    ends = np.cumsum(counts, 1)
+    at = (np.arange(cfg.n_layer)[None, :, None] >= ends[:, None, :-1]).sum(-1)  # (m, n_layer)
+    best = counts[np.argmin(((at - target) ** 2).sum(1))]
+    return [levels[j] for j in range(depth + 1) for _ in range(int(best[j]))]
 
 
 def linear(n_layer: int, final: float) -> list[float]:
@@ -86,9 +163,14 @@ def linear_for_flops(
     protect_last: int = 1,
     seed: int = 0,
     granularity: int = 1,
+    form: Form = "exact",
 ) -> SimbaConfig:
-    """The linear schedule whose FLOP ratio at seq_len is within flop_tolerance of `flops`."""
+    """The linear schedule whose FLOP ratio at seq_len is within flop_tolerance of `flops`; in the fast form,
+    the staircase closest to it that meets `flops` (to_fast)."""
     check_flops(flops)
+    if form == "fast":
+        exact = linear_for_flops(cfg, flops, seq_len, criterion, protect_last, seed, granularity)
+        return fast_for_flops(cfg, exact, flops, seq_len)
 
     def make(final: float) -> SimbaConfig:
         return SimbaConfig(linear(cfg.n_layer, final), criterion, protect_last, seed, granularity)
@@ -107,6 +189,19 @@ def linear_for_flops(
     if abs(ratio - flops) > tol:
         raise SimbaError(f"--flops {flops}: the closest linear schedule gives {ratio:.4f} at --seq-len {seq_len}")
     return best
+
+
+def fast_for_flops(cfg: ModelConfig, simba: SimbaConfig, flops: float, seq_len: int) -> SimbaConfig:
+    """`simba` (any profile) in the fast form at `flops`, or a SimbaError that says how far the form reaches."""
+    keep = to_fast(cfg, simba, flops, seq_len)
+    if keep is None:
+        lo = count(cfg, replace(simba, keep=[1.0] + [2.0**-FAST_DEPTH] * (cfg.n_layer - 1)), seq_len).ratio
+        raise SimbaError(
+            f"--flops {flops}: no fast-form schedule of {cfg.n_layer} layers lands within "
+            f"{fast_tolerance(cfg, simba, flops, seq_len):.3g} of it at --seq-len {seq_len} (the form reaches "
+            f"{lo:.3f} to 1.0 in steps); use --form exact"
+        )
+    return replace(simba, keep=keep)
 
 
 def read_keep_file(path: str | Path) -> list[float]:

@@ -69,7 +69,6 @@ def write_original(model: MambaLM, folder: Path, vocab_size: int | None = None) 
 
 def write_transformers(model: MambaLM, folder: Path) -> Path:
     """Write `model` through transformers' own MambaForCausalLM.save_pretrained (safetensors)."""
-    from transformers import MambaForCausalLM
 
     ref = to_transformers(model)
     ref.save_pretrained(folder)
@@ -98,6 +97,31 @@ def to_transformers(model: MambaLM):
     missing, unexpected = ref.load_state_dict(model.state_dict(), strict=False)
     assert not unexpected and set(missing) <= {"lm_head.weight"}
     return ref.eval()
+
+
+INTERPRETER_PRELUDE = r"""
+import json
+import torch, torch.nn.functional as F
+import triton.runtime.interpreter as ti
+_orig = ti._patch_lang_tensor
+def _patched(tensor, *args):  # one argument in triton 3.5, two in 3.6
+    _orig(tensor, *args)  # numpy >= 2.3 refuses int() of a shape-(1,) array, which the interpreter does
+    tensor.__index__ = lambda self: int(self.handle.data.reshape(-1)[0])
+ti._patch_lang_tensor = _patched
+"""
+
+
+def run_in_triton_interpreter(script: str) -> dict:
+    """Run `script` (after INTERPRETER_PRELUDE) with TRITON_INTERPRET=1, so Triton kernels run on CPU tensors;
+    it prints one JSON object last, which is returned. Skips without triton."""
+    import subprocess
+    import sys
+
+    pytest.importorskip("triton")
+    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])))
+    res = subprocess.run([sys.executable, "-c", INTERPRETER_PRELUDE + script], env=env, capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr[-3000:]
+    return json.loads(res.stdout.strip().splitlines()[-1])
 
 
 @pytest.fixture(scope="session")

@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from conftest import CORPUS, random_model, write_original
+from conftest import random_model, write_original
 from simba_compress.cli import main
 from simba_compress.evaluate import position_buckets
 

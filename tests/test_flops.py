@@ -1,5 +1,7 @@
 """Analytic FLOPs against torch.utils.flop_counter on the reference path, and schedules meeting a ratio."""
 
+import math
+
 import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
@@ -91,6 +93,45 @@ def test_granularity_rounds_counts_into_a_staircase():
     assert sum(a > b for a, b in zip(rs.tokens, rs.tokens[1:])) == 3 and rs.score < r.score / 5
     with pytest.raises(ValueError, match="granularity"):
         SimbaConfig([1.0], granularity=0)
+
+
+@pytest.mark.parametrize("n_layer", [16, 48])
+@pytest.mark.parametrize("target", [0.8, 0.75, 0.6, 0.55])
+def test_fast_form_is_a_power_of_two_staircase_at_the_budget(n_layer, target):
+    """The default form: keep ratios 1, 1/2, 1/4, ... (every pruned width the prompt halved), few scoring
+    layers, the FLOP ratio within the form's tolerance, and the staircase the one nearest the linear profile."""
+    from simba_compress.schedules import FAST_DEPTH, _staircases, fast_tolerance
+
+    cfg = ModelConfig(d_model=64, n_layer=n_layer, vocab_size=128)
+    fast = linear_for_flops(cfg, target, 4096, form="fast")
+    exact = linear_for_flops(cfg, target, 4096)
+    assert all(math.log2(k).is_integer() and k >= 2.0**-FAST_DEPTH for k in fast.keep)
+    assert fast.keep[0] == 1.0 and all(a >= b for a, b in zip(fast.keep, fast.keep[1:]))
+    report = count(cfg, fast, 4096)
+    assert abs(report.ratio - target) <= fast_tolerance(cfg, fast, target, 4096)
+    assert sum(a > b for a, b in zip(report.tokens, report.tokens[1:])) <= FAST_DEPTH  # scoring layers
+    # brute force: no staircase within the tolerance is nearer the linear profile in log2(keep)
+    def distance(keep):
+        return sum((math.log2(a) - math.log2(max(b, 2.0**-FAST_DEPTH))) ** 2 for a, b in zip(keep, exact.keep))
+
+    tol = fast_tolerance(cfg, fast, target, 4096)
+    rows = _staircases(n_layer, FAST_DEPTH)
+    near = rows[abs(rows @ (2.0 ** -torch.arange(FAST_DEPTH + 1.0)).numpy() / n_layer - target) < 0.01]  # the score aside
+    checked = 0
+    for row in near[:: max(1, len(near) // 400)]:
+        keep = [2.0**-j for j in range(FAST_DEPTH + 1) for _ in range(int(row[j]))]
+        if abs(count(cfg, SimbaConfig(keep), 4096).ratio - target) <= tol:
+            assert distance(keep) >= distance(fast.keep) - 1e-9
+            checked += 1
+    assert checked > 0
+
+
+def test_fast_form_out_of_reach_is_a_clear_error():
+    """A shallow model's staircases are few: 6 layers reach 0.6 but not 0.8 within the tolerance."""
+    cfg = ModelConfig(d_model=64, n_layer=6, vocab_size=128)
+    assert abs(count(cfg, linear_for_flops(cfg, 0.6, 1024, form="fast"), 1024).ratio - 0.6) < 0.006
+    with pytest.raises(SimbaError, match=r"--flops 0.8: no fast-form schedule of 6 layers .* use --form exact"):
+        linear_for_flops(cfg, 0.8, 1024, form="fast")
 
 
 def test_max_tokens_caps_the_layers_it_names_and_is_counted():

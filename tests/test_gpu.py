@@ -21,11 +21,8 @@ everywhere: checks layouts, masks, decode states); (2) the Triton kernels throug
 from __future__ import annotations
 
 import copy
-import json
 import math
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -39,7 +36,7 @@ from simba_compress.ssm import kernels
 from simba_compress.ssm.scan import selective_scan
 from simba_compress.ssm.score import global_impact
 
-from conftest import REPO, random_model
+from conftest import REPO, random_model, run_in_triton_interpreter
 
 CUDA = torch.cuda.is_available()
 needs_cuda = pytest.mark.skipif(not CUDA, reason="no CUDA device")
@@ -125,15 +122,6 @@ def test_kernel_layout_matches_reference_on_cpu(kernel_path_on_cpu, monkeypatch)
 # (2) the Triton kernels through Triton's interpreter on CPU ------------------------------------------------
 
 INTERPRET_CHECK = r"""
-import json, os, sys
-import torch, torch.nn.functional as F
-import triton.runtime.interpreter as ti
-# triton's interpreter turns a scalar into an int with int(ndarray of shape (1,)), which numpy >= 2.3 refuses
-_orig = ti._patch_lang_tensor
-def _patched(tensor, *args):  # one argument in triton 3.5, two in 3.6
-    _orig(tensor, *args)
-    tensor.__index__ = lambda self: int(self.handle.data.reshape(-1)[0])
-ti._patch_lang_tensor = _patched
 from simba_compress.ssm import triton_kernels as tk
 from simba_compress.ssm.score import global_impact
 torch.manual_seed(0)
@@ -185,11 +173,7 @@ print(json.dumps(out))
 
 
 def test_triton_kernels_in_interpreter():
-    pytest.importorskip("triton")
-    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])))
-    res = subprocess.run([sys.executable, "-c", INTERPRET_CHECK], env=env, capture_output=True, text=True, timeout=600)
-    assert res.returncode == 0, res.stderr[-3000:]
-    out = json.loads(res.stdout.strip().splitlines()[-1])
+    out = run_in_triton_interpreter(INTERPRET_CHECK)
     assert out["torch.float32"] < 1e-5 and out["torch.bfloat16"] < 1e-5, out
     assert out["torch.float32_after_last_zero"] and out["torch.bfloat16_after_last_zero"]
     assert out["gather"] and out["frozen"], out

@@ -3,7 +3,6 @@
 import json
 import lzma
 import math
-from pathlib import Path
 
 import pytest
 import torch
@@ -11,9 +10,9 @@ import torch.nn.functional as F
 
 from conftest import REPO, random_model
 from simba_compress import SimbaConfig, SimbaError
-from simba_compress.data import load_windows, read_documents, windows
+from simba_compress.data import read_documents, windows
 from simba_compress.evaluate import evaluate, evaluate_truncated
-from simba_compress.recipe import Recipe, build_recipe, read_recipe_file
+from simba_compress.recipe import build_recipe, read_recipe_file
 from simba_compress.schedules import linear
 
 

@@ -28,6 +28,10 @@ TRITON_ENABLED = os.environ.get("SIMBA_COMPRESS_TRITON", "1") != "0"
 # SIMBA_COMPRESS_SCAN=triton runs inference through the Triton scan even where mamba_ssm is installed: its cost
 # follows the token count step by step, where mamba_ssm's kernel works in 2048-token chunks (README, GPU speed)
 SCAN = os.environ.get("SIMBA_COMPRESS_SCAN", "auto")
+# The decode step (mamba1_step): "triton" (default where triton runs: the project's two kernels for conv + x_proj
+# and dt_proj + the SSM update, four launches in two) or "mamba_ssm" (causal_conv1d's and mamba_ssm's update
+# kernels with the projections between them, as mamba_ssm's own step)
+STEP = os.environ.get("SIMBA_COMPRESS_STEP", "triton")
 ALIGN_TOKENS = 8  # the GPU mixer pads the token axis to a multiple of this (16-byte rows for the GEMMs)
 
 
@@ -47,6 +51,24 @@ def _causal_conv1d():
     except Exception:
         return None
     return causal_conv1d_fn
+
+
+@functools.cache
+def _selective_state_update():
+    try:
+        from mamba_ssm.ops.triton.selective_state_update import selective_state_update
+    except Exception:
+        return None
+    return selective_state_update
+
+
+@functools.cache
+def _causal_conv1d_update():
+    try:
+        from causal_conv1d import causal_conv1d_update
+    except Exception:
+        return None
+    return causal_conv1d_update
 
 
 @functools.cache
@@ -123,7 +145,7 @@ def causal_conv_silu(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor |
 
 
 def mamba1_forward(mixer, hidden: torch.Tensor, mask: torch.Tensor | None, score, last, want_state: bool, scan):
-    """MambaMixer.forward on CUDA through `scan` (scan_kernel's choice): (out, impact, conv_state, ssm_state).
+    """MambaMixer.forward on CUDA through `scan` (scan_kernel's choice): (out, scores, conv_state, ssm_state).
 
     hidden (b, l, d_model), mask (b, l, 1) in hidden's dtype or None. Equal to the reference path up to
     float rounding: the kernel computes dt, the scan, D x and the gate in float32, as the reference does.
@@ -132,34 +154,32 @@ def mamba1_forward(mixer, hidden: torch.Tensor, mask: torch.Tensor | None, score
     if mask is not None:
         hidden = hidden * mask
     # Token counts of pruned layers are arbitrary; a GEMM whose row stride is not a multiple of 8 bf16 values
-    # misses the tensor-core kernels (measured on the H200: 2-3x slower). Pad the token axis with zero inputs
-    # at the end: causal, so no real token sees them, and their outputs are dropped. Not when the final state
-    # is wanted (the padded steps would move it).
+    # misses the tensor-core kernels (measured on the H200: 2-3x slower). Pad the token axis on the left with
+    # zero inputs: the SSM input x is zeroed there too, so the state stays zero through the padding and the real
+    # tokens' outputs and the final state (decoding's) are those of the unpadded row.
     true_length = hidden.shape[1]
-    pad = 0 if want_state else (-true_length) % ALIGN_TOKENS
+    pad = (-true_length) % ALIGN_TOKENS
     if pad:
-        hidden = F.pad(hidden, (0, 0, 0, pad))
-        mask = None if mask is None else F.pad(mask, (0, 0, 0, pad))
+        hidden = F.pad(hidden, (0, 0, pad, 0))
+        mask = None if mask is None else F.pad(mask, (0, 0, pad, 0))
+        last = None if last is None else last + pad
     b, length, dm = hidden.shape
     # one GEMM (2d, dm) @ (dm, b l) read as (b, 2d, l): x and z are views with unit stride along l
     xz = (mixer.in_proj.weight @ hidden.reshape(b * length, dm).t()).view(2 * d, b, length).permute(1, 0, 2)
     if mixer.in_proj.bias is not None:
-        xz = xz + mixer.in_proj.bias.view(1, -1, 1)
+        xz = _zero_left(xz + mixer.in_proj.bias.view(1, -1, 1), pad)  # the padding's input stays zero
     x, z = xz[:, :d], xz[:, d:]
     conv_state = None
     if want_state:  # the last k-1 conv inputs, zero-padded on the left as the reference's padded window
         conv_state = F.pad(x[:, :, -(k - 1) :], (max(0, k - 1 - length), 0)).contiguous()
-    x = causal_conv_silu(x, mixer.conv1d.weight.squeeze(1), mixer.conv1d.bias)
+    x = _zero_left(causal_conv_silu(x, mixer.conv1d.weight.squeeze(1), mixer.conv1d.bias), pad)  # silu(bias) there
     if mask is not None:
         x = x * mask.transpose(1, 2)
     x_dbl = _batched(mixer.x_proj.weight, x)  # (b, r + 2n, l)
     dt_raw = _batched(mixer.dt_proj.weight, x_dbl[:, :r])  # (b, d, l), bias added in float32 by the kernels
     B, C = x_dbl[:, r : r + n], x_dbl[:, r + n :]  # (b, n, l) views
-    A = -torch.exp(mixer.A_log.float())
-    y, h = scan(
-        x, dt_raw, A, B, C, mixer.D.float(), z=z, delta_bias=mixer.dt_proj.bias.float(), delta_softplus=True,
-        return_last_state=True,
-    )  # fmt: skip
+    A, D, dt_bias = float_params(mixer)
+    y, h = scan(x, dt_raw, A, B, C, D, z=z, delta_bias=dt_bias, delta_softplus=True, return_last_state=True)
     # y (b, d, l) = (scan + D x) * silu(z) in hidden's dtype; out_proj reads it transposed, without a copy
     out = torch.bmm(y.transpose(1, 2), mixer.out_proj.weight.t().unsqueeze(0).expand(b, -1, -1))
     del y, xz, z  # the score runs in their memory: a pruned layer's peak stays at the dense layer's
@@ -167,10 +187,79 @@ def mamba1_forward(mixer, hidden: torch.Tensor, mask: torch.Tensor | None, score
         out = out + mixer.out_proj.bias
     impact = None
     if score == "simba":
-        impact = impact_score(x, dt_raw, mixer.dt_proj.bias, A, B, C, last)
+        impact = impact_score(x, dt_raw, dt_bias, A, B, C, last)
     elif score in ("share", "deci"):
-        dt = F.softplus(dt_raw.float() + mixer.dt_proj.bias.float()[:, None])  # (b, d, l)
+        dt = F.softplus(dt_raw.float() + dt_bias[:, None])  # (b, d, l)
         impact = channel_share(x.mT, dt.mT, A, B.mT, C.mT, last) if score == "share" else step_norm(dt, dim=1)
     if pad:
-        out, impact = out[:, :true_length], None if impact is None else impact[:, :true_length]
+        out, impact = out[:, pad:], None if impact is None else impact[:, pad:]
     return out, impact, conv_state, (h.float().contiguous() if want_state else None)
+
+
+def float_params(mixer) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A = -exp(A_log), D and the dt bias of a Mamba-1 mixer in float32, as its kernels take them. Without
+    autograd they are made once per version of the weights (a model in bf16 would otherwise cast them in every
+    layer of every forward: five small launches a layer); an in-place update or a move makes them anew."""
+    params = (mixer.A_log, mixer.D, mixer.dt_proj.bias)
+    if torch.is_grad_enabled() and any(p.requires_grad for p in params):
+        return -torch.exp(params[0].float()), params[1].float(), params[2].float()
+    key = tuple((p.data_ptr(), p._version, p.dtype) for p in params)
+    cached = mixer.__dict__.get("_float_params")
+    if cached is None or cached[0] != key:
+        cached = (key, (-torch.exp(params[0].float()), params[1].float(), params[2].float()))
+        mixer.__dict__["_float_params"] = cached
+    return cached[1]
+
+
+def _zero_left(t: torch.Tensor, pad: int) -> torch.Tensor:
+    """t (b, c, l) with its first `pad` time steps zeroed: in place without autograd, else as a new tensor."""
+    if not pad:
+        return t
+    if not torch.is_grad_enabled():
+        t[..., :pad] = 0
+        return t
+    return F.pad(t[..., pad:], (pad, 0))
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, add: torch.Tensor | None = None) -> torch.Tensor:
+    """model.RMSNorm's math on the residual stream x (..., dm): (x * rsqrt(mean(x^2) + eps)) in float32, in the
+    weight's dtype, times the weight. With `add`: x += add in place first (the decode step's residual add).
+    One Triton pass on CUDA (no autograd), else PyTorch."""
+    no_grad = not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad))
+    if _use_triton(x) and no_grad and (add is None or x.is_contiguous()):
+        return _triton_kernels().rms_norm(x, weight, eps, add)
+    if add is not None:
+        x.add_(add)
+    xf = x.float()
+    return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).to(weight.dtype) * weight
+
+
+def fused_step_available(x: torch.Tensor) -> bool:
+    """Whether mamba1_step has kernels on x's device: the project's Triton step, or mamba_ssm's and causal_conv1d's."""
+    if not (ENABLED and x.is_cuda):
+        return False
+    return _use_triton(x) or (_selective_state_update() is not None and _causal_conv1d_update() is not None)
+
+
+def mamba1_step(mixer, hidden: torch.Tensor, conv_state: torch.Tensor, ssm_state: torch.Tensor, A: torch.Tensor):
+    """MambaMixer.step through fused kernels, on state buffers updated in place: hidden (b, d_model), conv_state
+    (b, d, k - 1), ssm_state (b, d, n) float32, A = -exp(A_log) (d, n) float32 (the decode runtime keeps it).
+    STEP "triton" (default): the project's two kernels for conv + x_proj and dt_proj + the SSM update
+    (triton_kernels.py), between in_proj and out_proj; "mamba_ssm": causal_conv1d_update, x_proj, dt_proj and
+    mamba_ssm's selective_state_update, as mamba_ssm's own step. Returns the mixer output (b, d_model)."""
+    d, n, r = mixer.d_inner, mixer.d_state, mixer.dt_rank
+    xz = F.linear(hidden, mixer.in_proj.weight, mixer.in_proj.bias)  # (b, 2d)
+    x, z = xz[:, :d], xz[:, d:]
+    weight = mixer.conv1d.weight.squeeze(1)  # (d, k)
+    mamba = _selective_state_update() is not None and _causal_conv1d_update() is not None
+    if (STEP == "mamba_ssm" and mamba) or not _use_triton(x):
+        x = _causal_conv1d_update()(x, conv_state, weight, mixer.conv1d.bias, "silu")
+        x_dbl = F.linear(x, mixer.x_proj.weight)  # (b, r + 2n)
+        dt_raw = F.linear(x_dbl[:, :r], mixer.dt_proj.weight)  # (b, d); the bias is added in float32 by the kernel
+        y = _selective_state_update()(ssm_state, x, dt_raw, A, x_dbl[:, r : r + n], x_dbl[:, r + n :], mixer.D, z=z,
+                                      dt_bias=mixer.dt_proj.bias, dt_softplus=True)  # fmt: skip
+    else:
+        tk = _triton_kernels()
+        x, parts = tk.conv_xproj_step(x, conv_state, weight, mixer.conv1d.bias, mixer.x_proj.weight)
+        y = tk.ssm_step(ssm_state, x, parts, mixer.dt_proj.weight, mixer.dt_proj.bias, A, mixer.D, z)
+    return F.linear(y, mixer.out_proj.weight, mixer.out_proj.bias)

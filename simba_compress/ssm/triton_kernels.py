@@ -296,3 +296,165 @@ def selective_scan(
         HAS_D=D is not None, HAS_Z=z is not None,
     )  # fmt: skip
     return (y, h) if return_last_state else y
+
+
+# RMS norm of the residual stream, as model.RMSNorm: (x * rsqrt(mean(x^2) + eps)) in float32, rounded to the
+# weight's dtype, times the weight. One program per row; optionally adds the mixer's output to the stream first
+# and writes the sum back (the decode step's residual add), so the stream is read once and written once.
+
+
+@triton.jit
+def _rms_norm(
+    x_ptr, add_ptr, w_ptr, out_ptr, DM, s_x, s_add, s_out, eps,
+    HAS_ADD: tl.constexpr, BLOCK: tl.constexpr,
+):
+    row = tl.program_id(0).to(tl.int64)
+    c = tl.arange(0, BLOCK)
+    m = c < DM
+    x = tl.load(x_ptr + row * s_x + c, mask=m, other=0.0).to(tl.float32)
+    if HAS_ADD:
+        x += tl.load(add_ptr + row * s_add + c, mask=m, other=0.0).to(tl.float32)
+        tl.store(x_ptr + row * s_x + c, x.to(x_ptr.dtype.element_ty), mask=m)
+    rstd = 1.0 / tl.sqrt(tl.sum(x * x, axis=0) / DM + eps)
+    w = tl.load(w_ptr + c, mask=m, other=0.0)
+    y = (x * rstd).to(w_ptr.dtype.element_ty).to(tl.float32) * w.to(tl.float32)
+    tl.store(out_ptr + row * s_out + c, y.to(out_ptr.dtype.element_ty), mask=m)
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, add: torch.Tensor | None = None) -> torch.Tensor:
+    """RMS norm of x (..., dm) in the weight's dtype. With `add` (x's shape): x += add first, in place (x is the
+    residual stream, contiguous), and the norm is of the sum."""
+    dm = x.shape[-1]
+    assert add is None or x.is_contiguous()  # the in-place add must reach x itself
+    rows = x.reshape(-1, dm)
+    rows = rows if rows.stride(-1) == 1 else rows.contiguous()
+    out = torch.empty(rows.shape, device=x.device, dtype=weight.dtype)
+    addr = rows if add is None else add.reshape(-1, dm).contiguous()
+    block = triton.next_power_of_2(dm)
+    _rms_norm[(rows.shape[0],)](
+        rows, addr, weight, out, dm, rows.stride(0), addr.stride(0), out.stride(0), eps,
+        HAS_ADD=add is not None, BLOCK=block, num_warps=min(16, max(1, block // 256)),
+    )  # fmt: skip
+    return out.view(x.shape)
+
+
+# Decode step kernels (one new token per row). A Mamba-1 step is in_proj -> conv -> x_proj -> dt_proj -> SSM
+# update -> out_proj: six GEMV-sized launches, bound by launch latency rather than bytes at batch 1. Two kernels
+# here take the middle four:
+#   conv_xproj_step: x = silu(causal conv of (conv state, x_t) + bias), the state shifted in place; and this
+#     block of channels' share of x_proj's product, written as partial sums (b, channel blocks, r + 2n)
+#   ssm_step: sums the partials into x_dbl = (dt_low, B, C), rounded to the model's dtype as x_proj's output
+#     would be; dt = softplus(W_dt dt_low + bias); h = exp(dt A) h + dt B x (in place, float32);
+#     y = (C . h + D x) * silu(z)
+# Deterministic: no atomics, the partials are summed in a fixed order.
+
+CONV_BLOCK_D = 64  # channels a conv_xproj_step program owns (and x_proj partial sums it writes)
+SSM_BLOCK_D = 32  # channels an ssm_step program owns: b * d / 32 programs fill the GPU at batch 1
+
+
+@triton.jit
+def _conv_xproj_step(
+    x_ptr, state_ptr, w_ptr, b_ptr, wx_ptr, xout_ptr, part_ptr, D, E, n_dblk, s_xb, s_sb, s_sd,
+    K: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_E: tl.constexpr,
+):
+    pid, b = tl.program_id(0), tl.program_id(1).to(tl.int64)
+    d = pid * BLOCK_D + tl.arange(0, BLOCK_D)
+    m = d < D
+    x = tl.load(x_ptr + b * s_xb + d, mask=m, other=0.0)
+    acc = tl.load(w_ptr + d * K + (K - 1), mask=m, other=0.0).to(tl.float32) * x.to(tl.float32)
+    state = state_ptr + b * s_sb + d * s_sd
+    prev = tl.load(state, mask=m, other=0.0)
+    for k in tl.static_range(K - 1):  # state[k] (oldest first) meets w[k], then moves to state[k - 1]
+        acc += tl.load(w_ptr + d * K + k, mask=m, other=0.0).to(tl.float32) * prev.to(tl.float32)
+        if k + 1 < K - 1:
+            nxt = tl.load(state + (k + 1), mask=m, other=0.0)
+            tl.store(state + k, nxt, mask=m)
+            prev = nxt
+    tl.store(state + (K - 2), x.to(state_ptr.dtype.element_ty), mask=m)
+    if HAS_BIAS:
+        acc += tl.load(b_ptr + d, mask=m, other=0.0).to(tl.float32)
+    xo = (acc * tl.sigmoid(acc)).to(xout_ptr.dtype.element_ty)
+    tl.store(xout_ptr + b * D + d, xo, mask=m)
+    xf = tl.where(m, xo.to(tl.float32), 0.0)
+    part = part_ptr + (b * n_dblk + pid) * E
+    for e0 in range(0, E, BLOCK_E):  # x_proj's rows, this block's columns
+        e = e0 + tl.arange(0, BLOCK_E)
+        em = e < E
+        w = tl.load(wx_ptr + e[:, None] * D + d[None, :], mask=em[:, None] & m[None, :], other=0.0).to(tl.float32)
+        tl.store(part + e, tl.sum(w * xf[None, :], axis=1), mask=em)
+
+
+def conv_xproj_step(x, conv_state, conv_w, conv_b, x_proj_w) -> tuple[torch.Tensor, torch.Tensor]:
+    """x (b, d) (unit stride along d), conv_state (b, d, k - 1) updated in place, conv_w (d, k), x_proj_w (r + 2n,
+    d) -> (silu(conv) (b, d) in x's dtype, x_proj partial sums (b, d / CONV_BLOCK_D, r + 2n) float32)."""
+    b, d = x.shape
+    k, e = conv_w.shape[-1], x_proj_w.shape[0]
+    assert x.stride(1) == 1 and conv_state.stride(2) == 1 and conv_w.is_contiguous() and x_proj_w.is_contiguous()
+    n_dblk = triton.cdiv(d, CONV_BLOCK_D)
+    xout = torch.empty(b, d, device=x.device, dtype=x.dtype)
+    parts = torch.empty(b, n_dblk, e, device=x.device, dtype=torch.float32)
+    _conv_xproj_step[(n_dblk, b)](
+        x, conv_state, conv_w, conv_w if conv_b is None else conv_b, x_proj_w, xout, parts, d, e, n_dblk,
+        x.stride(0), conv_state.stride(0), conv_state.stride(1),
+        K=k, HAS_BIAS=conv_b is not None, BLOCK_D=CONV_BLOCK_D, BLOCK_E=32,
+    )  # fmt: skip
+    return xout, parts
+
+
+@triton.jit
+def _ssm_step(
+    h_ptr, x_ptr, part_ptr, wdt_ptr, bias_ptr, A_ptr, D_ptr, z_ptr, y_ptr,
+    D, N, R, E, n_dblk, s_hb, s_zb,
+    N_PAD: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    pid, b = tl.program_id(0), tl.program_id(1).to(tl.int64)
+    d = pid * BLOCK_D + tl.arange(0, BLOCK_D)
+    n = tl.arange(0, N_PAD)
+    dm, nm = d < D, n < N
+    m2 = dm[:, None] & nm[None, :]
+    part = part_ptr + b * n_dblk * E
+    dt = tl.zeros((BLOCK_D,), dtype=tl.float32)
+    for r0 in range(0, R, BLOCK_R):  # dt_raw = W_dt @ dt_low, dt_low = x_proj's first R outputs
+        r = r0 + tl.arange(0, BLOCK_R)
+        rm = r < R
+        low = tl.zeros((BLOCK_R,), dtype=tl.float32)
+        for j in range(n_dblk):
+            low += tl.load(part + j * E + r, mask=rm, other=0.0)
+        low = low.to(x_ptr.dtype.element_ty).to(tl.float32)  # x_proj's output is in the model's dtype
+        w = tl.load(wdt_ptr + d[:, None] * R + r[None, :], mask=dm[:, None] & rm[None, :], other=0.0).to(tl.float32)
+        dt += tl.sum(w * low[None, :], axis=1)
+    dt = dt.to(x_ptr.dtype.element_ty).to(tl.float32)  # as dt_proj's output
+    Bt = tl.zeros((N_PAD,), dtype=tl.float32)
+    Ct = tl.zeros((N_PAD,), dtype=tl.float32)
+    for j in range(n_dblk):
+        Bt += tl.load(part + j * E + R + n, mask=nm, other=0.0)
+        Ct += tl.load(part + j * E + R + N + n, mask=nm, other=0.0)
+    Bt = Bt.to(x_ptr.dtype.element_ty).to(tl.float32)
+    Ct = Ct.to(x_ptr.dtype.element_ty).to(tl.float32)
+    x = tl.load(x_ptr + b * D + d, mask=dm, other=0.0).to(tl.float32)
+    dt = _softplus(dt + tl.load(bias_ptr + d, mask=dm, other=0.0).to(tl.float32))
+    A = tl.load(A_ptr + d[:, None] * N + n[None, :], mask=m2, other=0.0)
+    hp = h_ptr + b * s_hb + d[:, None] * N + n[None, :]
+    h = tl.load(hp, mask=m2, other=0.0)
+    h = tl.exp(dt[:, None] * A) * h + (dt * x)[:, None] * Bt[None, :]
+    tl.store(hp, h, mask=m2)
+    y = tl.sum(h * Ct[None, :], axis=1) + tl.load(D_ptr + d, mask=dm, other=0.0).to(tl.float32) * x
+    z = tl.load(z_ptr + b * s_zb + d, mask=dm, other=0.0).to(tl.float32)
+    y = y * z * tl.sigmoid(z)
+    tl.store(y_ptr + b * D + d, y.to(y_ptr.dtype.element_ty), mask=dm)
+
+
+def ssm_step(h, x, parts, dt_weight, dt_bias, A, D, z) -> torch.Tensor:
+    """One selective-scan step: h (b, d, n) float32 contiguous, updated in place; x (b, d) contiguous (from
+    conv_xproj_step), parts its x_proj partial sums (b, blocks, r + 2n), dt_weight (d, r), dt_bias and D (d,),
+    A (d, n) float32 contiguous, z (b, d) with unit stride along d. Returns y (b, d) in x's dtype."""
+    b, d, n = h.shape
+    r = dt_weight.shape[1]
+    assert h.is_contiguous() and A.is_contiguous() and h.dtype == A.dtype == torch.float32 and x.is_contiguous()
+    assert parts.is_contiguous() and parts.shape[-1] == r + 2 * n and dt_weight.is_contiguous() and z.stride(1) == 1
+    y = torch.empty(b, d, device=x.device, dtype=x.dtype)
+    _ssm_step[(triton.cdiv(d, SSM_BLOCK_D), b)](
+        h, x, parts, dt_weight, dt_bias, A, D, z, y, d, n, r, r + 2 * n, parts.shape[1], h.stride(0), z.stride(0),
+        N_PAD=triton.next_power_of_2(n), BLOCK_R=32, BLOCK_D=SSM_BLOCK_D,
+    )  # fmt: skip
+    return y

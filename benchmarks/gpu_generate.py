@@ -1,0 +1,228 @@
+"""Generation end to end on a GPU: the compressed model against what users would run instead, same weights.
+
+    python benchmarks/gpu_generate.py --out benchmarks/results
+
+Random-weight bf16 models shaped like mamba-1.4b (d_model 2048, 48 layers) and mamba-130m (768, 24), vocab
+50280; prompts of 2048, 8192 and 32768 random tokens, batch 1 and 8, 128 and 1024 greedy new tokens. Rows
+(simba_compress.bench, which times every implementation the same way: the median of generate(1 new token) is
+the first-token latency, of generate(K) the total, decode per token = (total - first) / (K - 1)):
+  mamba_ssm      MambaLMHeadModel.generate(cg=True): its CUDA-graph decode
+  transformers   MambaForCausalLM.generate (its fast path with mamba_ssm and causal_conv1d where installed);
+                 K = 128 and prompts up to 8192 only: its decode is not graph-captured (~50 ms a token)
+  dense          this project, the same weights unpruned
+  simba          this project at --flops (0.6), the CLI's default output: the fast form (a power-of-two staircase;
+                 here its linear variant, calibration picks among staircases that run alike)
+  staircase      the exact schedule with counts rounded to 2048-token multiples (the earlier GPU recipe)
+  dense_mamba_ssm_step  our dense model decoding through mamba_ssm's and causal_conv1d's update kernels
+                 (SIMBA_COMPRESS_STEP=mamba_ssm) instead of the project's fused Triton step: target cases only
+Cases run in order of priority (the issue's target cases first) until --max-seconds; rows are written after
+every case. --profile adds where the time goes for the target case (torch.profiler, one generate call) and the
+eager decode (no CUDA graph) after a dense and after a pruned prefill. --block causal_conv1d hides that package
+(a second run measures everything without it).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.abc
+import json
+import sys
+import time
+from pathlib import Path
+
+
+def block(names: list[str]) -> None:
+    """Make `names` unimportable in this process (as if not installed), before anything imports them."""
+
+    class Blocker(importlib.abc.MetaPathFinder):
+        def find_spec(self, fullname, path=None, target=None):
+            if fullname.split(".")[0] in names:
+                raise ImportError(f"{fullname} blocked by --block")
+            return None
+
+    sys.meta_path.insert(0, Blocker())
+
+
+if "--block" in sys.argv:
+    block(sys.argv[sys.argv.index("--block") + 1].split(","))
+
+import torch  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from gpu_prefill import SHAPES, free_memory, profile_table, random_lm, versions  # noqa: E402
+
+from simba_compress.bench import BenchConfig, BenchRow, implementations, schedule, table, time_generation  # noqa: E402
+from simba_compress.flops import count  # noqa: E402
+from simba_compress.schedules import linear_for_flops  # noqa: E402
+from simba_compress.ssm import kernels  # noqa: E402
+
+TARGETS = {"total": 0.85, "first": 0.7, "decode": 1.1, "dense_first": 1.0}  # vs mamba_ssm's generate(cg=True)
+
+
+def cases(args) -> list[tuple[str, int, int, int]]:
+    """(shape, prompt, batch, new tokens), the issue's target cases first."""
+    first = [("mamba-1.4b", 8192, 1, 128), ("mamba-1.4b", 8192, 8, 128)]
+    rest = [(s, p, b, k) for k in args.new_tokens for s in args.shapes for p in args.prompts for b in args.batches]
+    return [c for c in first if c in rest] + [c for c in rest if c not in first]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", default="benchmarks/results")
+    ap.add_argument("--shapes", nargs="+", default=list(SHAPES))
+    ap.add_argument("--prompts", nargs="+", type=int, default=[2048, 8192, 32768])
+    ap.add_argument("--batches", nargs="+", type=int, default=[1, 8])
+    ap.add_argument("--new-tokens", nargs="+", type=int, default=[128, 1024])
+    ap.add_argument("--flops", type=float, default=0.6)
+    ap.add_argument("--impls", nargs="+",
+                    default=["mamba_ssm", "transformers", "dense", "simba", "staircase", "dense_mamba_ssm_step"])
+    ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--max-seconds", type=float, default=300.0)
+    ap.add_argument("--profile", action="store_true")
+    ap.add_argument("--block", default="", help="comma-separated packages to hide (e.g. causal_conv1d)")
+    ap.add_argument("--tag", default="", help="suffix of the output files (gpu_generate{tag}.json/.md)")
+    args = ap.parse_args()
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    meta = {"versions": versions(), "command": "python " + " ".join(sys.argv), "blocked": args.block or None}
+    print(json.dumps(meta), flush=True)
+    rows: list[dict] = []
+    notes: list[str] = []
+    t0 = time.time()
+    model, shape = None, None
+    for name, prompt, batch, k in cases(args):
+        if time.time() - t0 > args.max_seconds:
+            notes.append(f"- {name} prompt {prompt} batch {batch} new {k}: skipped, past --max-seconds")
+            continue
+        if shape != name:
+            model = None
+            free_memory()
+            model, shape = random_lm(*SHAPES[name]), name
+            twins = tuple(t for t in ("mamba_ssm", "transformers") if t in args.impls)
+            impls = implementations(model, twins)  # twins hold their own copies of the weights
+        fast = linear_for_flops(model.config, args.flops, prompt, form="fast")
+        stairs = linear_for_flops(model.config, args.flops, prompt, granularity=2048 if prompt >= 8192 else prompt // 4)
+        cfg = BenchConfig(prompt_len=prompt, new_tokens=k, batch=batch, reps=args.reps if prompt * batch <= 65536 else 1)
+        ids = torch.randint(0, model.config.vocab_size, (batch, prompt), device="cuda",
+                            generator=torch.Generator("cuda").manual_seed(prompt))  # fmt: skip
+        device = torch.cuda.get_device_name()
+        for impl in args.impls:
+            if impl == "transformers" and (k > 128 or prompt > 8192):  # its decode alone takes minutes there
+                continue
+            run, weights, simba = None, model, None
+            if impl in ("simba", "staircase"):
+                simba = fast if impl == "simba" else stairs
+                run = _with(model, simba)
+            elif impl == "dense_mamba_ssm_step" and (name, prompt, k) == ("mamba-1.4b", 8192, 128):
+                run = _mamba_ssm_step(model)
+            elif impl in impls:
+                run, weights = impls[impl]
+            if run is None:
+                continue
+            try:
+                t = time_generation(run, ids, cfg, weights)
+            except torch.cuda.OutOfMemoryError as e:
+                rows.append({"model": name, "impl": impl, "batch": batch, "prompt_len": prompt, "new_tokens": k,
+                             "error": f"OOM ({str(e)[:60]})"})  # fmt: skip
+                free_memory()
+                continue
+            row = BenchRow(impl, round(count(model.config, simba, prompt).ratio, 4), batch, prompt, k,
+                           round(t["first_token_ms"], 3), round(t["decode_ms_per_token"], 4), round(t["total_ms"], 3),
+                           round(t["peak_mem_gb"], 3), device).to_dict()  # fmt: skip
+            row["model"] = name
+            if simba is not None:
+                row["keep"] = simba.keep
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+            write(out, args.tag, meta, rows, notes)
+        if args.profile and (name, prompt, batch, k) == ("mamba-1.4b", 8192, 1, 128):
+            notes += profile_notes(model, ids, fast)
+        del ids
+    notes += check_targets(rows)
+    notes.append(f"Total benchmark time {time.time() - t0:.0f} s.")
+    write(out, args.tag, meta, rows, notes)
+    print("\n".join(notes))
+
+
+def _with(model, simba):
+    def run(ids, n):
+        with schedule(model, simba):
+            return model.generate(ids, max_new_tokens=n)
+
+    return run
+
+
+def _mamba_ssm_step(model):
+    def run(ids, n):
+        step, kernels.STEP = kernels.STEP, "mamba_ssm"
+        try:
+            with schedule(model, None):
+                return model.generate(ids, max_new_tokens=n)
+        finally:
+            kernels.STEP = step
+
+    return run
+
+
+def profile_notes(model, ids, simba) -> list[str]:
+    """Where the time of the target case goes: one generate call of the pruned model under torch.profiler, and
+    the decode per token without the CUDA graph after a dense and after a pruned prefill (the issue's question:
+    why the pruned model decoded slower than the dense one)."""
+    notes = ["", "### Where the time goes (mamba-1.4b, 1 x 8192, 128 new tokens, simba)", ""]
+    with schedule(model, simba):
+        notes += ["```", profile_table(lambda: model.generate(ids, max_new_tokens=128)), "```", ""]
+    for label, s in (("dense", None), ("simba", simba)):
+        eager = lambda ids, n, s=s: _eager(model, s, ids, n)  # noqa: E731
+        t = time_generation(eager, ids, BenchConfig(prompt_len=ids.shape[1], new_tokens=64, reps=2), model)
+        notes.append(f"- eager decode (no CUDA graph) after a {label} prefill: {t['decode_ms_per_token']:.2f} ms/token")
+    return notes
+
+
+def _eager(model, simba, ids, n):
+    with schedule(model, simba):
+        return model.generate(ids, max_new_tokens=n, cuda_graph=False)
+
+
+def check_targets(rows: list[dict]) -> list[str]:
+    """Issue 12's targets on the mamba-1.4b shape at 8192 tokens (batch 1 and 8, 128 new tokens)."""
+    notes = []
+    for batch in (1, 8):
+        pick = {r["impl"]: r for r in rows if "error" not in r and (r["model"], r["prompt_len"], r["batch"], r["new_tokens"]) == ("mamba-1.4b", 8192, batch, 128)}
+        ref, simba, dense = pick.get("mamba_ssm"), pick.get("simba"), pick.get("dense")
+        if ref is None or simba is None or dense is None:
+            notes.append(f"- batch {batch}: target case not measured")
+            continue
+        checks = [("simba total", simba["total_ms"] / ref["total_ms"], TARGETS["total"]),
+                  ("simba first token", simba["first_token_ms"] / ref["first_token_ms"], TARGETS["first"]),
+                  ("simba decode per token", simba["decode_ms_per_token"] / ref["decode_ms_per_token"], TARGETS["decode"]),
+                  ("dense first token", dense["first_token_ms"] / ref["first_token_ms"], TARGETS["dense_first"])]  # fmt: skip
+        for what, ratio, bar in checks:
+            notes.append(f"- batch {batch}: {what} {ratio:.2f}x of mamba_ssm's generate(cg=True) "
+                         f"({'met' if ratio <= bar else 'MISSED'}: at most {bar}x)")  # fmt: skip
+    return notes
+
+
+def write(out: Path, tag: str, meta: dict, rows: list[dict], notes: list[str]) -> None:
+    (out / f"gpu_generate{tag}.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
+    v = meta["versions"]
+    lines = ["# Generation on a GPU: compressed vs dense vs mamba_ssm's generate(cg=True) vs transformers", "",
+             f"Device: {v['device']}. Versions: " + ", ".join(f"{k} {x}" for k, x in v.items() if k != "device")
+             + (f". Blocked (as if not installed): {meta['blocked']}" if meta["blocked"] else ""), "",
+             f"Command: `{meta['command']}`", "",
+             "Random-weight bf16 models, the same weights in every row of a shape; greedy decoding of random prompts. "
+             "first token = median time of generate(1 new token); total = of generate(K); decode per token = "
+             "(total - first) / (K - 1); vs dense = our dense total / total. Peak: memory allocated at the peak of "
+             "the K-token runs above what was allocated before them, plus the implementation's weights.", ""]  # fmt: skip
+    for name in dict.fromkeys(r["model"] for r in rows):
+        lines += [f"## {name}", ""]
+        ok = [BenchRow(**{k: r[k] for k in BenchRow.__dataclass_fields__}) for r in rows if r["model"] == name and "error" not in r]
+        lines.append(table(ok))
+        lines += [f"- {r['impl']} batch {r['batch']} prompt {r['prompt_len']} new {r['new_tokens']}: {r['error']}"
+                  for r in rows if r["model"] == name and "error" in r]  # fmt: skip
+    lines += ["## Targets (issue 12) and notes", ""] + notes
+    (out / f"gpu_generate{tag}.md").write_text("\n".join(lines) + "\n")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,206 @@
+"""Generation speed as a user meets it: first-token latency, decode time per token, total and peak memory of
+the compressed model, the same weights dense, and what a user would run instead (mamba_ssm's
+MambaLMHeadModel.generate(cg=True), transformers' MambaForCausalLM.generate), on this machine.
+
+Every implementation is timed the same way, from outside: generating 1 new token (prefill + its sampling) gives
+the first-token latency, generating K gives the total, and decode per token = (total - first) / (K - 1). Each
+is the median of `reps` runs after `warmup` runs at that length (the warm-up compiles the kernels and captures
+the CUDA graphs: mamba_ssm recaptures when the generation length changes). Greedy decoding of a random prompt
+of prompt_len tokens per row, no eos. Peak memory (CUDA only): the peak allocated during the K-token runs above
+what was allocated before them, plus the implementation's own weights.
+
+    rows = run_bench(model, BenchConfig(prompt_len=8192, new_tokens=128, batch=1))
+"""
+
+from __future__ import annotations
+
+import contextlib
+import statistics
+import time
+from dataclasses import asdict, dataclass
+from typing import Callable
+
+import torch
+
+from .flops import count
+from .model import MambaLM
+
+
+@dataclass
+class BenchConfig:
+    prompt_len: int = 2048
+    new_tokens: int = 128
+    batch: int = 1
+    reps: int = 3
+    warmup: int = 1
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        for name in ("prompt_len", "new_tokens", "batch", "reps"):
+            if getattr(self, name) < 1 or (name == "new_tokens" and self.new_tokens < 2):
+                raise ValueError(f"{name}: must be >= {2 if name == 'new_tokens' else 1}, got {getattr(self, name)}")
+
+
+@dataclass
+class BenchRow:
+    impl: str
+    flops: float  # backbone FLOP ratio of the prefill vs dense at prompt_len
+    batch: int
+    prompt_len: int
+    new_tokens: int
+    first_token_ms: float
+    decode_ms_per_token: float
+    total_ms: float
+    peak_mem_gb: float | None  # CUDA only
+    device: str
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+Generate = Callable[[torch.Tensor, int], object]  # (prompt ids, new tokens) -> anything; runs to completion
+
+
+def mamba_ssm_twin(model: MambaLM):
+    """mamba_ssm's MambaLMHeadModel with `model`'s weights, or None where mamba_ssm does not import."""
+    try:
+        from mamba_ssm.models.config_mamba import MambaConfig
+        from mamba_ssm.models.mixer_seq_simple import MambaLMHeadModel
+    except Exception:  # not installed, or without its CUDA extension
+        return None
+    c = model.config
+    ssm_cfg = {"layer": "Mamba1" if c.layer == "mamba1" else "Mamba2", "d_state": c.d_state, "d_conv": c.d_conv,
+               "expand": c.expand, "conv_bias": c.conv_bias, "bias": c.bias}  # fmt: skip
+    if c.layer == "mamba1":
+        ssm_cfg["dt_rank"] = c.dt_rank
+    else:
+        ssm_cfg |= {"headdim": c.headdim, "ngroups": c.ngroups}
+    conf = MambaConfig(d_model=c.d_model, n_layer=c.n_layer, vocab_size=c.vocab_size, ssm_cfg=ssm_cfg,
+                       rms_norm=c.rms_norm, residual_in_fp32=c.residual_in_fp32, fused_add_norm=True,
+                       pad_vocab_size_multiple=1, tie_embeddings=c.tie_embeddings)  # fmt: skip
+    twin = MambaLMHeadModel(conf, device=model.device, dtype=model.lm_head.weight.dtype).eval()
+    sd = {k.replace("backbone.embeddings.", "backbone.embedding."): v for k, v in model.state_dict().items()}
+    twin.load_state_dict(sd)
+    return twin
+
+
+def transformers_twin(model: MambaLM):
+    """transformers' MambaForCausalLM with `model`'s weights (the same parameter names), or None."""
+    try:
+        from transformers import MambaConfig, MambaForCausalLM
+
+        from .checkpoints import hf_config
+    except Exception:
+        return None
+    if model.config.layer != "mamba1":
+        return None
+    conf = MambaConfig(**{k: v for k, v in hf_config(model.config).items() if k != "architectures"})
+    with torch.device(model.device):
+        hf = MambaForCausalLM(conf).to(model.lm_head.weight.dtype).eval()
+    hf.load_state_dict(model.state_dict(), strict=False)  # lm_head is tied
+    hf.generation_config.eos_token_id = hf.generation_config.pad_token_id = None
+    return hf
+
+
+@contextlib.contextmanager
+def schedule(model: MambaLM, simba):
+    """Run `model` with another pruning schedule (None: dense) for the duration."""
+    old, model.simba = model.simba, simba
+    try:
+        yield
+    finally:
+        model.simba = old
+
+
+def implementations(model: MambaLM, twins: tuple[str, ...] = ("mamba_ssm",)) -> dict[str, tuple[Generate, object]]:
+    """name -> (generate function, the object whose weights it uses). "simba" (when the model has a schedule) and
+    "dense" run this project's generate; `twins` adds "mamba_ssm" and/or "transformers" where they import."""
+    impls: dict[str, tuple[Generate, object]] = {}
+    simba = model.simba
+
+    def ours(s):
+        def run(ids: torch.Tensor, n: int):
+            with schedule(model, s):
+                return model.generate(ids, max_new_tokens=n)
+
+        return run
+
+    if simba is not None:
+        impls["simba"] = (ours(simba), model)
+    impls["dense"] = (ours(None), model)
+    if "mamba_ssm" in twins and model.device.type == "cuda":
+        twin = mamba_ssm_twin(model)
+        if twin is not None:
+            impls["mamba_ssm"] = (lambda ids, n: twin.generate(ids, max_length=ids.shape[1] + n, cg=True), twin)
+    if "transformers" in twins:
+        hf = transformers_twin(model)
+        if hf is not None:
+            impls["transformers"] = (
+                lambda ids, n: hf.generate(ids, max_new_tokens=n, min_new_tokens=n, do_sample=False), hf
+            )
+    return impls
+
+
+def time_generation(run: Generate, ids: torch.Tensor, cfg: BenchConfig, weights: object) -> dict:
+    """first_token_ms, total_ms (medians), decode_ms_per_token and peak_mem_gb for one implementation."""
+    cuda = ids.is_cuda
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
+
+    def timed(n: int) -> float:
+        for _ in range(cfg.warmup):
+            run(ids, n)
+        sync()
+        times = []
+        for _ in range(cfg.reps):
+            t0 = time.perf_counter()
+            run(ids, n)
+            sync()
+            times.append(1000 * (time.perf_counter() - t0))
+        return statistics.median(times)
+
+    first = timed(1)
+    peak = None
+    if cuda:
+        sync()
+        before = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+    total = timed(cfg.new_tokens)
+    if cuda:
+        own = sum(p.numel() * p.element_size() for p in weights.parameters())
+        peak = (torch.cuda.max_memory_allocated() - before + own) / 2**30
+    return {"first_token_ms": first, "total_ms": total, "decode_ms_per_token": (total - first) / (cfg.new_tokens - 1),
+            "peak_mem_gb": peak}  # fmt: skip
+
+
+@torch.no_grad()
+def run_bench(
+    model: MambaLM, cfg: BenchConfig, twins: tuple[str, ...] = ("mamba_ssm",), only: list[str] | None = None
+) -> list[BenchRow]:
+    """One row per implementation (implementations()), on the same random prompt."""
+    g = torch.Generator().manual_seed(cfg.seed)
+    ids = torch.randint(0, model.config.vocab_size, (cfg.batch, cfg.prompt_len), generator=g).to(model.device)
+    device = torch.cuda.get_device_name(model.device) if model.device.type == "cuda" else "cpu"
+    rows = []
+    for name, (run, weights) in implementations(model, twins).items():
+        if only is not None and name not in only:
+            continue
+        simba = model.simba if name == "simba" else None
+        flops = count(model.config, simba, cfg.prompt_len).ratio
+        t = time_generation(run, ids, cfg, weights)
+        rows.append(BenchRow(name, round(flops, 4), cfg.batch, cfg.prompt_len, cfg.new_tokens,
+                             round(t["first_token_ms"], 3), round(t["decode_ms_per_token"], 4), round(t["total_ms"], 3),
+                             None if t["peak_mem_gb"] is None else round(t["peak_mem_gb"], 3), device))  # fmt: skip
+    return rows
+
+
+def table(rows: list[BenchRow]) -> str:
+    """A markdown table of rows, with the ratios against the dense row of the same case."""
+    lines = ["| impl | FLOPs | batch | prompt | new | first token ms | decode ms/token | total ms | vs dense (total) | peak GB |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]  # fmt: skip
+    for r in rows:
+        dense = next((d for d in rows if d.impl == "dense" and (d.batch, d.prompt_len, d.new_tokens) == (r.batch, r.prompt_len, r.new_tokens)), None)
+        vs = f"{dense.total_ms / r.total_ms:.2f}x" if dense else "n/a"
+        peak = "n/a" if r.peak_mem_gb is None else f"{r.peak_mem_gb:.2f}"
+        lines.append(f"| {r.impl} | {r.flops:.3f} | {r.batch} | {r.prompt_len} | {r.new_tokens} | {r.first_token_ms:.1f} "
+                     f"| {r.decode_ms_per_token:.2f} | {r.total_ms:.1f} | {vs} | {peak} |")  # fmt: skip
+    return "\n".join(lines) + "\n"
