@@ -427,8 +427,11 @@ def run(p: Preset, args, out: Path) -> None:
 
     tok = load_tokenizer(models / p.base)
     valid = valid_stream(str(corpus / "valid.txt.xz"), tok)
-    train_pieces = spread_text(str(corpus / "train.txt.xz"), tok, p.pieces, p.chars)
-    log(f"text: {valid.numel()} valid tokens, {sum(x.numel() for x in train_pieces)} training tokens")
+    # the training text: its pieces saved by passkey_proxy.py --save-pieces when they travel instead of the corpus
+    train = corpus / "train_pieces.pt" if (corpus / "train_pieces.pt").exists() else corpus / "train.txt.xz"
+    train_pieces = spread_text(str(train), tok, p.pieces, p.chars)
+    res.data["meta"]["train_text"] = train.name
+    log(f"text: {valid.numel()} valid tokens, {sum(x.numel() for x in train_pieces)} training tokens from {train.name}")
     base_layers = read_checkpoint(models / p.base).config.n_layer
     keeps = calibrated_keeps(CALIBRATED, base_layers)
     groups = {g: [m for m in ms if args.methods is None or m.name in args.methods] for g, ms in methods(p).items()}
