@@ -359,14 +359,16 @@ class Results:
         self.done.add(self.key(cell))
         self.save()
 
-    def save(self) -> None:
+    def save(self, figure: bool = False) -> None:
+        """The JSON and the markdown; the figure too when asked (it takes a second: at the end of the run)."""
         self.out.mkdir(parents=True, exist_ok=True)
         self.file.write_text(json.dumps(self.data, indent=1) + "\n")
         (self.out / "long_context.md").write_text(markdown(self.data))
-        try:
-            plot(self.data, self.out / "long_context.png")
-        except ImportError:  # no matplotlib on this machine: --plot-only redraws it elsewhere
-            pass
+        if figure:
+            try:
+                plot(self.data, self.out / "long_context.png")
+            except ImportError:  # no matplotlib on this machine: --plot-only redraws it elsewhere
+                print("no matplotlib: no long_context.png (--plot-only draws it from the JSON)", flush=True)
 
 
 def main() -> None:
@@ -396,7 +398,7 @@ def main() -> None:
     args = ap.parse_args()
     out = Path(args.out)
     if args.plot_only:
-        Results(out, {}).save()
+        Results(out, {}).save(figure=True)
         return
     p = PRESETS[args.preset]
     for name in ("lengths", "loss_windows", "per_depth", "budgets", "calib_len", "calib_windows", "starts", "max_seconds"):
@@ -540,7 +542,7 @@ def run(p: Preset, args, out: Path) -> None:
                    or m.name in ("dense", "window", "truncate", "simba", "share", "oracle") and m.budget in (None, low)]
             cells("passkey", pk, pk_name, key, p.long, pk_ctx)
     res.data["meta"]["seconds"] = round(time.time() - t0, 1)
-    res.save()
+    res.save(figure=True)
     log(f"done: {len(res.data['cells'])} cells in {out}")
 
 
