@@ -43,11 +43,13 @@ def _parser() -> argparse.ArgumentParser:
     )
     c.add_argument("--keep", type=_keep_list, help="explicit per-layer keep ratios, e.g. 1,0.9,0.8")
     c.add_argument("--final-keep", type=float, help="linear schedule down to this keep ratio at the top layer")
-    c.add_argument("--criterion", help="simba (default), deci, utr, l2norm, random, stride")
+    c.add_argument("--criterion", help="simba (default), share, deci, utr, l2norm, random, stride")
     c.add_argument("--protect-last", type=int, help="last tokens never pruned (default 1)")
     c.add_argument("--form", help="with --flops: fast (default: keep ratios on a power-of-two staircase, fast on a GPU at "
                    "any prompt length) or exact (the paper's smooth schedule: every layer prunes a little)")
     c.add_argument("--granularity", type=int, help="--form exact: round each layer's token count to a multiple of this")
+    c.add_argument("--max-tokens", help="cap the tokens layers run on, for prompts longer than the model was trained on: "
+                   "T@L (at most T tokens from layer L on) or one integer per layer (0: no cap)")
     c.add_argument("--seq-len", type=int, help="input length the FLOP ratio is computed at (default 1024)")
     c.add_argument("--calib-data", help='calibration text: file, folder, datasets name, or "demo" (default)')
     c.add_argument("--calib-samples", type=int, help="calibration windows (default 16)")
@@ -174,6 +176,7 @@ def _compress(args) -> int:
         "protect_last": args.protect_last,
         "form": args.form,
         "granularity": args.granularity,
+        "max_tokens": args.max_tokens,
         "seq_len": args.seq_len,
         "calibration.data": args.calib_data,
         "calibration.samples": args.calib_samples,
@@ -359,6 +362,8 @@ def _info(args) -> int:
         form = f", form {s.extra['form']}" if s.extra.get("form") else ""
         print(f"  criterion {s.criterion}, protect_last {s.protect_last}{form}" + (f", granularity {s.granularity}" if s.granularity > 1 else ""))
         print("  keep " + " ".join(f"{k:.3f}" for k in s.keep))
+        if s.max_tokens is not None:
+            print("  max tokens " + " ".join(str(c) if c else "-" for c in s.max_tokens))
         print(f"  FLOP ratio {flops.ratio:.4f} at {args.seq_len} tokens (score {flops.score / flops.dense:.4f})")
     return 0
 

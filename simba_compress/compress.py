@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import platform
 import time
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -25,7 +25,7 @@ from .flops import count
 from .model import MambaLM
 from .pruning import SimbaConfig
 from .recipe import Recipe
-from .schedules import Form, linear, linear_for_flops
+from .schedules import Form, linear, linear_for_flops, max_tokens_list
 
 if TYPE_CHECKING:
     from .calibrate import CalibrationConfig, CalibrationResult
@@ -44,12 +44,15 @@ def compress(
     seed: int = 0,
     granularity: int = 1,
     form: Form = "fast",
+    max_tokens: str | list[int] | None = None,
 ) -> SimbaConfig:
     """Give `model` a fixed pruning schedule (in place) and return it; calibrate() searches one instead.
 
     Exactly one target: flops (the linear schedule whose backbone FLOP ratio at seq_len is within 0.5% of it,
     in the fast form by default: the nearest power-of-two staircase, schedules.py; form="exact" keeps the
     paper's line), final_keep (the paper's linear schedule down to this ratio) or keep (explicit ratios).
+    max_tokens: per-layer token caps or "T@L" (schedules.max_tokens_list), applied on top of the schedule, which
+    is fitted without them (they bind only on prompts longer than T).
     """
     n_layer = model.config.n_layer
     try:
@@ -65,6 +68,7 @@ def compress(
             simba = linear_for_flops(model.config, flops, seq_len, criterion, protect_last, seed, granularity, form)
         else:
             raise SimbaError("compress: give flops, final_keep or keep")
+        simba = with_max_tokens(simba, max_tokens)
     except ValueError as e:  # SimbaConfig's own validation
         raise SimbaError(str(e)) from None
     simba.extra = {"schedule": "explicit" if keep is not None else "linear", "flops_target": flops, "seq_len": seq_len}
@@ -72,6 +76,16 @@ def compress(
         simba.extra["form"] = form
     model.simba = simba
     return simba
+
+
+def with_max_tokens(simba: SimbaConfig, max_tokens: str | list[int] | None) -> SimbaConfig:
+    """`simba` with the token caps `max_tokens` (None: unchanged)."""
+    if max_tokens is None:
+        return simba
+    try:
+        return replace(simba, max_tokens=max_tokens_list(max_tokens, simba.n_layer))
+    except ValueError as e:
+        raise SimbaError(str(e)) from None
 
 
 def resolve_device(device: str, dtype: str) -> tuple[torch.device, torch.dtype]:
@@ -124,7 +138,7 @@ def run(recipe: Recipe, overwrite: bool = False, progress: bool = True) -> tuple
             out.parent.mkdir(parents=True, exist_ok=True)
         search = lambda: calibrate(model, windows, _search_config(recipe, study_file, progress))  # noqa: E731
         simba, study = search() if state is None else _on_main(state, search)
-        model.simba = simba
+        simba = model.simba = with_max_tokens(simba, recipe.max_tokens)
     else:
         simba = compress(
             model,
@@ -137,6 +151,7 @@ def run(recipe: Recipe, overwrite: bool = False, progress: bool = True) -> tuple
             seed=recipe.seed,
             granularity=recipe.granularity,
             form=recipe.form,
+            max_tokens=recipe.max_tokens,
         )
     protect = default_protect(cal.seq_len)
     dense = evaluate(model, windows, protect, simba=None, progress=progress)

@@ -47,8 +47,10 @@ def protected(simba: SimbaConfig | None, protect: int) -> SimbaConfig | None:
     return None if simba is None else replace(simba, protect_last=max(simba.protect_last, protect))
 
 
-def _token_losses(model: MambaLM, inputs: torch.Tensor, targets: torch.Tensor, simba) -> torch.Tensor:
-    logits = model(inputs.to(model.device), simba=simba).logits.float()
+def _token_losses(model: MambaLM, inputs: torch.Tensor, targets: torch.Tensor, simba, last: int | None = None):
+    """Next-token losses (b, l), or of the last `last` positions only (the LM head runs on those alone)."""
+    logits = model(inputs.to(model.device), simba=simba, last_logits=last).logits.float()
+    targets = targets if last is None else targets[:, -last:]
     return F.cross_entropy(logits.transpose(1, 2), targets.to(model.device), reduction="none").cpu()
 
 
@@ -83,7 +85,7 @@ def evaluate(
     head_simba = protected(simba, protect)
     head, full = [], []
     for x, y in _batches(windows, batch_size, "eval", progress):
-        losses = _token_losses(model, x, y, head_simba)
+        losses = _token_losses(model, x, y, head_simba, None if all_positions and simba is None else protect)
         head.append(losses[:, -protect:].mean(1))
         if all_positions:
             full.append(losses if simba is None else _token_losses(model, x, y, simba))
@@ -111,7 +113,7 @@ def evaluate_truncated(
     keep = max(protect, round(flops * seq_len))
     head = []
     for x, y in _batches(windows, batch_size, "eval truncated", progress):
-        head.append(_token_losses(model, x[:, -keep:], y[:, -keep:], None)[:, -protect:].mean(1))
+        head.append(_token_losses(model, x[:, -keep:], y[:, -keep:], None, protect).mean(1))
     loss, se = _mean_se(head)
     return EvalResult(
         windows=windows.shape[0],

@@ -74,13 +74,17 @@ def score_flops(cfg: ModelConfig, criterion: str) -> int:
     e, n, d = cfg.d_inner, cfg.d_state, cfg.d_model
     if cfg.layer == "mamba2" and criterion == "deci":
         return 2 * (e // cfg.headdim)  # one step size per head
-    if cfg.layer == "mamba2" and criterion == "simba":
-        # C_T . B_t per group (2gn), reverse cumsum, exp and products per head (~6h), max |x| over head dims (2e)
-        return 2 * cfg.ngroups * n + 6 * (e // cfg.headdim) + 2 * e
+    if cfg.layer == "mamba2" and criterion in ("simba", "share"):
+        # C_T . B_t per group (2gn), reverse cumsum, exp and products per head (~6h), max |x| over head dims (2e);
+        # share: |x| times the head's factor per channel, then divide by the channel's sum over the row (3e more)
+        return 2 * cfg.ngroups * n + 6 * (e // cfg.headdim) + (2 * e if criterion == "simba" else 5 * e)
     return {
         # contraction of the scan's own exp(-G) dt B x with a per-chunk weight (2en), |.| and max over d (2e),
         # and the per-chunk weights exp(A (S_T - S_c)) C_T amortised over a chunk of 8 (<= en)
         "simba": 3 * e * n + 2 * e,
+        # not fused: exp(A (S_T - S_t)) per (channel, state) (2en), contraction with C_T B_t (2en), |dt x| (2e),
+        # the channel's sum over the row, the division and the max over channels (3e)
+        "share": 4 * e * n + 5 * e,
         "deci": 2 * e,  # square and sum of the step sizes the layer already computed
         "utr": 2 * d,  # clamp, sum
         "l2norm": 2 * d,  # square, sum

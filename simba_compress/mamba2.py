@@ -14,7 +14,7 @@ from torch import nn
 
 from .model import LayerState, ModelConfig
 from .ssm.score import step_norm
-from .ssm.ssd import ssd_impact, ssd_scan, ssd_step
+from .ssm.ssd import ssd_impact, ssd_scan, ssd_share, ssd_step
 
 
 class GatedRMSNorm(nn.Module):
@@ -72,7 +72,13 @@ class Mamba2Mixer(nn.Module):
         dt = F.softplus(dt.float() + self.dt_bias.float())  # (b, l, h)
         A = -torch.exp(self.A_log.float())  # (h,)
         y, h = ssd_scan(x, dt, A, B, C)
-        impact = ssd_impact(x, dt, A, B, C, last) if score == "simba" else step_norm(dt) if score == "deci" else None
+        impact = None
+        if score == "simba":
+            impact = ssd_impact(x, dt, A, B, C, last)
+        elif score == "share":
+            impact = ssd_share(x, dt, A, B, C, last)
+        elif score == "deci":
+            impact = step_norm(dt)
         y = (y + x.float() * self.D.float()[:, None]).flatten(-2)  # (b, l, e)
         out = self.out_proj(self.norm(y, z).to(hidden.dtype))
         state = LayerState(conv=xc[:, :, -(self.d_conv - 1) :].clone(), ssm=h) if want_state else None

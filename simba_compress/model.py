@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .pruning import CRITERION_FNS, IN_LAYER, SimbaConfig, TokenPlan
-from .ssm import selective_scan, selective_step, step_norm
+from .ssm import channel_share, selective_scan, selective_step, step_norm
 from .ssm.kernels import freeze_and_gather, mamba1_forward, rms_norm, scan_kernel
 
 
@@ -134,7 +134,8 @@ class MambaMixer(nn.Module):
 
         mask (b, l) bool zeroes padding's input (it then cannot reach real tokens). score names an in-layer
         criterion (pruning.IN_LAYER: "simba", each token's global impact on row position last[b], computed inside
-        the scan; "deci", the norm of its step sizes) whose (b, l) scores are returned; None: no scores.
+        the scan; "share", the same impacts as shares of each channel's total; "deci", the norm of its step sizes)
+        whose (b, l) scores are returned; None: no scores.
         """
         m = None if mask is None else mask.unsqueeze(-1).to(hidden.dtype)
         scan = scan_kernel(self, hidden)
@@ -153,7 +154,9 @@ class MambaMixer(nn.Module):
         dt = F.softplus(dt_raw.float() + self.dt_proj.bias.float())  # (b, l, d)
         A = -torch.exp(self.A_log.float())  # (d, n)
         y, h, impact = selective_scan(x, dt, A, B, C, last=last if score == "simba" else None)  # fused score
-        if score == "deci":
+        if score == "share":
+            impact = channel_share(x, dt, A, B, C, last)
+        elif score == "deci":
             impact = step_norm(dt)
         y = (y + x.float() * self.D.float()) * F.silu(z.float())
         out = self.out_proj(y.to(hidden.dtype))

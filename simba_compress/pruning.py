@@ -12,15 +12,16 @@ unpadded: masked slots carry zero input to the SSM, and they sit before (left pa
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, field
 from typing import Callable
 
 import torch
 
 
-CRITERIA = ("simba", "deci", "utr", "l2norm", "random", "stride")
+CRITERIA = ("simba", "share", "deci", "utr", "l2norm", "random", "stride")
 # criteria whose scores the layer computes from its own SSM inputs while it runs (LayerView.impact)
-IN_LAYER = ("simba", "deci")
+IN_LAYER = ("simba", "share", "deci")
 SIMBA_FORMAT_VERSION = 1
 
 
@@ -30,7 +31,8 @@ class SimbaConfig:
 
     keep: per-layer fraction of the input's real tokens that each layer runs on; keep[0] = 1.0 and it
         never increases with depth.
-    criterion: how tokens are ranked: "simba" (global impact through the layer's own recurrence), "deci"
+    criterion: how tokens are ranked: "simba" (global impact through the layer's own recurrence), "share" (the
+        same impacts as shares of each channel's total: the largest share a token holds of any channel), "deci"
         (DeciMamba's: the L2 norm over channels of the step size softplus(dt)), "utr" (clipped-activation sum of
         the block output), "l2norm" (block output norm), "random", "stride".
     protect_last: the last real tokens of every row that are always kept (at least 1).
@@ -39,6 +41,9 @@ class SimbaConfig:
         a granularity of 2048 on 8192-token prompts a schedule becomes a staircase: the GPU scores tokens only
         where the count drops, and every width is one that mamba_ssm's scan (2048-token chunks) and the
         GEMMs run at full speed (README, GPU speed). A row shorter than the granularity is not pruned.
+    max_tokens: per-layer cap on the tokens of a row a layer runs on (0: no cap), or None. Context extension:
+        capping the upper layers near the training length keeps their state in the range they were trained on
+        when the prompt is longer (README, Long context); the cap binds only on prompts longer than it.
     """
 
     keep: list[float]
@@ -47,6 +52,7 @@ class SimbaConfig:
     seed: int = 0
     granularity: int = 1
     extra: dict = field(default_factory=dict)  # provenance a writer may attach (schedule name, FLOP target)
+    max_tokens: list[int] | None = None
 
     def __post_init__(self) -> None:
         self.keep = [float(k) for k in self.keep]
@@ -65,6 +71,15 @@ class SimbaConfig:
         if int(self.granularity) < 1:
             raise ValueError(f"granularity: must be >= 1, got {self.granularity}")
         self.granularity = int(self.granularity)
+        if self.max_tokens is not None:
+            self.max_tokens = [int(c) for c in self.max_tokens]
+            caps = [c or math.inf for c in self.max_tokens]
+            if len(caps) != len(self.keep) or caps[0] != math.inf or min(caps) < 1:
+                raise ValueError(
+                    f"max_tokens: one cap >= 1 per layer (0: none), none on the first layer; got {self.max_tokens}"
+                )
+            if any(b > a for a, b in zip(caps, caps[1:])):
+                raise ValueError(f"max_tokens: a cap may not loosen with depth; got {self.max_tokens}")
 
     @property
     def n_layer(self) -> int:
@@ -79,6 +94,9 @@ class SimbaConfig:
         if self.granularity > 1:  # nearest multiple (never 0); a layer that keeps every token stays dense
             g = self.granularity
             k = torch.where(k < n_real[None, :], torch.clamp(torch.round(k / g).long() * g, min=g), k)
+        if self.max_tokens is not None:
+            caps = torch.tensor([c or torch.iinfo(torch.long).max for c in self.max_tokens], device=n_real.device)
+            k = torch.minimum(k, caps[:, None])
         floor = torch.clamp(n_real, max=self.protect_last)[None, :]
         return torch.minimum(torch.maximum(k, floor), n_real[None, :])
 
@@ -107,7 +125,8 @@ class LayerView:
 
 
 def _in_layer(view: LayerView, seed: int) -> torch.Tensor:
-    # simba: fused into the scan (ssm.scan; ssm.score.global_impact is its reference); deci: ssm.score.step_norm
+    # simba: fused into the scan (ssm.scan; ssm.score.global_impact is its reference); share: ssm.score.channel_share
+    # (Mamba-2: ssm.ssd.ssd_share); deci: ssm.score.step_norm
     return view.impact
 
 
@@ -135,6 +154,7 @@ def _stride(view: LayerView, seed: int) -> torch.Tensor:
 
 CRITERION_FNS: dict[str, Callable[[LayerView, int], torch.Tensor]] = {
     "simba": _in_layer,
+    "share": _in_layer,
     "deci": _in_layer,
     "utr": _utr,
     "l2norm": _l2norm,

@@ -16,7 +16,7 @@ from .errors import SimbaError
 from .finetune import FinetuneConfig
 from .pruning import CRITERIA
 
-Criterion = Literal["simba", "deci", "utr", "l2norm", "random", "stride"]
+Criterion = Literal["simba", "share", "deci", "utr", "l2norm", "random", "stride"]
 assert set(Criterion.__args__) == set(CRITERIA)
 
 
@@ -46,6 +46,7 @@ class Recipe(_Strict):
     # with flops: "fast", keep ratios on a power-of-two staircase (fast on a GPU at any prompt length), or "exact"
     form: Literal["fast", "exact"] = "fast"
     granularity: int = Field(1, ge=1)  # form exact: token counts rounded to multiples of this
+    max_tokens: list[int] | str | None = None  # per-layer token caps (0: none) or "T@L": context extension
     seq_len: int = Field(1024, ge=2)  # input length the FLOP ratio is computed at
     calibration: CalibrationData = CalibrationData()
     # the Optuna study of schedule "calibrated" (calibrate.py)

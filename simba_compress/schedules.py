@@ -221,3 +221,21 @@ def read_keep_file(path: str | Path) -> list[float]:
         return [float(v) for v in data]
     except (TypeError, ValueError):
         raise SimbaError(f"{path}: expected a list of per-layer keep ratios") from None
+
+
+def max_tokens_list(spec: str | list[int], n_layer: int) -> list[int]:
+    """Per-layer token caps (SimbaConfig.max_tokens) from "T@L" (at most T tokens from layer L on: context
+    extension, README Long context), a comma-separated list, or a list; 0 means no cap."""
+    where = f"--max-tokens {spec}"
+    try:
+        if isinstance(spec, str) and "@" in spec:
+            tokens, layer = (int(v) for v in spec.split("@"))
+            if not 1 <= layer < n_layer:
+                raise SimbaError(f"{where}: the first capped layer must be in [1, {n_layer - 1}]")
+            return [0] * layer + [tokens] * (n_layer - layer)
+        caps = [int(v) for v in (spec.replace(",", " ").split() if isinstance(spec, str) else spec)]
+    except ValueError:
+        raise SimbaError(f"{where}: expected TOKENS@LAYER or one integer per layer") from None
+    if len(caps) != n_layer:
+        raise SimbaError(f"{where}: {len(caps)} caps for a model of {n_layer} layers")
+    return caps

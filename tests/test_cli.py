@@ -157,3 +157,18 @@ def test_bench_on_the_cpu_says_so(tmp_path, capsys):
             (r["total_ms"] - r["first_token_ms"]) / 3, abs=1e-3)
     code, _, err = cli("bench", "--model", out, "--new-tokens", "1")
     assert code == 2 and err.strip() == "simba-compress: error: --new-tokens: must be >= 2, got 1"
+
+
+def test_max_tokens_flag_round_trips_through_the_folder(tmp_path, capsys):
+    """--max-tokens T@L (context extension): saved in the simba section, loaded back, shown by info, counted."""
+    from simba_compress import load
+
+    out = tmp_path / "x"
+    assert main(["--model", "demo", "--final-keep", "1", "--max-tokens", "256@3", "--seq-len", "2048",
+                 "--output", str(out), "--calib-samples", "2", "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["flops"]["tokens"] == [2048] * 3 + [256] * 3
+    assert load(out).simba.max_tokens == [0, 0, 0, 256, 256, 256]
+    assert main(["info", str(out)]) == 0 and "max tokens - - - 256 256 256" in capsys.readouterr().out
+    code, _, err = cli("--model", "demo", "--final-keep", "1", "--max-tokens", "256@9", "--output", tmp_path / "y")
+    assert code == 2 and "--max-tokens 256@9: the first capped layer must be in [1, 5]" in err

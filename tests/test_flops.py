@@ -8,7 +8,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from conftest import MODELS, random_model
 from simba_compress import ModelConfig, SimbaConfig, SimbaError, load
-from simba_compress.flops import count, head_flops, matmul_flops
+from simba_compress.flops import count, head_flops, matmul_flops, score_flops
 from simba_compress.schedules import linear, linear_for_flops
 
 
@@ -132,3 +132,30 @@ def test_fast_form_out_of_reach_is_a_clear_error():
     assert abs(count(cfg, linear_for_flops(cfg, 0.6, 1024, form="fast"), 1024).ratio - 0.6) < 0.006
     with pytest.raises(SimbaError, match=r"--flops 0.8: no fast-form schedule of 6 layers .* use --form exact"):
         linear_for_flops(cfg, 0.8, 1024, form="fast")
+
+
+def test_max_tokens_caps_the_layers_it_names_and_is_counted():
+    """Context extension: at most T tokens per row from layer L on; shorter rows are untouched."""
+    from simba_compress.schedules import max_tokens_list
+
+    caps = max_tokens_list("1000@2", 6)
+    assert caps == [0, 0, 1000, 1000, 1000, 1000]
+    s = SimbaConfig(linear(6, 0.5), protect_last=4, max_tokens=caps)
+    k = s.counts(torch.tensor([8000, 1200, 500]))
+    plain = SimbaConfig(linear(6, 0.5), protect_last=4).counts(torch.tensor([8000, 1200, 500]))
+    assert k[:2, 0].tolist() == plain[:2, 0].tolist() and (k[2:, 0] == 1000).all()
+    assert (k[:, 1] == torch.minimum(plain[:, 1], torch.tensor([1200, 1200, 1000, 1000, 1000, 1000]))).all()
+    assert torch.equal(k[:, 2], plain[:, 2])  # a prompt shorter than the cap: the schedule alone
+    cfg = random_model(n_layer=6).config
+    dense_caps = SimbaConfig([1.0] * 6, max_tokens=caps)
+    r = count(cfg, dense_caps, 8000)
+    assert r.tokens == [8000, 8000, 1000, 1000, 1000, 1000] and r.score > 0  # layer 1 scores, once
+    assert r.score == 8000 * score_flops(cfg, "simba") and r.sparse == 20000 * sum(r.per_token_block.values()) + r.score
+    assert count(cfg, dense_caps, 1000).ratio == 1.0
+    for bad in ([0, 0, 100], [100] + [0] * 5, [0, 100, 200, 200, 200, 200], [0, -1, 0, 0, 0, 0]):
+        with pytest.raises(ValueError, match="max_tokens"):
+            SimbaConfig([1.0] * len(bad) if len(bad) != 3 else [1.0] * 6, max_tokens=bad)
+    for spec, msg in (("1000@0", "first capped layer"), ("1000@6", "first capped layer"), ("a@b", "TOKENS@LAYER"),
+                      ("1,2", "2 caps for a model of 6")):
+        with pytest.raises(SimbaError, match=msg):
+            max_tokens_list(spec, 6)

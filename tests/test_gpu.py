@@ -67,6 +67,7 @@ TOL = {torch.float32: 1e-4, torch.bfloat16: 1e-2}
 PRUNE = SimbaConfig(linear(4, 0.25))
 STRIDE = SimbaConfig(linear(4, 0.25), criterion="stride")
 DECI = SimbaConfig(linear(4, 0.25), criterion="deci")
+SHARE = SimbaConfig(linear(4, 0.25), criterion="share")
 
 
 def scan_reference(u, delta, A, B, C, D, z, delta_bias) -> tuple[torch.Tensor, torch.Tensor]:
@@ -107,6 +108,7 @@ def test_kernel_layout_matches_reference_on_cpu(kernel_path_on_cpu, monkeypatch)
                 m(ids, simba=PRUNE, return_kept=True),
                 m(ids, mask, simba=PRUNE, return_kept=True),
                 m(ids, mask, simba=DECI, return_kept=True),
+                m(ids, mask, simba=SHARE, return_kept=True),
                 m(ids[:, :2], simba=None, return_states=True),  # shorter than the conv window
             ]
     for k, r in zip(outs["kernel"], outs["reference"]):
@@ -285,6 +287,8 @@ def test_random_model_matches_cpu(dtype, scan, monkeypatch):
     if dtype == torch.float32:
         _compare(gpu_m, cpu_m, ids, None, PRUNE, dtype, True)
         _compare(gpu_m, cpu_m, ids, mask, PRUNE, dtype, True)
+        _compare(gpu_m, cpu_m, ids, mask, DECI, dtype, True)
+        _compare(gpu_m, cpu_m, ids, mask, SHARE, dtype, True)
 
 
 @needs_cuda

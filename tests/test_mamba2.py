@@ -7,7 +7,7 @@ import torch
 
 from simba_compress import MambaLM, ModelConfig, SimbaConfig, load, save
 from simba_compress.schedules import linear
-from simba_compress.ssm.ssd import ssd_impact, ssd_scan, ssd_step
+from simba_compress.ssm.ssd import ssd_impact, ssd_scan, ssd_share, ssd_step
 
 
 def loop_ssd(x, dt, A, B, C):
@@ -55,21 +55,22 @@ def test_ssd_matches_loop(length, chunk, scale):
     assert torch.allclose(h2.double(), hr, rtol=1e-5, atol=1e-5 * hr.abs().max().item())
 
 
-def test_ssd_impact_matches_definition():
+def test_ssd_impact_and_share_match_definition():
     x, dt, A, B, C = ssd_inputs(l=20)
     last = torch.tensor([19, 11])
-    got = ssd_impact(x, dt, A, B, C, last)
     rep = 2
+    dy = torch.zeros(2, 20, 4, 3, dtype=torch.float64)  # |dy_T(t)[h, p]|
     for r in range(2):
         T = int(last[r])
-        for t in range(20):
-            if t > T:
-                assert got[r, t] == 0
-                continue
-            gap = dt[r, t + 1 : T + 1].sum(0)  # (h,)
-            cb = (C[r, T] * B[r, t]).sum(-1).repeat_interleave(rep)  # (h,)
-            dy = dt[r, t, :, None] * x[r, t] * (cb * torch.exp(A * gap))[:, None]
-            assert got[r, t] == pytest.approx(dy.abs().max().item(), rel=1e-5)
+        for t in range(T + 1):
+            gap = dt[r, t + 1 : T + 1].double().sum(0)  # (h,)
+            cb = (C[r, T].double() * B[r, t].double()).sum(-1).repeat_interleave(rep)  # (h,)
+            dy[r, t] = (dt[r, t, :, None].double() * x[r, t].double() * (cb * torch.exp(A.double() * gap))[:, None]).abs()
+    flat = dy.flatten(2)
+    assert torch.allclose(ssd_impact(x, dt, A, B, C, last).double(), flat.amax(-1), rtol=1e-5, atol=0)
+    share = (flat / flat.sum(1, keepdim=True)).amax(-1)
+    got = ssd_share(x, dt, A, B, C, last)
+    assert torch.allclose(got.double(), share, rtol=1e-5, atol=1e-8) and (got[1, 12:] == 0).all()
 
 
 def random_mamba2(n_layer=3, d_model=32, vocab=64, seed=0):
@@ -113,9 +114,10 @@ def test_dense_equals_transformers_mamba2():
 
 
 @torch.no_grad()
-def test_mamba2_pruned_forward_padding_and_generate():
+@pytest.mark.parametrize("criterion", ["simba", "share", "deci"])
+def test_mamba2_pruned_forward_padding_and_generate(criterion):
     m = random_mamba2(n_layer=4, seed=1)
-    simba = SimbaConfig(linear(4, 0.3), "simba", 2)
+    simba = SimbaConfig(linear(4, 0.3), criterion, 2)
     row = torch.randint(1, 64, (30,))
     alone = m(row[None], simba=simba, return_kept=True)
     assert alone.kept[-1].shape[1] == simba.counts(torch.tensor([30]))[-1, 0]
@@ -133,6 +135,22 @@ def test_mamba2_pruned_forward_padding_and_generate():
     assert torch.equal(dense, seq)
     m.simba = simba
     assert m.generate(row[None], max_new_tokens=3).shape == (1, 33)
+
+
+@torch.no_grad()
+def test_mamba2_deci_keeps_the_largest_step_norms():
+    """DeciMamba's criterion on Mamba-2: layer 1 runs on the top tokens by the L2 norm over heads of layer 0's
+    step sizes softplus(dt + dt_bias) (dt needs no conv: computed here from in_proj alone), plus the tail."""
+    m = random_mamba2(n_layer=2, seed=3)
+    ids = torch.randint(0, 64, (2, 30), generator=torch.Generator().manual_seed(4))
+    simba = SimbaConfig([1.0, 0.4], "deci", 2)
+    kept = m(ids, simba=simba, return_kept=True).kept[1]
+    block = m.backbone.layers[0]
+    dt_raw = block.mixer.in_proj(block.norm(m.backbone.embeddings(ids)))[..., -block.mixer.nheads :]
+    norm = torch.nn.functional.softplus(dt_raw + block.mixer.dt_bias).norm(dim=-1)  # (b, l)
+    norm[:, -2:] = float("inf")  # protected
+    expected = norm.topk(12, dim=1).indices.sort(dim=1).values
+    assert torch.equal(kept, expected)
 
 
 def test_mamba2_checkpoints_round_trip_in_both_layouts(tmp_path):

@@ -8,7 +8,7 @@ from conftest import random_model, to_transformers
 from simba_compress import SimbaConfig
 from simba_compress.pruning import CRITERIA
 from simba_compress.schedules import linear
-from test_ssm import loop_impact, loop_scan
+from test_ssm import loop_impact, loop_scan, loop_share
 
 
 def rel_err(a, b):
@@ -62,8 +62,9 @@ def naive_sparse_forward(model, ids, simba):
         sub = sub + out
         stream[positions] = sub
         if i + 1 < len(counts) and counts[i + 1] < counts[i]:
-            if simba.criterion == "simba":
-                score = loop_impact(x[None], dt[None], A, B[None], C[None], torch.tensor([len(positions) - 1]))[0]
+            if simba.criterion in ("simba", "share"):
+                loop = loop_impact if simba.criterion == "simba" else loop_share
+                score = loop(x[None], dt[None], A, B[None], C[None], torch.tensor([len(positions) - 1]))[0]
             elif simba.criterion == "deci":
                 score = dt.norm(dim=-1)
             elif simba.criterion == "utr":
@@ -76,7 +77,7 @@ def naive_sparse_forward(model, ids, simba):
     return model.lm_head(model.backbone.norm_f(stream))
 
 
-@pytest.mark.parametrize("criterion", ["simba", "deci", "utr", "l2norm"])
+@pytest.mark.parametrize("criterion", ["simba", "share", "deci", "utr", "l2norm"])
 @pytest.mark.parametrize("protect", [1, 5])
 def test_sparse_forward_equals_naive_reference(criterion, protect):
     m = random_model(n_layer=4, d_model=16, vocab=64, seed=3)
@@ -93,7 +94,7 @@ def test_sparse_forward_equals_naive_reference(criterion, protect):
 
 
 @pytest.mark.parametrize("side", ["left", "right"])
-@pytest.mark.parametrize("criterion", ["simba", "deci", "utr", "stride"])
+@pytest.mark.parametrize("criterion", ["simba", "share", "deci", "utr", "stride"])
 def test_padded_batch_equals_rows_alone(side, criterion):
     m = random_model(n_layer=4, d_model=16, vocab=64, seed=5)
     simba = SimbaConfig(linear(4, 0.2), criterion, 2)
@@ -200,3 +201,18 @@ def test_generate_left_padded_batch_equals_rows_alone():
     assert torch.equal(out[1, 20:], m.generate(b[None], max_new_tokens=4)[0, 12:])
     with pytest.raises(ValueError, match="left-padded"):
         m.generate(ids.flip(1), mask.flip(1), max_new_tokens=1)
+
+
+@pytest.mark.parametrize("criterion", ["simba", "share", "deci"])
+def test_capped_forward_equals_naive_reference(criterion):
+    """max_tokens (context extension): dense lower layers, at most 12 tokens from layer 2 on."""
+    m = random_model(n_layer=4, d_model=16, vocab=64, seed=4)
+    simba = SimbaConfig([1.0] * 4, criterion, 3, max_tokens=[0, 0, 12, 12])
+    ids = torch.randint(0, 64, (2, 40), generator=torch.Generator().manual_seed(6))
+    with torch.no_grad():
+        out = m(ids, simba=simba, return_kept=True)
+        short = m(ids[:, :12], simba=simba).logits
+    assert [k.shape[1] for k in out.kept] == [40, 40, 12, 12]
+    for r in range(2):
+        assert rel_err(out.logits[r], naive_sparse_forward(m, ids[r], simba)) <= 1e-4
+    assert rel_err(short, m(ids[:, :12], simba=None).logits) <= 1e-6  # the cap binds only past its length

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from simba_compress.ssm import global_impact, selective_scan, selective_step
+from simba_compress.ssm import channel_share, global_impact, selective_scan, selective_step
 
 
 def loop_scan(x, dt, A, B, C, h0=None):
@@ -18,17 +18,28 @@ def loop_scan(x, dt, A, B, C, h0=None):
     return torch.stack(ys, 1), h
 
 
-def loop_impact(x, dt, A, B, C, last):
-    """dy_T(t)[d] from its definition, token by token, in float64; score = max_d |.|."""
+def loop_channel_impact(x, dt, A, B, C, last):
+    """|dy_T(t)[d]| from its definition, token by token, in float64: (b, l, d), 0 after last."""
     b, l, d = x.shape
-    out = torch.zeros(b, l, dtype=torch.float64)
+    out = torch.zeros(b, l, d, dtype=torch.float64)
     for r in range(b):
         T = int(last[r])
         for t in range(T + 1):
             gap = dt[r, t + 1 : T + 1].double().sum(0)  # S_T - S_t: (d,)
             contrib = dt[r, t].double() * x[r, t].double() * (C[r, T].double() * B[r, t].double() * torch.exp(A.double() * gap[:, None])).sum(-1)
-            out[r, t] = contrib.abs().max()
+            out[r, t] = contrib.abs()
     return out
+
+
+def loop_impact(x, dt, A, B, C, last):
+    """Simba's score from its definition: max_d |dy_T(t)[d]|."""
+    return loop_channel_impact(x, dt, A, B, C, last).amax(-1)
+
+
+def loop_share(x, dt, A, B, C, last):
+    """The share criterion from its definition: max_d |dy_T(t)[d]| / sum_t' |dy_T(t')[d]|."""
+    per_channel = loop_channel_impact(x, dt, A, B, C, last)
+    return (per_channel / per_channel.sum(1, keepdim=True)).amax(-1)
 
 
 def inputs(b=2, l=37, d=6, n=4, dt_scale=0.3, seed=0):
@@ -150,3 +161,23 @@ def test_backward_keeps_chunk_states_not_every_decay(dt_scale):
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         selective_scan(*leaves, last=torch.tensor([l - 1, 100]))
     assert sum(kept.values()) < b * l * d * n * 4, sum(kept.values())
+
+
+@pytest.mark.parametrize("dt_scale", [0.05, 3.0])
+def test_channel_share_matches_definition(dt_scale, monkeypatch):
+    import simba_compress.ssm.score as score
+
+    x, dt, A, B, C = inputs(l=29, dt_scale=dt_scale)
+    last = torch.tensor([28, 13])
+    ref = loop_share(x, dt, A, B, C, last)
+    monkeypatch.setattr(score, "SCORE_CHUNK_ELEMENTS", 2 * 6 * 4 * 5)  # chunks of 5 tokens
+    got = channel_share(x, dt, A, B, C, last)
+    assert torch.allclose(got.double(), ref, rtol=1e-4, atol=1e-7)
+    assert (got[1, 14:] == 0).all() and (got <= 1).all()
+    # a far token that dominates one slow channel holds most of it, whatever its distance from T
+    A_slow = A.clone()
+    A_slow[0] = -1e-4
+    x2, B2 = x.clone(), B.clone()
+    x2[:, 2, 0] = 1e3
+    B2[:, 2] = C[torch.arange(2), last]  # written where T reads
+    assert (channel_share(x2, dt, A_slow, B2, C, last)[:, 2] > 0.5).all()

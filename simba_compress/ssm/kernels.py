@@ -19,7 +19,7 @@ import os
 import torch
 import torch.nn.functional as F
 
-from .score import global_impact, step_norm
+from .score import channel_share, global_impact, step_norm
 
 # SIMBA_COMPRESS_KERNELS=0 forces the reference path everywhere (to compare, or to debug);
 # SIMBA_COMPRESS_TRITON=0 keeps mamba_ssm but takes the score and the gather from PyTorch.
@@ -188,8 +188,9 @@ def mamba1_forward(mixer, hidden: torch.Tensor, mask: torch.Tensor | None, score
     impact = None
     if score == "simba":
         impact = impact_score(x, dt_raw, dt_bias, A, B, C, last)
-    elif score == "deci":
-        impact = step_norm(F.softplus(dt_raw.float() + dt_bias[:, None]), dim=1)
+    elif score in ("share", "deci"):
+        dt = F.softplus(dt_raw.float() + dt_bias[:, None])  # (b, d, l)
+        impact = channel_share(x.mT, dt.mT, A, B.mT, C.mT, last) if score == "share" else step_norm(dt, dim=1)
     if pad:
         out, impact = out[:, pad:], None if impact is None else impact[:, pad:]
     return out, impact, conv_state, (h.float().contiguous() if want_state else None)

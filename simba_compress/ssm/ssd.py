@@ -66,13 +66,8 @@ def ssd_step(h, x, dt, A, B, C):
     return torch.einsum("bhpn,bhn->bhp", h, C), h
 
 
-def ssd_impact(x, dt, A, B, C, last) -> torch.Tensor:
-    """Global impact of every token on row position last[b], for Mamba-2 (b, l), 0 after last[b]:
-
-        dy_T(t)[h, p] = dt_t[h] x_t[h, p] (C_T[g] . B_t[g]) exp(A[h] (S_T[h] - S_t[h])),   s(t) = max_{h,p} |.|
-
-    A per head makes it cheap: O(l * h * p), no chunking needed.
-    """
+def _ssd_channel_impacts(x, dt, A, B, C, last) -> torch.Tensor:
+    """|dy_T(t)[h, p]| for every token: (b, l, h, p) float32, 0 after last[b] (see ssd_impact)."""
     b, length, H, P = x.shape
     rep = H // B.shape[2]
     positions = torch.arange(length, device=x.device)
@@ -81,5 +76,21 @@ def ssd_impact(x, dt, A, B, C, last) -> torch.Tensor:
     after = torch.flip(torch.cumsum(torch.flip(dt, [1]), 1), [1]) - dt  # S_T - S_t: (b, l, h)
     c_last = C.float()[torch.arange(b, device=x.device), last]  # (b, g, n)
     cb = torch.einsum("blgn,bgn->blg", B.float(), c_last).repeat_interleave(rep, dim=2)  # (b, l, h)
-    per_head = (cb * dt * torch.exp(after * A.float())).abs() * x.float().abs().amax(-1)  # (b, l, h)
-    return per_head.amax(-1).masked_fill(~upto, 0.0)
+    return (cb * dt * torch.exp(after * A.float())).abs().unsqueeze(-1) * x.float().abs()
+
+
+def ssd_impact(x, dt, A, B, C, last) -> torch.Tensor:
+    """Global impact of every token on row position last[b], for Mamba-2 (b, l), 0 after last[b]:
+
+        dy_T(t)[h, p] = dt_t[h] x_t[h, p] (C_T[g] . B_t[g]) exp(A[h] (S_T[h] - S_t[h])),   s(t) = max_{h,p} |.|
+
+    A per head makes it cheap: O(l * h * p), no chunking needed.
+    """
+    return _ssd_channel_impacts(x, dt, A, B, C, last).flatten(2).amax(-1)
+
+
+def ssd_share(x, dt, A, B, C, last) -> torch.Tensor:
+    """The "share" criterion for Mamba-2 (score.channel_share): each (head, head dim) channel's impacts as
+    shares of its total over the row, max over channels. (b, l) float32, 0 after last[b]."""
+    per_channel = _ssd_channel_impacts(x, dt, A, B, C, last).flatten(2)  # (b, l, h p)
+    return per_channel.div_(per_channel.sum(1, keepdim=True).clamp_min(torch.finfo(torch.float32).tiny)).amax(-1)
