@@ -13,8 +13,9 @@ the first-token latency, of generate(K) the total, decode per token = (total - f
   simba          this project at --flops (0.6), the CLI's default output: the fast form (a power-of-two staircase;
                  here its linear variant, calibration picks among staircases that run alike)
   staircase      the exact schedule with counts rounded to 2048-token multiples (the earlier GPU recipe)
-  dense_mamba_ssm_step  our dense model decoding through mamba_ssm's and causal_conv1d's update kernels
-                 (SIMBA_COMPRESS_STEP=mamba_ssm) instead of the project's fused Triton step: target cases only
+  dense_triton_step  our dense model decoding through the project's fused Triton step kernels
+                 (SIMBA_COMPRESS_STEP=triton, what runs without mamba_ssm) instead of mamba_ssm's and
+                 causal_conv1d's update kernels (the default where installed): target cases only
 Cases run in order of priority (the issue's target cases first) until --max-seconds; rows are written after
 every case. --profile adds where the time goes for the target case (torch.profiler, one generate call) and the
 eager decode (no CUDA graph) after a dense and after a pruned prefill. --block causal_conv1d hides that package
@@ -76,7 +77,7 @@ def main() -> None:
     ap.add_argument("--new-tokens", nargs="+", type=int, default=[128, 1024])
     ap.add_argument("--flops", type=float, default=0.6)
     ap.add_argument("--impls", nargs="+",
-                    default=["mamba_ssm", "transformers", "dense", "simba", "staircase", "dense_mamba_ssm_step"])
+                    default=["mamba_ssm", "transformers", "dense", "simba", "staircase", "dense_triton_step"])
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--max-seconds", type=float, default=300.0)
     ap.add_argument("--profile", action="store_true")
@@ -114,8 +115,8 @@ def main() -> None:
             if impl in ("simba", "staircase"):
                 simba = fast if impl == "simba" else stairs
                 run = _with(model, simba)
-            elif impl == "dense_mamba_ssm_step" and (name, prompt, k) == ("mamba-1.4b", 8192, 128):
-                run = _mamba_ssm_step(model)
+            elif impl == "dense_triton_step" and (name, prompt, k) == ("mamba-1.4b", 8192, 128):
+                run = _triton_step(model)
             elif impl in impls:
                 run, weights = impls[impl]
             if run is None:
@@ -153,9 +154,9 @@ def _with(model, simba):
     return run
 
 
-def _mamba_ssm_step(model):
+def _triton_step(model):
     def run(ids, n):
-        step, kernels.STEP = kernels.STEP, "mamba_ssm"
+        step, kernels.STEP = kernels.STEP, "triton"
         try:
             with schedule(model, None):
                 return model.generate(ids, max_new_tokens=n)

@@ -20,7 +20,7 @@ export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TRANSFORMERS_VERBOSITY=error TOKENIZE
 exec > >(tee -a "$OUT/run.log") 2>&1
 t0=$SECONDS
 stage() { echo "=== [$((SECONDS - t0)) s] $*"; }
-has() { python3 -c "import $1" >/dev/null 2>&1; }
+has() { python3 -c "import torch, $1" >/dev/null 2>&1; }  # the extensions load only after torch (libc10)
 on() { [[ " $STAGES " == *" $1 "* ]]; }
 [ -d /tmp/site ] && export PYTHONPATH=/tmp/site
 

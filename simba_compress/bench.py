@@ -131,7 +131,15 @@ def implementations(model: MambaLM, twins: tuple[str, ...] = ("mamba_ssm",)) -> 
     if "mamba_ssm" in twins and model.device.type == "cuda":
         twin = mamba_ssm_twin(model)
         if twin is not None:
-            impls["mamba_ssm"] = (lambda ids, n: twin.generate(ids, max_length=ids.shape[1] + n, cg=True), twin)
+            def twin_generate(ids: torch.Tensor, n: int):
+                # mamba_ssm reuses its captured graph for any batch up to the one it was captured at, with state
+                # buffers of the old batch size (an error at decode): a new batch size starts a new cache
+                cache = getattr(twin, "_decoding_cache", None)
+                if cache is not None and cache.inference_params.max_batch_size != ids.shape[0]:
+                    twin._decoding_cache = None
+                return twin.generate(ids, max_length=ids.shape[1] + n, cg=True)
+
+            impls["mamba_ssm"] = (twin_generate, twin)
     if "transformers" in twins:
         hf = transformers_twin(model)
         if hf is not None:

@@ -8,8 +8,8 @@ for the last position only. A new token is never pruned: it runs through every l
 kernel launches, not FLOPs (a 1.4B model moves its 2.8 GB of weights per token in ~0.6 ms on an H200, while a
 step is ~350 launches): so on CUDA the whole step, sampling included, is captured once per batch size and
 mode into a CUDA graph over static buffers (Decoder) and replayed, as mamba_ssm's generate(cg=True) does.
-The Mamba-1 step runs through fused kernels (kernels.mamba1_step: the project's Triton kernels for conv + x_proj
-and dt_proj + the SSM update; mamba_ssm's and causal_conv1d's with SIMBA_COMPRESS_STEP=mamba_ssm); other mixers
+The Mamba-1 step runs through fused kernels (kernels.mamba1_step: mamba_ssm's and causal_conv1d's update kernels
+where installed, else the project's Triton kernels for conv + x_proj and dt_proj + the SSM update); other mixers
 and the CPU run their reference step.
 
 Sampling is one function for every path (next_token): temperature, top-k, then top-p on what top-k left, drawn

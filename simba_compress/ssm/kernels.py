@@ -28,10 +28,11 @@ TRITON_ENABLED = os.environ.get("SIMBA_COMPRESS_TRITON", "1") != "0"
 # SIMBA_COMPRESS_SCAN=triton runs inference through the Triton scan even where mamba_ssm is installed: its cost
 # follows the token count step by step, where mamba_ssm's kernel works in 2048-token chunks (README, GPU speed)
 SCAN = os.environ.get("SIMBA_COMPRESS_SCAN", "auto")
-# The decode step (mamba1_step): "triton" (default where triton runs: the project's two kernels for conv + x_proj
-# and dt_proj + the SSM update, four launches in two) or "mamba_ssm" (causal_conv1d's and mamba_ssm's update
-# kernels with the projections between them, as mamba_ssm's own step)
-STEP = os.environ.get("SIMBA_COMPRESS_STEP", "triton")
+# The decode step (mamba1_step): "auto" (default): mamba_ssm's selective_state_update and causal_conv1d's
+# causal_conv1d_update where both are installed (measured faster on the H200: 1.95 against 2.49 ms a token for
+# mamba-1.4b at batch 1 in a CUDA graph, benchmarks/results/gpu_generate.md), else the project's two Triton
+# kernels (conv + x_proj, dt_proj + the SSM update); "triton" or "mamba_ssm" forces one
+STEP = os.environ.get("SIMBA_COMPRESS_STEP", "auto")
 ALIGN_TOKENS = 8  # the GPU mixer pads the token axis to a multiple of this (16-byte rows for the GEMMs)
 
 
@@ -244,15 +245,16 @@ def fused_step_available(x: torch.Tensor) -> bool:
 def mamba1_step(mixer, hidden: torch.Tensor, conv_state: torch.Tensor, ssm_state: torch.Tensor, A: torch.Tensor):
     """MambaMixer.step through fused kernels, on state buffers updated in place: hidden (b, d_model), conv_state
     (b, d, k - 1), ssm_state (b, d, n) float32, A = -exp(A_log) (d, n) float32 (the decode runtime keeps it).
-    STEP "triton" (default): the project's two kernels for conv + x_proj and dt_proj + the SSM update
-    (triton_kernels.py), between in_proj and out_proj; "mamba_ssm": causal_conv1d_update, x_proj, dt_proj and
-    mamba_ssm's selective_state_update, as mamba_ssm's own step. Returns the mixer output (b, d_model)."""
+    STEP "mamba_ssm" (the default where installed): causal_conv1d_update, x_proj, dt_proj and mamba_ssm's
+    selective_state_update, as mamba_ssm's own step; "triton" (the default otherwise): the project's two kernels
+    for conv + x_proj and dt_proj + the SSM update (triton_kernels.py), between in_proj and out_proj. Returns the
+    mixer output (b, d_model)."""
     d, n, r = mixer.d_inner, mixer.d_state, mixer.dt_rank
     xz = F.linear(hidden, mixer.in_proj.weight, mixer.in_proj.bias)  # (b, 2d)
     x, z = xz[:, :d], xz[:, d:]
     weight = mixer.conv1d.weight.squeeze(1)  # (d, k)
     mamba = _selective_state_update() is not None and _causal_conv1d_update() is not None
-    if (STEP == "mamba_ssm" and mamba) or not _use_triton(x):
+    if (STEP != "triton" and mamba) or not _use_triton(x):
         x = _causal_conv1d_update()(x, conv_state, weight, mixer.conv1d.bias, "silu")
         x_dbl = F.linear(x, mixer.x_proj.weight)  # (b, r + 2n)
         dt_raw = F.linear(x_dbl[:, :r], mixer.dt_proj.weight)  # (b, d); the bias is added in float32 by the kernel
