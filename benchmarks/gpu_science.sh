@@ -9,7 +9,8 @@
 #   OUT=/some/folder bash benchmarks/gpu_science.sh
 # Needs, inside the repository (gitignored, carried): .carry/models/mamba-proxy-d320-l16, .carry/corpus/{valid.txt.xz,
 # train.txt.xz,train_pieces.pt} (long_context_gpu.sh says how the pieces are made), .carry/sdist/mamba_ssm-*.tar.gz,
-# .whl/ (pydantic's wheels). The long-context and fine-tuning timings it prints are shared-GPU figures.
+# .whl/ (pydantic's wheels). The long-context and fine-tuning timings it prints are shared-GPU figures. QUALITY_T picks
+# the quality lengths (default 1024 4096); BUDGET (570) the seconds before packing.
 set -uo pipefail
 OUT=${OUT:-out/science}
 BUDGET=${BUDGET:-570}
@@ -34,7 +35,7 @@ fi
 
 stage "quality: fast vs exact (the Triton scan until mamba_ssm is built)"
 mkdir -p "$OUT/q"
-for T in 1024 4096; do
+for T in ${QUALITY_T:-1024 4096}; do
   bs=$([ "$T" = 4096 ] && echo 4 || echo 8)
   timeout 170 python3 benchmarks/quality.py --models .carry/models --data .carry/corpus/valid.txt.xz --windows 64 \
     --seq-len "$T" --batch-size "$bs" --shallow --criteria simba --flops 0.75 0.6 --forms exact fast \
