@@ -27,6 +27,7 @@ from __future__ import annotations
 import argparse
 import importlib.abc
 import json
+import re
 import sys
 import time
 from pathlib import Path
@@ -83,7 +84,10 @@ def main() -> None:
     ap.add_argument("--profile", action="store_true")
     ap.add_argument("--block", default="", help="comma-separated packages to hide (e.g. causal_conv1d)")
     ap.add_argument("--tag", default="", help="suffix of the output files (gpu_generate{tag}.json/.md)")
+    ap.add_argument("--rebuild", help="write the outputs from the rows this script printed to a log, measuring nothing")
     args = ap.parse_args()
+    if args.rebuild:
+        return rebuild(Path(args.rebuild), Path(args.out))
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     meta = {"versions": versions(), "command": "python " + " ".join(sys.argv), "blocked": args.block or None}
@@ -202,6 +206,25 @@ def check_targets(rows: list[dict]) -> list[str]:
             notes.append(f"- batch {batch}: {what} {ratio:.2f}x of mamba_ssm's generate(cg=True) "
                          f"({'met' if ratio <= bar else 'MISSED'}: at most {bar}x)")  # fmt: skip
     return notes
+
+
+def rebuild(log: Path, out: Path) -> None:
+    """The JSON and markdown of every run in `log` (a meta line, then one JSON row per case, as printed), for runs
+    whose files did not come back from the GPU machine; the targets are checked again, the profile is not redone."""
+    runs: list[tuple[dict, list[dict], list[str]]] = []
+    for line in log.read_text().splitlines():
+        if line.startswith("{") and '"versions"' in line and '"command": "python benchmarks/gpu_generate.py' in line:
+            runs.append((json.loads(line), [], []))
+        elif runs and line.startswith('{"impl"'):
+            runs[-1][1].append(json.loads(line))
+        elif runs and re.match(r"\w*Error: ", line):
+            runs[-1][2].append(f"- the run stopped after these rows: {line.strip()}")
+    out.mkdir(parents=True, exist_ok=True)
+    for meta, rows, errors in runs:
+        tag = re.search(r"--tag (\S+)", meta["command"])
+        notes = check_targets(rows) + errors + [f"- written by `--rebuild {log}` from the rows the run printed (its own "
+                                                 "files did not come back from the GPU machine)."]
+        write(out, tag.group(1) if tag else "", meta, rows, notes)
 
 
 def write(out: Path, tag: str, meta: dict, rows: list[dict], notes: list[str]) -> None:
