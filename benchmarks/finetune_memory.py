@@ -17,7 +17,6 @@ Writes finetune_memory.json and .md to --out (after every case).
 from __future__ import annotations
 
 import argparse
-import importlib.metadata
 import importlib.util
 import json
 import lzma
@@ -30,6 +29,8 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+
+import env  # benchmarks/env.py (this folder is the script's path)
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
@@ -136,14 +137,9 @@ def run_command(name: str, argv: list[str], stop_steps: int) -> dict:
     return out
 
 
+
 def versions() -> dict:
-    out = {}
-    for pkg in ("torch", "accelerate", "simba-compress"):
-        try:
-            out[pkg] = importlib.metadata.version(pkg)
-        except importlib.metadata.PackageNotFoundError:
-            out[pkg] = None
-    return out
+    return env.versions("torch", "accelerate", "simba-compress")
 
 
 def write(out: Path, meta: dict, rows: list[dict], commands: list[dict]) -> None:

@@ -28,13 +28,14 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import importlib.metadata
 import json
 import platform
 import shlex
 import sys
 import time
 from pathlib import Path
+
+import env  # benchmarks/env.py (this folder is the script's path)
 
 import torch
 
@@ -50,14 +51,9 @@ BASE = "mamba-proxy-d320-l16"
 SHALLOW = ["mamba-proxy-d320-l9", "mamba-proxy-d320-l6"]
 
 
+
 def versions() -> dict:
-    out = {}
-    for pkg in ("torch", "transformers", "accelerate", "mamba_ssm", "simba-compress"):
-        try:
-            out[pkg] = importlib.metadata.version(pkg)
-        except importlib.metadata.PackageNotFoundError:
-            out[pkg] = None
-    return out
+    return env.versions("torch", "transformers", "accelerate", "mamba_ssm", "simba-compress")
 
 
 def calibrated_keep(path: str, flops: float, objective: str) -> list[float]:

@@ -17,7 +17,6 @@ come back from the GPU machine.
 from __future__ import annotations
 
 import argparse
-import importlib.metadata
 import json
 import math
 import platform
@@ -27,6 +26,8 @@ import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
+
+import env  # benchmarks/env.py (this folder is the script's path)
 
 import torch
 import torch.nn.functional as F
@@ -57,14 +58,9 @@ class ProxyConfig:
     eval_samples: int = 8  # per depth (EVAL_DEPTHS) of the held-out passkey check, at the longest length
 
 
+
 def versions() -> dict:
-    out = {"python": platform.python_version()}
-    for pkg in ("torch", "transformers", "triton", "mamba_ssm", "causal_conv1d"):
-        try:
-            out[pkg] = importlib.metadata.version(pkg)
-        except importlib.metadata.PackageNotFoundError:
-            out[pkg] = None
-    return out
+    return env.versions("torch", "transformers", "triton", "mamba_ssm", "causal_conv1d")
 
 
 def device_name(device: torch.device) -> str:
