@@ -71,14 +71,12 @@ def _staircases(n_layer: int, depth: int) -> np.ndarray:
     return counts
 
 
-def to_fast(cfg: ModelConfig, simba: SimbaConfig, flops: float, seq_len: int) -> list[float] | None:
-    """The fast-form staircase closest to simba.keep (sum over layers of the squared log2 keep distance) among
-    those whose FLOP ratio at seq_len (with simba's criterion and protected tail) is within flop_tolerance of
-    `flops`; None when none is."""
+def fast_candidates(cfg: ModelConfig, simba: SimbaConfig, flops: float, seq_len: int) -> list[list[float]]:
+    """Every fast-form staircase (keep per layer) whose FLOP ratio at seq_len, with simba's criterion and protected
+    tail, is within fast_tolerance of `flops`: the whole space the fast form can offer at that budget."""
     depth = FAST_DEPTH
     counts = _staircases(cfg.n_layer, depth)  # (m, depth + 1)
     per_token, score = sum(block_flops(cfg).values()), score_flops(cfg, simba.criterion)
-    levels = [2.0**-j for j in range(depth + 1)]
     tokens = _fast_tokens(simba, seq_len)
     # a level scores its tokens once, at its last layer, when the next nonempty level keeps fewer
     nonempty = counts > 0
@@ -89,15 +87,18 @@ def to_fast(cfg: ModelConfig, simba: SimbaConfig, flops: float, seq_len: int) ->
         following = np.where(nonempty[:, j], tokens[j], following)
     ratio = (counts @ (tokens * per_token) + scores @ (tokens * score)) / (seq_len * cfg.n_layer * per_token)
     ok = np.abs(ratio - flops) <= fast_tolerance(cfg, simba, flops, seq_len)
-    if not ok.any():
+    return [[2.0**-j for j in range(depth + 1) for _ in range(int(c[j]))] for c in counts[ok]]
+
+
+def to_fast(cfg: ModelConfig, simba: SimbaConfig, flops: float, seq_len: int) -> list[float] | None:
+    """The fast-form staircase closest to simba.keep (sum over layers of the squared log2 keep distance) among
+    fast_candidates; None when there is none."""
+    candidates = fast_candidates(cfg, simba, flops, seq_len)
+    if not candidates:
         return None
-    counts = counts[ok]
-    target = -np.log2(np.clip(np.asarray(simba.keep, dtype=np.float64), levels[-1], 1.0))  # (n_layer,)
-    # layer l of a staircase sits at level j where cumsum(counts)[j-1] <= l < cumsum(counts)[j]
-    ends = np.cumsum(counts, 1)
-    at = (np.arange(cfg.n_layer)[None, :, None] >= ends[:, None, :-1]).sum(-1)  # (m, n_layer)
-    best = counts[np.argmin(((at - target) ** 2).sum(1))]
-    return [levels[j] for j in range(depth + 1) for _ in range(int(best[j]))]
+    target = -np.log2(np.clip(np.asarray(simba.keep, dtype=np.float64), 2.0**-FAST_DEPTH, 1.0))  # (n_layer,)
+    distance = ((-np.log2(np.asarray(candidates)) - target) ** 2).sum(1)
+    return candidates[int(np.argmin(distance))]
 
 
 def linear(n_layer: int, final: float) -> list[float]:
