@@ -47,7 +47,7 @@ from .evaluate import default_protect, protected
 from .flops import count
 from .model import MambaLM, Prefix
 from .pruning import SimbaConfig
-from .schedules import FAST_DEPTH, Form, check_flops, fast_tolerance, fit_flops, flop_tolerance, knots, linear_for_flops, to_fast
+from .schedules import Form, check_flops, deepest_fast, fast_tolerance, fit_flops, flop_tolerance, knots, linear_for_flops, to_fast
 
 JOURNAL_SUFFIXES = (".log", ".journal")
 SQLITE_SUFFIXES = (".db", ".sqlite", ".sqlite3")
@@ -443,7 +443,7 @@ def calibrate(model: MambaLM, windows: torch.Tensor, config: CalibrationConfig) 
 
     deepest = schedule([1.0] + [0.0] * (cfg.knots - 1), DEEPEST)
     if cfg.form == "fast":
-        deepest = replace(deepest, keep=[1.0] + [2.0**-FAST_DEPTH] * (mc.n_layer - 1))
+        deepest = replace(deepest, keep=deepest_fast(mc.n_layer))
     lowest = count(mc, deepest, cfg.seq_len).ratio
     if cfg.flops < lowest - tol and cfg.flops < 1.0:
         raise SimbaError(
@@ -464,7 +464,10 @@ def calibrate(model: MambaLM, windows: torch.Tensor, config: CalibrationConfig) 
 
     scorer: _Scorer | None = None
     setup = 0.0
-    seen: dict[tuple[float, ...], float] = {}  # the fast form maps many profiles to one staircase: score it once
+    # Profiles that run the same tokens in every layer of the calibration windows score the same: the fast form
+    # maps many profiles to one staircase, and with the tail protected its lowest levels keep the same tokens
+    seen: dict[tuple[int, ...], float] = {}
+    row = torch.tensor([window_len])
 
     def objective(trial: optuna.Trial) -> float:
         nonlocal scorer, setup
@@ -483,14 +486,15 @@ def calibrate(model: MambaLM, windows: torch.Tensor, config: CalibrationConfig) 
         trial.set_constraint("flops", abs(ratio - cfg.flops) - tol)  # feasible: within tol of the budget
         if abs(ratio - cfg.flops) > tol:
             return math.inf  # this shape cannot go as low as the budget: nothing to evaluate
-        if tuple(simba.keep) in seen:
-            return seen[tuple(simba.keep)]
+        tokens = tuple(protected(simba, protect).counts(row)[:, 0].tolist())
+        if tokens in seen:
+            return seen[tokens]
         if scorer is None:  # built only when a trial needs it (a finished study needs no forward pass)
             t0 = time.time()
             scorer = _Scorer(model, windows, protect, cfg.objective, cfg.batch_size, cfg.criterion)
             setup = time.time() - t0
-        seen[tuple(simba.keep)] = scorer(simba)
-        return seen[tuple(simba.keep)]
+        seen[tokens] = scorer(simba)
+        return seen[tokens]
 
     live = (TrialState.COMPLETE, TrialState.RUNNING)
     trials_in = lambda *states: len(study.get_trials(deepcopy=False, states=states))  # noqa: E731

@@ -71,6 +71,11 @@ def _staircases(n_layer: int, depth: int) -> np.ndarray:
     return counts
 
 
+def deepest_fast(n_layer: int) -> list[float]:
+    """The fast form's cheapest staircase: the first layer dense, every other at the lowest level."""
+    return [1.0] + [2.0**-FAST_DEPTH] * (n_layer - 1)
+
+
 def fast_candidates(cfg: ModelConfig, simba: SimbaConfig, flops: float, seq_len: int) -> list[list[float]]:
     """Every fast-form staircase (keep per layer) whose FLOP ratio at seq_len, with simba's criterion and protected
     tail, is within fast_tolerance of `flops`: the whole space the fast form can offer at that budget."""
@@ -196,7 +201,7 @@ def fast_for_flops(cfg: ModelConfig, simba: SimbaConfig, flops: float, seq_len: 
     """`simba` (any profile) in the fast form at `flops`, or a SimbaError that says how far the form reaches."""
     keep = to_fast(cfg, simba, flops, seq_len)
     if keep is None:
-        lo = count(cfg, replace(simba, keep=[1.0] + [2.0**-FAST_DEPTH] * (cfg.n_layer - 1)), seq_len).ratio
+        lo = count(cfg, replace(simba, keep=deepest_fast(cfg.n_layer)), seq_len).ratio
         raise SimbaError(
             f"--flops {flops}: no fast-form schedule of {cfg.n_layer} layers lands within "
             f"{fast_tolerance(cfg, simba, flops, seq_len):.3g} of it at --seq-len {seq_len} (the form reaches "

@@ -23,6 +23,7 @@ from simba_compress.errors import SimbaError
 from simba_compress.evaluate import evaluate
 from simba_compress.flops import count
 from simba_compress.recipe import build_recipe
+from simba_compress.pruning import SimbaConfig
 from simba_compress.schedules import FLOP_TOLERANCE, fast_tolerance, linear_for_flops
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
@@ -83,6 +84,31 @@ def test_meets_the_budget_and_is_never_worse_than_linear(model, windows, objecti
         assert head.loss == pytest.approx(best.loss, abs=1e-5)
     else:
         assert best.loss >= 0
+
+
+def test_schedules_that_run_the_same_tokens_are_scored_once(model, windows, monkeypatch):
+    """Trials whose schedules keep the same tokens in every layer of the calibration windows (in the fast form:
+    the same staircase, or levels the protected tail makes equal) share one forward pass and one value."""
+    import simba_compress.calibrate as cal
+
+    scored, score = [], cal._Scorer.__call__
+
+    def counted(self, simba):
+        tokens = tuple(cal.protected(simba, self.protect).counts(torch.tensor([windows.shape[1] - 1]))[:, 0].tolist())
+        scored.append(tokens)
+        return score(self, simba)
+
+    monkeypatch.setattr(cal._Scorer, "__call__", counted)
+    # at 128 tokens with the last 32 protected, 1/4, 1/8 and 1/16 all keep 32: staircases that differ only there
+    _, res = search(model, windows, form="fast", trials=16, seq_len=128, protect_last=32)
+    assert len(scored) == len(set(scored))  # never the same tokens twice
+    evaluated = [r for r in res.trials if r.loss is not None and math.isfinite(r.loss)]
+    assert len(evaluated) > len(scored)  # some trials took an earlier trial's value
+    by_tokens: dict[tuple, float] = {}
+    for r in evaluated:
+        simba = cal.protected(SimbaConfig(r.keep, protect_last=32), res.protect)
+        tokens = tuple(simba.counts(torch.tensor([windows.shape[1] - 1]))[:, 0].tolist())
+        assert by_tokens.setdefault(tokens, r.loss) == r.loss
 
 
 def test_below_the_linear_reach_the_baseline_is_skipped(model, windows):
