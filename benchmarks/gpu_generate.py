@@ -54,7 +54,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from gpu_prefill import SHAPES, free_memory, profile_table, random_lm, versions  # noqa: E402
 
-from simba_compress.bench import BenchConfig, BenchRow, implementations, schedule, table, time_generation  # noqa: E402
+from simba_compress.bench import BenchConfig, BenchRow, generate_with, implementations, schedule, table, time_generation  # noqa: E402
 from simba_compress.flops import count  # noqa: E402
 from simba_compress.schedules import linear_for_flops  # noqa: E402
 from simba_compress.ssm import kernels  # noqa: E402
@@ -118,7 +118,7 @@ def main() -> None:
             run, weights, simba = None, model, None
             if impl in ("simba", "staircase"):
                 simba = fast if impl == "simba" else stairs
-                run = _with(model, simba)
+                run = generate_with(model, simba)
             elif impl == "dense_triton_step" and (name, prompt, k) == ("mamba-1.4b", 8192, 128):
                 run = _triton_step(model)
             elif impl in impls:
@@ -150,20 +150,13 @@ def main() -> None:
     print("\n".join(notes))
 
 
-def _with(model, simba):
-    def run(ids, n):
-        with schedule(model, simba):
-            return model.generate(ids, max_new_tokens=n)
-
-    return run
-
-
 def _triton_step(model):
+    dense = generate_with(model, None)
+
     def run(ids, n):
         step, kernels.STEP = kernels.STEP, "triton"
         try:
-            with schedule(model, None):
-                return model.generate(ids, max_new_tokens=n)
+            return dense(ids, n)
         finally:
             kernels.STEP = step
 
@@ -178,15 +171,10 @@ def profile_notes(model, ids, simba) -> list[str]:
     with schedule(model, simba):
         notes += ["```", profile_table(lambda: model.generate(ids, max_new_tokens=128)), "```", ""]
     for label, s in (("dense", None), ("simba", simba)):
-        eager = lambda ids, n, s=s: _eager(model, s, ids, n)  # noqa: E731
+        eager = generate_with(model, s, cuda_graph=False)
         t = time_generation(eager, ids, BenchConfig(prompt_len=ids.shape[1], new_tokens=64, reps=2), model)
         notes.append(f"- eager decode (no CUDA graph) after a {label} prefill: {t['decode_ms_per_token']:.2f} ms/token")
     return notes
-
-
-def _eager(model, simba, ids, n):
-    with schedule(model, simba):
-        return model.generate(ids, max_new_tokens=n, cuda_graph=False)
 
 
 def check_targets(rows: list[dict]) -> list[str]:

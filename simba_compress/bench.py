@@ -112,22 +112,25 @@ def schedule(model: MambaLM, simba):
         model.simba = old
 
 
+def generate_with(model: MambaLM, simba, **kwargs) -> Generate:
+    """`model.generate` under the schedule `simba` (None: dense), as a Generate; kwargs go to generate."""
+
+    def run(ids: torch.Tensor, n: int):
+        with schedule(model, simba):
+            return model.generate(ids, max_new_tokens=n, **kwargs)
+
+    return run
+
+
 def implementations(model: MambaLM, twins: tuple[str, ...] = ("mamba_ssm",)) -> dict[str, tuple[Generate, object]]:
     """name -> (generate function, the object whose weights it uses). "simba" (when the model has a schedule) and
     "dense" run this project's generate; `twins` adds "mamba_ssm" and/or "transformers" where they import."""
     impls: dict[str, tuple[Generate, object]] = {}
     simba = model.simba
 
-    def ours(s):
-        def run(ids: torch.Tensor, n: int):
-            with schedule(model, s):
-                return model.generate(ids, max_new_tokens=n)
-
-        return run
-
     if simba is not None:
-        impls["simba"] = (ours(simba), model)
-    impls["dense"] = (ours(None), model)
+        impls["simba"] = (generate_with(model, simba), model)
+    impls["dense"] = (generate_with(model, None), model)
     if "mamba_ssm" in twins and model.device.type == "cuda":
         twin = mamba_ssm_twin(model)
         if twin is not None:
