@@ -310,13 +310,13 @@ def _bench(args) -> int:
     from .checkpoints import load
     from .compress import resolve_device
 
-    for flag, v, low in (("--prompt-len", args.prompt_len, 1), ("--new-tokens", args.new_tokens, 2),
-                         ("--batch", args.batch, 1), ("--reps", args.reps, 1)):  # fmt: skip
-        if v < low:
-            raise SimbaError(f"{flag}: must be >= {low}, got {v}")
+    try:  # BenchConfig's own checks, named by their flags, before the model loads
+        cfg = BenchConfig(prompt_len=args.prompt_len, new_tokens=args.new_tokens, batch=args.batch, reps=args.reps)
+    except ValueError as e:
+        field, _, problem = str(e).partition(": ")
+        raise SimbaError(f"--{field.replace('_', '-')}: {problem}") from None
     device, dtype = resolve_device(args.device, args.dtype)
     model = load(args.model, dtype=dtype, device=device)
-    cfg = BenchConfig(prompt_len=args.prompt_len, new_tokens=args.new_tokens, batch=args.batch, reps=args.reps)
     rows = run_bench(model, cfg)
     note = None
     if device.type != "cuda":
