@@ -60,6 +60,7 @@ def child(spec: dict) -> dict:
     import torch
 
     import simba_compress.finetune as ft
+    from simba_compress.memory import parameter_bytes
     from simba_compress import compress, load, load_tokenizer
 
     torch.set_num_threads(os.cpu_count())
@@ -89,7 +90,7 @@ def child(spec: dict) -> dict:
     ft._loss = timed
     before = peak_rss()
     res = ft.finetune(model, teacher, cfg, train_windows=train_w, eval_windows=eval_w, progress=False)
-    plan = ft.memory_plan(model, model.simba, cfg, torch.device("cpu"), m, teacher_bytes=ft._bytes(teacher))
+    plan = ft.memory_plan(model, model.simba, cfg, torch.device("cpu"), m, teacher_bytes=parameter_bytes(teacher))
     return {
         "peak_gb": round(peak_rss() / GiB, 3),
         "peak_before_training_gb": round(before / GiB, 3),

@@ -23,6 +23,7 @@ from typing import Callable
 import torch
 
 from .flops import count
+from .memory import parameter_bytes
 from .model import MambaLM
 
 
@@ -177,8 +178,7 @@ def time_generation(run: Generate, ids: torch.Tensor, cfg: BenchConfig, weights:
         torch.cuda.reset_peak_memory_stats()
     total = timed(cfg.new_tokens)
     if cuda:
-        own = sum(p.numel() * p.element_size() for p in weights.parameters())
-        peak = (torch.cuda.max_memory_allocated() - before + own) / 2**30
+        peak = (torch.cuda.max_memory_allocated() - before + parameter_bytes(weights)) / 2**30
     return {"first_token_ms": first, "total_ms": total, "decode_ms_per_token": (total - first) / (cfg.new_tokens - 1),
             "peak_mem_gb": peak}  # fmt: skip
 

@@ -55,7 +55,7 @@ from .data import read_tokens
 from .errors import SimbaError
 from .evaluate import EvalResult, default_protect, evaluate, protected
 from .memory import (MemoryEstimate, MemoryPlan, available_memory, estimate_training_memory, gb, local_processes,
-                     plan_training_memory, training_budget)
+                     parameter_bytes, plan_training_memory, training_budget)
 from .model import MambaLM
 from .pruning import SimbaConfig
 from .ssm.kernels import mamba_ssm_available
@@ -195,10 +195,6 @@ def memory_plan(
     )
 
 
-def _bytes(model: torch.nn.Module) -> int:
-    return sum(p.numel() * p.element_size() for p in model.parameters())
-
-
 def finetune(
     model: MambaLM,
     teacher: MambaLM | None,
@@ -240,7 +236,7 @@ def finetune(
     if cfg.batch_size % acc.num_processes:
         raise SimbaError(f"finetune.batch_size: {cfg.batch_size} does not split over {acc.num_processes} processes")
     plan = memory_plan(model, model.simba, cfg, acc.device, cfg.batch_size // acc.num_processes,
-                       teacher_bytes=0 if teacher is None else _bytes(teacher))
+                       teacher_bytes=0 if teacher is None else parameter_bytes(teacher))
     if state_dir is None and acc.num_processes > 1:  # each would make a temporary folder of its own
         raise SimbaError("finetune: several processes need a state_dir that they share")
     tmp_state = state_dir is None

@@ -191,6 +191,11 @@ def plan_training_memory(
     return None
 
 
+def parameter_bytes(module: torch.nn.Module) -> int:
+    """The bytes a module's parameters take."""
+    return sum(p.numel() * p.element_size() for p in module.parameters())
+
+
 def gb(n: int) -> str:
     return f"{n / GiB:.1f} GB" if abs(n) >= GiB / 10 else f"{math.ceil(n / (1 << 20))} MB"
 
