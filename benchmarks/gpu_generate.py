@@ -10,7 +10,7 @@ the first-token latency, of generate(K) the total, decode per token = (total - f
   transformers   MambaForCausalLM.generate (its fast path with mamba_ssm and causal_conv1d where installed);
                  K = 128 and prompts up to 8192 only: its decode is not graph-captured (~50 ms a token)
   dense          this project, the same weights unpruned
-  simba          this project at --flops (0.6), the CLI's default output: the fast form (a power-of-two staircase;
+  simba          this project at --flops (0.6), the CLI's default output: the fast form (a staircase of 1, 3/4, 1/2 ... 1/16;
                  here its linear variant, calibration picks among staircases that run alike)
   staircase      the exact schedule with counts rounded to 2048-token multiples (the earlier GPU recipe)
   dense_triton_step  our dense model decoding through the project's fused Triton step kernels

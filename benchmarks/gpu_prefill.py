@@ -12,12 +12,15 @@ runs (the first runs compile the Triton kernels), tokens/s, and the peak torch.c
 seed, so the weights are the same).
 
 Schedules (--schedules), at each --flops ratio:
-  default    what `simba-compress --flops F` writes: the fast form (schedules.py: keep ratios on a power-of-two
-             staircase), here its linear variant (calibration chooses among the same staircases, which run alike)
+  default    what `simba-compress --flops F` writes: the fast form (schedules.py: keep ratios on a staircase of
+             1, 3/4, 1/2 ... 1/16), here its linear variant (calibration chooses among the same staircases, which run alike)
   exact      the paper's schedule (every layer prunes a little and scores its tokens)
   staircase  the exact schedule with token counts rounded to multiples of 2048 (a quarter of shorter prompts):
              the earlier --granularity workaround
-speedup = our dense ms / ms; speedup_vs_mamba_ssm = mamba_ssm's dense ms / ms. For the default schedule at
+Modes (--modes) of our rows: eager, the forward itself; graph, generate's prefill (generation.prefill: a prompt
+shape met again replays a CUDA graph, for batch x length <= GRAPH_PREFILL_TOKENS; timed after the capture, its
+peak memory taken over the capture too). mamba_ssm's generate has no prefill graph: its rows are eager.
+speedup = our dense ms / ms in the same mode; speedup_vs_mamba_ssm = mamba_ssm's dense ms / ms. For the default schedule at
 8192 tokens, score_ms: CUDA events around every score call, and stride_ms: the same widths ranked by position
 (no score). --scan-kernels first times the two scans alone on a mamba-1.4b layer (gpu_scan.json).
 Writes gpu_prefill.json (rows) and gpu_prefill.md after every case, so a run cut short keeps what it measured.
@@ -42,6 +45,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from simba_compress import MambaLM, ModelConfig, SimbaConfig  # noqa: E402
 from simba_compress.bench import mamba_ssm_twin, transformers_twin  # noqa: E402
 from simba_compress.flops import count  # noqa: E402
+from simba_compress.generation import GRAPH_PREFILL_TOKENS, prefill  # noqa: E402
 from simba_compress.schedules import linear_for_flops  # noqa: E402
 from simba_compress.ssm import kernels  # noqa: E402
 
@@ -83,11 +87,14 @@ def staircase_granularity(seq_len: int) -> int:
     return 2048 if seq_len >= 4 * 2048 else max(8, seq_len // 4)
 
 
-def measure(fn, reps: int, warmup: int) -> dict:
+def measure(fn, reps: int, warmup: int, peak_over_warmup: bool = False) -> dict:
+    if peak_over_warmup:
+        torch.cuda.reset_peak_memory_stats()
     for _ in range(warmup):
         fn()
     torch.cuda.synchronize()
-    torch.cuda.reset_peak_memory_stats()
+    if not peak_over_warmup:
+        torch.cuda.reset_peak_memory_stats()
     times = []
     for _ in range(reps):
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
@@ -107,11 +114,13 @@ def free_memory() -> None:
 
 
 def add_row(rows: list, base: dict, impl: str, flops: float, fn, args, **extra) -> dict | None:
-    """Time fn, append its row (an OOM becomes an error row) and return it."""
+    """Time fn, append its row (an OOM becomes an error row) and return it. A graph row warms up at least twice
+    (the first call of a shape runs eagerly, the second captures) and its peak includes the capture."""
     free_memory()
     t0 = time.time()
+    graph = extra.get("mode") == "graph"
     try:
-        res = measure(fn, args.reps, args.warmup)
+        res = measure(fn, args.reps, max(args.warmup, 2) if graph else args.warmup, peak_over_warmup=graph)
     except torch.cuda.OutOfMemoryError as e:
         free_memory()
         rows.append({**base, "impl": impl, "flops": flops, "error": f"OOM ({str(e)[:80]})"})
@@ -119,7 +128,7 @@ def add_row(rows: list, base: dict, impl: str, flops: float, fn, args, **extra) 
     tokens = base["batch"] * base["seq_len"]
     row = {**base, "impl": impl, "flops": flops, **res, "tokens_per_s": tokens / res["ms"] * 1e3, **extra}
     rows.append(row)
-    print(f"{base['model']} b{base['batch']} l{base['seq_len']} {impl} {extra.get('schedule', '')} {flops:.3f}: {res['ms']:.2f} ms, "
+    print(f"{base['model']} b{base['batch']} l{base['seq_len']} {impl} {extra.get('schedule', '')} {extra.get('mode', 'eager')} {flops:.3f}: {res['ms']:.2f} ms, "
           f"peak {res['peak_mem_gb']:.2f} GB ({time.time() - t0:.1f} s)", flush=True)  # fmt: skip
     return row
 
@@ -209,7 +218,7 @@ def versions() -> dict:
     return out
 
 
-COLUMNS = ["model", "batch", "seq_len", "impl", "schedule", "flops", "ms", "speedup", "speedup_vs_mamba_ssm",
+COLUMNS = ["model", "batch", "seq_len", "impl", "schedule", "mode", "flops", "ms", "speedup", "speedup_vs_mamba_ssm",
            "tokens_per_s", "peak_mem_gb", "score_ms", "stride_ms"]  # fmt: skip
 
 
@@ -265,6 +274,9 @@ def main() -> None:
     ap.add_argument("--max-seconds", type=float, default=230.0, help="skip the cases left after this long")
     ap.add_argument("--twins", nargs="*", default=["mamba_ssm", "transformers"], choices=["mamba_ssm", "transformers"])
     ap.add_argument("--no-profile", action="store_true")
+    ap.add_argument("--profile-at", nargs="*", type=int, default=[2048], help="prompt lengths whose smallest batch "
+                    "is profiled (torch.profiler tables by GPU and host time), dense and default")
+    ap.add_argument("--modes", nargs="+", default=["eager", "graph"], choices=["eager", "graph"])
     ap.add_argument("--scan", default="auto", choices=["auto", "triton"], help="triton: the project's scan even "
                     "where mamba_ssm is installed (SIMBA_COMPRESS_SCAN)")
     ap.add_argument("--scan-kernels", action="store_true", help="first time the two scans alone (gpu_scan.json)")
@@ -296,27 +308,45 @@ def main() -> None:
                 with torch.no_grad():
                     return m(ids, simba=simba, last_logits=1).logits
 
-            dense = add_row(rows, base, "ours", 1.0, lambda: run(None), args, schedule="dense", speedup=1.0)
-            if dense is None:
+            def graphed(simba):
+                m.simba = simba
+                return lambda: prefill(m, ids).logits
+
+            modes = [mo for mo in args.modes if mo == "eager" or batch * seq <= GRAPH_PREFILL_TOKENS]
+            dense = {}
+            for mode in modes:
+                fn = (lambda: run(None)) if mode == "eager" else graphed(None)
+                dense[mode] = add_row(rows, base, "ours", 1.0, fn, args, schedule="dense", mode=mode, speedup=1.0)
+            if dense.get("eager") is None:
                 continue
             done.append((seq, batch))
             for kind in args.schedules:
                 for f in args.flops:
                     s = schedule(m.config, kind, f, seq)
                     rep = count(m.config, s, seq)
-                    r = add_row(rows, base, "ours", rep.ratio, lambda: run(s), args, schedule=kind, flops_target=f,
-                                keep=s.keep, pruning_layers=sum(a > b for a, b in zip(rep.tokens, rep.tokens[1:])))
-                    if r is None:
-                        continue
-                    r["speedup"] = dense["ms"] / r["ms"]
-                    r["peak_mem_vs_dense"] = r["peak_mem_gb"] / dense["peak_mem_gb"]
-                    if kind == "default" and seq == 8192:  # the score's cost, two ways
-                        r["score_ms"] = statistics.median(score_ms(lambda: run(s)) for _ in range(3))
+                    eager = None
+                    for mode in modes:
+                        if dense.get(mode) is None:
+                            continue
+                        fn = (lambda: run(s)) if mode == "eager" else graphed(s)
+                        r = add_row(rows, base, "ours", rep.ratio, fn, args, schedule=kind, mode=mode, flops_target=f,
+                                    keep=s.keep, pruning_layers=sum(a > b for a, b in zip(rep.tokens, rep.tokens[1:])))
+                        if r is None:
+                            continue
+                        r["speedup"] = dense[mode]["ms"] / r["ms"]
+                        r["peak_mem_vs_dense"] = r["peak_mem_gb"] / dense[mode]["peak_mem_gb"]
+                        eager = r if mode == "eager" else eager
+                    m.simba = None
+                    if kind == "default" and seq == 8192 and eager is not None:  # the score's cost, two ways
+                        eager["score_ms"] = statistics.median(score_ms(lambda: run(s)) for _ in range(3))
                         stride = SimbaConfig(s.keep, criterion="stride", granularity=s.granularity)
-                        r["stride_ms"] = measure(lambda: run(stride), args.reps, 1)["ms"]
-                        if not args.no_profile and batch == min(args.batches) and name == "mamba-1.4b":
-                            profiles[f"ours dense, {name}, batch {batch}, seq {seq}"] = profile_table(lambda: run(None))
-                            profiles[f"ours default {f}, {name}, batch {batch}, seq {seq}"] = profile_table(lambda: run(s))
+                        eager["stride_ms"] = measure(lambda: run(stride), args.reps, 1)["ms"]
+                    if kind == "default" and seq in args.profile_at and not args.no_profile and name == "mamba-1.4b" \
+                            and batch == min(args.batches):  # fmt: skip
+                        for label, fn in (("dense", lambda: run(None)), (f"default {f}", lambda: run(s))):
+                            profiles[f"ours {label}, {name}, batch {batch}, seq {seq}, by GPU time"] = profile_table(fn)
+                            profiles[f"ours {label}, {name}, batch {batch}, seq {seq}, by host time"] = profile_table(fn, "cpu")
+            m.__dict__.pop("_prefills", None)  # the graphs' memory, before the next case
             write(out, rows, meta, notes, scan_rows)
             del ids
         m = None
@@ -362,11 +392,12 @@ def rebuild(log: Path, out: Path) -> None:
     text = log.read_text().splitlines()
     start = max(i for i, line in enumerate(text) if '"command": "python benchmarks/gpu_prefill.py' in line)
     meta, rows, notes = json.loads(text[start]), [], []
-    case = re.compile(r"(\S+) b(\d+) l(\d+) (\S+) (\S*) ([\d.]+): ([\d.]+) ms, peak ([\d.]+) GB")
+    case = re.compile(r"(\S+) b(\d+) l(\d+) (\S+) (\S*) (?:(eager|graph) )?([\d.]+): ([\d.]+) ms, peak ([\d.]+) GB")
     for i, line in enumerate(text[start + 1 :], start + 1):
         if m := case.match(line):
-            name, batch, seq, impl, kind, flops, ms, peak = m.groups()
+            name, batch, seq, impl, kind, mode, flops, ms, peak = m.groups()
             rows.append({"model": name, "batch": int(batch), "seq_len": int(seq), "impl": impl, "schedule": kind,
+                         "mode": mode or "eager",
                          "flops": float(flops), "ms": float(ms), "peak_mem_gb": float(peak),
                          "tokens_per_s": int(batch) * int(seq) / float(ms) * 1e3})  # fmt: skip
         elif line.startswith("### torch.profiler"):
@@ -375,10 +406,11 @@ def rebuild(log: Path, out: Path) -> None:
             break
     for r in rows:
         same = [o for o in rows if (o["model"], o["batch"], o["seq_len"]) == (r["model"], r["batch"], r["seq_len"])]
-        dense = {o["impl"]: o["ms"] for o in same if o["schedule"] == "dense"}
+        dense = {o["impl"]: o["ms"] for o in same if o["schedule"] == "dense" and o["mode"] in ("eager", r["mode"])}
         if r["impl"] == "ours":
-            r["speedup"] = dense["ours"] / r["ms"]
-            r["peak_mem_vs_dense"] = r["peak_mem_gb"] / next(o["peak_mem_gb"] for o in same if o["impl"] == "ours" and o["schedule"] == "dense")
+            ours = next(o for o in same if o["impl"] == "ours" and o["schedule"] == "dense" and o["mode"] == r["mode"])
+            r["speedup"] = ours["ms"] / r["ms"]
+            r["peak_mem_vs_dense"] = r["peak_mem_gb"] / ours["peak_mem_gb"]
         if "mamba_ssm" in dense:
             r["speedup_vs_mamba_ssm"] = dense["mamba_ssm"] / r["ms"]
     notes = check_targets(rows) + [f"- written by `--rebuild {log}` from the lines the run printed (its own files did "
@@ -387,10 +419,14 @@ def rebuild(log: Path, out: Path) -> None:
 
 
 def check_targets(rows: list[dict]) -> list[str]:
-    """Issue 13's targets for the default output at 0.6 on the mamba-1.4b shape, and peak memory <= dense."""
+    """Issue 13's targets for the default output at 0.6 on the mamba-1.4b shape, and peak memory <= dense, for the
+    prefill as generate runs it: the graph row where there is one, else the eager one."""
     notes = []
+    graphed = {(r["model"], r["batch"], r["seq_len"]) for r in rows if r.get("mode") == "graph" and "error" not in r}
     for r in rows:
         if r.get("schedule") != "default" or r["model"] != "mamba-1.4b" or "error" in r:
+            continue
+        if r.get("mode", "eager") == "eager" and (r["model"], r["batch"], r["seq_len"]) in graphed:
             continue
         short = r["seq_len"] < 4096
         for key, (long_bar, short_bar) in TARGETS.items():

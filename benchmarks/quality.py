@@ -52,7 +52,7 @@ def main() -> None:
     ap.add_argument("--no-base", action="store_true", help="no dense l16 row (it is in a --merge file)")
     ap.add_argument("--granularity", type=int, default=1, help="round the linear schedules' token counts to multiples of this (a staircase)")
     ap.add_argument("--forms", nargs="+", default=["exact"], choices=["exact", "fast"],
-                    help="schedule forms of the linear and calibrated rows (schedules.py: fast = power-of-two staircase)")
+                    help="schedule forms of the linear and calibrated rows (schedules.py: fast = a staircase of 1, 3/4, 1/2 ... 1/16)")
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--shallow", nargs="*", default=SHALLOW, help="dense shallower models to compare with")

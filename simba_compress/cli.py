@@ -45,8 +45,8 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--final-keep", type=float, help="linear schedule down to this keep ratio at the top layer")
     c.add_argument("--criterion", help="simba (default), share, deci, utr, l2norm, random, stride")
     c.add_argument("--protect-last", type=int, help="last tokens never pruned (default 1)")
-    c.add_argument("--form", help="with --flops: fast (default: keep ratios on a power-of-two staircase, fast on a GPU at "
-                   "any prompt length) or exact (the paper's smooth schedule: every layer prunes a little)")
+    c.add_argument("--form", help="with --flops: fast (default: keep ratios on a staircase of 1, 3/4, 1/2 ... 1/16, fast on a "
+                   "GPU at any prompt length) or exact (the paper's smooth schedule: every layer prunes a little)")
     c.add_argument("--granularity", type=int, help="--form exact: round each layer's token count to a multiple of this")
     c.add_argument("--max-tokens", help="cap the tokens layers run on, for prompts longer than the model was trained on: "
                    "T@L (at most T tokens from layer L on) or one integer per layer (0: no cap)")

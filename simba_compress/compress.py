@@ -49,7 +49,7 @@ def compress(
     """Give `model` a fixed pruning schedule (in place) and return it; calibrate() searches one instead.
 
     Exactly one target: flops (the linear schedule whose backbone FLOP ratio at seq_len is within 0.5% of it,
-    in the fast form by default: the nearest power-of-two staircase, schedules.py; form="exact" keeps the
+    in the fast form by default: the nearest staircase of 1, 3/4, 1/2 ... 1/16, schedules.py; form="exact" keeps the
     paper's line), final_keep (the paper's linear schedule down to this ratio) or keep (explicit ratios).
     max_tokens: per-layer token caps or "T@L" (schedules.max_tokens_list), applied on top of the schedule, which
     is fitted without them (they bind only on prompts longer than T).

@@ -4,7 +4,9 @@ Conventions: a matmul of (m x k) by (k x n) is 2mkn FLOPs; an elementwise op is 
 exp/softplus/silu counted as listed in ELEMENTWISE; the selective scan is 9 * d_inner * d_state per token,
 mamba_ssm's own convention for selective_scan_ref. The FLOP ratio (--flops) is backbone FLOPs (every Mamba
 block plus the pruning score) of the pruned model over the dense model at the same input length; the LM
-head (2 * d_model * vocab per position that needs logits) is reported beside it, not inside it.
+head (2 * d_model * vocab per position that needs logits) is reported beside it, not inside it. A Mamba-1
+layer's scan (and an in-layer score) runs on its tokens padded to whole chunks of mamba_ssm's kernel
+(kernels.scan_length), as the GPU runs it: those steps are counted, in the pruned and the dense model alike.
 The matmul terms are checked against torch.utils.flop_counter in tests/test_flops.py.
 """
 
@@ -15,7 +17,8 @@ from dataclasses import asdict, dataclass
 import torch
 
 from .model import ModelConfig
-from .pruning import SimbaConfig
+from .pruning import IN_LAYER, SimbaConfig
+from .ssm.kernels import scan_length
 
 SILU, SOFTPLUS = 4, 4  # x * sigmoid(x): neg, exp, add, div (+ the mul counted separately); log(1 + exp(x))
 SCAN_PER_STATE = 9  # mamba_ssm: 9 * L * D * N for the discretisation, the state update and C . h
@@ -114,18 +117,33 @@ class FlopReport:
         return asdict(self)
 
 
+def scan_steps(cfg: ModelConfig, tokens: int) -> int:
+    """Steps the scan of a layer on `tokens` tokens runs: Mamba-1's padded to whole chunks (kernels.scan_length)."""
+    return scan_length(tokens) if cfg.layer == "mamba1" and tokens > 0 else tokens
+
+
+def layer_flops(cfg: ModelConfig, tokens: int, score: str | None = None) -> int:
+    """Backbone FLOPs of one layer on `tokens` tokens, its scan's padding included, and with `score` (a criterion)
+    the score of those tokens after it (an in-layer one over the scan's steps)."""
+    block = block_flops(cfg)
+    steps = scan_steps(cfg, tokens)
+    flops = tokens * sum(block.values()) + (steps - tokens) * block["scan"]
+    if score is not None:
+        flops += (steps if score in IN_LAYER else tokens) * score_flops(cfg, score)
+    return flops
+
+
 def count(cfg: ModelConfig, simba: SimbaConfig | None, seq_len: int) -> FlopReport:
     """Backbone FLOPs of one sequence of seq_len real tokens, dense and as pruned by `simba`."""
-    per_token = sum(block_flops(cfg).values())
     n_real = torch.tensor([seq_len])
     tokens = [seq_len] * cfg.n_layer if simba is None else simba.counts(n_real)[:, 0].tolist()
-    score_cost = 0 if simba is None else score_flops(cfg, simba.criterion)
     per_layer, score = [], 0
     for i, k in enumerate(tokens):
-        s = k * score_cost if i + 1 < len(tokens) and tokens[i + 1] < k else 0
-        score += s
-        per_layer.append(k * per_token + s)
-    dense = seq_len * cfg.n_layer * per_token
+        scores = simba is not None and i + 1 < len(tokens) and tokens[i + 1] < k
+        flops = layer_flops(cfg, k, simba.criterion if scores else None)
+        score += flops - layer_flops(cfg, k)
+        per_layer.append(flops)
+    dense = cfg.n_layer * layer_flops(cfg, seq_len)
     sparse = sum(per_layer)
     return FlopReport(
         seq_len=seq_len,

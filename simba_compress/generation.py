@@ -4,7 +4,11 @@
     decode:   token -> embedding -> [ norm -> mixer.step ] * n_layer -> norm_f -> lm_head -> next token
 
 The prefill is the pruned forward itself (each layer's state is that of the tokens it kept) and builds logits
-for the last position only. A new token is never pruned: it runs through every layer. Decoding is bound by
+for the last position only. A short prefill is bound by the host as well: at batch 1 and 2048 tokens the
+forward's ~500 launches (and the pruning's sorts) take longer to issue than the GPU takes to run them. So a
+prompt shape seen a second time (batch x length up to GRAPH_PREFILL_TOKENS, no padding) is captured as a CUDA
+graph and replayed from then on (PrefillGraph; once-seen shapes run eagerly, so a one-off prompt never pays
+for a capture). A new token is never pruned: it runs through every layer. Decoding is bound by
 kernel launches, not FLOPs (a 1.4B model moves its 2.8 GB of weights per token in ~0.6 ms on an H200, while a
 step is ~350 launches): so on CUDA the whole step, sampling included, is captured once per batch size and
 mode into a CUDA graph over static buffers (Decoder) and replayed, as mamba_ssm's generate(cg=True) does.
@@ -20,6 +24,7 @@ eager and graph paths draw the same tokens).
 from __future__ import annotations
 
 import time
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -29,6 +34,10 @@ from .pruning import padding_side
 from .ssm import kernels
 
 EOS_CHECK_EVERY = 16  # decode steps between checks that every row hit eos (each check waits for the GPU)
+# prefills of batch x length up to this many tokens replay from a CUDA graph once their shape recurs: longer ones
+# keep the GPU busy on their own (mamba-1.4b on the H200 is GPU-bound from 1 x 8192 tokens, gpu_prefill.md)
+GRAPH_PREFILL_TOKENS = 16384
+PREFILL_GRAPHS = 8  # captured prompt shapes kept per model (least recently used dropped); they share one pool
 
 
 @dataclass
@@ -39,7 +48,7 @@ class GenerationConfig:
     top_k: int = 0  # 0: no top-k filter
     top_p: float = 1.0  # 1.0: no nucleus filter
     eos_token_id: int | None = None
-    cuda_graph: bool = True  # on CUDA: replay each step from a captured graph
+    cuda_graph: bool = True  # on CUDA: replay each step (and a recurring short prompt's prefill) from a graph
 
     def __post_init__(self) -> None:
         if self.max_new_tokens < 1:
@@ -171,6 +180,62 @@ class Decoder:
             self._step()
 
 
+class PrefillGraph:
+    """generate's prefill, model(ids, return_states=True, last_logits=1), for one prompt shape and schedule,
+    captured as a CUDA graph over a static ids buffer. Its outputs are static too: the next replay overwrites
+    them (generate copies the states into the decoder before that)."""
+
+    def __init__(self, model: MambaLM, batch: int, length: int, pool):
+        self.ids = torch.zeros(batch, length, dtype=torch.long, device=model.device)
+        run = lambda: model(self.ids, return_states=True, last_logits=1)  # noqa: E731
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):  # warm up (Triton compiles, cuBLAS sets up) off the capture
+            run()
+        torch.cuda.current_stream().wait_stream(side)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph, pool=pool):
+            self.out = run()
+
+    def __call__(self, input_ids: torch.Tensor):
+        self.ids.copy_(input_ids)
+        self.graph.replay()
+        return self.out
+
+
+@torch.no_grad()
+def prefill(model: MambaLM, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, cuda_graph: bool = True):
+    """generate's prefill: model(input_ids, attention_mask, return_states=True, last_logits=1). On CUDA, with
+    cuda_graph, a prompt shape met a second time (no padding, batch x length <= GRAPH_PREFILL_TOKENS) is
+    captured and replayed from then on; the graphs are cached on the model and dropped when its parameters
+    move or its schedule changes. The outputs of a replay are overwritten by the next replay of that shape."""
+    b, length = input_ids.shape
+    eager = lambda: model(input_ids, attention_mask, return_states=True, last_logits=1)  # noqa: E731
+    unpadded = attention_mask is None or bool(attention_mask.bool().all())
+    if not (cuda_graph and model.device.type == "cuda" and unpadded and b * length <= GRAPH_PREFILL_TOKENS):
+        return eager()
+    cache = model.__dict__.setdefault("_prefills", {})
+    where = (tuple(p.data_ptr() for p in model.parameters()), repr(model.simba), kernels.SCAN)
+    if cache.get("where") != where:
+        cache.clear()
+        cache.update(where=where, graphs={}, seen=set(), failed=set(), pool=torch.cuda.graph_pool_handle())
+    graphs, key = cache["graphs"], (b, length)
+    if key not in graphs:
+        if key not in cache["seen"] or key in cache["failed"]:  # first sight: eager (a one-off prompt never pays
+            cache["seen"].add(key)  # for a capture)
+            return eager()
+        if len(graphs) >= PREFILL_GRAPHS:
+            graphs.pop(next(iter(graphs)))
+        try:
+            graphs[key] = PrefillGraph(model, b, length, cache["pool"])
+        except RuntimeError as e:  # something in the forward cannot be captured (a criterion that syncs, say)
+            warnings.warn(f"prefill: this prompt shape runs eagerly, its CUDA graph capture failed ({e})")
+            cache["failed"].add(key)
+            return eager()
+    graphs[key] = graphs.pop(key)  # most recently used last
+    return graphs[key](input_ids)
+
+
 def _zero_state(mixer, batch: int, device, dtype) -> LayerState:
     conv_dim = getattr(mixer, "conv_dim", mixer.d_inner)
     n_state = (mixer.nheads, mixer.headdim, mixer.d_state) if hasattr(mixer, "nheads") else (mixer.d_inner, mixer.d_state)
@@ -214,7 +279,7 @@ def generate(
     cuda = model.device.type == "cuda"
     sync = torch.cuda.synchronize if cuda else (lambda: None)
     t0 = time.perf_counter()
-    out = model(input_ids, attention_mask, return_states=True, last_logits=1)
+    out = prefill(model, input_ids, attention_mask, cfg.cuda_graph)
     dec = _decoder(model, b, cfg)
     dec.prepare(out.states, cfg)
     dec.first(out.logits[:, -1], generator)

@@ -121,7 +121,7 @@ class LayerView:
     impact: torch.Tensor | None  # (b, w) an in-layer criterion's scores (IN_LAYER), computed while the layer ran
     last: torch.Tensor  # (b,) slot of each row's last real token
     real: torch.Tensor  # (b, w) bool: slot holds a real token
-    target: torch.Tensor  # (b,) how many tokens the next layer keeps
+    target: torch.Tensor | int  # (b,) how many tokens the next layer keeps, or one int for every row
 
 
 def _in_layer(view: LayerView, seed: int) -> torch.Tensor:
@@ -147,7 +147,7 @@ def _stride(view: LayerView, seed: int) -> torch.Tensor:
     # Bresenham: of r real tokens, rank j is chosen when floor((j+1) k / r) > floor(j k / r): k evenly spaced.
     rank = torch.cumsum(view.real.long(), dim=1) - 1
     r = view.real.sum(1, keepdim=True).clamp_min(1)
-    k = view.target[:, None]
+    k = view.target[:, None] if torch.is_tensor(view.target) else view.target
     chosen = torch.div((rank + 1) * k, r, rounding_mode="floor") > torch.div(rank * k, r, rounding_mode="floor")
     return chosen.float()
 
@@ -242,19 +242,26 @@ class TokenPlan:
         slots = torch.arange(w, device=self.idx.device).expand_as(self.idx)
         return torch.where(self.real, slots, -1).amax(dim=1)
 
+    def target(self, layer: int) -> torch.Tensor | int:
+        """Tokens `layer` keeps per row: (b,) on the device, or an int when every row keeps the same (no padding):
+        then the forward copies nothing from the host and can be captured in a CUDA graph (generation.py)."""
+        if not self.padded:
+            return int(self.counts_host[layer, 0])
+        return self.counts[layer]
+
     def view(self, layer: int, hidden: torch.Tensor, impact: torch.Tensor | None) -> LayerView:
-        return LayerView(layer, hidden, impact, self.last, self.real, self.counts[layer + 1])
+        return LayerView(layer, hidden, impact, self.last, self.real, self.target(layer + 1))
 
     def select(self, scores: torch.Tensor, layer: int) -> torch.Tensor:
         """Keep the top-scoring tokens for `layer`; returns the kept slots (b, w') to gather with."""
-        target = self.counts[layer]  # (b,)
+        target = self.target(layer)
         protected = self.real & (self.idx >= (self.end - self.simba.protect_last)[:, None])
         scores = scores.float().masked_fill(~self.real, float("-inf")).masked_fill(protected, float("inf"))
         w = scores.shape[1]
         slots = torch.arange(w, device=scores.device).expand_as(scores)
         order = torch.argsort(scores, dim=1, descending=True, stable=True)
         rank = torch.empty_like(order).scatter_(1, order, slots)
-        chosen = rank < target[:, None]
+        chosen = rank < (target[:, None] if torch.is_tensor(target) else target)
         width = int(self.counts_host[layer].max())
         # chosen slots keep their order; the rest go to the padding side and fill the row up to `width`
         if self.side == "left":

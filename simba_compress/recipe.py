@@ -43,7 +43,7 @@ class Recipe(_Strict):
     final_keep: float | None = Field(None, gt=0, le=1)  # linear schedule's top-layer keep, instead of flops
     criterion: Criterion = "simba"
     protect_last: int = Field(1, ge=1)  # last tokens never pruned (generation needs >= 1)
-    # with flops: "fast", keep ratios on a power-of-two staircase (fast on a GPU at any prompt length), or "exact"
+    # with flops: "fast", keep ratios on a staircase of 1, 3/4, 1/2 ... 1/16 (fast on a GPU at any prompt length), or "exact"
     form: Literal["fast", "exact"] = "fast"
     granularity: int = Field(1, ge=1)  # form exact: token counts rounded to multiples of this
     max_tokens: list[int] | str | None = None  # per-layer token caps (0: none) or "T@L": context extension

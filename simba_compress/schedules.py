@@ -3,14 +3,16 @@ fast form every --flops schedule takes by default.
 
 The fast form. A schedule is fast on a GPU when (a) few layers score (a score pass costs about one scan
 pass, and the paper's exact schedule scores after every layer) and (b) every pruned width is one that the
-scan kernel and the GEMMs run at full speed. mamba_ssm's scan is fast only on whole chunks (a multiple of
-2048 tokens, or 128/256/512/1024 for shorter rows: its kernel takes a slower path on any other length,
-1.5-2.3x slower per token on the H200, benchmarks/results/gpu_scan.json). So the fast form keeps ratios that
-are powers of two, 1, 1/2, 1/4, ... down to 1/2**FAST_DEPTH: a staircase whose widths are the prompt length
-halved, which are whole chunks whenever the prompt is (and a layer scores only where the ratio halves). Being
-relative to the prompt, one schedule serves every prompt length and batch size. A continuous profile (the
-linear schedule, or a calibration trial's) becomes the staircase closest to it in log2(keep) among those
-meeting the FLOP budget (to_fast).
+scan kernel and the GEMMs run at full speed. So the fast form keeps a few ratios only, FAST_LEVELS: a
+staircase in which a layer scores only where the ratio steps down. Being relative to the prompt, one schedule
+serves every prompt length and batch size. The levels are 1, 3/4 and the powers of two 1/2 ... 1/16: the
+widths T/2, T/4, ... of a prompt of T tokens are whole chunks of mamba_ssm's scan whenever T is, 3T/4 is
+from T = 8192 on; below that (or for any width between chunks) the GPU mixer pads the scan's operands to
+whole chunks (kernels.scan_length) while its projections run on the kept tokens only, and the FLOP count
+includes the padded steps. Without 3/4, the form's best staircase at 0.6 on the l16 proxy was 0.0041 nats
+behind the exact schedule (benchmarks/results/cpu/fast_form_bound.md): halving is too coarse a first step.
+A continuous profile (the linear schedule, or a calibration trial's) becomes the staircase closest to it in
+log2(keep) among those meeting the FLOP budget (to_fast, a dynamic programme over layers and FLOPs).
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from __future__ import annotations
 import functools
 import itertools
 import json
+import math
 from dataclasses import replace
 from pathlib import Path
 from typing import Callable, Literal
@@ -26,7 +29,7 @@ import numpy as np
 import torch
 
 from .errors import SimbaError
-from .flops import block_flops, count, score_flops
+from .flops import count, layer_flops
 from .model import ModelConfig
 from .pruning import SimbaConfig
 
@@ -34,7 +37,7 @@ FLOP_TOLERANCE = 0.005  # a schedule for --flops F lands within 0.5% of F
 LOWEST_T = 1e-6  # the smallest keep ratio a fitted schedule may reach (ratios must stay > 0)
 Form = Literal["fast", "exact"]
 FORMS = ("fast", "exact")
-FAST_DEPTH = 4  # the fast form's lowest level: keep 1/16
+FAST_LEVELS = (1.0, 0.75, 0.5, 0.25, 0.125, 0.0625)  # the fast form's keep ratios, falling
 
 
 def flop_tolerance(cfg: ModelConfig, flops: float, seq_len: int, granularity: int = 1) -> float:
@@ -44,24 +47,38 @@ def flop_tolerance(cfg: ModelConfig, flops: float, seq_len: int, granularity: in
 
 
 def _fast_tokens(simba: SimbaConfig, seq_len: int) -> np.ndarray:
-    """Tokens a layer at each fast level 2**-j runs on, for a row of seq_len (SimbaConfig.counts: the protected
-    tail can make the lowest levels equal)."""
-    levels = [2.0**-j for j in range(FAST_DEPTH + 1)]
-    return replace(simba, keep=levels).counts(torch.tensor([seq_len]))[:, 0].double().numpy()
+    """Tokens a layer at each fast level runs on, for a row of seq_len (SimbaConfig.counts: the protected tail
+    can make the lowest levels equal)."""
+    return replace(simba, keep=list(FAST_LEVELS), max_tokens=None).counts(torch.tensor([seq_len]))[:, 0].long().numpy()
 
 
 def fast_tolerance(cfg: ModelConfig, simba: SimbaConfig, flops: float, seq_len: int) -> float:
     """flop_tolerance of the fast form: at least half its smallest step (one layer moving between the two
-    lowest distinct levels), since its staircases cannot land between their steps."""
+    closest distinct levels), since its staircases cannot land between their steps."""
     steps = np.diff(np.unique(_fast_tokens(simba, seq_len)))
     smallest = steps.min() if steps.size else seq_len
     return max(flop_tolerance(cfg, flops, seq_len), 0.5 * float(smallest) / (seq_len * cfg.n_layer))
 
 
+def _level_costs(cfg: ModelConfig, simba: SimbaConfig, seq_len: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]:
+    """Per fast level: tokens, FLOPs of a layer on them, FLOPs of scoring them after it; and the dense model's."""
+    tokens = _fast_tokens(simba, seq_len)
+    layer = np.array([layer_flops(cfg, int(t)) for t in tokens], dtype=np.float64)
+    score = np.array([layer_flops(cfg, int(t), simba.criterion) for t in tokens], dtype=np.float64) - layer
+    return tokens, layer, score, count(cfg, None, seq_len).dense
+
+
+def deepest_fast(n_layer: int) -> list[float]:
+    """The fast form's cheapest staircase: the first layer dense, every other at the lowest level."""
+    return [1.0] + [FAST_LEVELS[-1]] * (n_layer - 1)
+
+
 @functools.cache
-def _staircases(n_layer: int, depth: int) -> np.ndarray:
-    """Every fast-form staircase of n_layer layers: (m, depth + 1) layer counts per level 2**-j, level 0
-    (keep 1) holding at least the first layer. Stars and bars: C(n_layer - 1 + depth, depth) rows."""
+def _staircases(n_layer: int, n_levels: int) -> np.ndarray:
+    """Every staircase of n_layer layers over n_levels levels: (m, n_levels) layer counts per level, level 0
+    holding at least the first layer. Stars and bars: C(n_layer - 2 + n_levels, n_levels - 1) rows (for few
+    layers only: fast_form_bound.py and the tests enumerate them)."""
+    depth = n_levels - 1
     rows = []
     for bars in itertools.combinations(range(n_layer - 1 + depth), depth):
         edges = (-1, *bars, n_layer - 1 + depth)
@@ -71,39 +88,74 @@ def _staircases(n_layer: int, depth: int) -> np.ndarray:
     return counts
 
 
-def deepest_fast(n_layer: int) -> list[float]:
-    """The fast form's cheapest staircase: the first layer dense, every other at the lowest level."""
-    return [1.0] + [2.0**-FAST_DEPTH] * (n_layer - 1)
-
-
 def fast_candidates(cfg: ModelConfig, simba: SimbaConfig, flops: float, seq_len: int) -> list[list[float]]:
     """Every fast-form staircase (keep per layer) whose FLOP ratio at seq_len, with simba's criterion and protected
-    tail, is within fast_tolerance of `flops`: the whole space the fast form can offer at that budget."""
-    depth = FAST_DEPTH
-    counts = _staircases(cfg.n_layer, depth)  # (m, depth + 1)
-    per_token, score = sum(block_flops(cfg).values()), score_flops(cfg, simba.criterion)
-    tokens = _fast_tokens(simba, seq_len)
+    tail, is within fast_tolerance of `flops`: the whole space the form offers at that budget. By enumeration:
+    for models of a few layers (to_fast searches without it)."""
+    counts = _staircases(cfg.n_layer, len(FAST_LEVELS))  # (m, levels)
+    tokens, layer, score, dense = _level_costs(cfg, simba, seq_len)
     # a level scores its tokens once, at its last layer, when the next nonempty level keeps fewer
     nonempty = counts > 0
     following = np.full(len(counts), np.inf)  # tokens of the next nonempty level, walking up from the top
     scores = np.zeros(counts.shape, dtype=bool)
-    for j in range(depth, -1, -1):
+    for j in range(len(FAST_LEVELS) - 1, -1, -1):
         scores[:, j] = nonempty[:, j] & (following < tokens[j])
         following = np.where(nonempty[:, j], tokens[j], following)
-    ratio = (counts @ (tokens * per_token) + scores @ (tokens * score)) / (seq_len * cfg.n_layer * per_token)
+    ratio = (counts @ layer + scores @ score) / dense
     ok = np.abs(ratio - flops) <= fast_tolerance(cfg, simba, flops, seq_len)
-    return [[2.0**-j for j in range(depth + 1) for _ in range(int(c[j]))] for c in counts[ok]]
+    return [[lv for lv, c in zip(FAST_LEVELS, row) for _ in range(int(c))] for row in counts[ok]]
 
 
 def to_fast(cfg: ModelConfig, simba: SimbaConfig, flops: float, seq_len: int) -> list[float] | None:
     """The fast-form staircase closest to simba.keep (sum over layers of the squared log2 keep distance) among
-    fast_candidates; None when there is none."""
-    candidates = fast_candidates(cfg, simba, flops, seq_len)
-    if not candidates:
+    those whose FLOP ratio at seq_len is within fast_tolerance of `flops`; None when there is none.
+
+    A dynamic programme over layers, levels and FLOPs spent so far, in buckets of tol * dense / (2 n_layer)
+    FLOPs: the rounding adds at most a quarter of the tolerance, and every path the buckets may misplace is
+    checked with count() before it is returned. Each layer adds its level's FLOPs, plus the score of the layer
+    below when the level steps down to fewer tokens.
+    """
+    n, levels = cfg.n_layer, np.asarray(FAST_LEVELS)
+    tol = fast_tolerance(cfg, simba, flops, seq_len)
+    tokens, layer, score, dense = _level_costs(cfg, simba, seq_len)
+    q = tol * dense / (2 * n)
+    n_buckets = int(math.ceil((flops + 1.5 * tol) * dense / q)) + 1
+    target = -np.log2(np.clip(np.asarray(simba.keep, dtype=np.float64), levels[-1], 1.0))  # (n,)
+    dist = (-np.log2(levels)[None, :] - target[:, None]) ** 2  # (n, levels)
+    L = len(levels)
+    best = np.full((L, n_buckets), np.inf)
+    first = int(round(layer[0] / q))
+    if first >= n_buckets:
         return None
-    target = -np.log2(np.clip(np.asarray(simba.keep, dtype=np.float64), 2.0**-FAST_DEPTH, 1.0))  # (n_layer,)
-    distance = ((-np.log2(np.asarray(candidates)) - target) ** 2).sum(1)
-    return candidates[int(np.argmin(distance))]
+    best[0, first] = dist[0, 0]
+    back = np.zeros((n, L, n_buckets), dtype=np.int8)  # the level of layer i - 1 on the best path
+    for i in range(1, n):
+        new = np.full((L, n_buckets), np.inf)
+        for j in range(L):
+            for jp in range(j + 1):
+                step = int(round((layer[j] + (score[jp] if tokens[j] < tokens[jp] else 0.0)) / q))
+                if step >= n_buckets:
+                    continue
+                cand = np.full(n_buckets, np.inf)
+                cand[step:] = best[jp, : n_buckets - step] + dist[i, j]
+                better = cand < new[j]
+                new[j][better] = cand[better]
+                back[i, j][better] = jp
+        best = new
+    # end points near the budget, nearest profile first; each is rebuilt and counted exactly
+    ratio = np.arange(n_buckets) * q / dense
+    near = np.abs(ratio - flops) <= 1.5 * tol
+    ends = [(best[j, b], j, b) for j in range(L) for b in np.flatnonzero(near & np.isfinite(best[j]))]
+    for _, j, b in sorted(ends):
+        path = [j]
+        for i in range(n - 1, 0, -1):
+            jp = int(back[i, path[-1], b])
+            b -= int(round((layer[path[-1]] + (score[jp] if tokens[path[-1]] < tokens[jp] else 0.0)) / q))
+            path.append(jp)
+        keep = [float(levels[k]) for k in reversed(path)]
+        if abs(count(cfg, replace(simba, keep=keep), seq_len).ratio - flops) <= tol:
+            return keep
+    return None
 
 
 def linear(n_layer: int, final: float) -> list[float]:

@@ -297,3 +297,35 @@ def test_graph_cache_per_batch_size_and_repeat_calls():
     generate(gpu_m, ids[:1], None, cfg)
     step = kernels.STEP
     assert {k for k in gpu_m._decoders if k != "where"} == {(4, True, False, False, step), (1, True, False, False, step)}
+
+
+@needs_cuda
+@pytest.mark.parametrize("pruned", [False, True])
+def test_prefill_graph_replays_a_recurring_prompt_shape_as_the_eager_forward(pruned):
+    """float32: a shape's first prefill runs eagerly, its second is captured; replays with new tokens give the
+    eager forward's logits and states; a new schedule drops the graphs; generate's tokens are the same either way."""
+    from simba_compress.generation import prefill
+
+    _, m = cuda_pair(torch.float32, n_layer=6)
+    m.simba = SimbaConfig([1.0, 0.75, 0.75, 0.5, 0.25, 0.25]) if pruned else None
+    a, b = (torch.randint(0, 128, (2, 300), device="cuda", generator=torch.Generator("cuda").manual_seed(s)) for s in (1, 2))
+    with torch.no_grad():
+        eager = [m(ids, return_states=True, last_logits=1) for ids in (a, b)]
+    prefill(m, a)
+    assert (2, 300) not in m._prefills["graphs"]  # seen once: eager
+    for ids, ref in ((a, eager[0]), (b, eager[1]), (a, eager[0])):
+        out = prefill(m, ids)
+        assert (2, 300) in m._prefills["graphs"]
+        torch.testing.assert_close(out.logits, ref.logits, rtol=1e-5, atol=1e-5)
+        for s, r in zip(out.states, ref.states):
+            torch.testing.assert_close(s.ssm, r.ssm, rtol=1e-5, atol=1e-5)
+            torch.testing.assert_close(s.conv, r.conv)
+    m.simba = SimbaConfig([1.0, 1.0, 0.5, 0.5, 0.5, 0.5]) if pruned else SimbaConfig([1.0] * 6)
+    prefill(m, a)
+    assert not m._prefills["graphs"]
+    cfg = GenerationConfig(max_new_tokens=24)
+    graphed = [generate(m, a, None, cfg).sequences for _ in range(3)]  # a seen shape: capture, then replays
+    assert m._prefills["graphs"]
+    eager_tokens = generate(m, a, None, GenerationConfig(max_new_tokens=24, cuda_graph=False)).sequences
+    for g in graphed:
+        assert torch.equal(g, eager_tokens)

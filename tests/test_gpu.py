@@ -93,7 +93,18 @@ def kernel_path_on_cpu(monkeypatch):
     monkeypatch.setattr(kernels, "_causal_conv1d", lambda: None)
 
 
-def test_kernel_layout_matches_reference_on_cpu(kernel_path_on_cpu, monkeypatch):
+@pytest.mark.parametrize("chunked", [False, True])
+def test_kernel_layout_matches_reference_on_cpu(kernel_path_on_cpu, monkeypatch, chunked):
+    """chunked: the stand-in takes the place of mamba_ssm's scan, whose operands the mixer left-pads to whole
+    chunks (kernels.scan_length) after the projections: the outputs stay the reference's."""
+    lengths = []
+    if chunked:
+        def chunked_scan(u, *args, **kw):
+            lengths.append(u.shape[-1])
+            return scan_stand_in(u, *args, **kw)
+
+        monkeypatch.setattr(model_mod, "scan_kernel", lambda mixer, hidden: chunked_scan)
+        monkeypatch.setattr(kernels, "_mamba_selective_scan", lambda: chunked_scan)
     m = random_model(n_layer=4, d_model=16, d_state=4)
     ids = torch.randint(0, 64, (3, 21))
     mask = torch.ones(3, 21, dtype=torch.long)
@@ -117,6 +128,12 @@ def test_kernel_layout_matches_reference_on_cpu(kernel_path_on_cpu, monkeypatch)
             assert sk.conv.shape == sr.conv.shape and rel(sk.conv, sr.conv) < 1e-6 and rel(sk.ssm, sr.ssm) < 1e-5
         for a, b in zip(k.kept or [], r.kept or []):
             assert torch.equal(a, b)
+    assert set(lengths) == ({128} if chunked else set())  # rows of 21 tokens or fewer: one 128-step chunk
+
+
+def test_scan_length_is_whole_chunks_of_mamba_ssms_kernel():
+    assert [kernels.scan_length(t) for t in (1, 128, 129, 700, 1024, 1025, 2048, 3000, 6144, 6152)] == [
+        128, 128, 256, 1024, 1024, 2048, 2048, 4096, 6144, 8192]
 
 
 # (2) the Triton kernels through Triton's interpreter on CPU ------------------------------------------------

@@ -145,6 +145,18 @@ def causal_conv_silu(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor |
     return F.silu(F.conv1d(x, weight.unsqueeze(1), bias, padding=k - 1, groups=x.shape[1])[..., : x.shape[-1]])
 
 
+def scan_length(tokens: int) -> int:
+    """Tokens mamba_ssm's selective scan should run on for a row of `tokens`: its kernel works in chunks of 128,
+    256, 512 or 1024 steps (one chunk, by the row's length) or in 2048-step chunks beyond, and on a row that is
+    not a whole number of chunks it takes a slower path (1.2-1.5x the time of the whole chunks it rounds up
+    to on the H200, benchmarks/results/gpu_scan.json). So the GPU mixer left-pads the scan's operands up to
+    this length with zero inputs, which leave the state at zero (exact), and flops.count counts those steps."""
+    for chunk in (128, 256, 512, 1024):
+        if tokens <= chunk:
+            return chunk
+    return -(-tokens // 2048) * 2048
+
+
 def mamba1_forward(mixer, hidden: torch.Tensor, mask: torch.Tensor | None, score, last, want_state: bool, scan):
     """MambaMixer.forward on CUDA through `scan` (scan_kernel's choice): (out, scores, conv_state, ssm_state).
 
@@ -154,34 +166,43 @@ def mamba1_forward(mixer, hidden: torch.Tensor, mask: torch.Tensor | None, score
     d, n, r, k = mixer.d_inner, mixer.d_state, mixer.dt_rank, mixer.d_conv
     if mask is not None:
         hidden = hidden * mask
-    # Token counts of pruned layers are arbitrary; a GEMM whose row stride is not a multiple of 8 bf16 values
-    # misses the tensor-core kernels (measured on the H200: 2-3x slower). Pad the token axis on the left with
-    # zero inputs: the SSM input x is zeroed there too, so the state stays zero through the padding and the real
-    # tokens' outputs and the final state (decoding's) are those of the unpadded row.
+    # Zero inputs on the left leave the state at zero, so the real tokens' outputs and the final state (decoding's)
+    # are those of the unpadded row. Two paddings use that: (a) the GEMMs run on a multiple of ALIGN_TOKENS tokens
+    # (a row stride that is not a multiple of 8 bf16 values misses the tensor-core kernels: 2-3x slower on the
+    # H200), (b) mamba_ssm's scan runs on whole chunks (scan_length): its operands are padded after in_proj, so
+    # the projections run on the real tokens only.
     true_length = hidden.shape[1]
-    pad = (-true_length) % ALIGN_TOKENS
-    if pad:
-        hidden = F.pad(hidden, (0, 0, pad, 0))
-        mask = None if mask is None else F.pad(mask, (0, 0, pad, 0))
-        last = None if last is None else last + pad
-    b, length, dm = hidden.shape
+    gemm_pad = (-true_length) % ALIGN_TOKENS
+    length = true_length + gemm_pad  # the GEMMs' tokens
+    scan_len = scan_length(length) if scan is _mamba_selective_scan() else length
+    pad = scan_len - true_length  # every left zero the scan sees
+    if gemm_pad:
+        hidden = F.pad(hidden, (0, 0, gemm_pad, 0))
+    if mask is not None:
+        mask = F.pad(mask, (0, 0, pad, 0))
+    last = None if last is None else last + pad
+    b, dm = hidden.shape[0], hidden.shape[2]
     # one GEMM (2d, dm) @ (dm, b l) read as (b, 2d, l): x and z are views with unit stride along l
     xz = (mixer.in_proj.weight @ hidden.reshape(b * length, dm).t()).view(2 * d, b, length).permute(1, 0, 2)
     if mixer.in_proj.bias is not None:
-        xz = _zero_left(xz + mixer.in_proj.bias.view(1, -1, 1), pad)  # the padding's input stays zero
+        xz = _zero_left(xz + mixer.in_proj.bias.view(1, -1, 1), gemm_pad)  # the padding's input stays zero
+    if scan_len > length:
+        xz = F.pad(xz, (scan_len - length, 0))
     x, z = xz[:, :d], xz[:, d:]
     conv_state = None
     if want_state:  # the last k-1 conv inputs, zero-padded on the left as the reference's padded window
-        conv_state = F.pad(x[:, :, -(k - 1) :], (max(0, k - 1 - length), 0)).contiguous()
+        conv_state = F.pad(x[:, :, -(k - 1) :], (max(0, k - 1 - scan_len), 0)).contiguous()
     x = _zero_left(causal_conv_silu(x, mixer.conv1d.weight.squeeze(1), mixer.conv1d.bias), pad)  # silu(bias) there
     if mask is not None:
         x = x * mask.transpose(1, 2)
-    x_dbl = _batched(mixer.x_proj.weight, x)  # (b, r + 2n, l)
-    dt_raw = _batched(mixer.dt_proj.weight, x_dbl[:, :r])  # (b, d, l), bias added in float32 by the kernels
-    B, C = x_dbl[:, r : r + n], x_dbl[:, r + n :]  # (b, n, l) views
+    x_dbl = _batched(mixer.x_proj.weight, x)  # (b, r + 2n, L)
+    dt_raw = _batched(mixer.dt_proj.weight, x_dbl[:, :r])  # (b, d, L), bias added in float32 by the kernels
+    B, C = x_dbl[:, r : r + n], x_dbl[:, r + n :]  # (b, n, L) views
     A, D, dt_bias = float_params(mixer)
     y, h = scan(x, dt_raw, A, B, C, D, z=z, delta_bias=dt_bias, delta_softplus=True, return_last_state=True)
-    # y (b, d, l) = (scan + D x) * silu(z) in hidden's dtype; out_proj reads it transposed, without a copy
+    # y (b, d, L) = (scan + D x) * silu(z) in hidden's dtype; out_proj reads its last `length` tokens transposed,
+    # without a copy (an offset that is a multiple of 8, as the GEMM's alignment wants)
+    y = y[:, :, scan_len - length :]
     out = torch.bmm(y.transpose(1, 2), mixer.out_proj.weight.t().unsqueeze(0).expand(b, -1, -1))
     del y, xz, z  # the score runs in their memory: a pruned layer's peak stays at the dense layer's
     if mixer.out_proj.bias is not None:
@@ -190,10 +211,10 @@ def mamba1_forward(mixer, hidden: torch.Tensor, mask: torch.Tensor | None, score
     if score == "simba":
         impact = impact_score(x, dt_raw, dt_bias, A, B, C, last)
     elif score in ("share", "deci"):
-        dt = F.softplus(dt_raw.float() + dt_bias[:, None])  # (b, d, l)
+        dt = F.softplus(dt_raw.float() + dt_bias[:, None])  # (b, d, L)
         impact = channel_share(x.mT, dt.mT, A, B.mT, C.mT, last) if score == "share" else step_norm(dt, dim=1)
-    if pad:
-        out, impact = out[:, pad:], None if impact is None else impact[:, pad:]
+    out = out[:, gemm_pad:]
+    impact = None if impact is None else impact[:, pad:]
     return out, impact, conv_state, (h.float().contiguous() if want_state else None)
 
 
