@@ -52,7 +52,7 @@ import torch  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from gpu_prefill import SHAPES, free_memory, profile_table, random_lm, versions  # noqa: E402
+from gpu_prefill import DEFAULT_SEQ_LEN, SHAPES, free_memory, profile_table, random_lm, versions  # noqa: E402
 
 from simba_compress.bench import BenchConfig, BenchRow, generate_with, implementations, schedule, table, time_generation  # noqa: E402
 from simba_compress.flops import count  # noqa: E402
@@ -106,7 +106,7 @@ def main() -> None:
             model, shape = random_lm(*SHAPES[name]), name
             twins = tuple(t for t in ("mamba_ssm", "transformers") if t in args.impls)
             impls = implementations(model, twins)  # twins hold their own copies of the weights
-        fast = linear_for_flops(model.config, args.flops, prompt, form="fast")
+        fast = linear_for_flops(model.config, args.flops, DEFAULT_SEQ_LEN, form="fast")  # as the CLI fits it
         stairs = linear_for_flops(model.config, args.flops, prompt, granularity=2048 if prompt >= 8192 else prompt // 4)
         cfg = BenchConfig(prompt_len=prompt, new_tokens=k, batch=batch, reps=args.reps if prompt * batch <= 65536 else 1)
         ids = torch.randint(0, model.config.vocab_size, (batch, prompt), device="cuda",

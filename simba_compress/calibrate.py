@@ -439,11 +439,11 @@ def calibrate(model: MambaLM, windows: torch.Tensor, config: CalibrationConfig) 
         if cfg.form != "fast":
             return simba
         keep = to_fast(mc, simba, cfg.flops, cfg.seq_len)
-        return None if keep is None else replace(simba, keep=keep)
+        return None if keep is None else replace(simba, keep=keep, align=True)
 
     deepest = schedule([1.0] + [0.0] * (cfg.knots - 1), DEEPEST)
     if cfg.form == "fast":
-        deepest = replace(deepest, keep=deepest_fast(mc.n_layer))
+        deepest = replace(deepest, keep=deepest_fast(mc.n_layer), align=True)
     lowest = count(mc, deepest, cfg.seq_len).ratio
     if cfg.flops < lowest - tol and cfg.flops < 1.0:
         raise SimbaError(
@@ -554,7 +554,7 @@ def calibrate(model: MambaLM, windows: torch.Tensor, config: CalibrationConfig) 
         setup_seconds=setup,
         tolerance=tol,
     )
-    simba = SimbaConfig(best.keep, cfg.criterion, cfg.protect_last, cfg.seed, cfg.granularity)
+    simba = SimbaConfig(best.keep, cfg.criterion, cfg.protect_last, cfg.seed, cfg.granularity, align=cfg.form == "fast")
     simba.extra = {
         "schedule": "calibrated", "form": cfg.form, "flops_target": cfg.flops, "seq_len": cfg.seq_len, "trial": best.number
     }

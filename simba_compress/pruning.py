@@ -44,6 +44,12 @@ class SimbaConfig:
     max_tokens: per-layer cap on the tokens of a row a layer runs on (0: no cap), or None. Context extension:
         capping the upper layers near the training length keeps their state in the range they were trained on
         when the prompt is longer (README, Long context); the cap binds only on prompts longer than it.
+    align: widths on whole chunks of mamba_ssm's scan (the fast form sets it, schedules.py). In a row of more
+        than 1024 tokens the scan works in 2048-token chunks, and a width between two multiples of 2048 costs
+        the scan of the larger one (kernels.scan_length): 3/4 of 4096 tokens scans 4096. So a run of layers
+        whose width falls between two whole-chunk widths is split between them, the upper layers of the run at
+        the lower width, the run's tokens kept (to the nearest layer): 15 layers at 3072 of 4096 tokens run as
+        8 at 4096 and 7 at 2048. Widths of 1024 tokens or fewer stay as they are.
     """
 
     keep: list[float]
@@ -53,6 +59,7 @@ class SimbaConfig:
     granularity: int = 1
     extra: dict = field(default_factory=dict)  # provenance a writer may attach (schedule name, FLOP target)
     max_tokens: list[int] | None = None
+    align: bool = False
 
     def __post_init__(self) -> None:
         self.keep = [float(k) for k in self.keep]
@@ -94,6 +101,8 @@ class SimbaConfig:
         if self.granularity > 1:  # nearest multiple (never 0); a layer that keeps every token stays dense
             g = self.granularity
             k = torch.where(k < n_real[None, :], torch.clamp(torch.round(k / g).long() * g, min=g), k)
+        if self.align:
+            k = torch.stack([_align_row(k[:, j].tolist(), int(n)) for j, n in enumerate(n_real.tolist())], 1).to(k)
         if self.max_tokens is not None:
             caps = torch.tensor([c or torch.iinfo(torch.long).max for c in self.max_tokens], device=n_real.device)
             k = torch.minimum(k, caps[:, None])
@@ -110,6 +119,31 @@ class SimbaConfig:
         d = dict(d)
         d.pop("version", None)
         return cls(**d)
+
+
+ALIGN_CHUNK = 2048  # mamba_ssm's scan chunk for rows longer than 1024 tokens (kernels.scan_length)
+
+
+def _align_row(widths: list[int], n: int) -> torch.Tensor:
+    """SimbaConfig.align for one row of n tokens: widths (non-increasing, per layer) with every run of equal
+    widths strictly between two multiples of ALIGN_CHUNK (and above 1024) split between the neighbouring
+    multiples, bounded by the widths around the run."""
+    out, i = list(widths), 0
+    while i < len(widths):
+        j = i
+        while j < len(widths) and widths[j] == widths[i]:
+            j += 1
+        w = widths[i]
+        if w > 1024 and w % ALIGN_CHUNK:
+            above = out[i - 1] if i > 0 else n
+            below = widths[j] if j < len(widths) else 0
+            hi = min(-(-w // ALIGN_CHUNK) * ALIGN_CHUNK, above)
+            lo = max(w // ALIGN_CHUNK * ALIGN_CHUNK, 1024, below)  # 1024: one chunk of the shorter rows' kernel
+            if lo < w < hi:
+                upper = int(math.floor((j - i) * (w - lo) / (hi - lo) + 0.5))  # layers of the run at hi
+                out[i:j] = [hi] * upper + [lo] * (j - i - upper)
+        i = j
+    return torch.tensor(out)
 
 
 @dataclass

@@ -31,7 +31,7 @@ import torch
 from .errors import SimbaError
 from .flops import count, layer_flops
 from .model import ModelConfig
-from .pruning import SimbaConfig
+from .pruning import ALIGN_CHUNK, SimbaConfig
 
 FLOP_TOLERANCE = 0.005  # a schedule for --flops F lands within 0.5% of F
 LOWEST_T = 1e-6  # the smallest keep ratio a fitted schedule may reach (ratios must stay > 0)
@@ -49,7 +49,15 @@ def flop_tolerance(cfg: ModelConfig, flops: float, seq_len: int, granularity: in
 def _fast_tokens(simba: SimbaConfig, seq_len: int) -> np.ndarray:
     """Tokens a layer at each fast level runs on, for a row of seq_len (SimbaConfig.counts: the protected tail
     can make the lowest levels equal)."""
-    return replace(simba, keep=list(FAST_LEVELS), max_tokens=None).counts(torch.tensor([seq_len]))[:, 0].long().numpy()
+    plain = replace(simba, keep=list(FAST_LEVELS), max_tokens=None, align=False)
+    return plain.counts(torch.tensor([seq_len]))[:, 0].long().numpy()
+
+
+def _usable(tokens: np.ndarray, seq_len: int) -> np.ndarray:
+    """Levels whose widths SimbaConfig.align leaves as they are at seq_len (1024 tokens or fewer, whole
+    2048-token chunks, or the row): a staircase on the others would run as a different one (split between
+    whole chunks), so the form's search at seq_len offers only these (3/4 is out at 2048 and 4096 tokens)."""
+    return (tokens <= 1024) | (tokens % ALIGN_CHUNK == 0) | (tokens == seq_len)
 
 
 def fast_tolerance(cfg: ModelConfig, simba: SimbaConfig, flops: float, seq_len: int) -> float:
@@ -94,6 +102,7 @@ def fast_candidates(cfg: ModelConfig, simba: SimbaConfig, flops: float, seq_len:
     for models of a few layers (to_fast searches without it)."""
     counts = _staircases(cfg.n_layer, len(FAST_LEVELS))  # (m, levels)
     tokens, layer, score, dense = _level_costs(cfg, simba, seq_len)
+    counts = counts[(counts[:, ~_usable(tokens, seq_len)] == 0).all(1)]
     # a level scores its tokens once, at its last layer, when the next nonempty level keeps fewer
     nonempty = counts > 0
     following = np.full(len(counts), np.inf)  # tokens of the next nonempty level, walking up from the top
@@ -122,6 +131,7 @@ def to_fast(cfg: ModelConfig, simba: SimbaConfig, flops: float, seq_len: int) ->
     n_buckets = int(math.ceil((flops + 1.5 * tol) * dense / q)) + 1
     target = -np.log2(np.clip(np.asarray(simba.keep, dtype=np.float64), levels[-1], 1.0))  # (n,)
     dist = (-np.log2(levels)[None, :] - target[:, None]) ** 2  # (n, levels)
+    dist[:, ~_usable(tokens, seq_len)] = np.inf
     L = len(levels)
     best = np.full((L, n_buckets), np.inf)
     first = int(round(layer[0] / q))
@@ -153,7 +163,7 @@ def to_fast(cfg: ModelConfig, simba: SimbaConfig, flops: float, seq_len: int) ->
             b -= int(round((layer[path[-1]] + (score[jp] if tokens[path[-1]] < tokens[jp] else 0.0)) / q))
             path.append(jp)
         keep = [float(levels[k]) for k in reversed(path)]
-        if abs(count(cfg, replace(simba, keep=keep), seq_len).ratio - flops) <= tol:
+        if abs(count(cfg, replace(simba, keep=keep, align=True), seq_len).ratio - flops) <= tol:
             return keep
     return None
 
@@ -253,13 +263,13 @@ def fast_for_flops(cfg: ModelConfig, simba: SimbaConfig, flops: float, seq_len: 
     """`simba` (any profile) in the fast form at `flops`, or a SimbaError that says how far the form reaches."""
     keep = to_fast(cfg, simba, flops, seq_len)
     if keep is None:
-        lo = count(cfg, replace(simba, keep=deepest_fast(cfg.n_layer)), seq_len).ratio
+        lo = count(cfg, replace(simba, keep=deepest_fast(cfg.n_layer), align=True), seq_len).ratio
         raise SimbaError(
             f"--flops {flops}: no fast-form schedule of {cfg.n_layer} layers lands within "
             f"{fast_tolerance(cfg, simba, flops, seq_len):.3g} of it at --seq-len {seq_len} (the form reaches "
             f"{lo:.3f} to 1.0 in steps); use --form exact"
         )
-    return replace(simba, keep=keep)
+    return replace(simba, keep=keep, align=True)
 
 
 def read_keep_file(path: str | Path) -> list[float]:

@@ -108,7 +108,7 @@ def test_fast_form_is_the_nearest_staircase_at_the_budget(n_layer, seq_len, crit
     cfg = ModelConfig(d_model=256, n_layer=n_layer, vocab_size=128)
     exact = linear_for_flops(cfg, target, seq_len, criterion, form="exact")
     fast = linear_for_flops(cfg, target, seq_len, criterion, form="fast")
-    assert set(fast.keep) <= set(FAST_LEVELS) and fast.keep[0] == 1.0
+    assert set(fast.keep) <= set(FAST_LEVELS) and fast.keep[0] == 1.0 and fast.align and not exact.align
     assert all(a >= b for a, b in zip(fast.keep, fast.keep[1:]))
     report = count(cfg, fast, seq_len)
     tol = fast_tolerance(cfg, fast, target, seq_len)
@@ -119,8 +119,26 @@ def test_fast_form_is_the_nearest_staircase_at_the_budget(n_layer, seq_len, crit
         return float(((np.log2(keep) - np.log2(np.clip(exact.keep, FAST_LEVELS[-1], 1.0))) ** 2).sum())
 
     candidates = fast_candidates(cfg, exact, target, seq_len)
-    assert all(abs(count(cfg, SimbaConfig(k, criterion), seq_len).ratio - target) <= tol for k in candidates[::50])
+    assert all(abs(count(cfg, SimbaConfig(k, criterion, align=True), seq_len).ratio - target) <= tol for k in candidates[::50])
     assert distance(fast.keep) == pytest.approx(min(distance(k) for k in candidates))
+
+
+def test_align_splits_runs_between_whole_chunks_and_keeps_their_tokens():
+    """SimbaConfig.align (the fast form's): in rows over 1024 tokens every width is a multiple of 2048 (or 1024,
+    or the row itself), a run between two is split between them with its tokens kept to within a layer's step;
+    rows whose widths are whole chunks (8192) or short (1024) are untouched; each row of a batch on its own."""
+    keep = [1.0] * 7 + [0.75] * 15 + [0.5] * 16 + [0.25] * 10
+    rows = torch.tensor([1024, 1500, 2048, 3000, 4096, 8192, 12288])
+    plain, aligned = SimbaConfig(keep).counts(rows), SimbaConfig(keep, align=True).counts(rows)
+    for j, n in enumerate(rows.tolist()):
+        a, p = aligned[:, j].tolist(), plain[:, j].tolist()
+        assert all(x >= y for x, y in zip(a, a[1:])) and a[0] == n
+        assert all(w <= 1024 or w % 2048 == 0 or w == n for w in a)
+        assert abs(sum(a) - sum(p)) <= 1024
+        if n in (1024, 8192):
+            assert a == p
+    assert aligned[:, 4].tolist() == [4096] * 15 + [2048] * 23 + [1024] * 10  # 3/4 of 4096: 8 at 4096, 7 at 2048
+    assert SimbaConfig.from_dict({"keep": keep}).align is False  # folders saved before the field run as they did
 
 
 def test_fast_form_out_of_reach_is_a_clear_error():
