@@ -66,7 +66,7 @@ python3 -c 'from simba_compress.ssm import kernels as k; print("mamba_ssm", k.ma
 if on tests; then
   stage "tests"
   # the Triton-interpreter tests run on the CPU (the suite's job), not here
-  timeout ${TEST_SECONDS:-300} python3 -m pytest -q -rs tests/test_generation.py tests/test_gpu.py -k "not interpreter" \
+  timeout ${TEST_SECONDS:-300} python3 -m pytest -q -rs --durations 8 tests/test_generation.py tests/test_gpu.py -k "not interpreter" \
     -p no:cacheprovider > "$OUT/test_gpu.log" 2>&1 || echo "GPU tests FAILED or timed out (see test_gpu.log)"
   tail -n 30 "$OUT/test_gpu.log"
 fi
