@@ -388,7 +388,7 @@ def main() -> None:
             free_memory()
     notes += check_targets(rows)
     for title, table in profiles.items():
-        notes += ["", f"### torch.profiler, {title} (one forward, kernels by self GPU time)", "", "```", table, "```"]
+        notes += ["", f"### torch.profiler, {title} (one forward)", "", "```", table, "```"]
     notes += ["", f"Total benchmark time {time.time() - t_start:.0f} s."]
     write(out, rows, meta, notes, scan_rows)
     print("\n".join(notes))
