@@ -23,6 +23,7 @@ eager and graph paths draw the same tokens).
 
 from __future__ import annotations
 
+import functools
 import time
 import warnings
 from dataclasses import dataclass
@@ -169,7 +170,7 @@ class Decoder:
     def _capture(self) -> None:
         """Warm up on a side stream (compiles the Triton kernels, sets up cuBLAS), then capture one step. The
         warm-up steps change the state buffers; prepare() overwrites them before every generation."""
-        side = torch.cuda.Stream()
+        side = _warmup_stream(self.model.device)
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):
             for _ in range(2):
@@ -180,6 +181,13 @@ class Decoder:
             self._step()
 
 
+@functools.cache
+def _warmup_stream(device: torch.device) -> torch.cuda.Stream:
+    """One side stream per device for every capture's warm-up: cuBLAS keeps a workspace (tens of MB) for each
+    stream it has run on, for the life of the process, so a new stream per capture would hold one more each time."""
+    return torch.cuda.Stream(device)
+
+
 class PrefillGraph:
     """generate's prefill, model(ids, return_states=True, last_logits=1), for one prompt shape and schedule,
     captured as a CUDA graph over a static ids buffer. Its outputs are static too: the next replay overwrites
@@ -188,7 +196,7 @@ class PrefillGraph:
     def __init__(self, model: MambaLM, batch: int, length: int, pool):
         self.ids = torch.zeros(batch, length, dtype=torch.long, device=model.device)
         run = lambda: model(self.ids, return_states=True, last_logits=1)  # noqa: E731
-        side = torch.cuda.Stream()
+        side = _warmup_stream(model.device)
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):  # warm up (Triton compiles, cuBLAS sets up) off the capture
             run()
