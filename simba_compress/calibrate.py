@@ -31,7 +31,7 @@ import os
 import re
 import socket
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
@@ -438,12 +438,11 @@ def calibrate(model: MambaLM, windows: torch.Tensor, config: CalibrationConfig) 
         """A trial's continuous profile at the budget as the form runs it; None: no staircase meets the budget."""
         if cfg.form != "fast":
             return simba
-        keep = to_fast(mc, simba, cfg.flops, cfg.seq_len)
-        return None if keep is None else replace(simba, keep=keep, align=True)
+        return to_fast(mc, simba, cfg.flops, cfg.seq_len)
 
     deepest = schedule([1.0] + [0.0] * (cfg.knots - 1), DEEPEST)
     if cfg.form == "fast":
-        deepest = replace(deepest, keep=deepest_fast(mc.n_layer), align=True)
+        deepest = deepest_fast(deepest)
     lowest = count(mc, deepest, cfg.seq_len).ratio
     if cfg.flops < lowest - tol and cfg.flops < 1.0:
         raise SimbaError(

@@ -139,9 +139,10 @@ def count(cfg: ModelConfig, simba: SimbaConfig | None, seq_len: int) -> FlopRepo
     tokens = [seq_len] * cfg.n_layer if simba is None else simba.counts(n_real)[:, 0].tolist()
     per_layer, score = [], 0
     for i, k in enumerate(tokens):
+        plain = layer_flops(cfg, k)
         scores = simba is not None and i + 1 < len(tokens) and tokens[i + 1] < k
-        flops = layer_flops(cfg, k, simba.criterion if scores else None)
-        score += flops - layer_flops(cfg, k)
+        flops = layer_flops(cfg, k, simba.criterion) if scores else plain
+        score += flops - plain
         per_layer.append(flops)
     dense = cfg.n_layer * layer_flops(cfg, seq_len)
     sparse = sum(per_layer)

@@ -18,6 +18,7 @@ from typing import Callable
 
 import torch
 
+from .ssm.kernels import SCAN_CHUNK, SHORT_CHUNKS, keeps_width, scan_length
 
 CRITERIA = ("simba", "share", "deci", "utr", "l2norm", "random", "stride")
 # criteria whose scores the layer computes from its own SSM inputs while it runs (LayerView.impact)
@@ -121,24 +122,21 @@ class SimbaConfig:
         return cls(**d)
 
 
-ALIGN_CHUNK = 2048  # mamba_ssm's scan chunk for rows longer than 1024 tokens (kernels.scan_length)
-
-
 def _align_row(widths: list[int], n: int) -> torch.Tensor:
     """SimbaConfig.align for one row of n tokens: widths (non-increasing, per layer) with every run of equal
-    widths strictly between two multiples of ALIGN_CHUNK (and above 1024) split between the neighbouring
-    multiples, bounded by the widths around the run."""
+    widths that kernels.keeps_width does not keep split between the neighbouring kept widths (the multiples of
+    SCAN_CHUNK around it, or the largest short chunk), bounded by the widths around the run."""
     out, i = list(widths), 0
     while i < len(widths):
         j = i
         while j < len(widths) and widths[j] == widths[i]:
             j += 1
         w = widths[i]
-        if w > 1024 and w % ALIGN_CHUNK:
+        if not keeps_width(w):
             above = out[i - 1] if i > 0 else n
             below = widths[j] if j < len(widths) else 0
-            hi = min(-(-w // ALIGN_CHUNK) * ALIGN_CHUNK, above)
-            lo = max(w // ALIGN_CHUNK * ALIGN_CHUNK, 1024, below)  # 1024: one chunk of the shorter rows' kernel
+            hi = min(scan_length(w), above)
+            lo = max(w // SCAN_CHUNK * SCAN_CHUNK, SHORT_CHUNKS[-1], below)
             if lo < w < hi:
                 upper = int(math.floor((j - i) * (w - lo) / (hi - lo) + 0.5))  # layers of the run at hi
                 out[i:j] = [hi] * upper + [lo] * (j - i - upper)
@@ -155,7 +153,7 @@ class LayerView:
     impact: torch.Tensor | None  # (b, w) an in-layer criterion's scores (IN_LAYER), computed while the layer ran
     last: torch.Tensor  # (b,) slot of each row's last real token
     real: torch.Tensor  # (b, w) bool: slot holds a real token
-    target: torch.Tensor | int  # (b,) how many tokens the next layer keeps, or one int for every row
+    target: torch.Tensor | int  # (b, 1) how many tokens the next layer keeps, or one int for every row
 
 
 def _in_layer(view: LayerView, seed: int) -> torch.Tensor:
@@ -181,7 +179,7 @@ def _stride(view: LayerView, seed: int) -> torch.Tensor:
     # Bresenham: of r real tokens, rank j is chosen when floor((j+1) k / r) > floor(j k / r): k evenly spaced.
     rank = torch.cumsum(view.real.long(), dim=1) - 1
     r = view.real.sum(1, keepdim=True).clamp_min(1)
-    k = view.target[:, None] if torch.is_tensor(view.target) else view.target
+    k = view.target
     chosen = torch.div((rank + 1) * k, r, rounding_mode="floor") > torch.div(rank * k, r, rounding_mode="floor")
     return chosen.float()
 
@@ -277,11 +275,12 @@ class TokenPlan:
         return torch.where(self.real, slots, -1).amax(dim=1)
 
     def target(self, layer: int) -> torch.Tensor | int:
-        """Tokens `layer` keeps per row: (b,) on the device, or an int when every row keeps the same (no padding):
-        then the forward copies nothing from the host and can be captured in a CUDA graph (generation.py)."""
+        """Tokens `layer` keeps per row, to compare with (b, w) slots: (b, 1) on the device, or an int when every row
+        keeps the same (no padding): then the forward copies nothing from the host and can be captured in a CUDA
+        graph (generation.py)."""
         if not self.padded:
             return int(self.counts_host[layer, 0])
-        return self.counts[layer]
+        return self.counts[layer][:, None]
 
     def view(self, layer: int, hidden: torch.Tensor, impact: torch.Tensor | None) -> LayerView:
         return LayerView(layer, hidden, impact, self.last, self.real, self.target(layer + 1))
@@ -295,7 +294,7 @@ class TokenPlan:
         slots = torch.arange(w, device=scores.device).expand_as(scores)
         order = torch.argsort(scores, dim=1, descending=True, stable=True)
         rank = torch.empty_like(order).scatter_(1, order, slots)
-        chosen = rank < (target[:, None] if torch.is_tensor(target) else target)
+        chosen = rank < target
         width = int(self.counts_host[layer].max())
         # chosen slots keep their order; the rest go to the padding side and fill the row up to `width`
         if self.side == "left":

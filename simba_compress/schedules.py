@@ -31,7 +31,8 @@ import torch
 from .errors import SimbaError
 from .flops import count, layer_flops
 from .model import ModelConfig
-from .pruning import ALIGN_CHUNK, SimbaConfig
+from .pruning import SimbaConfig
+from .ssm.kernels import keeps_width
 
 FLOP_TOLERANCE = 0.005  # a schedule for --flops F lands within 0.5% of F
 LOWEST_T = 1e-6  # the smallest keep ratio a fitted schedule may reach (ratios must stay > 0)
@@ -54,10 +55,10 @@ def _fast_tokens(simba: SimbaConfig, seq_len: int) -> np.ndarray:
 
 
 def _usable(tokens: np.ndarray, seq_len: int) -> np.ndarray:
-    """Levels whose widths SimbaConfig.align leaves as they are at seq_len (1024 tokens or fewer, whole
-    2048-token chunks, or the row): a staircase on the others would run as a different one (split between
-    whole chunks), so the form's search at seq_len offers only these (3/4 is out at 2048 and 4096 tokens)."""
-    return (tokens <= 1024) | (tokens % ALIGN_CHUNK == 0) | (tokens == seq_len)
+    """Levels whose widths SimbaConfig.align leaves as they are at seq_len (kernels.keeps_width, or the row): a
+    staircase on the others would run as a different one (split between whole chunks), so the form's search at
+    seq_len offers only these (3/4 is out at 2048 and 4096 tokens)."""
+    return keeps_width(tokens) | (tokens == seq_len)
 
 
 def fast_tolerance(cfg: ModelConfig, simba: SimbaConfig, flops: float, seq_len: int) -> float:
@@ -76,9 +77,9 @@ def _level_costs(cfg: ModelConfig, simba: SimbaConfig, seq_len: int) -> tuple[np
     return tokens, layer, score, count(cfg, None, seq_len).dense
 
 
-def deepest_fast(n_layer: int) -> list[float]:
-    """The fast form's cheapest staircase: the first layer dense, every other at the lowest level."""
-    return [1.0] + [FAST_LEVELS[-1]] * (n_layer - 1)
+def deepest_fast(simba: SimbaConfig) -> SimbaConfig:
+    """`simba` on the fast form's cheapest staircase: the first layer dense, every other at the lowest level."""
+    return replace(simba, keep=[1.0] + [FAST_LEVELS[-1]] * (simba.n_layer - 1), align=True)
 
 
 @functools.cache
@@ -115,9 +116,10 @@ def fast_candidates(cfg: ModelConfig, simba: SimbaConfig, flops: float, seq_len:
     return [[lv for lv, c in zip(FAST_LEVELS, row) for _ in range(int(c))] for row in counts[ok]]
 
 
-def to_fast(cfg: ModelConfig, simba: SimbaConfig, flops: float, seq_len: int) -> list[float] | None:
-    """The fast-form staircase closest to simba.keep (sum over layers of the squared log2 keep distance) among
-    those whose FLOP ratio at seq_len is within fast_tolerance of `flops`; None when there is none.
+def to_fast(cfg: ModelConfig, simba: SimbaConfig, flops: float, seq_len: int) -> SimbaConfig | None:
+    """`simba` on the fast-form staircase closest to simba.keep (sum over layers of the squared log2 keep distance)
+    among those whose FLOP ratio at seq_len is within fast_tolerance of `flops` (align set, as the form runs);
+    None when there is none.
 
     A dynamic programme over layers, levels and FLOPs spent so far, in buckets of tol * dense / (2 n_layer)
     FLOPs: the rounding adds at most a quarter of the tolerance, and every path the buckets may misplace is
@@ -138,12 +140,14 @@ def to_fast(cfg: ModelConfig, simba: SimbaConfig, flops: float, seq_len: int) ->
     if first >= n_buckets:
         return None
     best[0, first] = dist[0, 0]
+    # buckets a layer at level j adds after one at level jp (its own FLOPs, and the score below where it steps down)
+    steps = np.rint((layer[None, :] + np.where(tokens[None, :] < tokens[:, None], score[:, None], 0.0)) / q).astype(int)
     back = np.zeros((n, L, n_buckets), dtype=np.int8)  # the level of layer i - 1 on the best path
     for i in range(1, n):
         new = np.full((L, n_buckets), np.inf)
         for j in range(L):
             for jp in range(j + 1):
-                step = int(round((layer[j] + (score[jp] if tokens[j] < tokens[jp] else 0.0)) / q))
+                step = steps[jp, j]
                 if step >= n_buckets:
                     continue
                 cand = np.full(n_buckets, np.inf)
@@ -160,11 +164,11 @@ def to_fast(cfg: ModelConfig, simba: SimbaConfig, flops: float, seq_len: int) ->
         path = [j]
         for i in range(n - 1, 0, -1):
             jp = int(back[i, path[-1], b])
-            b -= int(round((layer[path[-1]] + (score[jp] if tokens[path[-1]] < tokens[jp] else 0.0)) / q))
+            b -= steps[jp, path[-1]]
             path.append(jp)
-        keep = [float(levels[k]) for k in reversed(path)]
-        if abs(count(cfg, replace(simba, keep=keep, align=True), seq_len).ratio - flops) <= tol:
-            return keep
+        fast = replace(simba, keep=[float(levels[k]) for k in reversed(path)], align=True)
+        if abs(count(cfg, fast, seq_len).ratio - flops) <= tol:
+            return fast
     return None
 
 
@@ -261,15 +265,15 @@ def linear_for_flops(
 
 def fast_for_flops(cfg: ModelConfig, simba: SimbaConfig, flops: float, seq_len: int) -> SimbaConfig:
     """`simba` (any profile) in the fast form at `flops`, or a SimbaError that says how far the form reaches."""
-    keep = to_fast(cfg, simba, flops, seq_len)
-    if keep is None:
-        lo = count(cfg, replace(simba, keep=deepest_fast(cfg.n_layer), align=True), seq_len).ratio
+    fast = to_fast(cfg, simba, flops, seq_len)
+    if fast is None:
+        lo = count(cfg, deepest_fast(simba), seq_len).ratio
         raise SimbaError(
             f"--flops {flops}: no fast-form schedule of {cfg.n_layer} layers lands within "
             f"{fast_tolerance(cfg, simba, flops, seq_len):.3g} of it at --seq-len {seq_len} (the form reaches "
             f"{lo:.3f} to 1.0 in steps); use --form exact"
         )
-    return replace(simba, keep=keep, align=True)
+    return fast
 
 
 def read_keep_file(path: str | Path) -> list[float]:

@@ -145,16 +145,26 @@ def causal_conv_silu(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor |
     return F.silu(F.conv1d(x, weight.unsqueeze(1), bias, padding=k - 1, groups=x.shape[1])[..., : x.shape[-1]])
 
 
+SCAN_CHUNK = 2048  # mamba_ssm's scan chunk for rows longer than the largest of SHORT_CHUNKS
+SHORT_CHUNKS = (128, 256, 512, 1024)  # its one-chunk kernels for shorter rows
+
+
 def scan_length(tokens: int) -> int:
     """Tokens mamba_ssm's selective scan should run on for a row of `tokens`: its kernel works in chunks of 128,
     256, 512 or 1024 steps (one chunk, by the row's length) or in 2048-step chunks beyond, and on a row that is
     not a whole number of chunks it takes a slower path (1.2-1.5x the time of the whole chunks it rounds up
     to on the H200, benchmarks/results/gpu_scan.json). So the GPU mixer left-pads the scan's operands up to
     this length with zero inputs, which leave the state at zero (exact), and flops.count counts those steps."""
-    for chunk in (128, 256, 512, 1024):
+    for chunk in SHORT_CHUNKS:
         if tokens <= chunk:
             return chunk
-    return -(-tokens // 2048) * 2048
+    return -(-tokens // SCAN_CHUNK) * SCAN_CHUNK
+
+
+def keeps_width(tokens):
+    """Whether SimbaConfig.align leaves a width of `tokens` as it is (an int, or an array elementwise): within the
+    short rows' kernels, or whole SCAN_CHUNKs."""
+    return (tokens <= SHORT_CHUNKS[-1]) | (tokens % SCAN_CHUNK == 0)
 
 
 def mamba1_forward(mixer, hidden: torch.Tensor, mask: torch.Tensor | None, score, last, want_state: bool, scan):
