@@ -47,7 +47,7 @@ from .evaluate import default_protect, protected
 from .flops import count
 from .model import MambaLM, Prefix
 from .pruning import SimbaConfig
-from .schedules import Form, check_flops, deepest_fast, fast_tolerance, fit_flops, flop_tolerance, knots, linear_for_flops, to_fast
+from .schedules import Form, check_flops, deepest_fast, fast_for_flops, fast_tolerance, fit_flops, flop_tolerance, knots, linear_for_flops, to_fast
 
 JOURNAL_SUFFIXES = (".log", ".journal")
 SQLITE_SUFFIXES = (".db", ".sqlite", ".sqlite3")
@@ -449,6 +449,8 @@ def calibrate(model: MambaLM, windows: torch.Tensor, config: CalibrationConfig) 
             f"--flops {cfg.flops}: below what the calibrated schedules reach ({lowest:.3f} at --seq-len {cfg.seq_len}); "
             "layer 0 always runs on every token"
         )
+    if cfg.form == "fast":  # a profile only picks among the staircases that meet the budget: with none, every trial
+        fast_for_flops(mc, template, cfg.flops, cfg.seq_len)  # would miss it; say so (and how far the form reaches) now
     linear_keep, note = None, None
     try:
         linear_keep = linear_for_flops(

@@ -130,6 +130,7 @@ def test_deterministic_with_a_seed(model, windows):
         ({"flops": 0.0}, "--flops: must be in (0, 1], got 0.0"),
         ({"flops": 1.5}, "--flops: must be in (0, 1], got 1.5"),
         ({"flops": 0.05}, "--flops 0.05: below what the calibrated schedules reach"),
+        ({"flops": 0.99}, "--flops 0.99: no fast-form schedule of 6 layers"),  # before any trial runs
         ({"storage": "sqlite:////no/such/folder/s.db"}, "--storage sqlite:////no/such/folder/s.db: cannot open"),
         ({"storage": "nosuchdialect://host/db"}, "--storage nosuchdialect://host/db: cannot open"),
         ({"storage": "/no/such/folder/s.log"}, "--storage /no/such/folder/s.log: cannot open"),
