@@ -5,7 +5,7 @@
 
 The prefill is the pruned forward itself (each layer's state is that of the tokens it kept) and builds logits
 for the last position only. A short prefill is bound by the host as well: at batch 1 and 2048 tokens the
-forward's ~500 launches (and the pruning's sorts) take longer to issue than the GPU takes to run them. So a
+forward's 400-550 launches (and the pruning's sorts) take longer to issue than the GPU takes to run them. So a
 prompt shape seen a second time (batch x length up to GRAPH_PREFILL_TOKENS, no padding) is captured as a CUDA
 graph and replayed from then on (PrefillGraph; once-seen shapes run eagerly, so a one-off prompt never pays
 for a capture). A new token is never pruned: it runs through every layer. Decoding is bound by
