@@ -76,5 +76,5 @@ if __name__ == "__main__":  # python benchmarks/proxies.py PART... : unpack; no 
     if len(sys.argv) > 1:
         print(unpack_proxy([Path(p) for p in sys.argv[1:]]))
     else:
-        for name in sorted({p.name for r in search_path() if r.is_dir() for p in r.iterdir()} | set(REBUILD)):
+        for name in sorted({p.name for r in search_path() if r.is_dir() for p in r.iterdir() if p.is_dir()} | set(REBUILD)):
             print(f"{name:34s} {find(name) or 'missing'}")
