@@ -364,3 +364,89 @@ def test_pruned_gradients_match_cpu(with_mamba_ssm, monkeypatch):
     assert grads[0][first] is not None and grads[0][first].abs().sum() > 0
     for name, ref in grads[1].items():
         assert rel(grads[0][name], ref) < 1e-3, name
+
+
+# (4) Mamba-2 on CUDA: mamba_ssm's SSD prefill and heads-form step against the CPU reference and mamba_ssm --------
+
+
+def mamba2_pair(dtype, n_layer=4):
+    """(CPU float32 reference of the dtype-rounded weights, the same model on CUDA): trained-like ranges, d_state 64,
+    headdim 32, 2 groups (as Codestral's grouped B and C)."""
+    torch.manual_seed(0)
+    from simba_compress import MambaLM, ModelConfig
+
+    cfg = ModelConfig(d_model=128, n_layer=n_layer, vocab_size=256, d_state=64, layer="mamba2", headdim=32, ngroups=2)
+    m = MambaLM(cfg)
+    with torch.no_grad():
+        for name, p in m.named_parameters():
+            if p.ndim >= 2:
+                p.normal_(0, 1.0 / math.sqrt(p[0].numel()))
+        for block in m.backbone.layers:
+            block.mixer.A_log.uniform_(0, 2.5)
+            block.mixer.dt_bias.uniform_(-5, -1)
+    return copy.deepcopy(m).to(dtype).float(), m.to("cuda", dtype)
+
+
+needs_ssd = pytest.mark.skipif(not (CUDA and probes.ssd_kernels() is not None), reason="mamba_ssm's Triton SSD not importable")
+
+
+@needs_cuda
+@needs_ssd
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_mamba2_fast_path_matches_cpu(dtype):
+    """Dense, pruned (simba and the fixed-position stride) and left-padded logits, decode states, then generate."""
+    cpu_m, gpu_m = mamba2_pair(dtype)
+    ids = torch.randint(0, 256, (2, 600))  # several SSD chunks, a partial last one
+    mask = torch.ones(2, 600, dtype=torch.long)
+    mask[0, :45] = 0
+    _compare(gpu_m, cpu_m, ids, None, None, dtype, False)
+    _compare(gpu_m, cpu_m, ids, mask, STRIDE, dtype, True)
+    if dtype == torch.float32:
+        _compare(gpu_m, cpu_m, ids, None, PRUNE, dtype, True)
+        _compare(gpu_m, cpu_m, ids, mask, SHARE, dtype, True)
+        _compare(gpu_m, cpu_m, ids, mask, DECI, dtype, True)
+        with torch.no_grad():
+            g = gpu_m(ids.cuda(), simba=PRUNE, return_states=True)
+            r = cpu_m(ids, simba=PRUNE, return_states=True)
+        for sg, sr in zip(g.states, r.states):
+            assert rel(sg.conv, sr.conv) < 1e-4 and rel(sg.ssm, sr.ssm) < 1e-4
+        gpu_m.simba = cpu_m.simba = PRUNE
+        assert torch.equal(gpu_m.generate(ids[:, :300].cuda(), max_new_tokens=16).cpu(),
+                           cpu_m.generate(ids[:, :300], max_new_tokens=16))  # fmt: skip
+
+
+@needs_cuda
+@needs_ssd
+@pytest.mark.parametrize("criterion", ["simba", "share", "deci"])
+def test_mamba2_scores_on_cuda_match_the_reference(criterion):
+    """The SSD scores from the CUDA layer's own operands equal ssm/ssd.py's on the CPU (bf16 operands)."""
+    from simba_compress.ssm.ssd import ssd_score
+
+    torch.manual_seed(0)
+    b, l, h, p, g, n = 2, 1500, 16, 32, 2, 64
+    x = torch.randn(b, l, h, p, device="cuda").bfloat16()
+    dt = torch.nn.functional.softplus(torch.randn(b, l, h, device="cuda") - 3)
+    A = -torch.exp(torch.rand(h, device="cuda") * 2.5)
+    B, C = (torch.randn(b, l, g, n, device="cuda").bfloat16() for _ in range(2))
+    last = torch.tensor([l - 1, 900], device="cuda")
+    got = ssd_score(criterion, x, dt, A, B, C, last)
+    ref = ssd_score(criterion, *(t.cpu() for t in (x, dt, A, B, C, last)))
+    assert rel(got, ref) < 1e-4
+
+
+@needs_cuda
+@needs_ssd
+def test_mamba2_dense_equals_mamba_ssm():
+    """Our Mamba-2 forward and greedy generation against mamba_ssm's MambaLMHeadModel on the same weights."""
+    from simba_compress.bench import mamba_ssm_twin
+
+    _, gpu_m = mamba2_pair(torch.float32)
+    twin = mamba_ssm_twin(gpu_m)
+    if twin is None:
+        pytest.skip("mamba_ssm's MambaLMHeadModel does not import")
+    ids = torch.randint(0, 256, (2, 700), device="cuda")
+    with torch.no_grad():
+        ours, theirs = gpu_m(ids, simba=None).logits, twin(ids).logits
+    assert rel(ours, theirs) < 1e-3
+    out = twin.generate(ids[:, :200], max_length=216, cg=True, return_dict_in_generate=True)
+    assert torch.equal(gpu_m.generate(ids[:, :200], max_new_tokens=16), out.sequences)
