@@ -5,7 +5,8 @@
 #      (its source on PYTHONPATH: Mamba-2 and attention need no CUDA extension), each within TRAIN_SECONDS;
 #   2. meanwhile mamba_ssm's CUDA extension builds (the Mamba-1 scan's backward), then benchmarks/passkey_proxy.py
 #      fine-tunes mamba-proxy-d320-l16 into the passkey proxy;
-#   3. each model folder is packed as NAME.tar and cut into pieces under 16 MB. The machine returns at most
+#   3. with TEST_SECONDS set, the GPU tests run meanwhile (test_gpu.log);
+#   4. each model folder is packed as NAME.tar and cut into pieces under 16 MB. The machine returns at most
 #      64 MB a call, so the Mamba-2 and hybrid proxies go to $OUT and the passkey proxy waits in $KEEP/packed for
 #      a second call on the warm machine: `cp $KEEP/packed/* $OUT/`.
 # Here, unpack the pieces with `python benchmarks/proxies.py PIECES...` (into ~/.cache/simba-compress/proxies).
@@ -46,6 +47,13 @@ timeout 300 python3 benchmarks/passkey_proxy.py --base .carry/models/mamba-proxy
   --train .carry/corpus/train.txt.xz --valid .carry/corpus/valid.txt.xz --out "$KEEP/mamba-proxy-d320-l16-passkey" \
   > /tmp/passkey.log 2>&1 || echo "passkey proxy FAILED"
 tail -n 4 /tmp/passkey.log
+if [ -n "${TEST_SECONDS:-}" ]; then  # the GPU tests meanwhile, on the shared GPU (their timings are not measured)
+  stage "GPU tests (tests/test_gpu.py, tests/test_generation.py, tests/test_layers.py) within $TEST_SECONDS s"
+  timeout "$TEST_SECONDS" python3 -m pytest -q -rs --durations 5 -p no:cacheprovider tests/test_gpu.py \
+    tests/test_generation.py tests/test_layers.py -k "not interpreter" > "$OUT/test_gpu.log" 2>&1 \
+    || echo "GPU tests FAILED or timed out (see test_gpu.log)"
+  tail -n 25 "$OUT/test_gpu.log"
+fi
 for p in "${pids[@]}"; do wait "$p" || echo "a training run FAILED"; done
 for kind in mamba2 hybrid; do stage "train_proxy $kind"; grep -E "^\{|Error|error" "/tmp/train_$kind.log" | tail -n 8; done
 
