@@ -1,12 +1,14 @@
-"""Read Mamba checkpoints into one in-memory model, and write/read the compressed output folder atomically.
+"""Read Mamba (and hybrid) checkpoints into one in-memory model, and write/read the compressed output folder
+atomically.
 
-Layouts read:
-- original (state-spaces/mamba-*, mamba_ssm save_pretrained): config.json with d_model / n_layer / ssm_cfg,
-  pytorch_model.bin, keys `backbone.embedding.weight`, vocab padded to pad_vocab_size_multiple.
-- transformers MambaForCausalLM: config.json with hidden_size / state_size / num_hidden_layers,
-  model.safetensors (or sharded, or pytorch_model.bin), keys `backbone.embeddings.weight`.
-The output folder is written in the transformers layout plus a `simba` section in config.json, so
-transformers loads it as a dense MambaForCausalLM and simba_compress loads it sparse.
+Layouts read (layouts.py translates each): the original state-spaces layout (state-spaces/mamba-*, mamba2attn-*,
+mamba_ssm's save_pretrained: config.json with d_model / n_layer / ssm_cfg (/ attn_layer_idx, attn_cfg,
+d_intermediate), pytorch_model.bin, keys `backbone.embedding.weight`, vocab padded to pad_vocab_size_multiple);
+transformers' MambaForCausalLM and Mamba2ForCausalLM; transformers' hybrids GraniteMoeHybridForCausalLM,
+BambaForCausalLM and NemotronHForCausalLM (model.safetensors, sharded or not, or pytorch_model.bin).
+The output folder is written in the transformers layout of its family plus a `simba` section in config.json, so
+transformers loads it dense and simba_compress loads it sparse; a state-spaces hybrid (no transformers class)
+is written in the state-spaces layout, its schedule in simba.json (mamba_ssm's MambaConfig takes no other key).
 """
 
 from __future__ import annotations
@@ -22,12 +24,14 @@ import torch
 
 from .errors import SimbaError
 from .layers import ModelConfig
+from .layouts import config_json, from_model, read_config, to_model
 from .model import MambaLM
 from .pruning import SimbaConfig
 
 PACKAGE_DATA = Path(__file__).parent / "data"
 DEMO_MODEL = PACKAGE_DATA / "demo-model"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json", "merges.txt")
+SIMBA_FILE = "simba.json"  # the schedule of a folder in the state-spaces layout (its config.json is MambaConfig's)
 WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
 # what a hub download fetches: a checkpoint's config, weights and tokenizer, or a tokenizer alone
 CHECKPOINT_PATTERNS = ["*.safetensors", "*.safetensors.index.json", "pytorch_model*.bin", "*.json", "*.txt"]
@@ -39,10 +43,11 @@ class Checkpoint:
     """A resolved checkpoint folder and what its config says."""
 
     path: Path
-    layout: str  # "original" or "transformers"
+    layout: str  # layouts.LAYOUTS: "original", "transformers", "granitemoehybrid", "bamba", "nemotron_h"
     config: ModelConfig
     simba: SimbaConfig | None
     source_dtype: torch.dtype
+    raw: dict | None = None  # config.json as read (its keys this project does not use are written back on save)
 
 
 def resolve(model: str, patterns: list[str] = CHECKPOINT_PATTERNS) -> Path:
@@ -84,107 +89,29 @@ def _read_json(path: Path) -> dict:
         raise SimbaError(f"{path}: not valid JSON ({e})") from None
 
 
-def _int(cfg: dict, key: str, file: Path, default=None):
-    v = cfg.get(key, default)
-    if v is None:
-        raise SimbaError(f"{file}: missing '{key}'")
-    if not isinstance(v, int) or isinstance(v, bool) or v < 1:
-        raise SimbaError(f"{file}: '{key}' must be a positive integer, got {v!r}")
-    return v
-
-
-def _transformers_fields(cfg: dict, file: Path, d_state: int) -> dict:
-    """The ModelConfig fields MambaConfig and Mamba2Config name alike."""
-    return dict(
-        d_model=_int(cfg, "hidden_size", file),
-        n_layer=_int(cfg, "num_hidden_layers", file),
-        vocab_size=_int(cfg, "vocab_size", file),
-        d_state=cfg.get("state_size", d_state),
-        d_conv=cfg.get("conv_kernel", 4),
-        conv_bias=cfg.get("use_conv_bias", True),
-        bias=cfg.get("use_bias", False),
-        norm_eps=cfg.get("layer_norm_epsilon", 1e-5),
-        rms_norm=True,
-        residual_in_fp32=cfg.get("residual_in_fp32", True),
-        tie_embeddings=cfg.get("tie_word_embeddings", True),
-    )
-
-
 def read_checkpoint(path: Path) -> Checkpoint:
     """Parse config.json into a ModelConfig, recognising the layout; raises SimbaError naming the file."""
     file = path / "config.json"
     cfg = _read_json(file)
     if not isinstance(cfg, dict):
         raise SimbaError(f"{file}: expected a JSON object")
-    ssm_cfg = cfg.get("ssm_cfg") or {}
-    if "d_model" in cfg and "n_layer" in cfg:
-        layout = "original"
-        if cfg.get("d_intermediate", 0):
-            raise SimbaError(f"{file}: d_intermediate > 0 (MLP blocks) is not supported")
-        if cfg.get("attn_layer_idx"):
-            raise SimbaError(f"{file}: hybrid attention layers (attn_layer_idx) are not supported")
-        vocab = _int(cfg, "vocab_size", file)
-        pad = cfg.get("pad_vocab_size_multiple", 8) or 1
-        vocab += (pad - vocab % pad) % pad
-        mc = dict(
-            d_model=_int(cfg, "d_model", file),
-            n_layer=_int(cfg, "n_layer", file),
-            vocab_size=vocab,
-            d_state=ssm_cfg.get("d_state", 16),
-            d_conv=ssm_cfg.get("d_conv", 4),
-            expand=ssm_cfg.get("expand", 2),
-            dt_rank=ssm_cfg.get("dt_rank", "auto"),
-            conv_bias=ssm_cfg.get("conv_bias", True),
-            bias=ssm_cfg.get("bias", False),
-            norm_eps=cfg.get("norm_epsilon", 1e-5),
-            rms_norm=cfg.get("rms_norm", True),
-            residual_in_fp32=cfg.get("residual_in_fp32", True),
-            tie_embeddings=cfg.get("tie_embeddings", True),
-        )
-        if ssm_cfg.get("layer", "Mamba1") == "Mamba2":
-            for key, ok in (("D_has_hdim", False), ("norm_before_gate", False), ("rmsnorm", True), ("d_ssm", None)):
-                if ssm_cfg.get(key, ok) != ok:
-                    raise SimbaError(f"{file}: ssm_cfg.{key} = {ssm_cfg[key]!r} is not supported for Mamba-2")
-            mc.update(layer="mamba2", d_state=ssm_cfg.get("d_state", 128), headdim=ssm_cfg.get("headdim", 64))
-            mc.update(ngroups=ssm_cfg.get("ngroups", 1), dt_rank=1)
-        elif ssm_cfg.get("layer", "Mamba1") != "Mamba1":
-            raise SimbaError(f"{file}: ssm_cfg.layer {ssm_cfg['layer']!r} is not supported (Mamba1 or Mamba2)")
-    elif cfg.get("model_type") == "mamba2":
-        layout = "transformers"
-        limit = [  # transformers writes infinity as {"__float__": "Infinity"}
-            float(v["__float__"]) if isinstance(v, dict) else float(v) for v in cfg.get("time_step_limit", [0, "inf"])
-        ]
-        if limit != [0.0, float("inf")]:
-            raise SimbaError(f"{file}: time_step_limit {limit} is not supported (only no limit)")
-        mc = _transformers_fields(cfg, file, d_state=128)
-        mc.update(expand=cfg.get("expand", 2), dt_rank=1, layer="mamba2")
-        mc.update(headdim=cfg.get("head_dim", 64), ngroups=cfg.get("n_groups", 1))
-        heads = cfg.get("num_heads")
-        if heads is not None and heads * mc["headdim"] != mc["expand"] * mc["d_model"]:
-            raise SimbaError(f"{file}: num_heads {heads} x head_dim {mc['headdim']} != expand x hidden_size")
-    elif cfg.get("model_type") == "mamba" or ("hidden_size" in cfg and "state_size" in cfg):
-        layout = "transformers"
-        mc = _transformers_fields(cfg, file, d_state=16)
-        inner = cfg.get("intermediate_size", cfg.get("expand", 2) * mc["d_model"])
-        if inner % mc["d_model"]:
-            raise SimbaError(f"{file}: intermediate_size {inner} is not a multiple of hidden_size {mc['d_model']}")
-        mc.update(expand=inner // mc["d_model"], dt_rank=cfg.get("time_step_rank", "auto"))
-    else:
-        raise SimbaError(f"{file}: not a Mamba checkpoint config (no d_model/n_layer or model_type 'mamba')")
+    layout, mc = read_config(cfg, file)
     try:
         config = ModelConfig(**mc)
     except (ValueError, TypeError) as e:
         raise SimbaError(f"{file}: {e}") from None
-    simba = None
-    if "simba" in cfg:
+    simba, section, where = None, cfg.get("simba"), file
+    if section is None and (path / SIMBA_FILE).is_file():
+        section, where = _read_json(path / SIMBA_FILE).get("simba"), path / SIMBA_FILE
+    if section is not None:
         try:
-            simba = SimbaConfig.from_dict(cfg["simba"])
-        except (ValueError, TypeError) as e:
-            raise SimbaError(f"{file}: bad 'simba' section: {e}") from None
+            simba = SimbaConfig.from_dict(section)
+        except (ValueError, TypeError, AttributeError) as e:
+            raise SimbaError(f"{where}: bad 'simba' section: {e}") from None
         if simba.n_layer != config.n_layer:
             raise SimbaError(f"{file}: 'simba.keep' has {simba.n_layer} entries for {config.n_layer} layers")
     dtype = getattr(torch, str(cfg.get("torch_dtype") or cfg.get("dtype") or "float32").replace("torch.", ""), None)
-    return Checkpoint(path, layout, config, simba, dtype if isinstance(dtype, torch.dtype) else torch.float32)
+    return Checkpoint(path, layout, config, simba, dtype if isinstance(dtype, torch.dtype) else torch.float32, cfg)
 
 
 def _load_file(file: Path) -> dict[str, torch.Tensor]:
@@ -229,7 +156,7 @@ def load(model: str | os.PathLike, dtype: torch.dtype = torch.float32, device: s
     """
     ckpt = read_checkpoint(resolve(str(model)))
     sd, file = read_weights(ckpt.path)
-    sd = {k.replace("backbone.embedding.", "backbone.embeddings."): v for k, v in sd.items()}
+    sd = to_model(sd, ckpt.config, ckpt.layout)
     with torch.device("meta"):
         lm = MambaLM(ckpt.config, ckpt.simba)
     expected = {k: v.shape for k, v in lm.state_dict().items()}
@@ -252,6 +179,7 @@ def load(model: str | os.PathLike, dtype: torch.dtype = torch.float32, device: s
         lm.lm_head.weight = lm.backbone.embeddings.weight
     lm.source_dtype = source_dtype
     lm.source = str(model)
+    lm.source_config = ckpt.raw
     return lm.to(device).eval()
 
 
@@ -270,49 +198,19 @@ def load_tokenizer(model: str | os.PathLike, tokenizer: str | None = None):
         raise SimbaError(f"{src}: cannot load the tokenizer ({first})") from None
 
 
-def hf_config(config: ModelConfig) -> dict:
-    """config.json in transformers' MambaConfig (or Mamba2Config) terms."""
-    if config.layer == "mamba2":
-        return {
-            "architectures": ["Mamba2ForCausalLM"],
-            "model_type": "mamba2",
-            "hidden_size": config.d_model,
-            "num_hidden_layers": config.n_layer,
-            "vocab_size": config.vocab_size,
-            "state_size": config.d_state,
-            "expand": config.expand,
-            "head_dim": config.headdim,
-            "num_heads": config.d_inner // config.headdim,
-            "n_groups": config.ngroups,
-            "conv_kernel": config.d_conv,
-            "use_conv_bias": config.conv_bias,
-            "use_bias": config.bias,
-            "layer_norm_epsilon": config.norm_eps,
-            "residual_in_fp32": config.residual_in_fp32,
-            "tie_word_embeddings": config.tie_embeddings,
-            "rms_norm": True,
-            "hidden_act": "silu",
-            "use_cache": True,
-        }
-    return {
-        "architectures": ["MambaForCausalLM"],
-        "model_type": "mamba",
-        "hidden_size": config.d_model,
-        "num_hidden_layers": config.n_layer,
-        "vocab_size": config.vocab_size,
-        "state_size": config.d_state,
-        "conv_kernel": config.d_conv,
-        "expand": config.expand,
-        "intermediate_size": config.d_inner,
-        "time_step_rank": config.dt_rank,
-        "use_conv_bias": config.conv_bias,
-        "use_bias": config.bias,
-        "layer_norm_epsilon": config.norm_eps,
-        "residual_in_fp32": config.residual_in_fp32,
-        "tie_word_embeddings": config.tie_embeddings,
-        "hidden_act": "silu",
-        "use_cache": True,
-    }
+# config.json keys the writer sets itself, or that describe another version of the folder
+WRITER_KEYS = ("simba", "simba_compress_version", "torch_dtype", "dtype", "transformers_version", "architectures")
+
+
+def hf_config(model_or_config) -> dict:
+    """config.json of a model (or ModelConfig) in the layout it is written in (layouts.config_json), over the keys of
+    the config it was read from that this project does not use (token ids, max_position_embeddings, ...)."""
+    config = model_or_config if isinstance(model_or_config, ModelConfig) else model_or_config.config
+    source = {} if isinstance(model_or_config, ModelConfig) else getattr(model_or_config, "source_config", None) or {}
+    written = config_json(config)
+    if config.arch == "mamba_ssm" or not source or source.get("model_type") != written.get("model_type"):
+        return written
+    return {k: v for k, v in source.items() if k not in WRITER_KEYS} | written
 
 
 def save(
@@ -336,18 +234,26 @@ def save(
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
     try:
-        dtype = dtype or getattr(model, "source_dtype", torch.float32)
-        sd = {k: v.detach().to("cpu", dtype).contiguous() for k, v in model.state_dict().items()}
-        if model.config.tie_embeddings:
-            sd.pop("lm_head.weight")
-        save_file(sd, str(tmp / "model.safetensors"), metadata={"format": "pt"})
-        cfg = hf_config(model.config)
-        cfg["torch_dtype"] = str(dtype).replace("torch.", "")
-        if model.simba is not None:
-            cfg["simba"] = model.simba.to_dict()
         from . import __version__
 
-        cfg["simba_compress_version"] = __version__
+        dtype = dtype or getattr(model, "source_dtype", torch.float32)
+        cfg = hf_config(model)
+        sd = {k: v.detach().to("cpu", dtype).contiguous() for k, v in model.state_dict().items()}
+        state_spaces = model.config.arch == "mamba_ssm"
+        if model.config.tie_embeddings and not state_spaces:  # mamba_ssm's load_state_dict wants the tied head too
+            sd.pop("lm_head.weight")
+        sd = from_model(sd, model.config)
+        if state_spaces:  # mamba_ssm's from_pretrained reads pytorch_model.bin and builds MambaConfig(**config.json)
+            torch.save(sd, tmp / "pytorch_model.bin")
+            simba = {"simba": None if model.simba is None else model.simba.to_dict(), "simba_compress_version": __version__,
+                     "torch_dtype": str(dtype).replace("torch.", "")}  # fmt: skip
+            (tmp / SIMBA_FILE).write_text(json.dumps(simba, indent=2) + "\n")
+        else:
+            save_file(sd, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+            cfg["torch_dtype"] = str(dtype).replace("torch.", "")
+            if model.simba is not None:
+                cfg["simba"] = model.simba.to_dict()
+            cfg["simba_compress_version"] = __version__
         (tmp / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
         if tokenizer is not None:
             tokenizer.save_pretrained(str(tmp))

@@ -14,7 +14,9 @@ step is ~350 launches): so on CUDA the whole step, sampling included, is capture
 mode into a CUDA graph over static buffers (Decoder) and replayed, as mamba_ssm's generate(cg=True) does.
 Generation knows the layers only through the mixer interface (layers.py): each mixer allocates its decode state
 (zero_state) and advances it in place (step), through its fused kernels on CUDA (mamba1.py, mamba2.py) and its
-reference step elsewhere. The graphs a model has captured are typed caches (GraphCaches) kept on the model and
+reference step elsewhere. An attention layer's state is its KV cache (layers.KVState): a static buffer sized when
+the decoder is made, for the tokens the layer kept of the prompt plus the new ones (rounded up to CACHE_BLOCK so
+that prompts of similar lengths share a captured step), with per-row lengths the step advances in place. The graphs a model has captured are typed caches (GraphCaches) kept on the model and
 dropped when what they were captured for (the weights' placement, the schedule, the backends) changes.
 
 Sampling is one function for every path (next_token): temperature, top-k, then top-p on what top-k left, drawn
@@ -33,7 +35,7 @@ from typing import Callable
 
 import torch
 
-from .layers import add_norm
+from .layers import KVState, add_norm
 from .model import LMOutput, MambaLM
 from .pruning import padding_side
 
@@ -42,6 +44,7 @@ EOS_CHECK_EVERY = 16  # decode steps between checks that every row hit eos (each
 # keep the GPU busy on their own (mamba-1.4b on the H200 is GPU-bound from 1 x 8192 tokens, gpu_prefill.md)
 GRAPH_PREFILL_TOKENS = 16384
 PREFILL_GRAPHS = 8  # captured prompt shapes kept per model (least recently used dropped); they share one pool
+CACHE_BLOCK = 256  # KV-cache capacities are rounded up to a multiple of this (a captured step serves them all)
 
 
 @dataclass
@@ -95,12 +98,15 @@ def next_token(logits: torch.Tensor, cfg: GenerationConfig, noise: torch.Tensor 
 
 class Decoder:
     """The decode step of one model for one batch size and sampling mode: static state and token buffers (each
-    mixer's zero_state), and on CUDA the step captured as a graph."""
+    mixer's zero_state, an attention layer's KV cache of `capacities[i]` tokens), and on CUDA the step captured as a
+    graph."""
 
-    def __init__(self, model: MambaLM, batch: int, cfg: GenerationConfig, graph: bool):
+    def __init__(self, model: MambaLM, batch: int, cfg: GenerationConfig, graph: bool, capacities: list[int] | None = None):
         self.model, self.cfg, self.backends = model, cfg, model.backends
         dev, dtype = model.device, model.lm_head.weight.dtype
-        self.states = [block.mixer.zero_state(batch, dev, dtype) for block in model.backbone.layers]
+        self.capacities = capacities or [0] * model.config.n_layer
+        self.states = [block.mixer.zero_state(batch, dev, dtype, cap)
+                       for block, cap in zip(model.backbone.layers, self.capacities)]  # fmt: skip
         self.token = torch.zeros(batch, dtype=torch.long, device=dev)
         self.done = torch.zeros(batch, dtype=torch.bool, device=dev)
         self.eos = torch.tensor(-1 if cfg.eos_token_id is None else cfg.eos_token_id, device=dev)
@@ -115,7 +121,8 @@ class Decoder:
         """Load the prefill's states and this call's settings into the static buffers; let each mixer refresh what
         its step reads besides its state (the weights may have changed in place since the last call)."""
         for buf, st, block in zip(self.states, states, self.model.backbone.layers):
-            buf.copy_(st)
+            if buf is not None:
+                buf.copy_(st)
             block.mixer.prepare_step()
         self.done.zero_()
         self.eos.fill_(-1 if cfg.eos_token_id is None else cfg.eos_token_id)
@@ -147,13 +154,11 @@ class Decoder:
 
     def _step(self) -> None:
         m, be = self.model, self.backends
-        h = m.backbone.embeddings(self.token).to(m._stream_dtype, copy=True)  # the stream, added into in place
+        h = m.embed(self.token).clone()  # the stream, added into in place (embed may return the embedding's own output)
         mixed = None
         for block, state in zip(m.backbone.layers, self.states):
-            h, x = add_norm(block.norm, h, mixed, inplace=True, backends=be)  # h += the last output, then its norm
-            mixed = block.mixer.step(x, state, be)
-        logits = m.lm_head(add_norm(m.backbone.norm_f, h, mixed, inplace=True, backends=be)[1].to(m.lm_head.weight.dtype))
-        self._select(logits)
+            h, mixed = block.step(h, mixed, state, be)  # h += the last output, then this block
+        self._select(m.head(add_norm(m.backbone.norm_f, h, mixed, inplace=True, backends=be)[1]))
 
 
 @functools.cache
@@ -262,13 +267,21 @@ def prefill(model: MambaLM, input_ids: torch.Tensor, attention_mask: torch.Tenso
     return cache.graphs[key](input_ids)
 
 
-def _decoder(model: MambaLM, batch: int, cfg: GenerationConfig) -> Decoder:
-    """The model's decoder for this batch size and mode, made (and captured) on first use (GraphCaches)."""
+def cache_capacities(states: list, new_tokens: int) -> list[int]:
+    """Per layer, the KV-cache tokens decoding after a prefill whose states are `states` needs (0 for a recurrent
+    layer): the prompt tokens the layer kept plus new_tokens, rounded up to CACHE_BLOCK."""
+    return [-(-(st.capacity + new_tokens) // CACHE_BLOCK) * CACHE_BLOCK if isinstance(st, KVState) else 0 for st in states]
+
+
+def _decoder(model: MambaLM, batch: int, cfg: GenerationConfig, capacities: list[int]) -> Decoder:
+    """The model's decoder for this batch size and mode, made (and captured) on first use (GraphCaches); made anew
+    when its KV caches are too small for `capacities` (it replaces the old one, whose buffers are then freed)."""
     graph = cfg.cuda_graph and model.device.type == "cuda"
     decoders = graph_caches(model).decoders
     key = (batch, graph, cfg.do_sample, cfg.filtered)
-    if key not in decoders:
-        decoders[key] = Decoder(model, batch, cfg, graph)
+    if key not in decoders or any(c > have for c, have in zip(capacities, decoders[key].capacities)):
+        decoders.pop(key, None)
+        decoders[key] = Decoder(model, batch, cfg, graph, capacities)
     decoders[key].cfg = cfg
     return decoders[key]
 
@@ -292,7 +305,7 @@ def generate(
     sync = torch.cuda.synchronize if cuda else (lambda: None)
     t0 = time.perf_counter()
     out = prefill(model, input_ids, attention_mask, cfg.cuda_graph)
-    dec = _decoder(model, b, cfg)
+    dec = _decoder(model, b, cfg, cache_capacities(out.states, cfg.max_new_tokens))
     dec.prepare(out.states, cfg)
     dec.first(out.logits[:, -1], generator)
     del out

@@ -40,26 +40,33 @@ def freeze_and_gather(h, idx, kept, stays, frozen, backends: Backends = Backends
     return h.gather(1, kept.unsqueeze(-1).expand(-1, -1, h.shape[-1]))
 
 
-def causal_conv_silu(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    """silu(causal depthwise conv) of x (b, c, l) with weight (c, k): causal_conv1d's kernel when installed."""
+def causal_conv_silu(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, activation: str | None = "silu"
+) -> torch.Tensor:
+    """silu(causal depthwise conv) of x (b, c, l) with weight (c, k): causal_conv1d's kernel when installed.
+    activation=None: the conv alone (mamba_ssm's attention conv over qkv)."""
     fn = probes.causal_conv1d_fn()
     if fn is not None and x.is_cuda:
-        return fn(x, weight, bias, activation="silu")
+        return fn(x, weight, bias, activation=activation)
     k = weight.shape[-1]
-    return F.silu(F.conv1d(x, weight.unsqueeze(1), bias, padding=k - 1, groups=x.shape[1])[..., : x.shape[-1]])
+    out = F.conv1d(x, weight.unsqueeze(1), bias, padding=k - 1, groups=x.shape[1])[..., : x.shape[-1]]
+    return out if activation is None else F.silu(out)
 
 
-def causal_conv_update_silu(x: torch.Tensor, conv_state: torch.Tensor, weight: torch.Tensor, bias) -> torch.Tensor:
+def causal_conv_update_silu(
+    x: torch.Tensor, conv_state: torch.Tensor, weight: torch.Tensor, bias, activation: str | None = "silu"
+) -> torch.Tensor:
     """One decode step of silu(causal depthwise conv): x (b, c), conv_state (b, c, k - 1) the previous inputs,
     updated in place; weight (c, k). causal_conv1d's update kernel where installed (its state holds k - 1 inputs
-    as ours does), else PyTorch."""
+    as ours does), else PyTorch. activation=None: the conv alone."""
     fn = probes.causal_conv1d_update()
     if fn is not None and x.is_cuda:
-        return fn(x, conv_state, weight, bias, "silu")
+        return fn(x, conv_state, weight, bias, activation)
     window = torch.cat([conv_state, x.unsqueeze(-1)], dim=-1)  # (b, c, k)
     out = (window * weight).sum(-1)
     conv_state.copy_(window[:, :, 1:])
-    return F.silu(out if bias is None else out + bias)
+    out = out if bias is None else out + bias
+    return out if activation is None else F.silu(out)
 
 
 def batched(weight: torch.Tensor, x: torch.Tensor) -> torch.Tensor:

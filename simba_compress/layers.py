@@ -1,6 +1,7 @@
 """What every layer of the model shares: the model's shape (ModelConfig), the norms, and the mixer interface.
 
-A block is `x = x + mixer(norm(x))`. Each mixer type (mamba1.py, mamba2.py) implements one interface, so the
+A block is `x = x + mixer(norm(x))`, and in hybrids that have one, `x = x + mlp(norm2(x))` after it. Each mixer
+type (mamba1.py, mamba2.py, attention.py, and mlp.py's MLP layer of NemotronH) implements one interface, so the
 model (model.py) and the decode runtime (generation.py) know mixers only through it, as mamba_ssm's modules
 share `forward` / `step` / `allocate_inference_cache`:
 
@@ -10,8 +11,9 @@ share `forward` / `step` / `allocate_inference_cache`:
         state after the last token when ctx.want_state
     step(hidden (b, d_model), state, backends) -> out (b, d_model)
         one new token; updates `state` in place (the decode runtime replays it from a CUDA graph)
-    zero_state(batch, device, dtype) -> state
-        the decode state's buffers, zeroed
+    zero_state(batch, device, dtype, capacity=0) -> state
+        the decode state's buffers, zeroed; capacity: the tokens the state must hold (an attention layer's KV
+        cache: the prompt tokens the layer kept plus the new tokens to generate; a recurrent state ignores it)
     prepare_step()
         refreshes what the step reads besides its state (float32 copies of parameters), outside any graph
 
@@ -22,7 +24,7 @@ model.
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, field, fields
 
 import torch
 from torch import nn
@@ -30,7 +32,10 @@ from torch import nn
 from .backends import Backends
 from .kernels import rms_norm
 
-LAYER_KINDS = ("mamba1", "mamba2")
+LAYER_KINDS = ("mamba1", "mamba2")  # the SSM layers' kind (ModelConfig.layer)
+MIXER_KINDS = LAYER_KINDS + ("attention", "mlp")  # what ModelConfig.kind(i) returns
+ARCHS = ("", "mamba_ssm", "granitemoehybrid", "bamba", "nemotron_h")  # checkpoint families (ModelConfig.arch)
+MLP_ACTS = ("silu", "relu2")
 
 
 @dataclass(frozen=True)
@@ -86,6 +91,37 @@ class ModelConfig:
     layer: str = "mamba1"  # the SSM layers' kind: "mamba1" or "mamba2"
     headdim: int = 64  # Mamba-2: channels per head
     ngroups: int = 1  # Mamba-2: groups sharing B and C
+    d_inner_size: int = 0  # the SSM's d_inner where it is not expand * d_model (NemotronH: heads x head dim); 0: that
+    # Hybrids (all off by default: a pure Mamba model). Attention layers (attention.py): mamba_ssm's MHA and
+    # transformers' GQA attention in one form: a fused qkv in_proj, an optional causal depthwise conv over qkv
+    # (mamba_ssm's d_conv), partial or full RoPE (rotate-half convention) or none, out_proj.
+    attn_layers: list[int] = field(default_factory=list)
+    attn_heads: int = 0
+    attn_kv_heads: int = 0  # 0: attn_heads
+    attn_head_dim: int = 0  # 0: d_model // attn_heads
+    attn_conv: int = 0  # mamba_ssm's attn_cfg.d_conv (0: none)
+    rotary_dim: int = 0  # leading dims of each head rotated (0: no positional encoding, NoPE)
+    rope_theta: float = 10000.0
+    attn_qkv_bias: bool = False
+    attn_out_bias: bool = False
+    attn_scale: float = 0.0  # softmax scale (0: attn_head_dim ** -0.5; Granite: attention_multiplier)
+    # MLPs (mlp.py): after every block's mixer (block_mlp: mamba_ssm's d_intermediate, Granite's shared MLP, Bamba's
+    # feed-forward), or as layers of their own (mlp_layers: NemotronH's '-' layers)
+    d_intermediate: int = 0
+    block_mlp: bool = False
+    mlp_layers: list[int] = field(default_factory=list)
+    mlp_gated: bool = True  # act(gate) * up (gate the first half of fc1), or act(fc1 x)
+    mlp_act: str = "silu"  # "silu" or "relu2" (NemotronH)
+    mlp_bias: bool = False
+    n_experts: int = 0  # Granite's MoE beside the shared MLP (routed top-k of n_experts gated MLPs); 0: none
+    experts_per_token: int = 0
+    expert_intermediate: int = 0
+    # Granite's scalings: the embedding times embedding_multiplier, each block output times residual_multiplier
+    # before it joins the stream, the logits divided by logits_scaling
+    embedding_multiplier: float = 1.0
+    residual_multiplier: float = 1.0
+    logits_scaling: float = 1.0
+    arch: str = ""  # the checkpoint family the weights are written back in ("": transformers' Mamba / Mamba2)
 
     def __post_init__(self) -> None:
         if self.layer not in LAYER_KINDS:
@@ -96,16 +132,61 @@ class ModelConfig:
             v = getattr(self, f)
             if not isinstance(v, int) or isinstance(v, bool) or v < 1:
                 raise ValueError(f"{f}: must be a positive integer, got {v!r}")
+        for f in ("d_inner_size", "attn_heads", "attn_kv_heads", "attn_head_dim", "attn_conv", "rotary_dim",
+                  "d_intermediate", "n_experts", "experts_per_token", "expert_intermediate"):  # fmt: skip
+            v = getattr(self, f)
+            if not isinstance(v, int) or isinstance(v, bool) or v < 0:
+                raise ValueError(f"{f}: must be an integer >= 0, got {v!r}")
         if self.layer == "mamba2" and (self.d_inner % self.headdim or (self.d_inner // self.headdim) % self.ngroups):
             raise ValueError(f"headdim {self.headdim} and ngroups {self.ngroups} must divide d_inner {self.d_inner} into heads")
+        self.attn_layers, self.mlp_layers = sorted(int(i) for i in self.attn_layers), sorted(int(i) for i in self.mlp_layers)
+        for name, idx in (("attn_layers", self.attn_layers), ("mlp_layers", self.mlp_layers)):
+            if len(set(idx)) != len(idx) or any(not 0 <= i < self.n_layer for i in idx):
+                raise ValueError(f"{name}: distinct layer indices in [0, {self.n_layer}), got {idx}")
+        if set(self.attn_layers) & set(self.mlp_layers):
+            raise ValueError(f"attn_layers and mlp_layers overlap: {sorted(set(self.attn_layers) & set(self.mlp_layers))}")
+        if self.attn_layers:
+            if self.attn_heads < 1:
+                raise ValueError("attn_heads: attention layers need at least one head")
+            self.attn_kv_heads = self.attn_kv_heads or self.attn_heads
+            self.attn_head_dim = self.attn_head_dim or self.d_model // self.attn_heads
+            if self.attn_heads % self.attn_kv_heads:
+                raise ValueError(f"attn_kv_heads {self.attn_kv_heads} must divide attn_heads {self.attn_heads}")
+            if self.rotary_dim % 2 or self.rotary_dim > self.attn_head_dim:
+                raise ValueError(f"rotary_dim: an even number <= attn_head_dim {self.attn_head_dim}, got {self.rotary_dim}")
+        if (self.block_mlp or self.mlp_layers) and self.d_intermediate < 1:
+            raise ValueError("d_intermediate: an MLP needs a hidden size >= 1")
+        if self.block_mlp and self.mlp_layers:
+            raise ValueError("block_mlp and mlp_layers: a model has MLPs after its mixers or as layers, not both")
+        if self.mlp_act not in MLP_ACTS:
+            raise ValueError(f"mlp_act: one of {', '.join(MLP_ACTS)}, got {self.mlp_act!r}")
+        if self.n_experts and not (self.block_mlp and 1 <= self.experts_per_token <= self.n_experts
+                                   and self.expert_intermediate >= 1):  # fmt: skip
+            raise ValueError("n_experts: experts sit beside a block MLP, with 1 <= experts_per_token <= n_experts "
+                             "and expert_intermediate >= 1")
+        if self.arch not in ARCHS:
+            raise ValueError(f"arch: one of {ARCHS}, got {self.arch!r}")
 
     @property
     def d_inner(self) -> int:
-        return self.expand * self.d_model
+        return self.d_inner_size or self.expand * self.d_model
+
+    @property
+    def hybrid(self) -> bool:
+        """Whether any layer is not an SSM layer, or a block has an MLP."""
+        return bool(self.attn_layers or self.mlp_layers or self.block_mlp)
 
     def kind(self, layer: int) -> str:
-        """The mixer kind of layer `layer`."""
+        """The mixer kind of layer `layer`: the SSM kind (`layer`), "attention" or "mlp"."""
+        if layer in self.attn_layers:
+            return "attention"
+        if layer in self.mlp_layers:
+            return "mlp"
         return self.layer
+
+    @property
+    def kinds(self) -> list[str]:
+        return [self.kind(i) for i in range(self.n_layer)]
 
     @property
     def scan_chunks(self) -> ScanChunks:
@@ -131,6 +212,12 @@ class MixerContext:
     score: str | None = None  # the in-layer criterion to compute (pruning.IN_LAYER), or None
     want_state: bool = False  # return the decode state after the row's last slot
     backends: Backends = Backends()
+    # For attention (the SSM mixers ignore both): offset (b,) the left padding of each row, so a token's RoPE
+    # position is positions - offset (transformers' position_ids of a left-padded batch), None where no row is
+    # left-padded; window: the trailing queries of each row whose attention ranks the keys ("snapkv": at least the
+    # protected tail, pruning.SimbaConfig.protect_last)
+    offset: torch.Tensor | None = None
+    window: int = 1
 
 
 @dataclass
@@ -155,6 +242,39 @@ class SSMState:
         return SSMState(self.conv.clone(), self.ssm.clone())
 
 
+@dataclass
+class KVState:
+    """Decode state of an attention layer: the keys and values of the tokens it kept, left-aligned in a buffer of
+    `capacity` tokens, each row's entries in use (length) and the RoPE position of its next token; with a conv
+    over qkv (mamba_ssm's d_conv) its last k-1 inputs."""
+
+    k: torch.Tensor  # (b, kv heads, capacity, head dim), rotated
+    v: torch.Tensor  # (b, kv heads, capacity, head dim)
+    length: torch.Tensor  # (b,) int64
+    position: torch.Tensor  # (b,) int64
+    conv: torch.Tensor | None = None  # (b, qkv dim, k - 1)
+
+    @property
+    def capacity(self) -> int:
+        return self.k.shape[2]
+
+    def copy_(self, other: "KVState") -> None:
+        """Load `other` (a prefill's state, possibly of a smaller capacity) into these buffers."""
+        n = other.capacity
+        if n > self.capacity:
+            raise ValueError(f"KVState: {n} cached tokens do not fit a buffer of {self.capacity}")
+        self.k[:, :, :n].copy_(other.k)
+        self.v[:, :, :n].copy_(other.v)
+        self.length.copy_(other.length)
+        self.position.copy_(other.position)
+        if self.conv is not None:
+            self.conv.copy_(other.conv)
+
+    def clone(self) -> "KVState":
+        return KVState(self.k.clone(), self.v.clone(), self.length.clone(), self.position.clone(),
+                       None if self.conv is None else self.conv.clone())  # fmt: skip
+
+
 class Mixer(nn.Module):
     """The interface every mixer implements (module docstring)."""
 
@@ -164,7 +284,10 @@ class Mixer(nn.Module):
     def step(self, hidden: torch.Tensor, state, backends: Backends) -> torch.Tensor:
         raise NotImplementedError
 
-    def zero_state(self, batch: int, device, dtype: torch.dtype):
+    def zero_state(self, batch: int, device, dtype: torch.dtype, capacity: int = 0):
+        """The decode state, zeroed. `capacity` (tokens the state must hold) is an extension for the attention
+        layers' KV cache: the decode runtime knows the tokens each layer kept of the prompt and how many new ones
+        it will generate. A recurrent state has a fixed size and ignores it."""
         raise NotImplementedError
 
     def prepare_step(self) -> None:

@@ -135,7 +135,7 @@ class Mamba1Mixer(Mixer):
     def prepare_step(self) -> None:
         self.float_params()
 
-    def zero_state(self, batch: int, device, dtype: torch.dtype) -> SSMState:
+    def zero_state(self, batch: int, device, dtype: torch.dtype, capacity: int = 0) -> SSMState:  # recurrent: no capacity
         return SSMState(conv=torch.zeros(batch, self.d_inner, self.d_conv - 1, device=device, dtype=dtype),
                         ssm=torch.zeros(batch, self.d_inner, self.d_state, device=device, dtype=torch.float32))  # fmt: skip
 

@@ -121,7 +121,7 @@ class Mamba2Mixer(Mixer):
     def prepare_step(self) -> None:
         self.float_params()
 
-    def zero_state(self, batch: int, device, dtype: torch.dtype) -> SSMState:
+    def zero_state(self, batch: int, device, dtype: torch.dtype, capacity: int = 0) -> SSMState:  # recurrent: no capacity
         return SSMState(conv=torch.zeros(batch, self.conv_dim, self.d_conv - 1, device=device, dtype=dtype),
                         ssm=torch.zeros(batch, self.nheads, self.headdim, self.d_state, device=device, dtype=torch.float32))  # fmt: skip
 

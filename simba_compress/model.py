@@ -1,13 +1,16 @@
-"""A Mamba language model in plain PyTorch whose forward prunes tokens between layers (Simba).
+"""A Mamba (or hybrid Mamba-attention) language model in plain PyTorch whose forward prunes tokens between layers.
 
 Parameter names follow transformers' MambaForCausalLM / Mamba2ForCausalLM, so a state dict moves between the two
-unchanged. Shapes: b batch, l tokens.
+unchanged (the hybrids' layouts are converted on reading and writing: layouts.py). Shapes: b batch, l tokens.
 
-    embeddings -> [ x = x + mixer(norm(x)) ] * n_layer -> norm_f -> lm_head
+    embeddings -> [ x = x + mixer(norm(x)) (+ mlp(norm2(x))) ] * n_layer -> norm_f -> lm_head
 
-Each layer's mixer (layers.py's interface: mamba1.py, mamba2.py) runs on the tokens it is given. With a
-SimbaConfig, layer l+1 runs only on the tokens layer l's criterion ranked highest (pruning.py); a dropped token's
-residual stream is frozen and scattered back before norm_f, so every position has logits.
+Each layer's mixer (layers.py's interface: mamba1.py, mamba2.py, attention.py, mlp.py's MLP layer) runs on the
+tokens it is given. With a SimbaConfig, layer l+1 runs only on the tokens layer l's criterion ranked highest
+(pruning.py); a dropped token's residual stream is frozen and scattered back before norm_f, so every position has
+logits. In a hybrid, an attention layer's queries and keys are its kept tokens: a token dropped below is never a
+key above, and its KV cache holds only them. A layer that cannot compute the criterion ranks by the scores of the
+nearest layer below that did, carried up through the selections between (pruning.score_source).
 """
 
 from __future__ import annotations
@@ -17,23 +20,55 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from .attention import AttentionMixer
 from .backends import Backends
 from .kernels import freeze_and_gather
-from .layers import Mixer, MixerContext, ModelConfig, add_norm, make_norm, norm
+from .layers import Mixer, MixerContext, MixerOutput, ModelConfig, add_norm, make_norm, norm
 from .mamba1 import Mamba1Mixer
 from .mamba2 import Mamba2Mixer
-from .pruning import CRITERION_FNS, IN_LAYER, SimbaConfig, TokenPlan
+from .mlp import MLPMixer, make_mlp
+from .pruning import CRITERION_FNS, IN_LAYER, SimbaConfig, TokenPlan, score_source, scorers
 
-MIXERS: dict[str, type[Mixer]] = {"mamba1": Mamba1Mixer, "mamba2": Mamba2Mixer}  # ModelConfig.kind(i) -> class
+# ModelConfig.kind(i) -> class
+MIXERS: dict[str, type[Mixer]] = {"mamba1": Mamba1Mixer, "mamba2": Mamba2Mixer, "attention": AttentionMixer,
+                                  "mlp": MLPMixer}  # fmt: skip
 
 
 class Block(nn.Module):
-    """x = x + mixer(norm(x))."""
+    """x = x + r mixer(norm(x)), then, where the model has block MLPs (ModelConfig.block_mlp), x = x + r mlp(norm2(x));
+    r is Granite's residual_multiplier (1 elsewhere). The last term is returned, not added: the next block's norm (or
+    the model) adds it (add_norm: mamba_ssm's fused add-norm)."""
 
     def __init__(self, cfg: ModelConfig, layer: int):
         super().__init__()
         self.norm = make_norm(cfg)
         self.mixer = MIXERS[cfg.kind(layer)](cfg)
+        self.norm2, self.mlp = (make_norm(cfg), make_mlp(cfg)) if cfg.block_mlp else (None, None)
+        self.scale = cfg.residual_multiplier
+
+    def _scaled(self, out: torch.Tensor) -> torch.Tensor:
+        return out if self.scale == 1.0 else out * self.scale
+
+    def forward(self, h: torch.Tensor, pending, ctx: MixerContext, owned: bool) -> tuple[torch.Tensor, torch.Tensor, MixerOutput]:
+        """The block on the stream h (b, w, d), the previous block's output `pending` not yet added: (h + pending (+ this
+        block's mixer output when it has an MLP), its output to add next, the mixer's output). In place in h when
+        `owned` (h is the caller's to change)."""
+        h, x = add_norm(self.norm, h, pending, inplace=owned, backends=ctx.backends)
+        res = self.mixer(x, ctx)
+        out = self._scaled(res.out)
+        if self.mlp is not None:
+            h, x = add_norm(self.norm2, h, out, inplace=owned or pending is not None, backends=ctx.backends)
+            out = self._scaled(self.mlp(x))
+        return h, out, res
+
+    def step(self, h: torch.Tensor, pending, state, backends: Backends) -> tuple[torch.Tensor, torch.Tensor]:
+        """One decode step of the block on the stream h (b, d), ours to change in place: (h + pending (+ ...), output)."""
+        h, x = add_norm(self.norm, h, pending, inplace=True, backends=backends)
+        out = self._scaled(self.mixer.step(x, state, backends))
+        if self.mlp is not None:
+            h, x = add_norm(self.norm2, h, out, inplace=True, backends=backends)
+            out = self._scaled(self.mlp(x))
+        return h, out
 
 
 class Backbone(nn.Module):
@@ -53,16 +88,18 @@ class LMOutput:
 
 @dataclass
 class Prefix:
-    """The residual stream after the first `layers` layers ran on every token, and the last one's global impact.
+    """The residual stream after the first `layers` layers ran on every token, and the in-layer scores of the layer
+    that ranks the tokens pruned after the last of them (score_source: that layer, or the nearest below it).
 
     Layer 0 runs on every token under any schedule, so a schedule search computes this once per batch and
     starts each trial's forward from it (forward(prefix=...)) instead of from the embeddings.
     """
 
     hidden: torch.Tensor  # (b, l, d_model) residual stream, stream dtype
-    impact: torch.Tensor | None  # (b, l) the last prefix layer's in-layer scores (criterion's), None if it has none
+    impact: torch.Tensor | None  # (b, l) the in-layer scores (criterion's) of layer impact_layer, None if none
     layers: int
     criterion: str = "simba"
+    impact_layer: int = -1
 
 
 class MambaLM(nn.Module):
@@ -88,27 +125,47 @@ class MambaLM(nn.Module):
     def _stream_dtype(self) -> torch.dtype:
         return torch.float32 if self.config.residual_in_fp32 else self.lm_head.weight.dtype
 
-    def _layer(self, i: int, h: torch.Tensor, pending, plan: TokenPlan, score: str | None, want_state: bool, owned: bool):
+    def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """The residual stream's start: the embeddings (times Granite's embedding_multiplier), in the stream dtype."""
+        h = self.backbone.embeddings(input_ids)
+        if self.config.embedding_multiplier != 1.0:
+            h = h * self.config.embedding_multiplier
+        return h.to(self._stream_dtype)
+
+    def head(self, h: torch.Tensor) -> torch.Tensor:
+        """Logits of the normalised stream h (divided by Granite's logits_scaling)."""
+        logits = self.lm_head(h.to(self.lm_head.weight.dtype))
+        return logits if self.config.logits_scaling == 1.0 else logits / self.config.logits_scaling
+
+    def _layer(self, i: int, h: torch.Tensor, pending, plan: TokenPlan, score: str | None, want_state: bool, owned: bool,
+               window: int = 1):  # fmt: skip
         """Block i on the residual stream h, the previous block's output `pending` not yet added to it: returns
         (h + pending, this block's output, scores of the in-layer criterion `score` or None, state). The add is
         fused into the norm, in h itself when `owned` (add_norm)."""
-        block = self.backbone.layers[i]
-        h, x = add_norm(block.norm, h, pending, inplace=owned, backends=self.backends)
-        res = block.mixer(x, MixerContext(plan.mask, plan.last, plan.idx, score, want_state, self.backends))
-        return h, res.out, res.score, res.state
+        ctx = MixerContext(plan.mask, plan.last, plan.idx, score, want_state, self.backends, plan.offset, window)
+        h, out, res = self.backbone.layers[i](h, pending, ctx, owned)
+        return h, out, res.score, res.state
 
     @torch.no_grad()
     def prefix(
-        self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, layers: int = 1, criterion: str = "simba"
-    ) -> Prefix:
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, layers: int = 1,
+        criterion: str = "simba", simba: SimbaConfig | None = None,
+    ) -> Prefix:  # fmt: skip
         """Run the first `layers` layers densely; forward(same inputs, prefix=...) continues from there (with a
-        schedule of the same criterion: the last prefix layer's in-layer scores are kept for it)."""
+        schedule of the same criterion: the in-layer scores that rank the tokens after the last prefix layer are kept
+        for it). simba: the schedule's other settings that decide which layer scores (attention_score, protect_last);
+        its criterion is `criterion`."""
         plan = TokenPlan(attention_mask, *input_ids.shape, None, input_ids.device, self.config.scan_chunks)
-        h, mixed = self.backbone.embeddings(input_ids).to(self._stream_dtype), None
-        score = criterion if criterion in IN_LAYER else None
+        h, mixed = self.embed(input_ids), None
+        like = SimbaConfig([1.0] * self.config.n_layer, criterion) if simba is None else simba
+        like = SimbaConfig(like.keep, criterion, like.protect_last, attention_score=like.attention_score)
+        src = score_source(self.config.kinds, layers - 1, like) if criterion in IN_LAYER else None
+        impact = None
         for i in range(layers):
-            h, mixed, impact, _ = self._layer(i, h, mixed, plan, score if i == layers - 1 else None, False, owned=True)
-        return Prefix(h + mixed, impact, layers, criterion)
+            score = src[1] if src is not None and src[0] == i else None
+            h, mixed, scored, _ = self._layer(i, h, mixed, plan, score, False, owned=True, window=like.protect_last)
+            impact = scored if scored is not None else impact
+        return Prefix(h + mixed, impact, layers, criterion, -1 if src is None else src[0])
 
     def forward(
         self,
@@ -136,10 +193,21 @@ class MambaLM(nn.Module):
         # streams are never read, so they are not kept (no frozen buffer, a gather instead of freeze-and-gather)
         plan.freeze = not (last_logits is not None and simba is not None and last_logits <= simba.protect_last
                            and plan.side == "left")  # fmt: skip
+        n = self.config.n_layer
+        prunes = [plan.prunes_after(i) for i in range(n)]
+        scoring = scorers(self.config.kinds, prunes, simba)  # layer -> the in-layer criterion it computes
+        window = simba.protect_last if simba is not None else 1
+        # in-layer scores by the layer that computed them, kept aligned with the current slots until their last use
+        carried: dict[int, torch.Tensor] = {}
+        last_use = {}  # source layer -> the last layer that prunes by its scores
+        for i in range(n):
+            src = score_source(self.config.kinds, i, simba) if prunes[i] else None
+            if src is not None:
+                last_use[src[0]] = i
         states, kept_positions = [], []
         mixed, owned = None, prefix is None  # a prefix's stream is the caller's: the first add makes our own copy
         if prefix is None:
-            h, start = self.backbone.embeddings(input_ids).to(self._stream_dtype), 0
+            h, start = self.embed(input_ids), 0
         else:
             if return_states or return_kept:
                 raise ValueError("prefix: return_states and return_kept need the full forward")
@@ -148,19 +216,27 @@ class MambaLM(nn.Module):
             if simba is not None and simba.criterion in IN_LAYER and simba.criterion != prefix.criterion:
                 raise ValueError(f"prefix: made for criterion {prefix.criterion!r}, not {simba.criterion!r}")
             h, start = prefix.hidden, prefix.layers
-            if plan.prunes_after(start - 1):
-                h, frozen = self._prune(start - 1, h, prefix.impact, plan, frozen)
-        for i in range(start, self.config.n_layer):
+            below = {j for j in scoring if j < start}
+            if below - {prefix.impact_layer}:
+                raise ValueError(f"prefix: the schedule needs the scores of layer {min(below)}, the prefix has "
+                                 f"layer {prefix.impact_layer}'s")  # fmt: skip
+            if below:
+                carried[prefix.impact_layer] = prefix.impact
+            if prunes[start - 1]:
+                h, frozen = self._prune(start - 1, h, plan, frozen, carried, last_use)
+        for i in range(start, n):
             if return_kept:
                 kept_positions.append(torch.where(plan.real, plan.idx, -1))
-            prune = plan.prunes_after(i)
-            score = simba.criterion if prune and simba.criterion in IN_LAYER else None
-            h, out, impact, state = self._layer(i, h, mixed, plan, score, return_states, owned)
-            owned, mixed = owned or mixed is not None, out  # an add into a stream not ours made a new one
+            h, out, impact, state = self._layer(i, h, mixed, plan, scoring.get(i), return_states, owned, window)
+            # an add into a stream not ours made a new one (a block with an MLP adds within itself)
+            owned = owned or mixed is not None or self.backbone.layers[i].mlp is not None
+            mixed = out
+            if impact is not None:
+                carried[i] = impact
             states.append(state)
-            if prune:  # the criteria see the block's output stream
+            if prunes[i]:  # the criteria see the block's output stream
                 h, mixed = h + mixed, None
-                h, frozen = self._prune(i, h, impact, plan, frozen)
+                h, frozen = self._prune(i, h, plan, frozen, carried, last_use)
         if mixed is not None:
             h = h + mixed
         if frozen is not None:
@@ -171,18 +247,27 @@ class MambaLM(nn.Module):
             h = h[:, -last_logits:]
         h = norm(self.backbone.norm_f, h, self.backends)
         return LMOutput(
-            logits=self.lm_head(h.to(self.lm_head.weight.dtype)),
+            logits=self.head(h),
             states=states if return_states else None,
             kept=kept_positions if return_kept else None,
         )
 
-    def _prune(self, layer: int, h: torch.Tensor, impact, plan: TokenPlan, frozen: torch.Tensor | None):
+    def _prune(self, layer: int, h: torch.Tensor, plan: TokenPlan, frozen: torch.Tensor | None,
+               carried: dict[int, torch.Tensor], last_use: dict[int, int]):  # fmt: skip
         """After `layer`: keep the criterion's top tokens for layer + 1, freeze the stream of those that leave.
-        Returns the next layer's stream and the frozen buffer (allocated here on the first call)."""
+        Returns the next layer's stream and the frozen buffer (allocated here on the first call). The in-layer scores
+        in `carried` that a later layer still ranks by follow the selection; the others are dropped."""
         simba = plan.simba
+        src = score_source(self.config.kinds, layer, simba)
+        impact = None if src is None else carried[src[0]]
         scores = CRITERION_FNS[simba.criterion](plan.view(layer, h, impact), simba.seed)
         idx = plan.idx  # the slots' positions before select replaces them
         kept = plan.select(scores, layer + 1)
+        for j in list(carried):
+            if last_use.get(j, -1) > layer:
+                carried[j] = carried[j].gather(1, kept)
+            else:
+                del carried[j]
         if not plan.freeze:
             return h.gather(1, kept.unsqueeze(-1).expand(-1, -1, h.shape[-1])), None
         if frozen is None:
@@ -215,9 +300,9 @@ class MambaLM(nn.Module):
         """One decoding step for token (b,), the reference (functional: `states` are left as they were; no kernels):
         every layer runs on it (a new token is never pruned). Returns the logits (b, vocab) and the new states."""
         reference = Backends(fast_path=False)
-        h = self.backbone.embeddings(token).to(self._stream_dtype)
-        new_states = [state.clone() for state in states]
+        h, mixed = self.embed(token), None
+        new_states = [None if state is None else state.clone() for state in states]
         for block, state in zip(self.backbone.layers, new_states):
-            h = h + block.mixer.step(norm(block.norm, h, reference), state, reference)
-        h = norm(self.backbone.norm_f, h, reference)
-        return self.lm_head(h.to(self.lm_head.weight.dtype)), new_states
+            h, mixed = block.step(h, mixed, state, reference)
+        h = norm(self.backbone.norm_f, h + mixed, reference)
+        return self.head(h), new_states

@@ -20,9 +20,12 @@ import torch
 
 from .layers import SCAN_CHUNKS, ScanChunks
 
-CRITERIA = ("simba", "share", "deci", "utr", "l2norm", "random", "stride")
-# criteria whose scores the layer computes from its own SSM inputs while it runs (LayerView.impact)
-IN_LAYER = ("simba", "share", "deci")
+CRITERIA = ("simba", "share", "deci", "snapkv", "utr", "l2norm", "random", "stride")
+# criteria whose scores a layer computes from its own quantities while it runs (LayerView.impact): the SSM layers'
+# (from their SSM inputs) and the attention layers' (snapkv: from their attention probabilities)
+SSM_SCORES = ("simba", "share", "deci")
+IN_LAYER = SSM_SCORES + ("snapkv",)
+ATTENTION_SCORES = ("carry", "snapkv")  # SimbaConfig.attention_score
 SIMBA_FORMAT_VERSION = 1
 
 
@@ -34,8 +37,12 @@ class SimbaConfig:
         never increases with depth.
     criterion: how tokens are ranked: "simba" (global impact through the layer's own recurrence), "share" (the
         same impacts as shares of each channel's total: the largest share a token holds of any channel), "deci"
-        (DeciMamba's: the L2 norm over channels of the step size softplus(dt)), "utr" (clipped-activation sum of
-        the block output), "l2norm" (block output norm), "random", "stride".
+        (DeciMamba's: the L2 norm over channels of the step size softplus(dt)), "snapkv" (hybrids: SnapKV's, the
+        attention the last queries pay each key, attention.py), "utr" (clipped-activation sum of the block output),
+        "l2norm" (block output norm), "random", "stride". In a hybrid, a layer that cannot compute the criterion
+        itself ranks by the scores of the nearest layer below that can, carried up (score_source).
+    attention_score: with an SSM criterion, what an attention layer that prunes ranks by: "carry" (the SSM score of
+        the nearest SSM layer below it) or "snapkv" (its own attention's).
     protect_last: the last real tokens of every row that are always kept (at least 1).
     seed: seeds the "random" criterion.
     granularity: each pruned layer's token count is rounded to the nearest multiple of this (1: exact). With
@@ -62,6 +69,7 @@ class SimbaConfig:
     extra: dict = field(default_factory=dict)  # provenance a writer may attach (schedule name, FLOP target)
     max_tokens: list[int] | None = None
     align: bool = False
+    attention_score: str = "carry"
 
     def __post_init__(self) -> None:
         self.keep = [float(k) for k in self.keep]
@@ -74,6 +82,8 @@ class SimbaConfig:
                 raise ValueError(f"keep: layer {i + 1} has {b}; ratios must be in (0, 1] and never increase")
         if self.criterion not in CRITERIA:
             raise ValueError(f"criterion: unknown {self.criterion!r}; choose one of {', '.join(CRITERIA)}")
+        if self.attention_score not in ATTENTION_SCORES:
+            raise ValueError(f"attention_score: one of {', '.join(ATTENTION_SCORES)}, got {self.attention_score!r}")
         if int(self.protect_last) < 1:
             raise ValueError(f"protect_last: must be >= 1, got {self.protect_last}")
         self.protect_last = int(self.protect_last)
@@ -125,6 +135,45 @@ class SimbaConfig:
         return cls(**d)
 
 
+def score_source(kinds: list[str], layer: int, simba: SimbaConfig) -> tuple[int, str] | None:
+    """Which layer computes the in-layer scores that rank the tokens kept after `layer`, and which criterion:
+    (layer j <= `layer`, criterion), or None for a criterion that reads the block output (utr, l2norm, ...).
+
+    An SSM criterion (simba, share, deci) is computed by an SSM layer: `layer` itself, or else the nearest SSM layer
+    below it, whose scores of the same tokens are carried up (an attention layer with attention_score "snapkv"
+    computes SnapKV's instead; one with no SSM layer below it does too). "snapkv" is computed by an attention
+    layer: `layer` or the nearest below it. kinds: ModelConfig.kinds."""
+    c = simba.criterion
+    if c not in IN_LAYER:
+        return None
+    ssm = tuple(k for k in kinds if k not in ("attention", "mlp"))
+    if c in SSM_SCORES and kinds[layer] == "attention" and simba.attention_score == "snapkv":
+        return layer, "snapkv"
+    want = ("attention",) if c == "snapkv" else ssm
+    for j in range(layer, -1, -1):
+        if kinds[j] in want:
+            return j, c
+    if c in SSM_SCORES:  # no SSM layer at or below: the nearest attention layer's own score
+        for j in range(layer, -1, -1):
+            if kinds[j] == "attention":
+                return j, "snapkv"
+    raise ValueError(f"criterion {c!r}: layer {layer} prunes, but no layer at or below it computes a score")
+
+
+def scorers(kinds: list[str], prunes: list[bool], simba: SimbaConfig | None) -> dict[int, str]:
+    """layer -> the in-layer criterion it computes in a forward where `prunes[i]` says whether layer i prunes."""
+    out: dict[int, str] = {}
+    if simba is None:
+        return out
+    for i, p in enumerate(prunes):
+        src = score_source(kinds, i, simba) if p else None
+        if src is not None:
+            if out.get(src[0], src[1]) != src[1]:
+                raise ValueError(f"layer {src[0]} would compute two scores ({out[src[0]]!r} and {src[1]!r})")
+            out[src[0]] = src[1]
+    return out
+
+
 def _align_row(widths: list[int], n: int, chunks: ScanChunks) -> torch.Tensor:
     """SimbaConfig.align for one row of n tokens: widths (non-increasing, per layer) with every run of equal
     widths that chunks.keeps_width does not keep split between the neighbouring kept widths (the whole-chunk
@@ -161,7 +210,7 @@ class LayerView:
 
 def _in_layer(view: LayerView, seed: int) -> torch.Tensor:
     # simba: fused into the scan (ssm.scan; ssm.score.global_impact is its reference); share: ssm.score.channel_share
-    # (Mamba-2: ssm.ssd.ssd_share); deci: ssm.score.step_norm
+    # (Mamba-2: ssm.ssd.ssd_share); deci: ssm.score.step_norm; snapkv: attention.snapkv_score
     return view.impact
 
 
@@ -191,6 +240,7 @@ CRITERION_FNS: dict[str, Callable[[LayerView, int], torch.Tensor]] = {
     "simba": _in_layer,
     "share": _in_layer,
     "deci": _in_layer,
+    "snapkv": _in_layer,  # attention.snapkv_score
     "utr": _utr,
     "l2norm": _l2norm,
     "random": _random,
@@ -241,6 +291,8 @@ class TokenPlan:
             self.real = attention_mask.bool().clone()
             self.padded = True
         self.idx = positions.expand(self.real.shape[0], seq_len).clone()
+        # (b,) left padding of each row (an attention layer's RoPE positions are idx - offset), None without any
+        self.offset = seq_len - self.n_real if self.padded and self.side == "left" else None
         # the row's real tokens end at `end`: the last protect_last positions before it are protected
         self.end = torch.full_like(self.n_real, seq_len) if self.side == "left" else self.n_real.clone()
         # on the host: per-layer decisions (prune or not, the kept width) need no device sync on a GPU; the

@@ -16,7 +16,7 @@ from .errors import SimbaError
 from .finetune import FinetuneConfig
 from .pruning import CRITERIA
 
-Criterion = Literal["simba", "share", "deci", "utr", "l2norm", "random", "stride"]
+Criterion = Literal["simba", "share", "deci", "snapkv", "utr", "l2norm", "random", "stride"]
 assert set(Criterion.__args__) == set(CRITERIA)
 
 

@@ -43,6 +43,33 @@ def random_model(
     return m.eval()
 
 
+def random_hybrid(
+    n_layer: int = 4, attn_layers=(1, 3), d_model: int = 32, vocab: int = 64, seed: int = 0, **kw
+) -> MambaLM:
+    """A random-weight hybrid: Mamba-2 layers (trained-like A and dt ranges) and GQA attention layers (a qkv conv and
+    partial RoPE unless kw says otherwise), in the state-spaces layout's terms."""
+    torch.manual_seed(seed)
+    attn = dict(attn_heads=4, attn_kv_heads=2, attn_head_dim=8, attn_conv=4, rotary_dim=4, arch="mamba_ssm")
+    cfg = ModelConfig(d_model=d_model, n_layer=n_layer, vocab_size=vocab, d_state=8, headdim=16, layer="mamba2",
+                      attn_layers=list(attn_layers), **(attn | kw))  # fmt: skip
+    m = MambaLM(cfg)
+    with torch.no_grad():
+        for p in m.parameters():
+            p.normal_(0, 0.3)
+        for block in m.backbone.layers:
+            mix = block.mixer
+            if hasattr(mix, "A_log"):
+                mix.A_log.uniform_(0, 3)
+                dt = torch.exp(torch.empty(mix.nheads).uniform_(math.log(1e-3), math.log(0.5)))
+                mix.dt_bias.copy_(dt + torch.log(-torch.expm1(-dt)))
+                mix.norm.weight.uniform_(0.5, 1.5)
+            block.norm.weight.uniform_(0.5, 1.5)
+            if block.norm2 is not None:
+                block.norm2.weight.uniform_(0.5, 1.5)
+        m.backbone.norm_f.weight.uniform_(0.5, 1.5)
+    return m.eval()
+
+
 def write_original(model: MambaLM, folder: Path, vocab_size: int | None = None) -> Path:
     """Write `model` in the state-spaces layout (config.json + pytorch_model.bin, `embedding` key)."""
     folder.mkdir(parents=True, exist_ok=True)

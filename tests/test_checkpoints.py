@@ -142,10 +142,21 @@ def test_config_that_does_not_match_its_weights(tmp_path):
 def test_unsupported_variants_are_named(tmp_path):
     folder = write_original(random_model(), tmp_path / "m")
     cfg = json.loads((folder / "config.json").read_text())
-    for change, msg in [({"d_intermediate": 64}, "MLP"), ({"attn_layer_idx": [1]}, "attention"), ({"ssm_cfg": {"layer": "Mamba2", "D_has_hdim": True}}, "not supported for Mamba-2"), ({"ssm_cfg": {"layer": "Mamba3"}}, "Mamba1 or Mamba2")]:
+    attn = {"num_heads": 2, "causal": True}
+    for change, msg in [
+        ({"ssm_cfg": {"layer": "Mamba2", "D_has_hdim": True}}, "ssm_cfg.D_has_hdim = True is not supported for Mamba-2"),
+        ({"ssm_cfg": {"layer": "Mamba3"}}, "Mamba1 or Mamba2"),
+        ({"attn_layer_idx": [1], "attn_cfg": {**attn, "mlp_dim": 64}}, r"attn_cfg\.mlp_dim = 64 is not supported"),
+        ({"attn_layer_idx": [1], "attn_cfg": {"num_heads": 2}}, r"attn_cfg\.causal = False is not supported"),
+        ({"attn_layer_idx": [1], "attn_cfg": {**attn, "window": 8}}, r"attn_cfg\.window is not an argument"),
+        ({"attn_layer_idx": [1], "attn_cfg": {"causal": True}}, r"attn_cfg: missing 'num_heads'"),
+        ({"attn_layer_idx": [7], "attn_cfg": attn}, r"config\.json: attn_layers: distinct layer indices in \[0, 3\)"),
+        ({"d_intermediate": -1}, "'d_intermediate' must be an integer >= 0"),
+    ]:
         (folder / "config.json").write_text(json.dumps({**cfg, **change}))
-        with pytest.raises(SimbaError, match=msg):
+        with pytest.raises(SimbaError, match=msg) as e:
             load(folder)
+        assert str(folder) in str(e.value) and "\n" not in str(e.value)
 
 
 def test_hub_id_offline_fails_fast_with_a_clear_message(tmp_path):

@@ -12,7 +12,7 @@ import torch
 from conftest import REPO
 from simba_compress import MambaLM, ModelConfig, SimbaConfig
 from simba_compress.backends import Backends
-from simba_compress.layers import MixerContext, SSMState
+from simba_compress.layers import KVState, MixerContext, SSMState
 from simba_compress.model import MIXERS
 
 PACKAGE = REPO / "simba_compress"
@@ -77,12 +77,26 @@ def test_backends_default_from_the_environment(monkeypatch):
     assert not Backends().on(torch.zeros(1)) and not Backends().use_triton(torch.zeros(1))  # the CPU: reference
 
 
+def one_layer_config(kind: str) -> ModelConfig:
+    """A one-layer model whose layer is a mixer of `kind` (attention: GQA, a qkv conv, partial RoPE)."""
+    extra = {
+        "attention": dict(attn_layers=[0], attn_heads=4, attn_kv_heads=2, attn_conv=3, rotary_dim=4, attn_qkv_bias=True),
+        "mlp": dict(mlp_layers=[0], d_intermediate=24, mlp_gated=False, mlp_act="relu2"),
+    }.get(kind, {})
+    return ModelConfig(d_model=32, n_layer=1, vocab_size=16, d_state=8, headdim=16,
+                       layer=kind if kind in ("mamba1", "mamba2") else "mamba2", **extra)  # fmt: skip
+
+
+SCORES = {"mamba1": ("simba", "share", "deci"), "mamba2": ("simba", "share", "deci"), "attention": ("snapkv",), "mlp": ()}
+
+
 @pytest.mark.parametrize("kind", sorted(MIXERS))
 def test_every_mixer_implements_the_interface(kind):
     """forward on the tokens given (with the in-layer scores asked for and the decode state), zero_state, and a
     step that advances the state in place: the step after a prefix equals the forward over prefix + token."""
     torch.manual_seed(0)
-    cfg = ModelConfig(d_model=32, n_layer=1, vocab_size=16, d_state=8, headdim=16, layer=kind)
+    cfg = one_layer_config(kind)
+    assert cfg.kind(0) == kind
     mixer = MIXERS[kind](cfg).double()
     with torch.no_grad():
         for p in mixer.parameters():
@@ -91,19 +105,30 @@ def test_every_mixer_implements_the_interface(kind):
     u = torch.randn(2, 9, 32, dtype=torch.float64)
     full = mixer(u, MixerContext(None, torch.tensor([8, 8]), want_state=True, backends=reference))
     prefix = mixer(u[:, :8], MixerContext(None, torch.tensor([7, 7]), want_state=True, backends=reference))
-    assert isinstance(prefix.state, SSMState) and prefix.score is None
-    state = mixer.zero_state(2, "cpu", torch.float64)
-    assert state.conv.shape == prefix.state.conv.shape and state.ssm.shape == prefix.state.ssm.shape
-    state.copy_(prefix.state)
+    assert prefix.score is None
+    state = mixer.zero_state(2, "cpu", torch.float64, capacity=12)
+    if kind == "mlp":
+        assert state is None and prefix.state is None
+    else:
+        assert type(state) is type(prefix.state) is type(full.state)
+        state.copy_(prefix.state)
     mixer.prepare_step()
     out = mixer.step(u[:, 8], state, reference)
     torch.testing.assert_close(out, full.out[:, 8], rtol=1e-5, atol=1e-6)  # the scans compute in float32
-    torch.testing.assert_close(state.ssm, full.state.ssm.to(state.ssm.dtype), rtol=1e-5, atol=1e-6)  # the scans compute in float32
-    torch.testing.assert_close(state.conv, full.state.conv, rtol=1e-5, atol=1e-6)  # the scans compute in float32
-    for criterion in ("simba", "share", "deci"):
+    if isinstance(state, SSMState):
+        torch.testing.assert_close(state.ssm, full.state.ssm.to(state.ssm.dtype), rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(state.conv, full.state.conv, rtol=1e-5, atol=1e-6)
+    elif isinstance(state, KVState):  # the cache holds the 9 tokens, at the positions the full forward gave them
+        assert state.capacity == 12 and state.length.tolist() == [9, 9] and state.position.tolist() == [9, 9]
+        torch.testing.assert_close(state.k[:, :, :9], full.state.k)
+        torch.testing.assert_close(state.v[:, :, :9], full.state.v)
+        torch.testing.assert_close(state.conv, full.state.conv)
+    for criterion in SCORES[kind]:
         scored = mixer(u, MixerContext(None, torch.tensor([8, 5]), score=criterion, backends=reference))
         assert scored.score.shape == (2, 9) and scored.score.dtype == torch.float32
         assert torch.equal(scored.out, full.out)
+    with pytest.raises(ValueError):
+        mixer(u, MixerContext(None, torch.tensor([8, 8]), score="utr", backends=reference))
 
 
 def test_model_step_is_functional():

@@ -4,7 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import random_model, to_transformers
+from conftest import random_hybrid, random_model, to_transformers
 from simba_compress import SimbaConfig
 from simba_compress.pruning import CRITERIA
 from simba_compress.schedules import linear
@@ -129,7 +129,7 @@ def test_padding_with_holes_is_an_error():
 
 @pytest.mark.parametrize("criterion", CRITERIA)
 def test_every_criterion_keeps_the_scheduled_count(criterion):
-    m = random_model(n_layer=5)
+    m = random_hybrid(n_layer=5, attn_layers=(0, 3)) if criterion == "snapkv" else random_model(n_layer=5)
     simba = SimbaConfig(linear(5, 0.25), criterion, 3, seed=7)
     ids = torch.randint(0, 64, (2, 40))
     with torch.no_grad():

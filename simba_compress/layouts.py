@@ -1,0 +1,577 @@
+"""Checkpoint layouts: what each family's config.json says (-> ModelConfig), and how it names and shapes the
+weights (<-> MambaLM's state dict). checkpoints.py owns the files; this module owns the translation.
+
+Layouts read (Checkpoint.layout):
+- "original": state-spaces / mamba_ssm's MambaLMHeadModel (config.json of MambaConfig's fields, pytorch_model.bin):
+  Mamba-1, Mamba-2, and the hybrids with `attn_layer_idx` / `attn_cfg` (mamba_ssm's MHA: fused qkv in_proj, an
+  optional causal conv over qkv, partial RoPE) and `d_intermediate` GatedMLPs (mamba2attn-2.7b's layout).
+- "transformers": transformers' MambaForCausalLM / Mamba2ForCausalLM.
+- "granitemoehybrid", "bamba", "nemotron_h": transformers' GraniteMoeHybridForCausalLM (dense or MoE MLPs, its
+  multipliers, NoPE or RoPE), BambaForCausalLM, NemotronHForCausalLM (Mamba-2 'M', attention '*' and MLP '-'
+  layers), in the names their checkpoints have on disk (transformers 5 renames some when it loads them and
+  writes the disk names back when it saves; both are read).
+
+Written back (ModelConfig.arch, the family a model was read from): pure Mamba models in transformers' Mamba /
+Mamba2 layout (as before); the transformers hybrids in their own layout, so transformers loads the output dense;
+the state-spaces hybrid, which no transformers class reads, in its own layout (config.json of exactly MambaConfig's
+fields, which mamba_ssm's from_pretrained passes to MambaConfig(**...), so the schedule goes to simba.json beside
+it; pytorch_model.bin, the file mamba_ssm loads). A bad or unsupported config is one line naming the file and key.
+
+In memory, attention is one form (attention.py): q, k and v of transformers' layouts are concatenated into one
+in_proj (out_proj is o_proj); MLPs are one form (mlp.py): fc1 = [gate; up] (mamba_ssm's GatedMLP stores [up; gate],
+Bamba's gate_proj and up_proj are two matrices).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from .errors import SimbaError
+from .layers import ModelConfig
+
+LAYOUTS = ("original", "transformers", "granitemoehybrid", "bamba", "nemotron_h")
+HYBRID_TYPES = {"granitemoehybrid": "granitemoehybrid", "bamba": "bamba", "nemotron_h": "nemotron_h"}  # model_type
+GATED_MLP_MULTIPLE = 128  # mamba_ssm's GatedMLP rounds its hidden size up to a multiple of this
+SSM_TYPES = ("mamba", "linear_attention")  # transformers' names of a Mamba layer in layer_types (old, new)
+ATTN_TYPES = ("attention", "full_attention")
+
+
+def _int(cfg: dict, key: str, file: Path, default=None, minimum: int = 1):
+    v = cfg.get(key, default)
+    if v is None:
+        raise SimbaError(f"{file}: missing '{key}'")
+    if not isinstance(v, int) or isinstance(v, bool) or v < minimum:
+        raise SimbaError(f"{file}: '{key}' must be an integer >= {minimum}, got {v!r}")
+    return v
+
+
+def _float(v) -> float:
+    return float(v["__float__"]) if isinstance(v, dict) else float(v)  # transformers writes inf as {"__float__": ...}
+
+
+def _no_time_step_limit(cfg: dict, key: str, file: Path) -> None:
+    limit = [_float(v) for v in (cfg.get(key) or [0, "inf"])]
+    if limit != [0.0, float("inf")]:
+        raise SimbaError(f"{file}: '{key}' {limit} is not supported (only no limit)")
+
+
+def _expect(cfg: dict, key: str, ok, file: Path, default=None) -> None:
+    v = cfg.get(key, default)
+    if v not in (ok if isinstance(ok, tuple) else (ok,)):
+        raise SimbaError(f"{file}: '{key}' = {v!r} is not supported (supported: {ok!r})")
+
+
+def read_config(cfg: dict, file: Path) -> tuple[str, dict]:
+    """(layout, ModelConfig keyword arguments) of a parsed config.json; SimbaError naming the file and key."""
+    if "d_model" in cfg and "n_layer" in cfg:
+        return "original", _original(cfg, file)
+    model_type = cfg.get("model_type")
+    if model_type in HYBRID_TYPES:
+        return model_type, {"granitemoehybrid": _granite, "bamba": _bamba, "nemotron_h": _nemotron}[model_type](cfg, file)
+    if model_type == "mamba2":
+        _no_time_step_limit(cfg, "time_step_limit", file)
+        mc = _transformers_fields(cfg, file, d_state=128)
+        mc.update(expand=cfg.get("expand", 2), dt_rank=1, layer="mamba2")
+        mc.update(headdim=cfg.get("head_dim", 64), ngroups=cfg.get("n_groups", 1))
+        heads = cfg.get("num_heads")
+        if heads is not None and heads * mc["headdim"] != mc["expand"] * mc["d_model"]:
+            raise SimbaError(f"{file}: num_heads {heads} x head_dim {mc['headdim']} != expand x hidden_size")
+        return "transformers", mc
+    if model_type == "mamba" or ("hidden_size" in cfg and "state_size" in cfg):
+        mc = _transformers_fields(cfg, file, d_state=16)
+        inner = cfg.get("intermediate_size", cfg.get("expand", 2) * mc["d_model"])
+        if inner % mc["d_model"]:
+            raise SimbaError(f"{file}: intermediate_size {inner} is not a multiple of hidden_size {mc['d_model']}")
+        mc.update(expand=inner // mc["d_model"], dt_rank=cfg.get("time_step_rank", "auto"))
+        return "transformers", mc
+    raise SimbaError(f"{file}: not a Mamba checkpoint config (no d_model/n_layer or a model_type this reads: mamba, "
+                     f"mamba2, {', '.join(HYBRID_TYPES)})")  # fmt: skip
+
+
+def _transformers_fields(cfg: dict, file: Path, d_state: int) -> dict:
+    """The ModelConfig fields MambaConfig and Mamba2Config name alike."""
+    return dict(
+        d_model=_int(cfg, "hidden_size", file),
+        n_layer=_int(cfg, "num_hidden_layers", file),
+        vocab_size=_int(cfg, "vocab_size", file),
+        d_state=cfg.get("state_size", d_state),
+        d_conv=cfg.get("conv_kernel", 4),
+        conv_bias=cfg.get("use_conv_bias", True),
+        bias=cfg.get("use_bias", False),
+        norm_eps=cfg.get("layer_norm_epsilon", 1e-5),
+        rms_norm=True,
+        residual_in_fp32=cfg.get("residual_in_fp32", True),
+        tie_embeddings=cfg.get("tie_word_embeddings", True),
+    )
+
+
+# state-spaces / mamba_ssm
+
+MHA_KEYS = {"num_heads", "num_heads_kv", "head_dim", "mlp_dim", "qkv_proj_bias", "out_proj_bias", "softmax_scale",
+            "causal", "d_conv", "rotary_emb_dim", "rotary_emb_base", "rotary_emb_interleaved"}  # fmt: skip
+
+
+def _original(cfg: dict, file: Path) -> dict:
+    ssm_cfg = cfg.get("ssm_cfg") or {}
+    vocab = _int(cfg, "vocab_size", file)
+    pad = cfg.get("pad_vocab_size_multiple", 8) or 1
+    vocab += (pad - vocab % pad) % pad
+    d_model = _int(cfg, "d_model", file)
+    mc = dict(
+        d_model=d_model,
+        n_layer=_int(cfg, "n_layer", file),
+        vocab_size=vocab,
+        d_state=ssm_cfg.get("d_state", 16),
+        d_conv=ssm_cfg.get("d_conv", 4),
+        expand=ssm_cfg.get("expand", 2),
+        dt_rank=ssm_cfg.get("dt_rank", "auto"),
+        conv_bias=ssm_cfg.get("conv_bias", True),
+        bias=ssm_cfg.get("bias", False),
+        norm_eps=cfg.get("norm_epsilon", 1e-5),
+        rms_norm=cfg.get("rms_norm", True),
+        residual_in_fp32=cfg.get("residual_in_fp32", True),
+        tie_embeddings=cfg.get("tie_embeddings", True),
+    )
+    if ssm_cfg.get("layer", "Mamba1") == "Mamba2":
+        for key, ok in (("D_has_hdim", False), ("norm_before_gate", False), ("rmsnorm", True), ("d_ssm", None)):
+            if ssm_cfg.get(key, ok) != ok:
+                raise SimbaError(f"{file}: ssm_cfg.{key} = {ssm_cfg[key]!r} is not supported for Mamba-2")
+        limit = [_float(v) for v in ssm_cfg.get("dt_limit", [0, "inf"])]
+        if limit != [0.0, float("inf")]:
+            raise SimbaError(f"{file}: ssm_cfg.dt_limit {limit} is not supported (only no limit)")
+        mc.update(layer="mamba2", d_state=ssm_cfg.get("d_state", 128), headdim=ssm_cfg.get("headdim", 64))
+        mc.update(ngroups=ssm_cfg.get("ngroups", 1), dt_rank=1)
+    elif ssm_cfg.get("layer", "Mamba1") != "Mamba1":
+        raise SimbaError(f"{file}: ssm_cfg.layer {ssm_cfg['layer']!r} is not supported (Mamba1 or Mamba2)")
+    d_int = cfg.get("d_intermediate", 0) or 0
+    if not isinstance(d_int, int) or d_int < 0:
+        raise SimbaError(f"{file}: 'd_intermediate' must be an integer >= 0, got {d_int!r}")
+    if d_int:  # GatedMLP(hidden_features=d_intermediate) after every mixer, rounded up as GatedMLP does
+        mc.update(d_intermediate=-(-d_int // GATED_MLP_MULTIPLE) * GATED_MLP_MULTIPLE, block_mlp=True)
+    attn = cfg.get("attn_layer_idx") or []
+    if attn:
+        a = cfg.get("attn_cfg") or {}
+        unknown = sorted(set(a) - MHA_KEYS)
+        if unknown:
+            raise SimbaError(f"{file}: attn_cfg.{unknown[0]} is not an argument of mamba_ssm's MHA")
+        for key, ok, default in (("causal", True, False), ("mlp_dim", 0, 0), ("rotary_emb_interleaved", False, False)):
+            if a.get(key, default) != ok:
+                raise SimbaError(f"{file}: attn_cfg.{key} = {a.get(key, default)!r} is not supported ({ok!r} only)")
+        if not isinstance(attn, list) or not all(isinstance(i, int) for i in attn):
+            raise SimbaError(f"{file}: 'attn_layer_idx' must be a list of layer indices, got {attn!r}")
+        heads = _int(a, "num_heads", file.with_name(file.name + ": attn_cfg"))
+        mc.update(attn_layers=attn, attn_heads=heads, attn_kv_heads=a.get("num_heads_kv") or heads,
+                  attn_head_dim=a.get("head_dim") or d_model // heads, attn_conv=a.get("d_conv", 0) or 0,
+                  rotary_dim=a.get("rotary_emb_dim", 0) or 0, rope_theta=float(a.get("rotary_emb_base", 10000.0)),
+                  attn_qkv_bias=a.get("qkv_proj_bias", True), attn_out_bias=a.get("out_proj_bias", True),
+                  attn_scale=float(a.get("softmax_scale") or 0.0))  # fmt: skip
+    if attn or d_int:
+        mc["arch"] = "mamba_ssm"
+    return mc
+
+
+def original_config(c: ModelConfig) -> dict:
+    """config.json of the state-spaces layout: exactly MambaConfig's fields (mamba_ssm builds MambaConfig(**it))."""
+    ssm_cfg = {"layer": "Mamba2" if c.layer == "mamba2" else "Mamba1", "d_state": c.d_state, "d_conv": c.d_conv,
+               "expand": c.expand, "conv_bias": c.conv_bias, "bias": c.bias}  # fmt: skip
+    if c.layer == "mamba2":
+        ssm_cfg |= {"headdim": c.headdim, "ngroups": c.ngroups}
+    else:
+        ssm_cfg["dt_rank"] = c.dt_rank
+    attn_cfg = {}
+    if c.attn_layers:
+        attn_cfg = {"num_heads": c.attn_heads, "num_heads_kv": c.attn_kv_heads, "head_dim": c.attn_head_dim,
+                    "causal": True, "d_conv": c.attn_conv, "rotary_emb_dim": c.rotary_dim,
+                    "rotary_emb_base": c.rope_theta, "qkv_proj_bias": c.attn_qkv_bias, "out_proj_bias": c.attn_out_bias,
+                    "softmax_scale": c.attn_scale or None}  # fmt: skip
+    return {"d_model": c.d_model, "d_intermediate": c.d_intermediate if c.block_mlp else 0, "n_layer": c.n_layer,
+            "vocab_size": c.vocab_size, "ssm_cfg": ssm_cfg, "attn_layer_idx": list(c.attn_layers), "attn_cfg": attn_cfg,
+            "rms_norm": c.rms_norm, "residual_in_fp32": c.residual_in_fp32, "fused_add_norm": True,
+            "pad_vocab_size_multiple": 1, "tie_embeddings": c.tie_embeddings}  # fmt: skip
+
+
+def _check_original_writable(c: ModelConfig) -> None:
+    bad = [name for name, v in (("mlp_layers", c.mlp_layers), ("n_experts", c.n_experts), ("mlp_act", c.mlp_act != "silu"),
+                                ("mlp_gated", not c.mlp_gated), ("mlp_bias", c.mlp_bias),
+                                ("embedding_multiplier", c.embedding_multiplier != 1.0),
+                                ("residual_multiplier", c.residual_multiplier != 1.0),
+                                ("logits_scaling", c.logits_scaling != 1.0), ("d_inner_size", c.d_inner_size)) if v]  # fmt: skip
+    if bad:
+        raise SimbaError(f"save: the state-spaces layout has no {bad[0]}; this model cannot be written in it")
+
+
+# transformers' hybrids
+
+
+def _mamba_fields(cfg: dict, file: Path, d_model: int) -> dict:
+    """GraniteMoeHybrid's and Bamba's Mamba-2 settings (mamba_*)."""
+    expand = _int(cfg, "mamba_expand", file, 2)
+    heads = _int(cfg, "mamba_n_heads", file, 128)
+    head = cfg.get("mamba_d_head", "auto")
+    head = expand * d_model // heads if head in ("auto", None) else head
+    if heads * head != expand * d_model:
+        raise SimbaError(f"{file}: mamba_n_heads {heads} x mamba_d_head {head} != mamba_expand x hidden_size")
+    _no_time_step_limit(cfg, "time_step_limit", file)
+    return dict(layer="mamba2", d_state=_int(cfg, "mamba_d_state", file, 256), d_conv=_int(cfg, "mamba_d_conv", file, 4),
+                expand=expand, headdim=head, ngroups=_int(cfg, "mamba_n_groups", file, 1), dt_rank=1,
+                conv_bias=cfg.get("mamba_conv_bias", True), bias=cfg.get("mamba_proj_bias", False))  # fmt: skip
+
+
+def _rope(cfg: dict, file: Path) -> tuple[float, dict]:
+    """(rope_theta, rope parameters) of a transformers config: rope_parameters (transformers 5) or the older keys."""
+    params = dict(cfg.get("rope_parameters") or {})
+    if cfg.get("rope_scaling"):
+        params |= cfg["rope_scaling"]
+    kind = params.get("rope_type", params.get("type", "default"))
+    if kind != "default":
+        raise SimbaError(f"{file}: rope_type {kind!r} is not supported (only 'default')")
+    return float(params.get("rope_theta", cfg.get("rope_theta", 10000.0))), params
+
+
+def _silu(cfg: dict, key: str, file: Path) -> None:
+    _expect(cfg, key, "silu", file, "silu")
+
+
+def _granite(cfg: dict, file: Path) -> dict:
+    d = _int(cfg, "hidden_size", file)
+    n = _int(cfg, "num_hidden_layers", file)
+    types = cfg.get("layer_types", cfg.get("layers_block_type")) or [SSM_TYPES[0]] * n
+    if len(types) != n or not all(t in SSM_TYPES + ATTN_TYPES for t in types):
+        raise SimbaError(f"{file}: 'layer_types' must name {n} layers, each mamba or attention, got {types!r}")
+    heads = _int(cfg, "num_attention_heads", file)
+    _silu(cfg, "hidden_act", file)
+    rope = cfg.get("position_embedding_type") == "rope"
+    theta, _ = _rope(cfg, file) if rope else (10000.0, {})
+    head_dim = cfg.get("head_dim") or d // heads
+    experts = cfg.get("num_local_experts", 0) or 0
+    return dict(
+        d_model=d, n_layer=n, vocab_size=_int(cfg, "vocab_size", file), norm_eps=cfg.get("rms_norm_eps", 1e-6),
+        rms_norm=True, residual_in_fp32=False, tie_embeddings=cfg.get("tie_word_embeddings", False),
+        **_mamba_fields(cfg, file, d),
+        attn_layers=[i for i, t in enumerate(types) if t in ATTN_TYPES], attn_heads=heads,
+        attn_kv_heads=cfg.get("num_key_value_heads") or heads, attn_head_dim=head_dim,
+        rotary_dim=head_dim if rope else 0, rope_theta=theta, attn_qkv_bias=cfg.get("attention_bias", False),
+        attn_out_bias=cfg.get("attention_bias", False), attn_scale=float(cfg.get("attention_multiplier", 1.0)),
+        d_intermediate=_int(cfg, "shared_intermediate_size", file, 1024), block_mlp=True,
+        n_experts=experts, experts_per_token=cfg.get("num_experts_per_tok", 2) if experts else 0,
+        expert_intermediate=cfg.get("intermediate_size", 0) if experts else 0,
+        embedding_multiplier=float(cfg.get("embedding_multiplier", 1.0)),
+        residual_multiplier=float(cfg.get("residual_multiplier", 1.0)),
+        logits_scaling=float(cfg.get("logits_scaling", 1.0)), arch="granitemoehybrid",
+    )  # fmt: skip
+
+
+def _bamba(cfg: dict, file: Path) -> dict:
+    d = _int(cfg, "hidden_size", file)
+    n = _int(cfg, "num_hidden_layers", file)
+    heads = _int(cfg, "num_attention_heads", file)
+    _silu(cfg, "hidden_act", file)
+    theta, params = _rope(cfg, file)
+    head_dim = cfg.get("head_dim") or d // heads
+    attn = cfg.get("attn_layer_indices") or []
+    return dict(
+        d_model=d, n_layer=n, vocab_size=_int(cfg, "vocab_size", file), norm_eps=cfg.get("rms_norm_eps", 1e-5),
+        rms_norm=True, residual_in_fp32=False, tie_embeddings=cfg.get("tie_word_embeddings", False),
+        **_mamba_fields(cfg, file, d),
+        attn_layers=list(attn), attn_heads=heads, attn_kv_heads=cfg.get("num_key_value_heads") or heads,
+        attn_head_dim=head_dim, rotary_dim=int(head_dim * float(params.get("partial_rotary_factor", 0.5))) // 2 * 2,
+        rope_theta=theta, attn_qkv_bias=cfg.get("attention_bias", False), attn_out_bias=cfg.get("attention_bias", False),
+        d_intermediate=_int(cfg, "intermediate_size", file), block_mlp=True, mlp_bias=cfg.get("mlp_bias", False),
+        arch="bamba",
+    )  # fmt: skip
+
+
+NEMOTRON_CODES = {"M": "mamba", "*": "attention", "-": "mlp", "E": "moe"}
+NEMOTRON_TYPES = {"linear_attention": "M", "mamba": "M", "full_attention": "*", "attention": "*", "mlp": "-", "moe": "E"}
+
+
+def _nemotron(cfg: dict, file: Path) -> dict:
+    if "hybrid_override_pattern" in cfg:
+        pattern, key = cfg["hybrid_override_pattern"], "hybrid_override_pattern"
+    else:
+        key = "layers_block_type" if "layers_block_type" in cfg else "layer_types"
+        types = cfg.get(key) or []
+        pattern = "".join(NEMOTRON_TYPES.get(t, "?") for t in types) if isinstance(types, list) else "?"
+    if not isinstance(pattern, str) or not pattern or set(pattern) - set(NEMOTRON_CODES):
+        raise SimbaError(f"{file}: '{key}' must give each layer as M, *, - or E, got {cfg.get(key)!r}")
+    if "E" in pattern:
+        raise SimbaError(f"{file}: '{key}' has MoE ('E') layers, which are not supported (M, * and - are)")
+    d = _int(cfg, "hidden_size", file)
+    heads = _int(cfg, "num_attention_heads", file)
+    m_heads, m_head = _int(cfg, "mamba_num_heads", file, 128), _int(cfg, "mamba_head_dim", file, 64)
+    _silu(cfg, "mamba_hidden_act", file)
+    _expect(cfg, "mlp_hidden_act", ("relu2", "silu"), file, "relu2")
+    _no_time_step_limit(cfg, "time_step_limit" if "time_step_limit" in cfg else "mamba_dt_limit", file)
+    inner = m_heads * m_head
+    return dict(
+        d_model=d, n_layer=len(pattern), vocab_size=_int(cfg, "vocab_size", file),
+        norm_eps=cfg.get("layer_norm_epsilon", 1e-5), rms_norm=True, residual_in_fp32=cfg.get("residual_in_fp32", False),
+        tie_embeddings=cfg.get("tie_word_embeddings", False), layer="mamba2",
+        d_state=_int(cfg, "ssm_state_size", file, 128), d_conv=cfg.get("conv_kernel", cfg.get("mamba_d_conv", 4)),
+        expand=max(1, inner // d), d_inner_size=inner if inner != max(1, inner // d) * d else 0, headdim=m_head,
+        ngroups=cfg.get("n_groups", cfg.get("mamba_n_groups", 8)), dt_rank=1,
+        conv_bias=cfg.get("use_conv_bias", cfg.get("mamba_conv_bias", True)), bias=cfg.get("use_bias", False),
+        attn_layers=[i for i, ch in enumerate(pattern) if ch == "*"], attn_heads=heads,
+        attn_kv_heads=cfg.get("num_key_value_heads") or heads, attn_head_dim=cfg.get("head_dim") or d // heads,
+        mlp_layers=[i for i, ch in enumerate(pattern) if ch == "-"],
+        d_intermediate=_int(cfg, "intermediate_size", file) if "-" in pattern else 0, mlp_gated=False,
+        mlp_act=cfg.get("mlp_hidden_act", "relu2"), mlp_bias=cfg.get("mlp_bias", False), arch="nemotron_h",
+    )  # fmt: skip
+
+
+def hybrid_config(c: ModelConfig) -> dict:
+    """config.json in the transformers layout of c.arch (GraniteMoeHybrid, Bamba, NemotronH), as their hub
+    checkpoints write it (the names older transformers versions read too: layer_types of mamba / attention,
+    hybrid_override_pattern)."""
+    common = {"hidden_size": c.d_model, "num_hidden_layers": c.n_layer, "vocab_size": c.vocab_size,
+              "tie_word_embeddings": c.tie_embeddings, "num_attention_heads": c.attn_heads,
+              "num_key_value_heads": c.attn_kv_heads, "use_cache": True}  # fmt: skip
+    mamba = {"mamba_n_heads": c.d_inner // c.headdim, "mamba_d_head": c.headdim, "mamba_n_groups": c.ngroups,
+             "mamba_d_state": c.d_state, "mamba_d_conv": c.d_conv, "mamba_expand": c.expand,
+             "mamba_conv_bias": c.conv_bias, "mamba_proj_bias": c.bias, "rms_norm_eps": c.norm_eps,
+             "hidden_act": "silu"}  # fmt: skip
+    if c.arch == "granitemoehybrid":
+        rope = {"position_embedding_type": "rope", "rope_parameters": {"rope_type": "default", "rope_theta": c.rope_theta}} \
+            if c.rotary_dim else {"position_embedding_type": "nope"}  # fmt: skip
+        return common | mamba | rope | {
+            "architectures": ["GraniteMoeHybridForCausalLM"], "model_type": "granitemoehybrid",
+            "layer_types": ["attention" if k == "attention" else "mamba" for k in c.kinds],
+            "attention_bias": c.attn_qkv_bias, "attention_multiplier": c.attn_scale or c.attn_head_dim**-0.5,
+            "shared_intermediate_size": c.d_intermediate, "num_local_experts": c.n_experts,
+            "num_experts_per_tok": c.experts_per_token or 1, "intermediate_size": c.expert_intermediate or c.d_intermediate,
+            "embedding_multiplier": c.embedding_multiplier, "residual_multiplier": c.residual_multiplier,
+            "logits_scaling": c.logits_scaling,
+        }  # fmt: skip
+    if c.arch == "bamba":
+        return common | mamba | {
+            "architectures": ["BambaForCausalLM"], "model_type": "bamba", "attn_layer_indices": list(c.attn_layers),
+            "attention_bias": c.attn_qkv_bias, "intermediate_size": c.d_intermediate, "mlp_bias": c.mlp_bias,
+            "rope_parameters": {"rope_type": "default", "rope_theta": c.rope_theta,
+                                "partial_rotary_factor": c.rotary_dim / c.attn_head_dim},
+        }  # fmt: skip
+    codes = {"attention": "*", "mlp": "-"}
+    return common | {
+        "architectures": ["NemotronHForCausalLM"], "model_type": "nemotron_h",
+        "hybrid_override_pattern": "".join(codes.get(k, "M") for k in c.kinds), "head_dim": c.attn_head_dim,
+        "intermediate_size": c.d_intermediate or 4 * c.d_model, "mlp_hidden_act": c.mlp_act, "mlp_bias": c.mlp_bias,
+        "mamba_num_heads": c.d_inner // c.headdim, "mamba_head_dim": c.headdim, "ssm_state_size": c.d_state,
+        "n_groups": c.ngroups, "conv_kernel": c.d_conv, "expand": c.expand, "use_conv_bias": c.conv_bias,
+        "use_bias": c.bias, "layer_norm_epsilon": c.norm_eps, "residual_in_fp32": c.residual_in_fp32,
+        "mamba_hidden_act": "silu", "attention_bias": False,
+    }  # fmt: skip
+
+
+def _check_hybrid_writable(c: ModelConfig) -> None:
+    checks = {
+        "granitemoehybrid": (("attn_conv", c.attn_conv), ("mlp_layers", c.mlp_layers), ("mlp_act", c.mlp_act != "silu"),
+                             ("mlp_gated", not c.mlp_gated), ("mlp_bias", c.mlp_bias), ("d_inner_size", c.d_inner_size),
+                             ("rotary_dim", c.rotary_dim not in (0, c.attn_head_dim)),
+                             ("attn_qkv_bias", c.attn_qkv_bias != c.attn_out_bias), ("residual_in_fp32", c.residual_in_fp32)),
+        "bamba": (("attn_conv", c.attn_conv), ("mlp_layers", c.mlp_layers), ("n_experts", c.n_experts),
+                  ("mlp_act", c.mlp_act != "silu"), ("mlp_gated", not c.mlp_gated), ("d_inner_size", c.d_inner_size),
+                  ("attn_scale", c.attn_scale not in (0.0, c.attn_head_dim**-0.5)),
+                  ("attn_qkv_bias", c.attn_qkv_bias != c.attn_out_bias), ("residual_in_fp32", c.residual_in_fp32)),
+        "nemotron_h": (("attn_conv", c.attn_conv), ("block_mlp", c.block_mlp), ("rotary_dim", c.rotary_dim),
+                       ("attn_qkv_bias", c.attn_qkv_bias or c.attn_out_bias), ("mlp_gated", c.mlp_gated),
+                       ("attn_scale", c.attn_scale not in (0.0, c.attn_head_dim**-0.5))),
+    }[c.arch]  # fmt: skip
+    scaled = c.arch != "granitemoehybrid" and (c.embedding_multiplier, c.residual_multiplier, c.logits_scaling) != (1, 1, 1)
+    bad = [name for name, v in checks if v] + (["the Granite multipliers"] if scaled else [])
+    if bad:
+        raise SimbaError(f"save: the {c.arch} layout has no {bad[0]} setting like this model's; it cannot be written in it")
+
+
+def config_json(c: ModelConfig) -> dict:
+    """config.json of the layout a model is written in (c.arch)."""
+    if c.arch == "mamba_ssm":
+        _check_original_writable(c)
+        return original_config(c)
+    if c.arch:
+        _check_hybrid_writable(c)
+        return hybrid_config(c)
+    if c.hybrid or c.d_inner_size:
+        raise SimbaError("save: a hybrid model needs a layout to be written in (ModelConfig.arch)")
+    return mamba_config(c)
+
+
+def mamba_config(config: ModelConfig) -> dict:
+    """config.json in transformers' MambaConfig (or Mamba2Config) terms."""
+    if config.layer == "mamba2":
+        return {
+            "architectures": ["Mamba2ForCausalLM"],
+            "model_type": "mamba2",
+            "hidden_size": config.d_model,
+            "num_hidden_layers": config.n_layer,
+            "vocab_size": config.vocab_size,
+            "state_size": config.d_state,
+            "expand": config.expand,
+            "head_dim": config.headdim,
+            "num_heads": config.d_inner // config.headdim,
+            "n_groups": config.ngroups,
+            "conv_kernel": config.d_conv,
+            "use_conv_bias": config.conv_bias,
+            "use_bias": config.bias,
+            "layer_norm_epsilon": config.norm_eps,
+            "residual_in_fp32": config.residual_in_fp32,
+            "tie_word_embeddings": config.tie_embeddings,
+            "rms_norm": True,
+            "hidden_act": "silu",
+            "use_cache": True,
+        }
+    return {
+        "architectures": ["MambaForCausalLM"],
+        "model_type": "mamba",
+        "hidden_size": config.d_model,
+        "num_hidden_layers": config.n_layer,
+        "vocab_size": config.vocab_size,
+        "state_size": config.d_state,
+        "conv_kernel": config.d_conv,
+        "expand": config.expand,
+        "intermediate_size": config.d_inner,
+        "time_step_rank": config.dt_rank,
+        "use_conv_bias": config.conv_bias,
+        "use_bias": config.bias,
+        "layer_norm_epsilon": config.norm_eps,
+        "residual_in_fp32": config.residual_in_fp32,
+        "tie_word_embeddings": config.tie_embeddings,
+        "hidden_act": "silu",
+        "use_cache": True,
+    }
+
+
+# weights
+
+SSM_PARAMS = ("in_proj", "conv1d", "dt_bias", "A_log", "D", "norm", "out_proj", "x_proj", "dt_proj")
+
+
+def _swap_halves(t: torch.Tensor) -> torch.Tensor:
+    a, b = t.chunk(2, dim=0)
+    return torch.cat([b, a], dim=0)
+
+
+def _move(sd: dict, out: dict, old: str, new: str) -> None:
+    """Move every tensor named old + '.x' (or old itself) to new + '.x'."""
+    for k in [k for k in sd if k == old or k.startswith(old + ".")]:
+        out[new + k[len(old):]] = sd.pop(k)
+
+
+def to_model(sd: dict[str, torch.Tensor], c: ModelConfig, layout: str) -> dict[str, torch.Tensor]:
+    """A checkpoint's tensors (layout's names) under MambaLM's names. Tensors it does not know keep their names
+    (the loader reports them)."""
+    sd = dict(sd)
+    if layout in ("original", "transformers"):
+        out = {k.replace("backbone.embedding.", "backbone.embeddings."): v for k, v in sd.items()}
+        if c.block_mlp and layout == "original":  # GatedMLP's fc1 is [up; gate]: ours is [gate; up]
+            for i in range(c.n_layer):
+                k = f"backbone.layers.{i}.mlp.fc1.weight"
+                if k in out:
+                    out[k] = _swap_halves(out[k])
+        return out
+    out: dict[str, torch.Tensor] = {}
+    if layout == "nemotron_h":
+        sd = {("backbone." + k[len("model."):] if k.startswith("model.") else k): v for k, v in sd.items()}
+        _move(sd, out, "backbone.embeddings", "backbone.embeddings")
+        _move(sd, out, "backbone.norm_f", "backbone.norm_f")
+    else:
+        _move(sd, out, "model.embed_tokens", "backbone.embeddings")
+        _move(sd, out, "model.norm" if layout == "granitemoehybrid" else "model.final_layernorm", "backbone.norm_f")
+    _move(sd, out, "lm_head", "lm_head")
+    for i, kind in enumerate(c.kinds):
+        src = f"backbone.layers.{i}." if layout == "nemotron_h" else f"model.layers.{i}."
+        dst = f"backbone.layers.{i}."
+        if layout == "nemotron_h":
+            _move(sd, out, src + "norm", dst + "norm")
+            mixer = src + "mixer."
+        else:
+            _move(sd, out, src + "input_layernorm", dst + "norm")
+            mixer = src + ("self_attn." if kind == "attention" else "mamba.")
+        if kind == "attention":
+            for part in ("weight", "bias"):
+                qkv = [sd.pop(f"{mixer}{p}_proj.{part}", None) for p in "qkv"]
+                if all(t is not None for t in qkv):
+                    out[f"{dst}mixer.in_proj.{part}"] = torch.cat(qkv, dim=0)
+                else:  # the loader names what is missing
+                    out.update({f"{mixer}{p}_proj.{part}": t for p, t in zip("qkv", qkv) if t is not None})
+            _move(sd, out, mixer + "o_proj", dst + "mixer.out_proj")
+        elif kind == "mlp":
+            _move(sd, out, mixer + "up_proj", dst + "mixer.mlp.fc1")
+            _move(sd, out, mixer + "down_proj", dst + "mixer.mlp.fc2")
+        else:
+            for p in SSM_PARAMS:
+                _move(sd, out, mixer + p, dst + "mixer." + p)
+        if layout == "granitemoehybrid":
+            _move(sd, out, src + "post_attention_layernorm", dst + "norm2")
+            mlp = dst + ("mlp.shared." if c.n_experts else "mlp.")
+            _move(sd, out, src + "shared_mlp.input_linear", mlp + "fc1")
+            _move(sd, out, src + "shared_mlp.output_linear", mlp + "fc2")
+            moe = src + "block_sparse_moe."
+            for old, new in (("input_linear.weight", "experts_fc1"), ("experts.gate_up_proj", "experts_fc1"),
+                             ("output_linear.weight", "experts_fc2"), ("experts.down_proj", "experts_fc2"),
+                             ("router.layer.weight", "router.weight"), ("router.weight", "router.weight")):  # fmt: skip
+                if moe + old in sd:
+                    out[dst + "mlp." + new] = sd.pop(moe + old)
+        elif layout == "bamba":
+            _move(sd, out, src + "pre_ff_layernorm", dst + "norm2")
+            ff = src + "feed_forward."
+            for part in ("weight", "bias"):
+                gate, up = sd.pop(f"{ff}gate_proj.{part}", None), sd.pop(f"{ff}up_proj.{part}", None)
+                if gate is not None and up is not None:
+                    out[f"{dst}mlp.fc1.{part}"] = torch.cat([gate, up], dim=0)
+            _move(sd, out, ff + "down_proj", dst + "mlp.fc2")
+    return out | sd  # what was not recognised keeps its name
+
+
+def from_model(sd: dict[str, torch.Tensor], c: ModelConfig) -> dict[str, torch.Tensor]:
+    """MambaLM's tensors under the names (and shapes) of the layout c.arch writes (config_json's)."""
+    if not c.arch:
+        return dict(sd)
+    if c.arch == "mamba_ssm":
+        out = {k.replace("backbone.embeddings.", "backbone.embedding."): v for k, v in sd.items()}
+        for k in [k for k in out if k.endswith(".mlp.fc1.weight")]:
+            out[k] = _swap_halves(out[k])
+        return out
+    sd, out = dict(sd), {}
+    nemo = c.arch == "nemotron_h"
+    prefix = "backbone." if nemo else "model."
+    _move(sd, out, "backbone.embeddings", prefix + ("embeddings" if nemo else "embed_tokens"))
+    _move(sd, out, "backbone.norm_f", prefix + ("norm_f" if nemo else "norm" if c.arch == "granitemoehybrid" else "final_layernorm"))
+    _move(sd, out, "lm_head", "lm_head")
+    h, kv, e = c.attn_heads, c.attn_kv_heads, c.attn_head_dim
+    for i, kind in enumerate(c.kinds):
+        src, dst = f"backbone.layers.{i}.", f"{prefix}layers.{i}."
+        _move(sd, out, src + "norm2", dst + ("post_attention_layernorm" if c.arch == "granitemoehybrid" else "pre_ff_layernorm"))
+        _move(sd, out, src + "norm", dst + ("norm" if nemo else "input_layernorm"))
+        mixer = dst + ("mixer." if nemo else "self_attn." if kind == "attention" else "mamba.")
+        if kind == "attention":
+            for part in ("weight", "bias"):
+                t = sd.pop(f"{src}mixer.in_proj.{part}", None)
+                if t is not None:
+                    for p, piece in zip("qkv", t.split([h * e, kv * e, kv * e], dim=0)):
+                        out[f"{mixer}{p}_proj.{part}"] = piece
+            _move(sd, out, src + "mixer.out_proj", mixer + "o_proj")
+        elif kind == "mlp":
+            _move(sd, out, src + "mixer.mlp.fc1", mixer + "up_proj")
+            _move(sd, out, src + "mixer.mlp.fc2", mixer + "down_proj")
+        else:
+            _move(sd, out, src + "mixer", mixer.rstrip("."))
+        if c.arch == "granitemoehybrid":
+            mlp = src + ("mlp.shared." if c.n_experts else "mlp.")
+            _move(sd, out, mlp + "fc1", dst + "shared_mlp.input_linear")
+            _move(sd, out, mlp + "fc2", dst + "shared_mlp.output_linear")
+            moe = dst + "block_sparse_moe."
+            for new, old in (("input_linear.weight", "experts_fc1"), ("output_linear.weight", "experts_fc2"),
+                             ("router.layer.weight", "router.weight")):  # fmt: skip
+                if src + "mlp." + old in sd:
+                    out[moe + new] = sd.pop(src + "mlp." + old)
+        elif c.arch == "bamba":
+            for part in ("weight", "bias"):
+                t = sd.pop(f"{src}mlp.fc1.{part}", None)
+                if t is not None:
+                    gate, up = t.chunk(2, dim=0)
+                    out[f"{dst}feed_forward.gate_proj.{part}"], out[f"{dst}feed_forward.up_proj.{part}"] = gate, up
+            _move(sd, out, src + "mlp.fc2", dst + "feed_forward.down_proj")
+    if sd:
+        raise RuntimeError(f"layouts.from_model: no {c.arch} name for {sorted(sd)[0]}")
+    return out
