@@ -72,8 +72,13 @@ class AttentionMixer(Mixer):
         # mamba_ssm's MHA conv: nn.Conv1d's default bias
         self.conv1d = nn.Conv1d(self.qkv_dim, self.qkv_dim, self.d_conv, groups=self.qkv_dim) if self.d_conv else None
         self.out_proj = nn.Linear(h * e, cfg.d_model, bias=cfg.attn_out_bias)
-        self.rotary_dim = cfg.rotary_dim
-        self.register_buffer("inv_freq", rope_frequencies(cfg.rotary_dim, cfg.rope_theta), persistent=False)
+        self.rotary_dim, self.rope_theta = cfg.rotary_dim, cfg.rope_theta
+        self._freqs: dict[torch.device, torch.Tensor] = {}  # RoPE frequencies per device (not a buffer: no state)
+
+    def inv_freq(self, device: torch.device) -> torch.Tensor:
+        if device not in self._freqs:
+            self._freqs[device] = rope_frequencies(self.rotary_dim, self.rope_theta, device)
+        return self._freqs[device]
 
     def _split(self, qkv: torch.Tensor):
         """q (..., h, e), k and v (..., c, e) of qkv (..., qkv_dim)."""
@@ -103,7 +108,8 @@ class AttentionMixer(Mixer):
         if ctx.offset is not None:
             position = (position - ctx.offset[:, None]).clamp_min(0)
         if self.rotary_dim:
-            q, k = rope(q, position, self.inv_freq), rope(k, position, self.inv_freq)
+            freq = self.inv_freq(hidden.device)
+            q, k = rope(q, position, freq), rope(k, position, freq)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (b, heads, w, e)
         o = self._attend(q, k, v, ctx.mask)
         out = self.out_proj(o.transpose(1, 2).flatten(2))
@@ -159,8 +165,8 @@ class AttentionMixer(Mixer):
             qkv = causal_conv_update_silu(qkv, state.conv, self._conv_weight(), self.conv1d.bias, None)
         q, k, v = self._split(qkv)  # (b, h, e), (b, c, e)
         if self.rotary_dim:
-            q = rope(q, state.position, self.inv_freq)
-            k = rope(k, state.position, self.inv_freq)
+            freq = self.inv_freq(hidden.device)
+            q, k = rope(q, state.position, freq), rope(k, state.position, freq)
         at = state.length.view(b, 1, 1, 1).expand(b, self.kv_heads, 1, self.head_dim)
         state.k.scatter_(2, at, k.unsqueeze(2).to(state.k.dtype))
         state.v.scatter_(2, at, v.unsqueeze(2).to(state.v.dtype))
