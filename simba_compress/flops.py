@@ -8,6 +8,14 @@ head (2 * d_model * vocab per position that needs logits) is reported beside it,
 layer's scan (and an in-layer score) runs on its tokens padded to whole chunks of mamba_ssm's kernel
 (ModelConfig.scan_chunks), as the GPU runs it: those steps are counted, in the pruned and the dense model alike.
 The matmul terms are checked against torch.utils.flop_counter in tests/test_flops.py.
+
+Hybrids. An attention layer on k tokens costs its projections, the conv over qkv (mamba_ssm's d_conv) and RoPE per
+token, and the k(k+1)/2 causal (query, key) pairs of its kept tokens: per pair and query head, q.k (2e), the
+softmax (SOFTMAX) and the weighted sum of v (2e); grouped kv heads (GQA) cost the same products, fewer projections.
+MLPs cost their two (or, gated, three) projections per token; Granite's MoE its router, the top-k experts a token
+runs and its shared MLP. An in-layer score that an attention or MLP layer ranks by is computed by the layer
+pruning.score_source names (carried up), and counted there. KV-cache bytes (attention layers, kept tokens) are
+reported beside the FLOP ratio (kv_cache_bytes).
 """
 
 from __future__ import annotations
@@ -16,14 +24,74 @@ from dataclasses import asdict, dataclass
 
 import torch
 
+from .attention import SNAPKV_WINDOW
 from .layers import ModelConfig
-from .pruning import IN_LAYER, SimbaConfig
+from .pruning import IN_LAYER, SimbaConfig, scorers
 
 SILU, SOFTPLUS = 4, 4  # x * sigmoid(x): neg, exp, add, div (+ the mul counted separately); log(1 + exp(x))
 SCAN_PER_STATE = 9  # mamba_ssm: 9 * L * D * N for the discretisation, the state update and C . h
+SOFTMAX = 5  # per score: the scale, the max subtracted, exp, the sum, the division
+ROPE = 3  # per rotated element: two products and a sum
+SNAPKV_POOL_FLOPS = 5  # per vote: the max over SNAPKV_POOL neighbours
 
 
-def block_flops(cfg: ModelConfig) -> dict[str, int]:
+def mlp_flops(cfg: ModelConfig) -> int:
+    """FLOPs per token of one MLP (mlp.MLP) of the model's shape, or of Granite's MoE with its shared MLP."""
+    d, i = cfg.d_model, cfg.d_intermediate
+    act = SILU if cfg.mlp_act == "silu" else 2  # relu then the square
+    if cfg.mlp_gated:
+        flops = 2 * d * 2 * i + (act + 1) * i + 2 * i * d + ((2 * i + d) if cfg.mlp_bias else 0)
+    else:
+        flops = 2 * d * i + act * i + 2 * i * d + ((i + d) if cfg.mlp_bias else 0)
+    if cfg.n_experts:
+        k, ie = cfg.experts_per_token, cfg.expert_intermediate
+        # router logits, the softmax over the top k, each expert's gated MLP, the weighted sum
+        flops += 2 * d * cfg.n_experts + SOFTMAX * k + k * (2 * d * 2 * ie + (SILU + 1) * ie + 2 * ie * d) + 2 * k * d
+    return flops
+
+
+def attention_flops(cfg: ModelConfig) -> dict[str, int]:
+    """FLOPs per token of an attention layer's token-wise parts (attention_pair_flops: the rest)."""
+    d, h, c, e = cfg.d_model, cfg.attn_heads, cfg.attn_kv_heads, cfg.attn_head_dim
+    qkv = (h + 2 * c) * e
+    return {
+        "norm": 4 * d,
+        "in_proj": 2 * d * qkv + (qkv if cfg.attn_qkv_bias else 0),
+        "conv": 2 * qkv * cfg.attn_conv + qkv if cfg.attn_conv else 0,  # mamba_ssm's conv has a bias, no activation
+        "rope": ROPE * cfg.rotary_dim * (h + c),
+        "out_proj": 2 * h * e * d + (d if cfg.attn_out_bias else 0),
+        "residual": d,
+    }
+
+
+def attention_pair_flops(cfg: ModelConfig) -> int:
+    """FLOPs per causal (query, key) pair: over the query heads, q.k, the softmax and the weighted sum of v."""
+    return cfg.attn_heads * (4 * cfg.attn_head_dim + SOFTMAX)
+
+
+def causal_pairs(tokens: int) -> int:
+    return tokens * (tokens + 1) // 2
+
+
+def block_flops(cfg: ModelConfig, layer: int | None = None) -> dict[str, int]:
+    """FLOPs per token of block `layer` (None: an SSM layer of the model), by component; an attention layer's
+    (query, key) pairs are counted by layer_flops."""
+    kind = cfg.layer if layer is None else cfg.kind(layer)
+    d = cfg.d_model
+    if kind == "attention":
+        parts = attention_flops(cfg)
+    elif kind == "mlp":
+        parts = {"norm": 4 * d, "mlp": mlp_flops(cfg), "residual": d}
+    else:
+        parts = _ssm_flops(cfg)
+    if cfg.residual_multiplier != 1.0:
+        parts["residual"] += d
+    if cfg.block_mlp:
+        parts |= {"norm2": 4 * d, "mlp": mlp_flops(cfg), "residual2": d * (2 if cfg.residual_multiplier != 1.0 else 1)}
+    return parts
+
+
+def _ssm_flops(cfg: ModelConfig) -> dict[str, int]:
     """FLOPs per token of one Mamba block, by component."""
     d, e, n, r, k = cfg.d_model, cfg.d_inner, cfg.d_state, cfg.dt_rank, cfg.d_conv
     if cfg.layer == "mamba2":
@@ -54,26 +122,54 @@ def block_flops(cfg: ModelConfig) -> dict[str, int]:
     }
 
 
-def matmul_flops(cfg: ModelConfig) -> dict[str, int]:
+def matmul_flops(cfg: ModelConfig, layer: int | None = None) -> dict[str, int]:
     """The projection and conv part of block_flops, per token: what torch.utils.flop_counter counts as
     mm/addmm and convolution. (The reference scan's own in-chunk matmul is an implementation device of the
-    CPU path, not part of the scan's analytic 9 d_inner d_state.)"""
+    CPU path, not part of the scan's analytic 9 d_inner d_state.) An attention layer's (query, key) products,
+    2 e per pair and query head for q.k and as many for the sum of v, are attention_pair_flops' matmul part."""
     d, e, n, r, k = cfg.d_model, cfg.d_inner, cfg.d_state, cfg.dt_rank, cfg.d_conv
+    kind = cfg.layer if layer is None else cfg.kind(layer)
+    mlp = {}
+    if cfg.block_mlp or kind == "mlp":
+        i = cfg.d_intermediate
+        mlp = {"mlp": 2 * d * (2 if cfg.mlp_gated else 1) * i + 2 * i * d}
+        if cfg.n_experts:
+            ie = cfg.expert_intermediate
+            mlp["router"] = 2 * d * cfg.n_experts
+            mlp["experts"] = cfg.experts_per_token * (2 * d * 2 * ie + 2 * ie * d)
+    if kind == "mlp":
+        return mlp
+    if kind == "attention":
+        h = cfg.attn_heads * cfg.attn_head_dim
+        qkv = h + 2 * cfg.attn_kv_heads * cfg.attn_head_dim
+        return {"in_proj": 2 * d * qkv, "conv": 2 * qkv * cfg.attn_conv, "out_proj": 2 * h * d} | mlp
     if cfg.layer == "mamba2":
         h, gn = e // cfg.headdim, cfg.ngroups * cfg.d_state
-        return {"in_proj": 2 * d * (2 * e + 2 * gn + h), "conv": 2 * (e + 2 * gn) * k, "out_proj": 2 * e * d}
+        return {"in_proj": 2 * d * (2 * e + 2 * gn + h), "conv": 2 * (e + 2 * gn) * k, "out_proj": 2 * e * d} | mlp
     return {
         "in_proj": 2 * d * 2 * e,
         "conv": 2 * e * k,
         "x_proj": 2 * e * (r + 2 * n),
         "dt_proj": 2 * r * e,
         "out_proj": 2 * e * d,
-    }
+    } | mlp
+
+
+def snapkv_flops(cfg: ModelConfig, tokens: int, window: int) -> int:
+    """SnapKV's score over `tokens` keys (attention.snapkv_score): the last max(window, SNAPKV_WINDOW) queries
+    against every key, per query head: q.k (2e) and the softmax, their sum over the queries, the max-pool, the max
+    over heads."""
+    w = min(max(window, SNAPKV_WINDOW), tokens)
+    h = cfg.attn_heads
+    return h * w * tokens * (2 * cfg.attn_head_dim + SOFTMAX + 1) + h * tokens * (SNAPKV_POOL_FLOPS + 1)
 
 
 def score_flops(cfg: ModelConfig, criterion: str) -> int:
-    """FLOPs per scored token of a criterion (the token sort is O(l log l) and not counted)."""
+    """FLOPs per scored token of a criterion (the token sort is O(l log l) and not counted); for "snapkv" the cost
+    per key of its default window (snapkv_flops gives it for any window)."""
     e, n, d = cfg.d_inner, cfg.d_state, cfg.d_model
+    if criterion == "snapkv":
+        return snapkv_flops(cfg, SNAPKV_WINDOW, 1) // SNAPKV_WINDOW
     if cfg.layer == "mamba2" and criterion == "deci":
         return 2 * (e // cfg.headdim)  # one step size per head
     if cfg.layer == "mamba2" and criterion in ("simba", "share"):
@@ -100,17 +196,24 @@ def head_flops(cfg: ModelConfig) -> int:
     return 4 * cfg.d_model + 2 * cfg.d_model * cfg.vocab_size
 
 
+KV_DTYPE = "bfloat16"  # the KV-cache bytes are reported at the dtype a model is served in
+KV_BYTES = 2
+
+
 @dataclass
 class FlopReport:
     seq_len: int
     tokens: list[int]  # tokens each layer runs on
-    per_layer: list[int]  # backbone FLOPs of each layer, the score after it included
+    per_layer: list[int]  # backbone FLOPs of each layer, the score it computes included
     dense: int  # backbone FLOPs of the dense model
     sparse: int  # backbone FLOPs of the pruned model, score included
     score: int  # of which the pruning score
     ratio: float  # sparse / dense: what --flops sets
     head_per_position: int  # LM head + final norm, per position that needs logits (beside the ratio)
     per_token_block: dict[str, int]
+    kv_cache_bytes: int = 0  # the attention layers' KV cache after a pruned prefill of one sequence (KV_DTYPE)
+    kv_cache_dense_bytes: int = 0  # the same, dense
+    kv_cache_dtype: str = KV_DTYPE
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -122,29 +225,58 @@ def scan_steps(cfg: ModelConfig, tokens: int) -> int:
     return cfg.scan_chunks.scan_length(tokens) if tokens > 0 else tokens
 
 
-def layer_flops(cfg: ModelConfig, tokens: int, score: str | None = None) -> int:
-    """Backbone FLOPs of one layer on `tokens` tokens, its scan's padding included, and with `score` (a criterion)
-    the score of those tokens after it (an in-layer one over the scan's steps)."""
-    block = block_flops(cfg)
-    steps = scan_steps(cfg, tokens)
-    flops = tokens * sum(block.values()) + (steps - tokens) * block["scan"]
+def layer_flops(cfg: ModelConfig, tokens: int, score: str | None = None, layer: int | None = None, window: int = 1) -> int:
+    """Backbone FLOPs of layer `layer` (None: an SSM layer) on `tokens` tokens, an SSM scan's padding included, and
+    with `score` (a criterion) the score of those tokens it computes (an SSM in-layer one over the scan's steps;
+    snapkv with the protected tail `window`)."""
+    kind = cfg.layer if layer is None else cfg.kind(layer)
+    block = block_flops(cfg, layer)
+    flops = tokens * sum(block.values())
+    if kind == "attention":
+        flops += causal_pairs(tokens) * attention_pair_flops(cfg)
+        if score == "snapkv":
+            flops += snapkv_flops(cfg, tokens, window)
+        elif score is not None and score in IN_LAYER:
+            raise ValueError(f"an attention layer does not compute {score!r}")
+        elif score is not None:
+            flops += tokens * score_flops(cfg, score)
+        return flops
+    steps = scan_steps(cfg, tokens) if kind != "mlp" else tokens
+    flops += (steps - tokens) * block.get("scan", 0)
     if score is not None:
         flops += (steps if score in IN_LAYER else tokens) * score_flops(cfg, score)
     return flops
+
+
+def kv_cache_bytes(cfg: ModelConfig, tokens: list[int], element_bytes: int = KV_BYTES) -> int:
+    """Bytes of the attention layers' KV caches for one sequence, tokens[i] cached at layer i."""
+    per_token = 2 * cfg.attn_kv_heads * cfg.attn_head_dim * element_bytes
+    return sum(per_token * tokens[i] for i in cfg.attn_layers)
+
+
+def scoring_layers(cfg: ModelConfig, simba: SimbaConfig | None, tokens: list[int]) -> dict[int, str]:
+    """layer -> the in-layer criterion it computes under `simba` with these per-layer token counts (model.py's
+    forward: pruning.scorers), or, for a criterion that reads the block output, each layer that prunes."""
+    prunes = [i + 1 < len(tokens) and tokens[i + 1] < k for i, k in enumerate(tokens)]
+    out = scorers(cfg.kinds, prunes, simba)
+    if simba is not None and simba.criterion not in IN_LAYER:
+        out = {i: simba.criterion for i, p in enumerate(prunes) if p}
+    return out
 
 
 def count(cfg: ModelConfig, simba: SimbaConfig | None, seq_len: int) -> FlopReport:
     """Backbone FLOPs of one sequence of seq_len real tokens, dense and as pruned by `simba`."""
     n_real = torch.tensor([seq_len])
     tokens = [seq_len] * cfg.n_layer if simba is None else simba.counts(n_real, cfg.scan_chunks)[:, 0].tolist()
+    scoring = scoring_layers(cfg, simba, tokens)
+    window = simba.protect_last if simba is not None else 1
     per_layer, score = [], 0
     for i, k in enumerate(tokens):
-        plain = layer_flops(cfg, k)
-        scores = simba is not None and i + 1 < len(tokens) and tokens[i + 1] < k
-        flops = layer_flops(cfg, k, simba.criterion) if scores else plain
+        plain = layer_flops(cfg, k, layer=i)
+        flops = layer_flops(cfg, k, scoring[i], i, window) if i in scoring else plain
         score += flops - plain
         per_layer.append(flops)
-    dense = cfg.n_layer * layer_flops(cfg, seq_len)
+    dense = sum(layer_flops(cfg, seq_len, layer=i) for i in range(cfg.n_layer))
     sparse = sum(per_layer)
     return FlopReport(
         seq_len=seq_len,
@@ -156,4 +288,6 @@ def count(cfg: ModelConfig, simba: SimbaConfig | None, seq_len: int) -> FlopRepo
         ratio=sparse / dense,
         head_per_position=head_flops(cfg),
         per_token_block=block_flops(cfg),
+        kv_cache_bytes=kv_cache_bytes(cfg, tokens),
+        kv_cache_dense_bytes=kv_cache_bytes(cfg, [seq_len] * cfg.n_layer),
     )

@@ -49,7 +49,7 @@ def causal_conv_silu(
     if fn is not None and x.is_cuda:
         return fn(x, weight, bias, activation=activation)
     k = weight.shape[-1]
-    out = F.conv1d(x, weight.unsqueeze(1), bias, padding=k - 1, groups=x.shape[1])[..., : x.shape[-1]]
+    out = F.conv1d(F.pad(x, (k - 1, 0)), weight.unsqueeze(1), bias, groups=x.shape[1])  # exactly l outputs
     return out if activation is None else F.silu(out)
 
 

@@ -31,7 +31,7 @@ import torch
 from .errors import SimbaError
 from .flops import count, layer_flops
 from .layers import ModelConfig
-from .pruning import SimbaConfig
+from .pruning import SimbaConfig, score_source
 
 FLOP_TOLERANCE = 0.005  # a schedule for --flops F lands within 0.5% of F
 LOWEST_T = 1e-6  # the smallest keep ratio a fitted schedule may reach (ratios must stay > 0)
@@ -69,10 +69,18 @@ def fast_tolerance(cfg: ModelConfig, simba: SimbaConfig, flops: float, seq_len: 
 
 
 def _level_costs(cfg: ModelConfig, simba: SimbaConfig, seq_len: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]:
-    """Per fast level: tokens, FLOPs of a layer on them, FLOPs of scoring them after it; and the dense model's."""
+    """Per fast level: tokens (levels,); per layer and level, FLOPs of the layer on them and of the score that ranks
+    them when the layer prunes (n_layer, levels), computed by the layer score_source names (in a hybrid, an SSM layer
+    below an attention layer), on the same number of tokens; and the dense model's FLOPs. Layers differ in a hybrid
+    (attention costs grow with the square of the tokens), so every cost is per layer."""
     tokens = _fast_tokens(simba, seq_len)
-    layer = np.array([layer_flops(cfg, int(t)) for t in tokens], dtype=np.float64)
-    score = np.array([layer_flops(cfg, int(t), simba.criterion) for t in tokens], dtype=np.float64) - layer
+    kinds = cfg.kinds
+    layer = np.array([[layer_flops(cfg, int(t), layer=i) for t in tokens] for i in range(cfg.n_layer)], dtype=np.float64)
+    score = np.zeros_like(layer)
+    for i in range(cfg.n_layer):
+        src = score_source(kinds, i, simba)
+        j, crit = src if src is not None else (i, simba.criterion)
+        score[i] = [layer_flops(cfg, int(t), crit, j, simba.protect_last) - layer[j, k] for k, t in enumerate(tokens)]
     return tokens, layer, score, count(cfg, None, seq_len).dense
 
 
@@ -103,16 +111,20 @@ def fast_candidates(cfg: ModelConfig, simba: SimbaConfig, flops: float, seq_len:
     counts = _staircases(cfg.n_layer, len(FAST_LEVELS))  # (m, levels)
     tokens, layer, score, dense = _level_costs(cfg, simba, seq_len)
     counts = counts[(counts[:, ~_usable(cfg, tokens, seq_len)] == 0).all(1)]
-    # a level scores its tokens once, at its last layer, when the next nonempty level keeps fewer
-    nonempty = counts > 0
-    following = np.full(len(counts), np.inf)  # tokens of the next nonempty level, walking up from the top
-    scores = np.zeros(counts.shape, dtype=bool)
-    for j in range(len(FAST_LEVELS) - 1, -1, -1):
-        scores[:, j] = nonempty[:, j] & (following < tokens[j])
-        following = np.where(nonempty[:, j], tokens[j], following)
-    ratio = (counts @ layer + scores @ score) / dense
-    ok = np.abs(ratio - flops) <= fast_tolerance(cfg, simba, flops, seq_len)
-    return [[lv for lv, c in zip(FAST_LEVELS, row) for _ in range(int(c))] for row in counts[ok]]
+    if not len(counts):
+        return []
+    levels = np.stack([np.repeat(np.arange(len(FAST_LEVELS)), row) for row in counts])  # (m, n_layer) level per layer
+    rows = np.arange(cfg.n_layer)
+    # a layer scores where the next one keeps fewer tokens; in a hybrid a carried score's layer may serve two
+    # prunings (counted twice here, once by count()): there the candidates near the budget are counted exactly
+    prunes = np.diff(tokens[levels], axis=1) < 0
+    ratio = (layer[rows, levels].sum(1) + (score[rows[:-1], levels[:, :-1]] * prunes).sum(1)) / dense
+    tol = fast_tolerance(cfg, simba, flops, seq_len)
+    keeps = [[FAST_LEVELS[j] for j in row] for row in levels]
+    if not cfg.hybrid:
+        return [keep for keep, r in zip(keeps, ratio) if abs(r - flops) <= tol]
+    near = [keep for keep, r in zip(keeps, ratio) if abs(r - flops) <= 3 * tol]
+    return [keep for keep in near if abs(count(cfg, replace(simba, keep=keep, align=True), seq_len).ratio - flops) <= tol]
 
 
 def to_fast(cfg: ModelConfig, simba: SimbaConfig, flops: float, seq_len: int) -> SimbaConfig | None:
@@ -135,18 +147,21 @@ def to_fast(cfg: ModelConfig, simba: SimbaConfig, flops: float, seq_len: int) ->
     dist[:, ~_usable(cfg, tokens, seq_len)] = np.inf
     L = len(levels)
     best = np.full((L, n_buckets), np.inf)
-    first = int(round(layer[0] / q))
+    first = int(round(layer[0, 0] / q))
     if first >= n_buckets:
         return None
     best[0, first] = dist[0, 0]
-    # buckets a layer at level j adds after one at level jp (its own FLOPs, and the score below where it steps down)
-    steps = np.rint((layer[None, :] + np.where(tokens[None, :] < tokens[:, None], score[:, None], 0.0)) / q).astype(int)
+    # buckets layer i at level j adds after layer i - 1 at level jp (its own FLOPs, and the score that ranked the
+    # tokens below where it steps down)
+    down = tokens[None, :] < tokens[:, None]  # (jp, j)
+    steps = np.stack([np.rint((layer[i][None, :] + np.where(down, score[i - 1][:, None], 0.0)) / q).astype(int)
+                      if i else np.zeros((L, L), dtype=int) for i in range(n)])  # fmt: skip
     back = np.zeros((n, L, n_buckets), dtype=np.int8)  # the level of layer i - 1 on the best path
     for i in range(1, n):
         new = np.full((L, n_buckets), np.inf)
         for j in range(L):
             for jp in range(j + 1):
-                step = steps[jp, j]
+                step = steps[i, jp, j]
                 if step >= n_buckets:
                     continue
                 cand = np.full(n_buckets, np.inf)
@@ -163,7 +178,7 @@ def to_fast(cfg: ModelConfig, simba: SimbaConfig, flops: float, seq_len: int) ->
         path = [j]
         for i in range(n - 1, 0, -1):
             jp = int(back[i, path[-1], b])
-            b -= steps[jp, path[-1]]
+            b -= steps[i, jp, path[-1]]
             path.append(jp)
         fast = replace(simba, keep=[float(levels[k]) for k in reversed(path)], align=True)
         if abs(count(cfg, fast, seq_len).ratio - flops) <= tol:

@@ -182,3 +182,75 @@ def test_max_tokens_caps_the_layers_it_names_and_is_counted():
                       ("1,2", "2 caps for a model of 6")):
         with pytest.raises(SimbaError, match=msg):
             max_tokens_list(spec, 6)
+
+
+def _hybrid_counts(model, ids, simba):
+    with torch.no_grad(), FlopCounterMode(display=False) as fc:
+        model(ids, simba=simba)
+    per = fc.get_flop_counts()
+    op = lambda mod, name: sum(v for o, v in per.get(mod, {}).items() if str(o).split(".")[-1] == name)  # noqa: E731
+    return per, op
+
+
+@pytest.mark.parametrize("simba", [None, SimbaConfig([1.0, 0.75, 0.75, 0.5, 0.5, 0.25], protect_last=2)])
+def test_hybrid_matmul_flops_match_flop_counter(simba):
+    """Every layer kind's projections and convs, Granite's MoE (router, the top-k experts each token runs, the shared
+    MLP), and the attention's q.k and v products (the CPU's SDPA computes the full square the causal mask then
+    halves: 4 e per (query, key) and query head), per layer on the tokens it kept."""
+    from conftest import random_hybrid
+    from simba_compress.flops import attention_pair_flops, causal_pairs
+
+    m = random_hybrid(n_layer=6, attn_layers=(1, 4), d_intermediate=40, block_mlp=True, n_experts=4,
+                      experts_per_token=2, expert_intermediate=24)  # fmt: skip
+    b, w = 2, 48
+    ids = torch.randint(0, 64, (b, w))
+    per, op = _hybrid_counts(m, ids, simba)
+    report = count(m.config, simba, w)
+    cfg = m.config
+    for i, k in enumerate(report.tokens):
+        a = matmul_flops(cfg, i)
+        layer = f"MambaLM.backbone.layers.{i}"
+        assert op(layer + ".mixer.in_proj", "mm") == b * k * a["in_proj"]
+        assert op(layer + ".mixer.out_proj", "mm") == b * k * a["out_proj"]
+        assert op(layer + ".mixer", "convolution") == b * k * a["conv"]
+        assert op(layer + ".mlp.shared", "mm") == b * k * a["mlp"]
+        assert op(layer + ".mlp.router", "mm") == b * k * a["router"]
+        mlp_all = sum(v for o, v in per[layer + ".mlp"].items() if str(o).split(".")[-1] in ("mm", "bmm"))  # gathered: bmm
+        assert mlp_all == b * k * (a["mlp"] + a["router"] + a["experts"])  # every token runs its top-k experts
+        if cfg.kind(i) == "attention":
+            assert op(layer + ".mixer", "bmm") == b * 4 * cfg.attn_heads * cfg.attn_head_dim * k * k
+            assert causal_pairs(k) * 4 * cfg.attn_heads * cfg.attn_head_dim <= causal_pairs(k) * attention_pair_flops(cfg)
+    assert report.kv_cache_bytes < report.kv_cache_dense_bytes or simba is None
+
+
+def test_kv_cache_bytes_are_the_decoders_prefill_cache():
+    """count's KV-cache bytes (per sequence, bf16) are those of the KV states a pruned prefill leaves per row."""
+    from conftest import random_hybrid
+
+    m = random_hybrid(n_layer=5, attn_layers=(0, 2, 4))
+    simba = SimbaConfig([1.0, 0.75, 0.5, 0.5, 0.25], protect_last=1)
+    with torch.no_grad():
+        states = m(torch.randint(0, 64, (3, 40)), simba=simba, return_states=True, last_logits=1).states
+    cached = sum(2 * st.length * st.k.shape[1] * st.k.shape[3] for st in states if st is not None and hasattr(st, "k"))
+    report = count(m.config, simba, 40)
+    assert (cached * 2 == report.kv_cache_bytes).all()  # 2 bytes a value (bfloat16)
+    assert report.kv_cache_dense_bytes == 3 * 40 * 2 * m.config.attn_kv_heads * m.config.attn_head_dim * 2
+    assert [report.tokens[i] for i in (0, 2, 4)] == [40, 20, 10]
+
+
+def test_hybrid_fast_form_meets_the_target():
+    """The fast form's search and the linear fit work for a hybrid (per-layer costs: attention grows with the
+    square of its tokens, scores carried from the SSM layer below are counted there)."""
+    from conftest import random_hybrid
+    from simba_compress.schedules import fast_candidates, fast_tolerance, to_fast
+
+    cfg = random_hybrid(n_layer=8, attn_layers=(2, 5), d_model=64, d_intermediate=128, block_mlp=True).config
+    for target in (0.8, 0.6):
+        s = linear_for_flops(cfg, target, 1024, protect_last=4, form="fast")
+        assert abs(count(cfg, s, 1024).ratio - target) <= fast_tolerance(cfg, s, target, 1024)
+        assert s.align and set(s.keep) <= {1.0, 0.75, 0.5, 0.25, 0.125, 0.0625}
+    exact = linear_for_flops(cfg, 0.6, 1024, protect_last=4)
+    candidates = fast_candidates(cfg, exact, 0.6, 1024)
+    tol = fast_tolerance(cfg, exact, 0.6, 1024)
+    assert candidates and to_fast(cfg, exact, 0.6, 1024).keep in candidates
+    assert all(abs(count(cfg, SimbaConfig(k, protect_last=4, align=True), 1024).ratio - 0.6) <= tol for k in candidates)
