@@ -17,12 +17,13 @@ from __future__ import annotations
 import contextlib
 import statistics
 import time
+from pathlib import Path
 from dataclasses import asdict, dataclass
 from typing import Callable
 
 import torch
 
-from .flops import count
+from .flops import count, kv_cache_bytes
 from .memory import parameter_bytes
 from .model import MambaLM
 
@@ -54,6 +55,7 @@ class BenchRow:
     total_ms: float
     peak_mem_gb: float | None  # CUDA only
     device: str
+    kv_cache_gb: float = 0.0  # the attention layers' KV cache after the prefill, all rows (hybrids; analytic)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -63,42 +65,50 @@ Generate = Callable[[torch.Tensor, int], object]  # (prompt ids, new tokens) -> 
 
 
 def mamba_ssm_twin(model: MambaLM):
-    """mamba_ssm's MambaLMHeadModel with `model`'s weights, or None where mamba_ssm does not import."""
+    """mamba_ssm's MambaLMHeadModel with `model`'s weights, or None where mamba_ssm does not import or cannot hold the
+    model (a transformers hybrid: Granite's multipliers and MoE, NemotronH's MLP layers). Its hybrid decode needs
+    flash_attn's kv-cache kernel: without it mamba_ssm's MHA attends a decode query to the first cached key only
+    (benchmarks/results/cpu/check_mamba_ssm_hybrid.md), so its hybrid generate is timed but not right there."""
+    from dataclasses import replace
+
+    from .layouts import from_model, original_config
+
     try:
         from mamba_ssm.models.config_mamba import MambaConfig
         from mamba_ssm.models.mixer_seq_simple import MambaLMHeadModel
     except Exception:  # not installed, or without its CUDA extension
         return None
-    c = model.config
-    ssm_cfg = {"layer": "Mamba1" if c.layer == "mamba1" else "Mamba2", "d_state": c.d_state, "d_conv": c.d_conv,
-               "expand": c.expand, "conv_bias": c.conv_bias, "bias": c.bias}  # fmt: skip
-    if c.layer == "mamba1":
-        ssm_cfg["dt_rank"] = c.dt_rank
-    else:
-        ssm_cfg |= {"headdim": c.headdim, "ngroups": c.ngroups}
-    conf = MambaConfig(d_model=c.d_model, n_layer=c.n_layer, vocab_size=c.vocab_size, ssm_cfg=ssm_cfg,
-                       rms_norm=c.rms_norm, residual_in_fp32=c.residual_in_fp32, fused_add_norm=True,
-                       pad_vocab_size_multiple=1, tie_embeddings=c.tie_embeddings)  # fmt: skip
-    twin = MambaLMHeadModel(conf, device=model.device, dtype=model.lm_head.weight.dtype).eval()
-    sd = {k.replace("backbone.embeddings.", "backbone.embedding."): v for k, v in model.state_dict().items()}
-    twin.load_state_dict(sd)
+    if model.config.arch not in ("", "mamba_ssm"):
+        return None
+    c = replace(model.config, arch="mamba_ssm")
+    twin = MambaLMHeadModel(MambaConfig(**original_config(c)), device=model.device, dtype=model.lm_head.weight.dtype).eval()
+    twin.load_state_dict(from_model(model.state_dict(), c))
     return twin
 
 
 def transformers_twin(model: MambaLM):
-    """transformers' MambaForCausalLM with `model`'s weights (the same parameter names), or None."""
+    """transformers' model of `model`'s family with its weights (MambaForCausalLM built directly; the others through
+    a dense copy saved in their layout and read back by from_pretrained), or None where transformers lacks it."""
     try:
-        from transformers import MambaConfig, MambaForCausalLM
+        from transformers import AutoModelForCausalLM, MambaConfig, MambaForCausalLM
 
-        from .checkpoints import hf_config
+        from .checkpoints import hf_config, save
     except Exception:
         return None
-    if model.config.layer != "mamba1":
+    c, dtype = model.config, model.lm_head.weight.dtype
+    if c.arch == "mamba_ssm":
         return None
-    conf = MambaConfig(**{k: v for k, v in hf_config(model.config).items() if k != "architectures"})
-    with torch.device(model.device):
-        hf = MambaForCausalLM(conf).to(model.lm_head.weight.dtype).eval()
-    hf.load_state_dict(model.state_dict(), strict=False)  # lm_head is tied
+    if c.layer == "mamba1" and not c.arch:
+        conf = MambaConfig(**{k: v for k, v in hf_config(c).items() if k != "architectures"})
+        with torch.device(model.device):
+            hf = MambaForCausalLM(conf).to(dtype).eval()
+        hf.load_state_dict(model.state_dict(), strict=False)  # lm_head is tied
+    else:
+        import tempfile
+
+        with tempfile.TemporaryDirectory() as tmp, schedule(model, None):
+            save(model, Path(tmp) / "dense", dtype=dtype)
+            hf = AutoModelForCausalLM.from_pretrained(Path(tmp) / "dense", dtype=dtype).to(model.device).eval()
     hf.generation_config.eos_token_id = hf.generation_config.pad_token_id = None
     return hf
 
@@ -197,22 +207,24 @@ def run_bench(
         if only is not None and name not in only:
             continue
         simba = model.simba if name == "simba" else None
-        flops = count(model.config, simba, cfg.prompt_len).ratio
+        report = count(model.config, simba, cfg.prompt_len)
+        kv = kv_cache_bytes(model.config, report.tokens, model.lm_head.weight.dtype.itemsize) * cfg.batch / 2**30
         t = time_generation(run, ids, cfg, weights)
-        rows.append(BenchRow(name, round(flops, 4), cfg.batch, cfg.prompt_len, cfg.new_tokens,
+        rows.append(BenchRow(name, round(report.ratio, 4), cfg.batch, cfg.prompt_len, cfg.new_tokens,
                              round(t["first_token_ms"], 3), round(t["decode_ms_per_token"], 4), round(t["total_ms"], 3),
-                             None if t["peak_mem_gb"] is None else round(t["peak_mem_gb"], 3), device))  # fmt: skip
+                             None if t["peak_mem_gb"] is None else round(t["peak_mem_gb"], 3), device, round(kv, 4)))  # fmt: skip
     return rows
 
 
 def table(rows: list[BenchRow]) -> str:
     """A markdown table of rows, with the ratios against the dense row of the same case."""
-    lines = ["| impl | FLOPs | batch | prompt | new | first token ms | decode ms/token | total ms | vs dense (total) | peak GB |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]  # fmt: skip
+    kv = any(r.kv_cache_gb for r in rows)
+    lines = ["| impl | FLOPs | batch | prompt | new | first token ms | decode ms/token | total ms | vs dense (total) | peak GB |"
+             + (" KV cache GB |" if kv else ""), "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|" + ("---:|" if kv else "")]  # fmt: skip
     for r in rows:
         dense = next((d for d in rows if d.impl == "dense" and (d.batch, d.prompt_len, d.new_tokens) == (r.batch, r.prompt_len, r.new_tokens)), None)
         vs = f"{dense.total_ms / r.total_ms:.2f}x" if dense else "n/a"
         peak = "n/a" if r.peak_mem_gb is None else f"{r.peak_mem_gb:.2f}"
         lines.append(f"| {r.impl} | {r.flops:.3f} | {r.batch} | {r.prompt_len} | {r.new_tokens} | {r.first_token_ms:.1f} "
-                     f"| {r.decode_ms_per_token:.2f} | {r.total_ms:.1f} | {vs} | {peak} |")  # fmt: skip
+                     f"| {r.decode_ms_per_token:.2f} | {r.total_ms:.1f} | {vs} | {peak} |" + (f" {r.kv_cache_gb:.3f} |" if kv else ""))  # fmt: skip
     return "\n".join(lines) + "\n"

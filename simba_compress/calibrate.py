@@ -31,7 +31,7 @@ import os
 import re
 import socket
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Literal
 
@@ -63,6 +63,7 @@ class CalibrationConfig:
     seq_len: int = 1024  # input length the FLOP ratio is computed at
     criterion: str = "simba"
     protect_last: int = 1
+    attention_score: str = "carry"  # hybrids: what an attention layer that prunes ranks by (SimbaConfig)
     granularity: int = 1  # token counts rounded to multiples of this (SimbaConfig.granularity)
     form: Form = "fast"  # "fast": each trial's profile becomes its nearest fast-form staircase (schedules.to_fast)
     trials: int = 40  # finished trials the study should hold (shared by all workers)
@@ -218,7 +219,7 @@ class _Scorer:
     """The calibration objective of a schedule on fixed windows; what no schedule changes is computed once."""
 
     def __init__(
-        self, model: MambaLM, windows: torch.Tensor, protect: int, objective: str, batch_size: int, criterion: str
+        self, model: MambaLM, windows: torch.Tensor, protect: int, objective: str, batch_size: int, template: SimbaConfig
     ):
         self.model, self.protect, self.objective = model, protect, objective
         self.batches: list[tuple[torch.Tensor, Prefix, torch.Tensor]] = []
@@ -226,7 +227,8 @@ class _Scorer:
             for s in range(0, windows.shape[0], batch_size):
                 w = windows[s : s + batch_size].to(model.device)
                 x, targets = w[:, :-1], w[:, -protect:]
-                prefix = model.prefix(x, criterion=criterion)  # layer 0 is dense under every schedule
+                # layer 0 is dense under every schedule; the prefix keeps the scores that rank the tokens after it
+                prefix = model.prefix(x, criterion=template.criterion, simba=template)
                 if objective == "kl":
                     targets = self._logits(x, prefix, None).log_softmax(-1)  # the dense teacher
                 self.batches.append((x, prefix, targets))
@@ -316,6 +318,8 @@ def _identity(model: MambaLM, windows: torch.Tensor, cfg: CalibrationConfig, pro
         "knots": cfg.knots,
         "calibration windows": hashlib.sha256(windows.cpu().numpy().tobytes()).hexdigest()[:16],
         "model_name": cfg.model_name,  # for the message only
+        # hybrids only (a study of an earlier version keeps its identity)
+        **({"attention_score": cfg.attention_score} if cfg.attention_score != "carry" else {}),
     }
 
 
@@ -425,14 +429,15 @@ def calibrate(model: MambaLM, windows: torch.Tensor, config: CalibrationConfig) 
         )
     if cfg.form == "fast" and cfg.granularity > 1:
         raise SimbaError("--granularity: a staircase of its own; use it with --form exact")
-    template = SimbaConfig([1.0] * mc.n_layer, cfg.criterion, cfg.protect_last, cfg.seed, cfg.granularity)
+    template = SimbaConfig([1.0] * mc.n_layer, cfg.criterion, cfg.protect_last, cfg.seed, cfg.granularity,
+                           attention_score=cfg.attention_score)  # fmt: skip
     if cfg.form == "fast":
         tol = fast_tolerance(mc, template, cfg.flops, cfg.seq_len)
     else:
         tol = flop_tolerance(mc, cfg.flops, cfg.seq_len, cfg.granularity)
 
     def schedule(increments: list[float], level: float) -> SimbaConfig:
-        return SimbaConfig(knots(mc.n_layer, increments, level), cfg.criterion, cfg.protect_last, cfg.seed, cfg.granularity)
+        return replace(template, keep=knots(mc.n_layer, increments, level))
 
     def in_form(simba: SimbaConfig) -> SimbaConfig | None:
         """A trial's continuous profile at the budget as the form runs it; None: no staircase meets the budget."""
@@ -454,7 +459,8 @@ def calibrate(model: MambaLM, windows: torch.Tensor, config: CalibrationConfig) 
     linear_keep, note = None, None
     try:
         linear_keep = linear_for_flops(
-            mc, cfg.flops, cfg.seq_len, cfg.criterion, cfg.protect_last, cfg.seed, cfg.granularity, cfg.form
+            mc, cfg.flops, cfg.seq_len, cfg.criterion, cfg.protect_last, cfg.seed, cfg.granularity, cfg.form,
+            cfg.attention_score,
         ).keep
     except SimbaError as e:
         note = f"linear baseline skipped: {e}"
@@ -492,7 +498,7 @@ def calibrate(model: MambaLM, windows: torch.Tensor, config: CalibrationConfig) 
             return seen[tokens]
         if scorer is None:  # built only when a trial needs it (a finished study needs no forward pass)
             t0 = time.time()
-            scorer = _Scorer(model, windows, protect, cfg.objective, cfg.batch_size, cfg.criterion)
+            scorer = _Scorer(model, windows, protect, cfg.objective, cfg.batch_size, template)
             setup = time.time() - t0
         seen[tokens] = scorer(simba)
         return seen[tokens]
@@ -555,7 +561,7 @@ def calibrate(model: MambaLM, windows: torch.Tensor, config: CalibrationConfig) 
         setup_seconds=setup,
         tolerance=tol,
     )
-    simba = SimbaConfig(best.keep, cfg.criterion, cfg.protect_last, cfg.seed, cfg.granularity, align=cfg.form == "fast")
+    simba = replace(template, keep=best.keep, align=cfg.form == "fast")
     simba.extra = {
         "schedule": "calibrated", "form": cfg.form, "flops_target": cfg.flops, "seq_len": cfg.seq_len, "trial": best.number
     }

@@ -43,7 +43,9 @@ def _parser() -> argparse.ArgumentParser:
     )
     c.add_argument("--keep", type=_keep_list, help="explicit per-layer keep ratios, e.g. 1,0.9,0.8")
     c.add_argument("--final-keep", type=float, help="linear schedule down to this keep ratio at the top layer")
-    c.add_argument("--criterion", help="simba (default), share, deci, utr, l2norm, random, stride")
+    c.add_argument("--criterion", help="simba (default), share, deci, snapkv (hybrids), utr, l2norm, random, stride")
+    c.add_argument("--attention-score", help="hybrids: what an attention layer that prunes ranks by: carry (default: the "
+                   "score of the Mamba layer below it) or snapkv (its own attention's)")
     c.add_argument("--protect-last", type=int, help="last tokens never pruned (default 1)")
     c.add_argument("--form", help="with --flops: fast (default: keep ratios on a staircase of 1, 3/4, 1/2 ... 1/16, fast on a "
                    "GPU at any prompt length) or exact (the paper's smooth schedule: every layer prunes a little)")
@@ -173,6 +175,7 @@ def _compress(args) -> int:
         "keep": keep,
         "final_keep": args.final_keep,
         "criterion": args.criterion,
+        "attention_score": args.attention_score,
         "protect_last": args.protect_last,
         "form": args.form,
         "granularity": args.granularity,
@@ -221,6 +224,8 @@ def _compress(args) -> int:
             f"  FLOP ratio {report['flops']['ratio']:.4f} at {report['flops']['seq_len']} tokens "
             f"(criterion {report['schedule']['criterion']})"
         )
+        if report["flops"]["kv_cache_dense_bytes"]:
+            print("  " + _kv_line(report["flops"]))
         print(
             f"  calibration loss, last {cal['protect']} tokens: dense {cal['dense']['loss']:.4f} -> "
             f"pruned {cal['sparse']['loss']:.4f}; all positions {cal['dense']['all_position_loss']:.4f} -> "
@@ -333,6 +338,29 @@ def _bench(args) -> int:
     return 0
 
 
+def _kv_line(flops: dict) -> str:
+    mib = 2**20
+    return (f"KV cache at {flops['seq_len']} tokens: {flops['kv_cache_bytes'] / mib:.2f} MiB a sequence, dense "
+            f"{flops['kv_cache_dense_bytes'] / mib:.2f} MiB ({flops['kv_cache_dtype']})")  # fmt: skip
+
+
+def _describe(c) -> list[str]:
+    """What the model is, in a few lines (info)."""
+    lines = [f"  {'Mamba-2' if c.layer == 'mamba2' else 'Mamba-1'}: d_model {c.d_model}, {c.n_layer} layers, "
+             f"d_state {c.d_state}, vocab {c.vocab_size}" + (f" ({c.arch})" if c.arch else "")]  # fmt: skip
+    if c.attn_layers:
+        pos = f"RoPE on {c.rotary_dim} of {c.attn_head_dim} dims" if c.rotary_dim else "no positional encoding"
+        conv = f", conv {c.attn_conv} over qkv" if c.attn_conv else ""
+        lines.append(f"  attention at layers {', '.join(map(str, c.attn_layers))}: {c.attn_heads} heads, "
+                     f"{c.attn_kv_heads} kv heads of {c.attn_head_dim}, {pos}{conv}")  # fmt: skip
+    if c.mlp_layers:
+        lines.append(f"  MLP layers {', '.join(map(str, c.mlp_layers))}: {c.d_intermediate} hidden, {c.mlp_act}")
+    if c.block_mlp:
+        moe = f", MoE of {c.n_experts} experts (top {c.experts_per_token}) of {c.expert_intermediate}" if c.n_experts else ""
+        lines.append(f"  an MLP after every mixer: {c.d_intermediate} hidden{moe}")
+    return lines
+
+
 def _info(args) -> int:
     from .checkpoints import read_checkpoint, resolve
     from .flops import count
@@ -354,7 +382,7 @@ def _info(args) -> int:
         return 0
     c = ckpt.config
     print(f"{path} ({ckpt.layout} layout)")
-    print(f"  Mamba-1: d_model {c.d_model}, {c.n_layer} layers, d_state {c.d_state}, vocab {c.vocab_size}")
+    print("\n".join(_describe(c)))
     if ckpt.simba is None:
         print("  dense (no pruning schedule)")
     else:
@@ -365,6 +393,8 @@ def _info(args) -> int:
         if s.max_tokens is not None:
             print("  max tokens " + " ".join(str(c) if c else "-" for c in s.max_tokens))
         print(f"  FLOP ratio {flops.ratio:.4f} at {args.seq_len} tokens (score {flops.score / flops.dense:.4f})")
+    if flops.kv_cache_dense_bytes:
+        print("  " + _kv_line(flops.to_dict()))
     return 0
 
 

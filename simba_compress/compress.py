@@ -45,6 +45,7 @@ def compress(
     granularity: int = 1,
     form: Form = "fast",
     max_tokens: str | list[int] | None = None,
+    attention_score: str = "carry",
 ) -> SimbaConfig:
     """Give `model` a fixed pruning schedule (in place) and return it; calibrate() searches one instead.
 
@@ -52,20 +53,23 @@ def compress(
     in the fast form by default: the nearest staircase of 1, 3/4, 1/2 ... 1/16, schedules.py; form="exact" keeps the
     paper's line), final_keep (the paper's linear schedule down to this ratio) or keep (explicit ratios).
     max_tokens: per-layer token caps or "T@L" (schedules.max_tokens_list), applied on top of the schedule, which
-    is fitted without them (they bind only on prompts longer than T).
+    is fitted without them (they bind only on prompts longer than T). attention_score: in a hybrid, what an
+    attention layer that prunes ranks by (SimbaConfig.attention_score).
     """
     n_layer = model.config.n_layer
     try:
         if keep is not None:
             if len(keep) != n_layer:
                 raise SimbaError(f"keep: {len(keep)} ratios for a model of {n_layer} layers")
-            simba = SimbaConfig(list(keep), criterion, protect_last, seed, granularity)
+            simba = SimbaConfig(list(keep), criterion, protect_last, seed, granularity, attention_score=attention_score)
         elif final_keep is not None:
-            simba = SimbaConfig(linear(n_layer, final_keep), criterion, protect_last, seed, granularity)
+            simba = SimbaConfig(linear(n_layer, final_keep), criterion, protect_last, seed, granularity,
+                                attention_score=attention_score)  # fmt: skip
         elif flops is not None:
             if form == "fast" and granularity > 1:
                 raise SimbaError("--granularity: a staircase of its own; use it with --form exact")
-            simba = linear_for_flops(model.config, flops, seq_len, criterion, protect_last, seed, granularity, form)
+            simba = linear_for_flops(model.config, flops, seq_len, criterion, protect_last, seed, granularity, form,
+                                     attention_score)  # fmt: skip
         else:
             raise SimbaError("compress: give flops, final_keep or keep")
         simba = with_max_tokens(simba, max_tokens)
@@ -152,6 +156,7 @@ def run(recipe: Recipe, overwrite: bool = False, progress: bool = True) -> tuple
             granularity=recipe.granularity,
             form=recipe.form,
             max_tokens=recipe.max_tokens,
+            attention_score=recipe.attention_score,
         )
     protect = default_protect(cal.seq_len)
     dense = evaluate(model, windows, protect, simba=None, progress=progress)
@@ -278,6 +283,7 @@ def _search_config(recipe: Recipe, study_file: Path, progress: bool) -> Calibrat
         seq_len=recipe.seq_len,
         criterion=recipe.criterion,
         protect_last=recipe.protect_last,
+        attention_score=recipe.attention_score,
         granularity=recipe.granularity,
         form=recipe.form,
         trials=recipe.trials,

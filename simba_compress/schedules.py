@@ -250,16 +250,18 @@ def linear_for_flops(
     seed: int = 0,
     granularity: int = 1,
     form: Form = "exact",
+    attention_score: str = "carry",
 ) -> SimbaConfig:
     """The linear schedule whose FLOP ratio at seq_len is within flop_tolerance of `flops`; in the fast form,
     the staircase closest to it that meets `flops` (to_fast)."""
     check_flops(flops)
     if form == "fast":
-        exact = linear_for_flops(cfg, flops, seq_len, criterion, protect_last, seed, granularity)
+        exact = linear_for_flops(cfg, flops, seq_len, criterion, protect_last, seed, granularity, attention_score=attention_score)
         return fast_for_flops(cfg, exact, flops, seq_len)
 
     def make(final: float) -> SimbaConfig:
-        return SimbaConfig(linear(cfg.n_layer, final), criterion, protect_last, seed, granularity)
+        return SimbaConfig(linear(cfg.n_layer, final), criterion, protect_last, seed, granularity,
+                           attention_score=attention_score)  # fmt: skip
 
     if flops >= 1.0 - 1e-12:
         return make(1.0)

@@ -345,3 +345,35 @@ def load_case_model(case: str, tmp=None):
     with tempfile.TemporaryDirectory() as d:
         ref.save_pretrained(d)
         return load(d)
+
+
+def test_cli_compresses_a_granite_folder_with_kv_cache_reported(tmp_path, capsys):
+    """The CLI on a transformers hybrid: a calibrated search in the fast form, the report's KV-cache bytes beside the
+    FLOP ratio, info, and an output transformers reads dense."""
+    import shutil
+
+    from conftest import CORPUS
+    from simba_compress.cli import main
+
+    family, kwargs = CASES["granite_dense_nope"]
+    ref = randomize(getattr(transformers, f"{family}ForCausalLM")(getattr(transformers, f"{family}Config")(
+        **kwargs | dict(vocab_size=8192, num_hidden_layers=6, layer_types=["mamba", "attention", "mamba", "mamba",
+                                                                           "attention", "mamba"]))))  # fmt: skip
+    ref.save_pretrained(tmp_path / "granite")
+    for f in (CORPUS / "tokenizer").iterdir():
+        shutil.copy(f, tmp_path / "granite" / f.name)
+    out = tmp_path / "out"
+    args = ["--model", str(tmp_path / "granite"), "--flops", "0.7", "--output", str(out), "--calib-samples", "2",
+            "--calib-seq-len", "128", "--seq-len", "128", "--trials", "3", "--protect-last", "4", "--json"]  # fmt: skip
+    assert main(args) == 0
+    report = json.loads(capsys.readouterr().out)
+    flops = report["flops"]
+    assert 0 < flops["kv_cache_bytes"] < flops["kv_cache_dense_bytes"] == 2 * 128 * 2 * 2 * 8 * 2  # 2 layers, bf16
+    assert report["schedule"]["attention_score"] == "carry"
+    assert main(["info", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "attention at layers 1, 4: 4 heads, 2 kv heads of 8, no positional encoding" in text and "KV cache at 1024" in text
+    dense = type(ref).from_pretrained(out).eval()
+    ids = torch.randint(0, 8192, (1, 20))
+    with torch.no_grad():
+        assert rel_err(dense(ids, use_cache=False).logits, load(out)(ids, simba=None).logits) < 1e-4
