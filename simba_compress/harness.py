@@ -21,6 +21,8 @@ What pruning does to each request type:
 from __future__ import annotations
 
 import sys
+
+import lm_eval.models  # noqa: F401  lm-eval's own models (hf, vllm, ...): it reads them only into an empty registry
 import torch
 from lm_eval.api.model import LM
 from lm_eval.api.registry import register_model

@@ -188,3 +188,81 @@ def test_model_card_reports_the_run(tmp_path):
     assert f"| pruned | {report['calibration']['sparse']['loss']:.4f} |" in text
     assert "simba-compress --recipe recipe.yaml --output out" in text
     assert (out / "keep_profile.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+LM_EVAL_DOCS = [
+    ("In the beginning God created the heaven and the", [" earth", " table", " river", " number"]),
+    ("In Python, the number of items in a list is given by the built-in", [" len", " size", " count", " number"]),
+    ("To read rows from a table in SQL, use the statement", [" SELECT", " TABLE", " ROW", " INDEX"]),
+    ("A Python function is defined with the keyword", [" def", " func", " seven", " blue"]),
+    ("The opposite of true is", [" false", " seven", " water", " light"]),
+]
+
+
+@pytest.fixture(scope="module")
+def lm_eval_tasks(tmp_path_factory):
+    """Local tasks: multiple choice with one-token answers, the same with multi-token answers, a rolling
+    loglikelihood (perplexity) task and a generation task, each from a JSONL file."""
+    folder = tmp_path_factory.mktemp("tasks")
+    rows = [{"question": q, "choices": c, "answer": 0, "long": [a + " and the" + b for a, b in zip(c, c[1:] + c[:1])],
+             "text": q + c[0] + ". " + q.lower() + c[1] + "."} for q, c in LM_EVAL_DOCS]  # fmt: skip
+    (folder / "docs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    common = (f"dataset_path: json\ndataset_kwargs:\n  data_files:\n    test: {folder / 'docs.jsonl'}\n"
+              "test_split: test\ntarget_delimiter: ''\n")  # fmt: skip
+    mc = "output_type: multiple_choice\ndoc_to_text: '{{question}}'\ndoc_to_target: '{{answer}}'\nmetric_list:\n  - metric: acc\n"
+    (folder / "one.yaml").write_text("task: simba_hf_one\n" + common + mc + "doc_to_choice: '{{choices}}'\n")
+    (folder / "long.yaml").write_text("task: simba_hf_long\n" + common + mc + "doc_to_choice: '{{long}}'\n")
+    (folder / "rolling.yaml").write_text(
+        "task: simba_hf_rolling\n" + common + "output_type: loglikelihood_rolling\ndoc_to_text: ''\n"
+        "doc_to_target: '{{text}}'\nmetric_list:\n  - metric: word_perplexity\n")  # fmt: skip
+    (folder / "gen.yaml").write_text(
+        "task: simba_hf_gen\n" + common + "output_type: generate_until\ndoc_to_text: '{{question}}'\n"
+        "doc_to_target: '{{choices[0]}}'\ngeneration_kwargs:\n  until: ['.']\n  max_gen_toks: 8\n  do_sample: false\n"
+        "metric_list:\n  - metric: exact_match\n")  # fmt: skip
+    return folder
+
+
+def lm_eval_responses(model: str, model_args: str, tasks: list[str], folder) -> dict[str, list]:
+    """Each task's per-request responses (loglikelihoods, or generated text), in document order."""
+    import lm_eval
+    from lm_eval.tasks import TaskManager
+
+    import simba_compress.harness  # noqa: F401  registers "simba"
+
+    res = lm_eval.simple_evaluate(model=model, model_args=model_args, tasks=tasks, log_samples=True,
+                                  task_manager=TaskManager(include_path=str(folder)))  # fmt: skip
+    out = {}
+    for task in tasks:
+        samples = sorted(res["samples"][task], key=lambda s: s["doc_id"])
+        out[task] = [r[0] if isinstance(r, list) else r for s in samples for r in s["resps"]]
+    return out
+
+
+def test_lm_eval_hf_model_scores_as_the_simba_model(demo_folder, lm_eval_tasks):
+    """lm_eval --model hf with trust_remote_code against --model simba: the same loglikelihoods where lm-eval's hf
+    model can express the simba model's request (one-token continuations, rolling windows) and the same generations.
+    A longer continuation is scored as the forward prunes it (lm-eval's hf model never says where it starts)."""
+    pytest.importorskip("lm_eval", reason="the eval extra (lm-eval) is not installed")
+    tok = sc.load_tokenizer(demo_folder)
+    assert all(len(tok(c, add_special_tokens=False).input_ids) == 1 for _, cs in LM_EVAL_DOCS for c in cs)
+    tasks = ["simba_hf_one", "simba_hf_rolling", "simba_hf_gen", "simba_hf_long"]
+    hf = lm_eval_responses("hf", f"pretrained={demo_folder},trust_remote_code=True,device=cpu,dtype=float32",
+                           tasks, lm_eval_tasks)  # fmt: skip
+    ours = lm_eval_responses("simba", f"pretrained={demo_folder},device=cpu", tasks, lm_eval_tasks)
+    dense = lm_eval_responses("simba", f"pretrained={demo_folder},device=cpu,dense=true", tasks[:1], lm_eval_tasks)
+    for task in ("simba_hf_one", "simba_hf_rolling"):
+        got = [r[0] if isinstance(r, (list, tuple)) else r for r in hf[task]]
+        want = [r[0] if isinstance(r, (list, tuple)) else r for r in ours[task]]
+        assert got == pytest.approx(want, rel=1e-5, abs=1e-4), task
+    assert hf["simba_hf_gen"] == ours["simba_hf_gen"]
+    assert [r[0] for r in ours["simba_hf_one"]] != pytest.approx([r[0] for r in dense["simba_hf_one"]], abs=1e-3)
+    # multi-token continuations: the hf model's request is the plain pruned forward over context + continuation
+    model, long = sc.load(demo_folder), []
+    for q, choices in LM_EVAL_DOCS:
+        for a, b in zip(choices, choices[1:] + choices[:1]):
+            whole, n_ctx = tok(q + a + " and the" + b).input_ids, len(tok(q).input_ids)
+            with torch.no_grad():
+                logp = model(torch.tensor([whole[:-1]])).logits[0].log_softmax(-1)
+            long.append(sum(logp[i - 1, whole[i]].item() for i in range(n_ctx, len(whole))))
+    assert [r[0] for r in hf["simba_hf_long"]] == pytest.approx(long, rel=1e-5, abs=1e-4)
+    assert [r[0] for r in ours["simba_hf_long"]] != pytest.approx(long, abs=1e-3)  # --model simba protects them
