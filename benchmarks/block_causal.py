@@ -42,8 +42,7 @@ from simba_compress import MambaLM, SimbaConfig, load, load_tokenizer  # noqa: E
 from simba_compress.data import load_windows  # noqa: E402
 from simba_compress.evaluate import protected  # noqa: E402
 from simba_compress.flops import count, layer_flops  # noqa: E402
-from simba_compress.model import norm  # noqa: E402
-from simba_compress.pruning import IN_LAYER  # noqa: E402
+from simba_compress.layers import MixerContext, norm  # noqa: E402
 from simba_compress.schedules import linear_for_flops  # noqa: E402
 
 
@@ -58,12 +57,12 @@ def segments(seq_len: int, protect: int, block: int | None) -> list[tuple[int, i
     return spans + [(prompt, seq_len, protect)]
 
 
-def span_counts(simba: SimbaConfig, spans, seq_len: int, protect: int) -> list[list[int]]:
+def span_counts(simba: SimbaConfig, spans, seq_len: int, protect: int, chunks) -> list[list[int]]:
     """Tokens each layer keeps of each span. One span: the schedule as the model applies it (the protected tail
     inside its counts). Blocks: the same number of tokens per layer as that, the continuation's `protect` among
     them, the rest shared among the prompt's blocks in proportion to their length (each keeps at least its last
     token): the variants differ in which tokens they keep, not in how many."""
-    total = protected(simba, protect).counts(torch.tensor([seq_len]))[:, 0].tolist()
+    total = protected(simba, protect).counts(torch.tensor([seq_len]), chunks)[:, 0].tolist()
     if len(spans) == 1:
         return [total]
     prompt = seq_len - protect
@@ -79,7 +78,7 @@ def forward_spans(model: MambaLM, ids: torch.Tensor, simba: SimbaConfig, spans) 
     if simba.criterion != "simba":
         raise SystemExit("block_causal.py measures the simba criterion")
     b, length = ids.shape
-    counts = span_counts(simba, spans, length, spans[-1][2] if len(spans) > 1 else spans[0][2])
+    counts = span_counts(simba, spans, length, spans[-1][2], model.config.scan_chunks)
     n_layer = model.config.n_layer
     h = model.backbone.embeddings(ids).to(torch.float32 if model.config.residual_in_fp32 else model.lm_head.weight.dtype)
     kept = torch.arange(length, device=ids.device).expand(b, length)  # (b, k): positions, in order
@@ -90,8 +89,9 @@ def forward_spans(model: MambaLM, ids: torch.Tensor, simba: SimbaConfig, spans) 
         tokens.append(width)
         index = kept.unsqueeze(-1).expand(-1, -1, h.shape[-1])
         stream = h.gather(1, index)
-        x = norm(block.norm, stream)
-        stream = stream + block.mixer(x)[0]
+        x = norm(block.norm, stream, model.backends)
+        everyone = torch.full((b,), kept.shape[1] - 1, device=ids.device)
+        stream = stream + block.mixer(x, MixerContext(None, everyone, backends=model.backends)).out
         h.scatter_(1, index, stream)
         if layer + 1 == n_layer or all(c[layer + 1] == c[layer] for c in counts):
             continue
@@ -105,7 +105,7 @@ def forward_spans(model: MambaLM, ids: torch.Tensor, simba: SimbaConfig, spans) 
                 lead = min(slot, model.config.d_conv - 1)
                 window = x[:, slot - lead : slot + now]
                 last = torch.full((b,), window.shape[1] - 1, device=ids.device)
-                _, impact, _ = block.mixer(window, score="simba", last=last)
+                impact = block.mixer(window, MixerContext(None, last, score="simba", backends=model.backends)).score
                 score = impact[:, lead:].float()
                 score[:, now - min(protect, now) :] = float("inf")  # its last tokens: always kept
                 order = torch.argsort(score, dim=1, descending=True, stable=True)[:, :nxt]
@@ -113,7 +113,7 @@ def forward_spans(model: MambaLM, ids: torch.Tensor, simba: SimbaConfig, spans) 
             parts.append(mine)
             slot += now
         kept = torch.cat(parts, 1)
-    h = norm(model.backbone.norm_f, h)
+    h = norm(model.backbone.norm_f, h, model.backends)
     return model.lm_head(h.to(model.lm_head.weight.dtype)), tokens
 
 

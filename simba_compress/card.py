@@ -10,20 +10,22 @@ import re
 from pathlib import Path
 
 from .flops import count
+from .layers import ScanChunks
 from .model import MambaLM
 from .pruning import SimbaConfig
 
 KEEP_PLOT = "keep_profile.png"  # calibrate.py writes it after a search; written here otherwise
 
 
-def keep_profile_png(simba: SimbaConfig, seq_len: int) -> bytes:
-    """The schedule as a plot: each layer's keep ratio, and the tokens it runs on at seq_len."""
+def keep_profile_png(simba: SimbaConfig, seq_len: int, chunks: ScanChunks | None = None) -> bytes:
+    """The schedule as a plot: each layer's keep ratio, and the tokens it runs on at seq_len (a model whose scan
+    walks `chunks`, ModelConfig.scan_chunks)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    tokens = count_tokens(simba, seq_len)
+    tokens = count_tokens(simba, seq_len, chunks)
     fig, ax = plt.subplots(figsize=(6.4, 4.2))
     ax.plot(range(simba.n_layer), [t / seq_len for t in tokens], "o-", c="tab:red", label=f"tokens / {seq_len}")
     ax.plot(range(simba.n_layer), simba.keep, ":", c="tab:gray", label="keep ratio (schedule)")
@@ -39,10 +41,10 @@ def keep_profile_png(simba: SimbaConfig, seq_len: int) -> bytes:
     return buf.getvalue()
 
 
-def count_tokens(simba: SimbaConfig, seq_len: int) -> list[int]:
+def count_tokens(simba: SimbaConfig, seq_len: int, chunks: ScanChunks | None = None) -> list[int]:
     import torch
 
-    return simba.counts(torch.tensor([seq_len]))[:, 0].tolist()
+    return simba.counts(torch.tensor([seq_len]), chunks)[:, 0].tolist()
 
 
 def model_card(model: MambaLM, name: str, files: dict[str, str | bytes]) -> str:
@@ -94,7 +96,7 @@ def model_card(model: MambaLM, name: str, files: dict[str, str | bytes]) -> str:
         + (f", granularity {simba.granularity}" if simba.granularity > 1 else "")
         + (f", token caps {simba.max_tokens}" if simba.max_tokens else ""),
         f"- keep ratio per layer: {_runs(simba.keep)}",
-        f"- tokens per layer at {seq_len}: {_runs(count_tokens(simba, seq_len))}",
+        f"- tokens per layer at {seq_len}: {_runs(count_tokens(simba, seq_len, cfg.scan_chunks))}",
         f"- backbone FLOP ratio {ratio:.4f} (the score included; the LM head is counted beside it, not in it)",
         "",
     ]

@@ -365,7 +365,7 @@ def save(
             cfg["auto_map"] = auto_map(cfg["model_type"])
             files[REMOTE_CODE.name] = REMOTE_CODE.read_text()
             if KEEP_PLOT not in files:  # a search draws its own, beside the linear schedule
-                files[KEEP_PLOT] = keep_profile_png(model.simba, int(model.simba.extra.get("seq_len") or 1024))
+                files[KEEP_PLOT] = keep_profile_png(model.simba, int(model.simba.extra.get("seq_len") or 1024), model.config.scan_chunks)
         cfg["simba_compress_version"] = __version__
         if tokenizer is not None:  # generate's defaults (eos stops a row) come from config.json
             for key in ("bos_token_id", "eos_token_id", "pad_token_id"):

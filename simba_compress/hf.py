@@ -39,7 +39,7 @@ from transformers.utils import ModelOutput
 
 from .checkpoints import parse_config
 from .errors import SimbaError
-from .model import LayerState, MambaLM
+from .model import MambaLM
 from .pruning import SimbaConfig, padding_side
 
 REMOTE_CODE = Path(__file__).parent / "data" / "modeling_simba.py"  # copied into every saved folder
@@ -56,7 +56,7 @@ def auto_map(model_type: str) -> dict[str, str]:
 class SimbaStates:
     """Every layer's decoding state after the tokens seen so far (the pruned prefill's kept tokens, then each new one)."""
 
-    layers: list[LayerState]
+    layers: list  # one decode state per layer (layers.SSMState for the Mamba mixers)
 
 
 @dataclass

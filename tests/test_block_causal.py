@@ -24,7 +24,7 @@ def test_one_span_is_the_models_pruned_forward():
     got, tokens = bc.forward_spans(m, ids, SIMBA, bc.segments(LENGTH, PROTECT, None))
     want = m(ids, simba=protected(SIMBA, PROTECT))
     torch.testing.assert_close(got, want.logits, rtol=1e-5, atol=1e-5)  # every position: the frozen streams too
-    assert tokens == protected(SIMBA, PROTECT).counts(torch.tensor([LENGTH]))[:, 0].tolist()
+    assert tokens == protected(SIMBA, PROTECT).counts(torch.tensor([LENGTH]), m.config.scan_chunks)[:, 0].tolist()
 
 
 @torch.no_grad()
@@ -35,7 +35,7 @@ def test_blocks_keep_as_many_tokens_and_decide_from_what_precedes_them(block):
     spans = bc.segments(LENGTH, PROTECT, block)
     assert spans[-1] == (LENGTH - PROTECT, LENGTH, PROTECT) and spans[0][0] == 0
     logits, tokens = bc.forward_spans(m, ids, SIMBA, spans)
-    total = protected(SIMBA, PROTECT).counts(torch.tensor([LENGTH]))[:, 0].tolist()
+    total = protected(SIMBA, PROTECT).counts(torch.tensor([LENGTH]), m.config.scan_chunks)[:, 0].tolist()
     blocks = len(spans) - 1
     assert all(g <= t <= g + blocks for g, t in zip(total, tokens))  # rounding up per block, at most one each
     # a later block's tokens never change what an earlier position computed
