@@ -141,7 +141,7 @@ def main() -> None:
     ap.add_argument("--windows", type=int, default=64)
     ap.add_argument("--protect", type=int, default=128)
     ap.add_argument("--flops", type=float, nargs="+", default=[0.6, 0.53])
-    ap.add_argument("--form", default="fast", choices=["fast", "exact"], help="the schedule's form (fast: the CLI's default)")
+    ap.add_argument("--form", default="fast", choices=["fast", "exact"], help="the schedule's form (fast: the default)")
     ap.add_argument("--blocks", type=int, nargs="+", default=[64, 128, 256, 448])
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")

@@ -365,7 +365,8 @@ def save(
             cfg["auto_map"] = auto_map(cfg["model_type"])
             files[REMOTE_CODE.name] = REMOTE_CODE.read_text()
             if KEEP_PLOT not in files:  # a search draws its own, beside the linear schedule
-                files[KEEP_PLOT] = keep_profile_png(model.simba, int(model.simba.extra.get("seq_len") or 1024), model.config.scan_chunks)
+                seq_len = int(model.simba.extra.get("seq_len") or 1024)
+                files[KEEP_PLOT] = keep_profile_png(model.simba, seq_len, model.config.scan_chunks)
         cfg["simba_compress_version"] = __version__
         if tokenizer is not None:  # generate's defaults (eos stops a row) come from config.json
             for key in ("bos_token_id", "eos_token_id", "pad_token_id"):
@@ -381,9 +382,9 @@ def save(
             else:
                 (tmp / name).write_text(content)
         mode = (tmp / "config.json").stat().st_mode & 0o777  # what the umask gives an ordinary file
-        for file in tmp.rglob("*"):
-            os.chmod(file, mode | ((mode & 0o444) >> 2) if file.is_dir() else mode)
-        os.chmod(tmp, mode | ((mode & 0o444) >> 2))  # mkdtemp made it 0700; readable where its files are
+        folder_mode = mode | ((mode & 0o444) >> 2)  # searchable where readable (mkdtemp made tmp 0700)
+        for path in [tmp, *tmp.rglob("*")]:
+            os.chmod(path, folder_mode if path.is_dir() else mode)
         if out.exists():
             old = out.parent / f".{out.name}.replaced-{os.getpid()}"
             out.rename(old)

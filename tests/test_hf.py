@@ -51,7 +51,8 @@ def test_remote_code_prunes_as_simba_load_and_the_explicit_class_runs_dense(laye
     m.simba = SimbaConfig([1.0, 0.7, 0.4, 0.2], protect_last=2)
     folder = sc.save(m, tmp_path / "out")
     cfg = json.loads((folder / "config.json").read_text())
-    assert cfg["model_type"] == layer.replace("mamba1", "mamba") and "modeling_simba." in cfg["auto_map"]["AutoModelForCausalLM"]
+    assert cfg["model_type"] == layer.replace("mamba1", "mamba")
+    assert cfg["auto_map"]["AutoModelForCausalLM"].startswith("modeling_simba.")
     ours, hf = sc.load(folder), auto(folder)
     assert type(hf).__name__ == ("SimbaMambaForCausalLM" if layer == "mamba1" else "SimbaMamba2ForCausalLM")
     ids = torch.randint(0, 64, (1, 48))
@@ -139,7 +140,7 @@ def test_missing_package_is_named_with_how_to_install_it(demo_folder, tmp_path):
     )
     res = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=tmp_path, timeout=300)
     assert res.returncode != 0
-    assert "simba-compress package, which is not installed: pip install simba-compress" in res.stderr
+    assert "simba-compress package, which could not be imported" in res.stderr and "pip install simba-compress" in res.stderr
 
 
 def test_folder_is_a_hub_repository_with_a_parsing_model_card(demo_folder, tmp_path):
@@ -209,7 +210,8 @@ def lm_eval_tasks(tmp_path_factory):
     (folder / "docs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     common = (f"dataset_path: json\ndataset_kwargs:\n  data_files:\n    test: {folder / 'docs.jsonl'}\n"
               "test_split: test\ntarget_delimiter: ''\n")  # fmt: skip
-    mc = "output_type: multiple_choice\ndoc_to_text: '{{question}}'\ndoc_to_target: '{{answer}}'\nmetric_list:\n  - metric: acc\n"
+    mc = ("output_type: multiple_choice\ndoc_to_text: '{{question}}'\ndoc_to_target: '{{answer}}'\n"
+          "metric_list:\n  - metric: acc\n")
     (folder / "one.yaml").write_text("task: simba_hf_one\n" + common + mc + "doc_to_choice: '{{choices}}'\n")
     (folder / "long.yaml").write_text("task: simba_hf_long\n" + common + mc + "doc_to_choice: '{{long}}'\n")
     (folder / "rolling.yaml").write_text(

@@ -13,12 +13,13 @@ except ImportError as e:  # transformers skips imports inside try blocks in its 
     if not (e.name or "").startswith("simba_compress"):
         raise
     raise ImportError(
-        "This model prunes its prompt with the simba-compress package, which is not installed: pip install "
-        "simba-compress (or pip install . from its source). Without it, MambaForCausalLM / Mamba2ForCausalLM "
-        "load the same weights dense."
+        f"This model prunes its prompt with the simba-compress package, which could not be imported ({e}): pip "
+        "install simba-compress (or pip install . from its source; a version that has simba_compress.hf). Without "
+        "it, MambaForCausalLM / Mamba2ForCausalLM load the same weights dense."
     ) from None
 
 from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
 for _model_type, _name in REMOTE_CLASSES.items():
-    globals()[_name] = type(_name, (SimbaForCausalLM,), {"config_class": CONFIG_MAPPING[_model_type], "__module__": __name__})
+    _attrs = {"config_class": CONFIG_MAPPING[_model_type], "__module__": __name__}  # saved with this file
+    globals()[_name] = type(_name, (SimbaForCausalLM,), _attrs)
