@@ -34,7 +34,7 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_ma
 SIMBA_FILE = "simba.json"  # the schedule of a folder in the state-spaces layout (its config.json is MambaConfig's)
 WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
 # what a hub download fetches: a checkpoint's config, weights and tokenizer, or a tokenizer alone
-CHECKPOINT_PATTERNS = ["*.safetensors", "*.safetensors.index.json", "pytorch_model*.bin", "*.json", "*.txt"]
+CHECKPOINT_PATTERNS = ["*.safetensors", "*.safetensors.index.json", "pytorch_model*.bin", "*.json", "*.txt", "README.md"]
 TOKENIZER_PATTERNS = ["*.json", "*.txt", "*.model"]
 
 
@@ -95,23 +95,35 @@ def read_checkpoint(path: Path) -> Checkpoint:
     cfg = _read_json(file)
     if not isinstance(cfg, dict):
         raise SimbaError(f"{file}: expected a JSON object")
+    layout, config, simba = parse_config(cfg, file)
+    if simba is None and (path / SIMBA_FILE).is_file():  # the state-spaces layout keeps its schedule beside
+        simba = _simba_section(_read_json(path / SIMBA_FILE).get("simba"), path / SIMBA_FILE, config)
+    dtype = getattr(torch, str(cfg.get("torch_dtype") or cfg.get("dtype") or "float32").replace("torch.", ""), None)
+    return Checkpoint(path, layout, config, simba, dtype if isinstance(dtype, torch.dtype) else torch.float32, cfg)
+
+
+def parse_config(cfg: dict, file: Path | str) -> tuple[str, ModelConfig, SimbaConfig | None]:
+    """(layout, model shape, pruning schedule or None) from a config.json's content; errors name `file`. Also what
+    the transformers remote code (hf.py) builds its model from, with a loaded config's to_dict()."""
+    file = Path(file)
     layout, mc = read_config(cfg, file)
     try:
         config = ModelConfig(**mc)
     except (ValueError, TypeError) as e:
         raise SimbaError(f"{file}: {e}") from None
-    simba, section, where = None, cfg.get("simba"), file
-    if section is None and (path / SIMBA_FILE).is_file():
-        section, where = _read_json(path / SIMBA_FILE).get("simba"), path / SIMBA_FILE
-    if section is not None:
-        try:
-            simba = SimbaConfig.from_dict(section)
-        except (ValueError, TypeError, AttributeError) as e:
-            raise SimbaError(f"{where}: bad 'simba' section: {e}") from None
-        if simba.n_layer != config.n_layer:
-            raise SimbaError(f"{file}: 'simba.keep' has {simba.n_layer} entries for {config.n_layer} layers")
-    dtype = getattr(torch, str(cfg.get("torch_dtype") or cfg.get("dtype") or "float32").replace("torch.", ""), None)
-    return Checkpoint(path, layout, config, simba, dtype if isinstance(dtype, torch.dtype) else torch.float32, cfg)
+    return layout, config, _simba_section(cfg.get("simba"), file, config)
+
+
+def _simba_section(section, file: Path, config: ModelConfig) -> SimbaConfig | None:
+    if section is None:
+        return None
+    try:
+        simba = SimbaConfig.from_dict(section)
+    except (ValueError, TypeError, AttributeError) as e:
+        raise SimbaError(f"{file}: bad 'simba' section: {e}") from None
+    if simba.n_layer != config.n_layer:
+        raise SimbaError(f"{file}: 'simba.keep' has {simba.n_layer} entries for {config.n_layer} layers")
+    return simba
 
 
 def _load_file(file: Path) -> dict[str, torch.Tensor]:
@@ -199,7 +211,8 @@ def load_tokenizer(model: str | os.PathLike, tokenizer: str | None = None):
 
 
 # config.json keys the writer sets itself, or that describe another version of the folder
-WRITER_KEYS = ("simba", "simba_compress_version", "torch_dtype", "dtype", "transformers_version", "architectures")
+WRITER_KEYS = ("simba", "simba_compress_version", "torch_dtype", "dtype", "transformers_version", "architectures",
+               "auto_map")
 
 
 def hf_config(model_or_config) -> dict:
@@ -224,18 +237,24 @@ def save(
 ) -> Path:
     """Write model (+ simba section), tokenizer and extra files (text or bytes) into `output`, atomically.
 
+    Beside them: README.md, the model card (card.py; a README.md in `files` replaces it), and for a pruned model the
+    transformers remote code (hf.py: modeling_simba.py and config.json's auto_map; pure Mamba models), so the folder
+    is a Hub repository as it stands. Weights in safetensors (a state-spaces hybrid: pytorch_model.bin and
+    simba.json, the files mamba_ssm reads). Every file gets the mode an ordinary write gives it (safetensors alone
+    writes 0600).
     Everything is written into a temporary sibling folder that is renamed into place only when complete.
     An existing `output` is kept unless overwrite=True; then it is swapped out only after the new one is whole.
     """
     from safetensors.torch import save_file
+
+    from . import __version__
+    from .card import KEEP_PLOT, keep_profile_png, model_card
 
     out = Path(output).expanduser().resolve()
     check_output(out, overwrite)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
     try:
-        from . import __version__
-
         dtype = dtype or getattr(model, "source_dtype", torch.float32)
         cfg = hf_config(model)
         sd = {k: v.detach().to("cpu", dtype).contiguous() for k, v in model.state_dict().items()}
@@ -243,6 +262,10 @@ def save(
         if model.config.tie_embeddings and not state_spaces:  # mamba_ssm's load_state_dict wants the tied head too
             sd.pop("lm_head.weight")
         sd = from_model(sd, model.config)
+        files = dict(files or {})
+        if model.simba is not None and KEEP_PLOT not in files:  # a search draws its own, beside the linear schedule
+            seq_len = int(model.simba.extra.get("seq_len") or 1024)
+            files[KEEP_PLOT] = keep_profile_png(model.simba, seq_len, model.config.scan_chunks)
         if state_spaces:  # mamba_ssm's from_pretrained reads pytorch_model.bin and builds MambaConfig(**config.json)
             torch.save(sd, tmp / "pytorch_model.bin")
             simba = {"simba": None if model.simba is None else model.simba.to_dict(), "simba_compress_version": __version__,
@@ -252,17 +275,30 @@ def save(
             save_file(sd, str(tmp / "model.safetensors"), metadata={"format": "pt"})
             cfg["torch_dtype"] = str(dtype).replace("torch.", "")
             if model.simba is not None:
+                from .hf import REMOTE_CLASSES, REMOTE_CODE, auto_map
+
                 cfg["simba"] = model.simba.to_dict()
+                if cfg["model_type"] in REMOTE_CLASSES:  # the hybrids load pruned in simba_compress, dense in transformers
+                    cfg["auto_map"] = auto_map(cfg["model_type"])
+                    files[REMOTE_CODE.name] = REMOTE_CODE.read_text()
             cfg["simba_compress_version"] = __version__
+            if tokenizer is not None:  # generate's defaults (eos stops a row) come from config.json
+                for key in ("bos_token_id", "eos_token_id", "pad_token_id"):
+                    if getattr(tokenizer, key, None) is not None:
+                        cfg[key] = getattr(tokenizer, key)
         (tmp / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
         if tokenizer is not None:
             tokenizer.save_pretrained(str(tmp))
-        for name, content in (files or {}).items():
+        files.setdefault("README.md", model_card(model, out.name, files))
+        for name, content in files.items():
             if isinstance(content, bytes):
                 (tmp / name).write_bytes(content)
             else:
                 (tmp / name).write_text(content)
-        os.chmod(tmp, 0o755)
+        mode = (tmp / "config.json").stat().st_mode & 0o777  # what the umask gives an ordinary file
+        folder_mode = mode | ((mode & 0o444) >> 2)  # searchable where readable (mkdtemp made tmp 0700)
+        for path in [tmp, *tmp.rglob("*")]:
+            os.chmod(path, folder_mode if path.is_dir() else mode)
         if out.exists():
             old = out.parent / f".{out.name}.replaced-{os.getpid()}"
             out.rename(old)
