@@ -198,7 +198,7 @@ def main() -> None:
     global NEW_TOKENS
     shapes = SMOKE if args.smoke else SHAPES
     if args.smoke:
-        args.prompts, args.batches, NEW_TOKENS, args.reps = [64, 96], [1, 2], 4, 1
+        args.prompts, args.batches, NEW_TOKENS, args.reps = [48], [2], 4, 1
     device = torch.device("cuda" if torch.cuda.is_available() and not args.smoke else "cpu")
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     out = Path(args.out)
@@ -240,7 +240,7 @@ def main() -> None:
                         ms = timed_ms(lambda: twin(ids, num_last_tokens=1), device, reps)
                     row = {"prefill_ms": round(ms, 2), "flops": 1.0,
                            "note": "prefill only: its decode needs flash_attn (absent)"}  # fmt: skip
-                elif impl == "transformers" and model.config.arch == "granitemoehybrid" and prompt <= 8192 and batch == 1:
+                elif impl == "transformers" and model.config.arch == "granitemoehybrid" and prompt <= 8192 and (batch == 1 or args.smoke):
                     hf = hf or transformers_twin(model)
                     if hf is None:
                         continue

@@ -16,7 +16,9 @@ left-padded batch). The prefill runs SDPA causal on each row's contiguous real s
 unpadded batch in one call, a padded one row by row, so no (w, w) mask is ever built). The decode state (KVState)
 holds the kept tokens' keys and values, left-aligned in a static buffer with per-row lengths; a step appends its
 token at each row's length and attends over the row's entries (SDPA with a length mask, the query heads of one kv
-head as its query rows), in place, so the decode runtime replays it from a CUDA graph.
+head as its query rows; or, Backends.attention_decode "matmul", two batched matmuls, which parallelise over the
+cache's length where SDPA's masked kernel parallelises over rows and heads only: benchmarks/gpu_hybrid.py times
+both), in place, so the decode runtime replays it from a CUDA graph.
 
 SnapKV's criterion ("snapkv", pruning.py): the attention the row's last `window` queries (at least the protected
 tail; SNAPKV_WINDOW by default, as SnapKV's observation window) pay each key, summed over those queries, max-pooled
@@ -175,7 +177,12 @@ class AttentionMixer(Mixer):
         valid = torch.arange(state.capacity, device=hidden.device) < state.length[:, None]  # (b, capacity)
         g = self.heads // self.kv_heads
         q = q.view(b, self.kv_heads, g, self.head_dim).to(state.k.dtype)  # a kv head's query heads as its query rows
-        o = F.scaled_dot_product_attention(q, state.k, state.v, attn_mask=valid[:, None, None, :], scale=self.scale)
+        if backends.attention_decode == "matmul":  # one GEMM reads K, one reads V, parallel over the cache's length
+            scores = (q @ state.k.transpose(-1, -2)).float() * self.scale  # (b, c, g, capacity)
+            probs = scores.masked_fill(~valid[:, None, None, :], float("-inf")).softmax(-1).to(state.v.dtype)
+            o = probs @ state.v
+        else:
+            o = F.scaled_dot_product_attention(q, state.k, state.v, attn_mask=valid[:, None, None, :], scale=self.scale)
         return self.out_proj(o.reshape(b, -1).to(hidden.dtype))
 
 

@@ -10,6 +10,8 @@ Which one runs is `model.backends`, a frozen dataclass a caller can set and a te
     SIMBA_COMPRESS_SCAN=triton    scan="triton": the Mamba-1 prefill through the project's Triton scan even where
                                   mamba_ssm is installed (its cost follows the token count step by step, where
                                   mamba_ssm's works in 2048-token chunks)
+    SIMBA_COMPRESS_ATTENTION_DECODE=matmul   attention_decode="matmul": an attention layer's decode step as two
+                                  batched matmuls over its KV cache instead of SDPA's masked kernel (attention.py)
     SIMBA_COMPRESS_STEP=triton    step="triton" (or "mamba_ssm"): the decode step's kernels; "auto" takes
                                   mamba_ssm's selective_state_update with causal_conv1d's causal_conv1d_update
                                   where both are installed (faster on the H200: 1.95 against 2.49 ms a token for
@@ -37,18 +39,22 @@ class Backends:
     triton: bool = True  # the project's Triton kernels (scores, freeze-and-gather, norms, scans and steps)
     scan: Literal["auto", "triton"] = "auto"  # Mamba-1 prefill scan: mamba_ssm's where installed, or Triton's
     step: Literal["auto", "triton", "mamba_ssm"] = "auto"  # decode step kernels
+    attention_decode: Literal["sdpa", "matmul"] = "sdpa"  # an attention layer's decode step over its KV cache
 
     def __post_init__(self) -> None:
         if self.scan not in ("auto", "triton"):
             raise ValueError(f"scan: 'auto' or 'triton', got {self.scan!r}")
         if self.step not in ("auto", "triton", "mamba_ssm"):
             raise ValueError(f"step: 'auto', 'triton' or 'mamba_ssm', got {self.step!r}")
+        if self.attention_decode not in ("sdpa", "matmul"):
+            raise ValueError(f"attention_decode: 'sdpa' or 'matmul', got {self.attention_decode!r}")
 
     @classmethod
     def from_env(cls) -> "Backends":
         env = os.environ.get
         return cls(fast_path=env("SIMBA_COMPRESS_KERNELS", "1") != "0", triton=env("SIMBA_COMPRESS_TRITON", "1") != "0",
-                   scan=env("SIMBA_COMPRESS_SCAN", "auto"), step=env("SIMBA_COMPRESS_STEP", "auto"))  # fmt: skip
+                   scan=env("SIMBA_COMPRESS_SCAN", "auto"), step=env("SIMBA_COMPRESS_STEP", "auto"),
+                   attention_decode=env("SIMBA_COMPRESS_ATTENTION_DECODE", "sdpa"))  # fmt: skip
 
     def replace(self, **changes) -> "Backends":
         return replace(self, **changes)

@@ -63,7 +63,7 @@ class CalibrationConfig:
     seq_len: int = 1024  # input length the FLOP ratio is computed at
     criterion: str = "simba"
     protect_last: int = 1
-    attention_score: str = "carry"  # hybrids: what an attention layer that prunes ranks by (SimbaConfig)
+    attention_score: str = "snapkv"  # hybrids: what an attention layer that prunes ranks by (SimbaConfig)
     granularity: int = 1  # token counts rounded to multiples of this (SimbaConfig.granularity)
     form: Form = "fast"  # "fast": each trial's profile becomes its nearest fast-form staircase (schedules.to_fast)
     trials: int = 40  # finished trials the study should hold (shared by all workers)
@@ -318,8 +318,8 @@ def _identity(model: MambaLM, windows: torch.Tensor, cfg: CalibrationConfig, pro
         "knots": cfg.knots,
         "calibration windows": hashlib.sha256(windows.cpu().numpy().tobytes()).hexdigest()[:16],
         "model_name": cfg.model_name,  # for the message only
-        # hybrids only (a study of an earlier version keeps its identity)
-        **({"attention_score": cfg.attention_score} if cfg.attention_score != "carry" else {}),
+        # hybrids only (a study of a Mamba model keeps the identity it had before hybrids)
+        **({"attention_score": cfg.attention_score} if model.config.attn_layers else {}),
     }
 
 

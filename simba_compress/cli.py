@@ -44,8 +44,8 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--keep", type=_keep_list, help="explicit per-layer keep ratios, e.g. 1,0.9,0.8")
     c.add_argument("--final-keep", type=float, help="linear schedule down to this keep ratio at the top layer")
     c.add_argument("--criterion", help="simba (default), share, deci, snapkv (hybrids), utr, l2norm, random, stride")
-    c.add_argument("--attention-score", help="hybrids: what an attention layer that prunes ranks by: carry (default: the "
-                   "score of the Mamba layer below it) or snapkv (its own attention's)")
+    c.add_argument("--attention-score", help="hybrids: what an attention layer that prunes ranks by: snapkv (default: its "
+                   "own attention's, SnapKV's) or carry (the score of the Mamba layer below it)")
     c.add_argument("--protect-last", type=int, help="last tokens never pruned (default 1)")
     c.add_argument("--form", help="with --flops: fast (default: keep ratios on a staircase of 1, 3/4, 1/2 ... 1/16, fast on a "
                    "GPU at any prompt length) or exact (the paper's smooth schedule: every layer prunes a little)")

@@ -45,7 +45,7 @@ def compress(
     granularity: int = 1,
     form: Form = "fast",
     max_tokens: str | list[int] | None = None,
-    attention_score: str = "carry",
+    attention_score: str = "snapkv",
 ) -> SimbaConfig:
     """Give `model` a fixed pruning schedule (in place) and return it; calibrate() searches one instead.
 

@@ -41,8 +41,10 @@ class SimbaConfig:
         attention the last queries pay each key, attention.py), "utr" (clipped-activation sum of the block output),
         "l2norm" (block output norm), "random", "stride". In a hybrid, a layer that cannot compute the criterion
         itself ranks by the scores of the nearest layer below that can, carried up (score_source).
-    attention_score: with an SSM criterion, what an attention layer that prunes ranks by: "carry" (the SSM score of
-        the nearest SSM layer below it) or "snapkv" (its own attention's).
+    attention_score: with an SSM criterion, what an attention layer that prunes ranks by: "snapkv" (its own
+        attention's, SnapKV's; the default: 0.016-0.017 nats better than "carry" on the hybrid proxy at F = 0.6, on
+        training and on held-out text, benchmarks/results/cpu/hybrid_quality.md) or "carry" (the SSM score of the
+        nearest SSM layer below it, carried up).
     protect_last: the last real tokens of every row that are always kept (at least 1).
     seed: seeds the "random" criterion.
     granularity: each pruned layer's token count is rounded to the nearest multiple of this (1: exact). With
@@ -69,7 +71,7 @@ class SimbaConfig:
     extra: dict = field(default_factory=dict)  # provenance a writer may attach (schedule name, FLOP target)
     max_tokens: list[int] | None = None
     align: bool = False
-    attention_score: str = "carry"
+    attention_score: str = "snapkv"
 
     def __post_init__(self) -> None:
         self.keep = [float(k) for k in self.keep]

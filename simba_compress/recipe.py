@@ -42,7 +42,7 @@ class Recipe(_Strict):
     keep: list[float] | None = None  # explicit per-layer keep ratios (schedule: explicit)
     final_keep: float | None = Field(None, gt=0, le=1)  # linear schedule's top-layer keep, instead of flops
     criterion: Criterion = "simba"
-    attention_score: Literal["carry", "snapkv"] = "carry"  # hybrids: what an attention layer that prunes ranks by
+    attention_score: Literal["carry", "snapkv"] = "snapkv"  # hybrids: what an attention layer that prunes ranks by
     protect_last: int = Field(1, ge=1)  # last tokens never pruned (generation needs >= 1)
     # with flops: "fast", keep ratios on a staircase of 1, 3/4, 1/2 ... 1/16 (fast on a GPU at any prompt length), or "exact"
     form: Literal["fast", "exact"] = "fast"

@@ -250,7 +250,7 @@ def linear_for_flops(
     seed: int = 0,
     granularity: int = 1,
     form: Form = "exact",
-    attention_score: str = "carry",
+    attention_score: str = "snapkv",
 ) -> SimbaConfig:
     """The linear schedule whose FLOP ratio at seq_len is within flop_tolerance of `flops`; in the fast form,
     the staircase closest to it that meets `flops` (to_fast)."""

@@ -277,7 +277,7 @@ def test_pruned_forward_equals_per_row_reference(criterion, attention_score):
 
 def test_score_sources():
     kinds = ["mamba2", "attention", "mlp", "mamba2", "attention"]
-    simba = SimbaConfig([1.0] * 5)
+    simba = SimbaConfig([1.0] * 5, attention_score="carry")
     assert [score_source(kinds, i, simba) for i in range(5)] == [(0, "simba"), (0, "simba"), (0, "simba"), (3, "simba"), (3, "simba")]
     snap = SimbaConfig([1.0] * 5, attention_score="snapkv")
     assert [score_source(kinds, i, snap)[0] for i in range(5)] == [0, 1, 0, 3, 4]
@@ -369,7 +369,7 @@ def test_cli_compresses_a_granite_folder_with_kv_cache_reported(tmp_path, capsys
     report = json.loads(capsys.readouterr().out)
     flops = report["flops"]
     assert 0 < flops["kv_cache_bytes"] < flops["kv_cache_dense_bytes"] == 2 * 128 * 2 * 2 * 8 * 2  # 2 layers, bf16
-    assert report["schedule"]["attention_score"] == "carry"
+    assert report["schedule"]["attention_score"] == "snapkv"  # the default
     assert main(["info", str(out)]) == 0
     text = capsys.readouterr().out
     assert "attention at layers 1, 4: 4 heads, 2 kv heads of 8, no positional encoding" in text and "KV cache at 1024" in text
@@ -377,3 +377,77 @@ def test_cli_compresses_a_granite_folder_with_kv_cache_reported(tmp_path, capsys
     ids = torch.randint(0, 8192, (1, 20))
     with torch.no_grad():
         assert rel_err(dense(ids, use_cache=False).logits, load(out)(ids, simba=None).logits) < 1e-4
+
+
+@torch.no_grad()
+def test_matmul_decode_equals_sdpa_decode():
+    from simba_compress.backends import Backends
+
+    m = random_hybrid(n_layer=3, attn_layers=(0, 2), rotary_dim=8)
+    ids = torch.randint(0, 64, (2, 20))
+    mask, _ = left_padded(ids, [0, 4])
+    out = m(ids, mask, simba=None, return_states=True)
+    for backends in (Backends(fast_path=False), Backends(fast_path=False, attention_decode="matmul")):
+        states = [s.clone() for s in out.states]
+        logits = []
+        for t in range(3):
+            h, mixed = m.embed(ids[:, t]), None
+            for block, st in zip(m.backbone.layers, states):
+                h, mixed = block.step(h, mixed, st, backends)
+            logits.append(m.head(m.backbone.norm_f(h + mixed)))
+        if backends.attention_decode == "sdpa":
+            first = torch.stack(logits)
+    torch.testing.assert_close(torch.stack(logits), first, rtol=1e-5, atol=1e-5)
+
+
+def test_gpu_hybrid_benchmark_smoke(tmp_path):
+    """benchmarks/gpu_hybrid.py --smoke: both shapes, tiny, on the CPU; rows for ours and transformers' generate."""
+    import subprocess
+    import sys
+
+    from conftest import REPO
+
+    r = subprocess.run([sys.executable, str(REPO / "benchmarks/gpu_hybrid.py"), "--smoke", "--out", str(tmp_path),
+                        "--impls", "dense", "simba", "transformers"], capture_output=True, text=True, timeout=600)  # fmt: skip
+    assert r.returncode == 0, r.stderr[-2000:]
+    rows = json.loads((tmp_path / "gpu_hybrid.json").read_text())["rows"]
+    assert {(x["model"], x["impl"]) for x in rows} >= {("mamba2attn-2.7b", "simba"), ("granite-4.0-h-micro", "dense"),
+                                                         ("granite-4.0-h-micro", "transformers")}  # fmt: skip
+    simba = next(x for x in rows if x["impl"] == "simba" and x["model"] == "mamba2attn-2.7b")
+    assert 0.5 < simba["flops"] < 0.7 and simba["decode_ms_per_token"] > 0 and simba["kv_buffers_gb"] > 0
+    assert "| simba | 2 | 48 |" in (tmp_path / "gpu_hybrid.md").read_text()
+
+
+def test_hybrid_quality_script_on_a_tiny_hybrid(tmp_path):
+    """benchmarks/hybrid_quality.py end to end on a tiny random hybrid: the choice on training text, the headline
+    rows (dense, truncate, Simba with either attention score, SnapKV-style and Simba step schedules), passkey."""
+    import subprocess
+    import sys
+
+    from conftest import CORPUS, REPO
+
+    from transformers import AutoTokenizer
+
+    m = random_hybrid(n_layer=8, attn_layers=(1, 5), d_model=32, vocab=8192)
+    save(m, tmp_path / "tiny", tokenizer=AutoTokenizer.from_pretrained(str(CORPUS / "tokenizer")))
+    import lzma
+
+    text = lzma.open(CORPUS / "valid.txt.xz", "rt").read()[:400_000]  # a small corpus: the script reads it whole
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    for name, part in (("train", text[:200_000]), ("valid", text[200_000:])):
+        with lzma.open(corpus / f"{name}.txt.xz", "wt") as f:
+            f.write(part)
+    args = [sys.executable, str(REPO / "benchmarks/hybrid_quality.py"), "--corpus", str(corpus), "--model",
+            str(tmp_path / "tiny"), "--passkey-model", str(tmp_path / "tiny"), "--out", str(tmp_path / "out"),
+            "--windows", "2", "--choose-windows", "2", "--seq-lens", "1024", "--passkey-lengths", "1024",
+            "--per-depth", "1"]  # fmt: skip
+    r = subprocess.run(args, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
+    state = json.loads((tmp_path / "out" / "hybrid_quality.json").read_text())
+    assert state["choice"] in ("carry", "snapkv")
+    methods = {(x["stage"], x["method"]) for x in state["rows"]}
+    for method in ("dense", "truncate", "simba", "snapkv", "simba-step", "simba-step-snapkv"):
+        assert ("headline", method) in methods and ("passkey", method) in methods
+    assert all(abs(x["flop_ratio"] - 0.6) < 0.05 for x in state["rows"] if x["method"] in ("snapkv", "simba-step"))
+    assert "## Passkey exact match" in (tmp_path / "out" / "hybrid_quality.md").read_text()
