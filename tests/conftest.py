@@ -11,12 +11,15 @@ import pytest
 import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never touch the network
+REPO = Path(__file__).resolve().parents[1]
+# every process a test starts (python -c, -m, accelerate launch of a script) imports this checkout's package, not an
+# installed copy of another one
+os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 torch.set_num_threads(min(2, os.cpu_count() or 1))
 
 from simba_compress import MambaLM, ModelConfig  # noqa: E402
 
-REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared"
 MODELS = SHARED / "models"
 CORPUS = SHARED / "corpus"

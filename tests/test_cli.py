@@ -67,14 +67,21 @@ def test_explicit_schedule_file(tmp_path, small_checkpoint, capsys):
     assert json.loads(capsys.readouterr().out)["schedule"]["keep"] == [1.0, 0.8, 0.5, 0.5]
     sched.write_text("[1.0, 0.8]")
     assert main(args + ["--output", str(tmp_path / "o2")]) == 2
-    assert capsys.readouterr().err.strip() == "simba-compress: error: keep: 2 ratios for a model of 4 layers"
+    assert capsys.readouterr().err.strip() == f"simba-compress: error: {sched}: 2 ratios for a model of 4 layers"
 
 
 @pytest.mark.parametrize(
     "args, message",
     [
-        (["--model", "demo", "--flops", "1.5", "--output", "{tmp}/o"], "command line: flops: Input should be less than or equal to 1"),
-        (["--model", "demo", "--output", "{tmp}/o"], "command line: give a target: flops (e.g. 0.6), final_keep, or keep"),
+        (["--model", "demo", "--flops", "1.5", "--output", "{tmp}/o"], "error: --flops: must be in (0, 1], got 1.5"),
+        (["--model", "demo", "--output", "{tmp}/o"], "give a target: --flops F, --final-keep R, --keep LIST or --schedule FILE"),
+        (["--model", "demo", "--flops", "0.6", "--protect-last", "0", "--output", "{tmp}/o"], "error: --protect-last: must be >= 1, got 0"),
+        (["--model", "demo", "--flops", "0.6", "--device", "tpu", "--output", "{tmp}/o"], "error: --device: unknown device 'tpu'"),
+        (["--model", "demo", "--final-keep", "0.5", "--trials", "3", "--output", "{tmp}/o"], "error: --trials: not a setting of a linear schedule"),
+        (["--recipe", "{tmp}/r.yaml", "--output", "{tmp}/o"], "error: {tmp}/r.yaml: schedule.protect_last: must be >= 1, got 0"),
+        (["--recipe", "{tmp}/r.yaml", "--protect-last", "2", "--flops", "0.05", "--output", "{tmp}/o"], "error: --flops 0.05: below what"),
+        (["--model", "demo", "--flops", "0.6", "--finetune-steps", "2", "--finetune-batch-size", "3",
+          "--finetune-micro-batch-size", "2", "--output", "{tmp}/o"], "error: --finetune-micro-batch-size: 2 does not divide batch_size 3"),
         (["--model", "{tmp}/nothing", "--flops", "0.6", "--output", "{tmp}/o"], "{tmp}/nothing: no such folder"),
         (["--model", "{tmp}", "--flops", "0.6", "--output", "{tmp}/o"], "{tmp}: not a Mamba checkpoint (no config.json)"),
         (["--model", "demo", "--flops", "0.6", "--output", "{tmp}/exists"], "{tmp}/exists: already exists; pass --overwrite to replace it"),
@@ -88,6 +95,8 @@ def test_explicit_schedule_file(tmp_path, small_checkpoint, capsys):
     ],
 )
 def test_bad_input_is_one_line_and_exit_2(tmp_path, capsys, args, message):
+    """Errors about a setting name its flag when a flag gave it, the recipe file and key when the file did."""
+    (tmp_path / "r.yaml").write_text("model: demo\nschedule: {kind: calibrated, flops: 0.6, protect_last: 0}\n")
     (tmp_path / "exists").mkdir()
     (tmp_path / "exists" / "keep.txt").write_text("x")
     args = [a.replace("{tmp}", str(tmp_path)) for a in args]

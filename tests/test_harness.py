@@ -46,7 +46,7 @@ def pruned_l16(tmp_path_factory):
     import simba_compress as sc
 
     m = sc.load(L16)
-    sc.compress(m, flops=0.6, seq_len=1024)
+    sc.compress(m, sc.LinearSchedule(flops=0.6, seq_len=1024))
     return sc.save(m, tmp_path_factory.mktemp("l16") / "pruned", tokenizer=sc.load_tokenizer(L16))
 
 
