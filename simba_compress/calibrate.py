@@ -25,6 +25,7 @@ The trials as rows, the summary, the table and the plots: calibration_report.py.
 from __future__ import annotations
 
 import math
+import sys
 import time
 
 import numpy as np
@@ -76,7 +77,7 @@ def calibrate(
     done = _count(study, TrialState.COMPLETE)
     if done and progress:
         tqdm.write(f"calibrate: resuming: {min(done, s.trials)} of {s.trials} trials done in study "
-                   f"{s.study_name!r} ({where(s)})")
+                   f"{s.study_name!r} ({where(s)})", file=sys.stderr)
     objective = _Objective(model, windows, s, protect, tol)
     t0 = time.time()
     ran = _run_trials(study, s, objective, linear_keep is not None, progress)

@@ -30,6 +30,15 @@ def _keep_list(text: str) -> list[float]:
         raise argparse.ArgumentTypeError(f"expected numbers separated by commas, got {text!r}") from None
 
 
+class _Defaults(argparse.ArgumentDefaultsHelpFormatter):
+    """Help that ends with "(default: ...)" where an option has a default to show (not None or a flag's False)."""
+
+    def _get_help_string(self, action):
+        if action.default in (None, False, argparse.SUPPRESS) or "%(default)" in (action.help or ""):
+            return action.help
+        return super()._get_help_string(action)
+
+
 def _parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="simba-compress", description="Token pruning (Simba) for Mamba language models.")
     sub = ap.add_subparsers(dest="command")
@@ -83,7 +92,7 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
     c.add_argument("--json", action="store_true", help="print the report as one JSON object on stdout")
 
-    shown = {"formatter_class": argparse.ArgumentDefaultsHelpFormatter}  # "(default: ...)" after every help
+    shown = {"formatter_class": _Defaults}
     e = sub.add_parser("eval", help="loss and perplexity of a (compressed) model on text", **shown,
                        description="Loss and perplexity of a model on text: the mean next-token loss on the last --protect "
                        "tokens of each window (protected from pruning), and over all positions.")
@@ -94,7 +103,7 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("--protect", type=int, default=128, help="scored continuation at the end of each window")
     e.add_argument("--batch-size", type=int, default=8, help="windows per forward pass")
     e.add_argument("--dense", action="store_true", help="ignore the model's pruning schedule")
-    e.add_argument("--tokenizer", help="tokenizer folder or hub id, when the checkpoint has none")
+    e.add_argument("--tokenizer", help="tokenizer folder or hub id (default: the checkpoint's own)")
     e.add_argument("--device", default="auto", help="auto (cuda if available, else cpu), cpu, cuda, cuda:N")
     e.add_argument("--dtype", default="auto", help="auto (float32 on CPU, bfloat16 on CUDA), float32, bfloat16, float16")
     e.add_argument("--json", action="store_true", help="print one JSON object on stdout")
@@ -176,7 +185,9 @@ def main(argv: list[str] | None = None) -> int:
     args.names = {}  # field -> how this command line names it (_compress fills it); else the field's flag
     try:
         commands = {"compress": _compress, "eval": _eval, "info": _info, "compare": _compare, "bench": _bench}
-        return commands[args.command](args)
+        code = commands[args.command](args)
+        sys.stdout.flush()  # here, where a reader that went away is caught (below), not at the interpreter's exit
+        return code
     except SimbaError as e:
         if args.debug:
             raise

@@ -148,7 +148,7 @@ def test_bad_input_is_one_line_naming_the_field(model, windows, kw, message):
     assert e.value.field == message.split(":")[0].split()[0]
 
 
-def test_a_study_for_another_budget_or_model_is_refused(model, windows, tmp_path):
+def test_a_study_for_another_budget_or_model_is_refused(model, windows, tmp_path, capsys):
     storage = f"sqlite:///{tmp_path / 's.db'}"
     search(model, windows, storage=storage, trials=2)
     with pytest.raises(SimbaError, match=r"was created for flops 0.6, not 0.5; pass another study_name"):
@@ -157,8 +157,9 @@ def test_a_study_for_another_budget_or_model_is_refused(model, windows, tmp_path
         search(random_model(n_layer=6, d_model=16, vocab=64, seed=1), windows, storage=storage, trials=2)
     study = optuna.load_study(study_name="simba-calibration", storage=storage)
     assert len(study.trials) == 2  # nothing lost; a rerun of the original resumes
-    _, res = search(model, windows, storage=storage, trials=3)
-    assert res.trials_run == 1 and len(res.trials) == 3
+    _, res = calibrate(model, windows, CalibratedSchedule(flops=0.6, seq_len=SEQ, trials=3, storage=storage))
+    assert res.trials_run == 1 and len(res.trials) == 3 and res.resumed_from == 2
+    assert f"calibrate: resuming: 2 of 3 trials done in study 'simba-calibration' ({storage})" in capsys.readouterr().err
 
 
 def test_recipe_defaults_to_calibrated_with_flops():
@@ -194,6 +195,8 @@ def test_outputs_of_a_calibrated_run(small_checkpoint, tmp_path, capsys):
     s = report["search"]
     assert report["schedule"]["extra"]["schedule"] == "calibrated" and s["trials_complete"] == 3
     assert s["trials_per_minute"] > 0 and s["best"]["loss"] <= s["linear"]["loss"]
+    assert s["storage"] == "study.db" and s["trials_before_this_run"] == 0  # where the study ended up
+    assert 1 <= s["distinct_schedules"] <= 3
     for name in ("trials.csv", "schedule.json", "study.db", "calibration_loss_vs_flops.png", "keep_profile.png"):
         assert (out / name).stat().st_size > 0, name
     assert json.loads((out / "schedule.json").read_text())["keep"] == report["schedule"]["keep"]

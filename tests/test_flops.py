@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from conftest import MODELS, random_model
+from conftest import MODELS, random_model, shared
 from simba_compress import ModelConfig, SimbaConfig, SimbaError, load
 from simba_compress.flops import count, head_flops, matmul_flops, score_flops
 from simba_compress.schedules import linear, linear_for_flops
@@ -42,10 +42,10 @@ def test_matmul_flops_match_flop_counter(simba):
 
 
 def test_dense_proxies_sit_at_their_layer_ratio():
-    l16 = load(MODELS / "mamba-proxy-d320-l16").config
+    l16 = load(shared(MODELS / "mamba-proxy-d320-l16")).config
     dense16 = count(l16, None, 1024).dense
     for name, ratio in [("l12", 0.75), ("l9", 0.5625), ("l6", 0.375)]:
-        cfg = load(MODELS / f"mamba-proxy-d320-{name}").config
+        cfg = load(shared(MODELS / f"mamba-proxy-d320-{name}")).config
         assert count(cfg, None, 1024).dense / dense16 == pytest.approx(ratio)
 
 
@@ -60,7 +60,7 @@ def test_score_cost_is_counted_only_where_a_layer_prunes():
 @pytest.mark.parametrize("target", [0.95, 0.8, 0.7, 0.6, 0.55])
 @pytest.mark.parametrize("seq_len", [256, 1024, 4096])
 def test_linear_schedule_meets_the_target_within_half_a_percent(target, seq_len):
-    cfg = load(MODELS / "mamba-proxy-d320-l16").config
+    cfg = load(shared(MODELS / "mamba-proxy-d320-l16")).config
     s = linear_for_flops(cfg, LinearSchedule(flops=target, seq_len=seq_len, form="exact"))
     assert abs(count(cfg, s, seq_len).ratio - target) <= 0.005 * target
     assert s.keep[0] == 1.0 and all(a >= b for a, b in zip(s.keep, s.keep[1:]))
