@@ -2,7 +2,7 @@
 
 The fast form (schedules.py) keeps ratios on 1, 1/2, 1/4, 1/8, 1/16: at a FLOP ratio F only a handful of
 staircases meet it (schedules.fast_candidates). This script evaluates each of them on mamba-proxy-d320-l16 with
-the DESIGN.md headline (loss on the protected last --protect tokens) on the calibration text (the windows a
+the headline (loss on the protected last --protect tokens) on the calibration text (the windows a
 search sees: --calib, the training split) and on the validation text (--data). The best validation row is an
 oracle bound, not a schedule anyone may pick (it is chosen on the evaluation text): if even it stays behind the
 exact schedule, no search within the form can close the gap, and the levels are the limit.

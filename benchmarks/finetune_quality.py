@@ -1,7 +1,7 @@
 """Recovery fine-tuning on the proxies: does a short fine-tune of the pruned l16 win back what pruning cost?
 
 Rows, on the validation text at each --eval-seq-lens T (--windows windows of T tokens, the last --protect
-protected and scored: the DESIGN.md headline): dense l16; the dense shallower proxies present under --models
+protected and scored: the headline, evaluate.py): dense l16; the dense shallower proxies present under --models
 (--shallow); dense l16 reading only the most recent F x T tokens (truncation, the same FLOPs); and for each
 budget F the pruned l16 training-free and after --steps of fine-tuning on the train text, for each --lrs and
 --distill-weights value (0: next-token loss, 1: KL to the dense l16). The schedule at F is the paper's linear

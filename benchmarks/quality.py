@@ -3,7 +3,7 @@
 For each FLOP ratio F (of the l16 backbone) and criterion, the linear schedule meeting F (with the scored
 continuation protected) prunes mamba-proxy-d320-l16; truncation feeds the dense l16 only the most recent
 F * T tokens; the dense l12 / l9 / l6 sit at 0.75 / 0.5625 / 0.375. Headline: the loss on the protected
-last 128 positions (DESIGN.md); beside it the all-position loss with only the last position protected
+last 128 positions (the headline, evaluate.py); beside it the all-position loss with only the last position protected
 (a stress figure: a pruned position is predicted from the layer where it was dropped).
 
 --calibrate F ... adds the project's default schedule: an Optuna study (simba_compress.calibrate, --trials,

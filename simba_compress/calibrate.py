@@ -10,7 +10,7 @@ trials are spent on the shape alone; a handful of parameters describe 6 or 64 la
 recorded with trial.set_constraint; a shape that cannot reach the budget (flat at the bottom) is infeasible
 and is not evaluated.
 
-Objective, on the calibration windows: the DESIGN.md headline, i.e. the next-token loss on the last K
+Objective, on the calibration windows: the headline metric (evaluate.py), i.e. the next-token loss on the last K
 positions with them protected, or (objective "kl") the KL divergence from the dense model's predictions
 there. Trial 0 is the paper's linear schedule at the same budget, so the answer is never worse than it on
 the calibration data. Per batch, layer 0 (dense under every schedule) and the dense logits are computed once.

@@ -7,7 +7,7 @@ The student is the MambaLM with its schedule (model.simba) fixed; pruning stays 
 the token selection is not differentiable: gradients reach every layer through the kept tokens (gather) and
 the frozen streams (scatter), never through the scores.
 
-Which positions train. The loss is taken where DESIGN.md's headline measures quality: the last `protect`
+Which positions train. The loss is taken where the headline metric (evaluate.py) measures quality: the last `protect`
 positions of each window, protected from pruning, i.e. a continuation read through every layer after a
 pruned prompt, as generated tokens are. A pruned position's logits come from the layer where it was
 dropped; asking early layers to predict from there (or to match the dense teacher there, which they cannot
