@@ -33,6 +33,7 @@ from simba_compress.data import load_windows  # noqa: E402
 from simba_compress.evaluate import evaluate  # noqa: E402
 from simba_compress.flops import count  # noqa: E402
 from simba_compress.schedules import fast_candidates, linear_for_flops  # noqa: E402
+from simba_compress.settings import LinearSchedule  # noqa: E402
 
 BASE = "mamba-proxy-d320-l16"
 
@@ -64,7 +65,8 @@ def main() -> None:
     rows = [{"flops": 1.0, "keep": None, "calib_loss": headline(calib, None), "valid_loss": headline(valid, None)}]
     print(json.dumps(rows[-1]), flush=True)
     for f in args.flops:
-        template = linear_for_flops(model.config, f, args.seq_len, protect_last=args.protect, form="exact")
+        template = linear_for_flops(model.config, LinearSchedule(flops=f, seq_len=args.seq_len, protect_last=args.protect,
+                                                                 form="exact"))
         for keep in fast_candidates(model.config, template, f, args.seq_len):
             simba = replace(template, keep=keep)
             ratio = count(model.config, simba, args.seq_len).ratio

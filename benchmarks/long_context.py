@@ -58,6 +58,7 @@ from simba_compress.evaluate import default_protect, evaluate, evaluate_truncate
 from simba_compress.passkey import PasskeyTask, evaluate_passkey  # noqa: E402
 from simba_compress.pruning import TokenPlan  # noqa: E402
 from simba_compress.schedules import fit_flops, linear_for_flops  # noqa: E402
+from simba_compress.settings import LinearSchedule  # noqa: E402
 
 CALIBRATED = Path(__file__).resolve().parent / "results/h200/quality_T1024_calibrated.json"
 EXT_CRITERIA = ("simba", "share", "deci", "utr")
@@ -209,7 +210,8 @@ def schedule(m: Method, cfg, length: int, protect: int, ctx: Context) -> SimbaCo
     if m.kind == "pruned":
         if m.calibrated:
             return SimbaConfig(ctx.keeps[m.budget], m.criterion, protect)
-        return linear_for_flops(cfg, m.budget, length, m.criterion, protect_last=protect)
+        return linear_for_flops(cfg, LinearSchedule(flops=m.budget, seq_len=length, criterion=m.criterion, protect_last=protect,
+                                                    form="exact"))
     if m.kind == "step":
         return step(cfg, m.criterion, m.start, m.budget, length, protect)
     if m.kind == "extension":
