@@ -41,7 +41,8 @@ from .evaluate import default_protect, protected
 from .flops import count
 from .model import MambaLM, ModelConfig, Prefix
 from .pruning import SimbaConfig
-from .schedules import deepest_fast, fast_for_flops, fast_tolerance, fit_flops, flop_tolerance, knots, linear_for_flops, to_fast
+from .schedules import (deepest_fast, fast_for_flops, fast_tolerance, fit_flops, flop_tolerance, knots, linear_for_flops,
+                        to_fast)
 from .settings import CalibratedSchedule, LinearSchedule
 from .study import ask, fail_dead_trials, identity, open_study, where
 
@@ -182,7 +183,9 @@ def _count(study: optuna.Study, *states: TrialState) -> int:
     return len(study.get_trials(deepcopy=False, states=states))
 
 
-def _run_trials(study: optuna.Study, s: CalibratedSchedule, objective: _Objective, baseline: bool, progress: bool) -> int:
+def _run_trials(
+    study: optuna.Study, s: CalibratedSchedule, objective: _Objective, baseline: bool, progress: bool
+) -> int:
     """Run trials until the study holds s.trials finished or running ones (or s.timeout passes); returns how many
     this process ran.
 

@@ -270,9 +270,10 @@ def _summary(folder: Path, report: dict) -> str:
     if report["search"] is not None:
         s = report["search"]
         vs = f"linear {s['linear']['loss']:.4f} (trial {s['linear']['trial']})" if s["linear"] else s["linear_note"]
+        resumed = f", {s['trials_before_this_run']} of them done before this run" if s["trials_before_this_run"] else ""
         lines.append(
             f"  calibrated: trial {s['best']['trial']} of {s['trials_complete']} ({s['distinct_schedules']} distinct "
-            f"schedules), {s['objective']} {s['best']['loss']:.4f} vs {vs}; {s['trials_per_minute']} trials/min here"
+            f"schedules{resumed}), {s['objective']} {s['best']['loss']:.4f} vs {vs}; {s['trials_per_minute']} trials/min here"
         )
     return "\n".join(lines) + "\n"
 

@@ -190,6 +190,8 @@ def run(recipe: Recipe, overwrite: bool = False, progress: bool = True) -> tuple
             tuned = _finetune(model, ft, ft_windows, ft_state, progress)
     sparse = evaluate(model, windows, protect, progress=progress)
     flops = count(model.config, simba, settings.seq_len)
+    # where the study ends up: by default the folder's study.db (it lay beside the folder while the search ran)
+    moved = {"storage": "study.db"} if searched and recipe.schedule.storage is None else {}
     report = {
         "simba_compress": _version(),
         "source_model": recipe.model,
@@ -205,8 +207,7 @@ def run(recipe: Recipe, overwrite: bool = False, progress: bool = True) -> tuple
             "sparse_training_free": None if tuned is None else training_free.to_dict() | {"position_loss": None},
         },
         "finetune": None if tuned is None else {"settings": asdict(ft), **tuned.to_dict()},
-        # the study as it ends up: by default in the folder (it was beside it while the search ran)
-        "search": None if study is None else study.summary() | ({"storage": "study.db"} if recipe.schedule.storage is None else {}),
+        "search": None if study is None else study.summary() | moved,
         "device": str(device),
         "dtype": str(dtype).replace("torch.", ""),
         "machine": platform.platform(),

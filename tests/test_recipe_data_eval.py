@@ -23,26 +23,27 @@ def test_shipped_recipes_are_valid_and_round_trip(path):
     assert build_recipe(__import__("yaml").safe_load(r.to_yaml())) == r
 
 
-def test_unknown_key_and_wrong_type_name_the_key_and_file(tmp_path):
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ("model: demo\nflops: 0.6\nflop: 0.5\n", r"flop: unknown key"),
+        ("model: demo\nflops: lots\n", r"schedule\.flops: Input should be a valid number"),
+        ("model: demo\nflops: 0.6\ncalibration: {samples: -3}\n", r"calibration\.samples: Input should be greater than or equal to 1"),
+        ("model: demo\nschedule: {kind: linear, flops: 1.5}\n", r"schedule\.flops: must be in \(0, 1\], got 1\.5$"),
+        ("model: demo\nschedule: {kind: linear, flops: 0.6, trials: 4}\n", r"schedule\.trials: not a setting of a linear schedule"),
+        ("model: demo\nflops: 0.6\nfinetune: {steps: 2, batch_size: 4, micro_batch_size: 3}\n",
+         r"finetune\.micro_batch_size: 3 does not divide batch_size 4"),
+    ],
+)
+def test_unknown_key_wrong_type_and_bad_value_name_the_key_and_file(tmp_path, text, message):
     f = tmp_path / "r.yaml"
-    f.write_text("model: demo\nflops: 0.6\nflop: 0.5\n")
-    with pytest.raises(SimbaError, match=r"r\.yaml: flop: unknown key"):
+    f.write_text(text)
+    with pytest.raises(SimbaError, match=r"r\.yaml: " + message):
         build_recipe(read_recipe_file(f), source=str(f))
-    f.write_text("model: demo\nflops: lots\n")
-    with pytest.raises(SimbaError, match=r"r\.yaml: schedule\.flops: Input should be a valid number"):
-        build_recipe(read_recipe_file(f), source=str(f))
-    f.write_text("model: demo\nflops: 0.6\ncalibration: {samples: -3}\n")
-    with pytest.raises(SimbaError, match=r"r\.yaml: calibration\.samples: Input should be greater than or equal to 1"):
-        build_recipe(read_recipe_file(f), source=str(f))
-    f.write_text("model: demo\nschedule: {kind: linear, flops: 1.5}\n")
-    with pytest.raises(SimbaError, match=r"r\.yaml: schedule\.flops: must be in \(0, 1\], got 1\.5$"):
-        build_recipe(read_recipe_file(f), source=str(f))
-    f.write_text("model: demo\nschedule: {kind: linear, flops: 0.6, trials: 4}\n")
-    with pytest.raises(SimbaError, match=r"r\.yaml: schedule\.trials: not a setting of a linear schedule"):
-        build_recipe(read_recipe_file(f), source=str(f))
-    f.write_text("model: demo\nflops: 0.6\nfinetune: {steps: 2, batch_size: 4, micro_batch_size: 3}\n")
-    with pytest.raises(SimbaError, match=r"r\.yaml: finetune\.micro_batch_size: 3 does not divide batch_size 4"):
-        build_recipe(read_recipe_file(f), source=str(f))
+
+
+def test_bad_yaml_names_the_line(tmp_path):
+    f = tmp_path / "r.yaml"
     f.write_text("model: [unclosed\n")
     with pytest.raises(SimbaError, match=r"r\.yaml: not valid YAML at line"):
         read_recipe_file(f)
