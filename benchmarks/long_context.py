@@ -184,12 +184,13 @@ def calibrated_keeps(path: Path, n_layer: int) -> dict[float, list[float]]:
 
 def extension(n_layer: int, criterion: str, start: int, cap: int, protect: int) -> SimbaConfig:
     """Context extension: layers below `start` run on every token, the rest on at most `cap` (max_tokens)."""
-    return SimbaConfig([1.0] * n_layer, criterion, protect, max_tokens=[0] * start + [cap] * (n_layer - start))
+    return SimbaConfig([1.0] * n_layer, criterion=criterion, protect_last=protect,
+                       max_tokens=[0] * start + [cap] * (n_layer - start))
 
 
 def step(cfg, criterion: str, start: int, flops: float, length: int, protect: int) -> SimbaConfig:
     """Layers below `start` dense, the rest at the one keep ratio that meets `flops` at `length`."""
-    make = lambda t: SimbaConfig([1.0] * start + [t] * (cfg.n_layer - start), criterion, protect)  # noqa: E731
+    make = lambda t: SimbaConfig([1.0] * start + [t] * (cfg.n_layer - start), criterion=criterion, protect_last=protect)  # noqa: E731
     s = fit_flops(cfg, make, flops, length)
     if abs(s.keep[-1] - 1.0) < 1e-9 or s.keep[-1] <= 1e-5:
         raise SimbaError(f"step {start}: {flops} is out of reach with layers 0-{start - 1} dense")
@@ -209,7 +210,7 @@ class Context:
 def schedule(m: Method, cfg, length: int, protect: int, ctx: Context) -> SimbaConfig | None:
     if m.kind == "pruned":
         if m.calibrated:
-            return SimbaConfig(ctx.keeps[m.budget], m.criterion, protect)
+            return SimbaConfig(ctx.keeps[m.budget], criterion=m.criterion, protect_last=protect)
         return linear_for_flops(cfg, LinearSchedule(flops=m.budget, seq_len=length, criterion=m.criterion, protect_last=protect,
                                                     form="exact"))
     if m.kind == "step":
