@@ -58,7 +58,6 @@ from simba_compress.bench import BenchConfig, BenchRow, generate_with, implement
 from simba_compress.flops import count  # noqa: E402
 from simba_compress.schedules import linear_for_flops  # noqa: E402
 from simba_compress.settings import LinearSchedule  # noqa: E402
-from simba_compress.ssm import kernels  # noqa: E402
 
 TARGETS = {"total": 0.85, "first": 0.7, "decode": 1.1, "dense_first": 1.0}  # vs mamba_ssm's generate(cg=True)
 
@@ -156,11 +155,11 @@ def _triton_step(model):
     dense = generate_with(model, None)
 
     def run(ids, n):
-        step, kernels.STEP = kernels.STEP, "triton"
+        backends, model.backends = model.backends, model.backends.replace(step="triton")
         try:
             return dense(ids, n)
         finally:
-            kernels.STEP = step
+            model.backends = backends
 
     return run
 

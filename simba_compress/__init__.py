@@ -6,7 +6,8 @@ from .checkpoints import load, load_tokenizer, save
 from .compress import compress  # the function (simba_compress.compress the module stays importable by path)
 from .data import load_windows
 from .errors import SimbaError
-from .model import MambaLM, ModelConfig
+from .layers import ModelConfig
+from .model import MambaLM
 from .pruning import SimbaConfig
 from .settings import CalibratedSchedule, ExplicitSchedule, FinetuneConfig, LinearSchedule, PruningSettings
 

@@ -39,7 +39,8 @@ from .calibration_report import CalibrationResult, TrialRow, trial_row
 from .errors import SimbaError
 from .evaluate import default_protect, protected
 from .flops import count
-from .model import MambaLM, ModelConfig, Prefix
+from .layers import ModelConfig
+from .model import MambaLM, Prefix
 from .pruning import SimbaConfig
 from .schedules import (deepest_fast, fast_for_flops, fast_tolerance, fit_flops, flop_tolerance, knots, linear_for_flops,
                         to_fast)
@@ -169,7 +170,7 @@ class _Objective:
         trial.set_constraint("flops", abs(ratio - s.flops) - self.tol)  # feasible: within tol of the budget
         if abs(ratio - s.flops) > self.tol:
             return math.inf  # this shape cannot go as low as the budget: nothing to evaluate
-        tokens = tuple(protected(simba, self.protect).counts(self.row)[:, 0].tolist())
+        tokens = tuple(protected(simba, self.protect).counts(self.row, mc.scan_chunks)[:, 0].tolist())
         if tokens not in self.seen:
             if self.scorer is None:  # built only when a trial needs it (a finished study needs no forward pass)
                 t0 = time.time()

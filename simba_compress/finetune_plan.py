@@ -11,6 +11,7 @@ import re
 
 import torch
 
+from .backends import mamba_ssm_available
 from .data import read_tokens
 from .errors import SimbaError
 from .evaluate import protected
@@ -19,7 +20,6 @@ from .memory import (MemoryEstimate, MemoryPlan, available_memory, estimate_trai
 from .model import MambaLM
 from .pruning import SimbaConfig
 from .settings import FinetuneConfig
-from .ssm.kernels import mamba_ssm_available
 
 
 def trainable_names(model: MambaLM, train: str) -> list[str]:
@@ -46,7 +46,7 @@ def memory_plan(
     k = cfg.resolved_protect() if cfg.loss_positions == "continuation" else None
     if simba is not None and k is not None:
         simba = protected(simba, k)
-    tokens = None if simba is None else simba.counts(torch.tensor([cfg.seq_len]))[:, 0].tolist()
+    tokens = None if simba is None else simba.counts(torch.tensor([cfg.seq_len]), model.config.scan_chunks)[:, 0].tolist()
     names = set(trainable_names(model, cfg.train))
     count = {n: p.numel() for n, p in model.named_parameters()}
     kind = "cuda" if device.type == "cuda" else "cpu"
