@@ -6,9 +6,8 @@ engine that caches prefix states, or prefills a long prompt in chunks, needs the
 keeps must be decided from that chunk and what precedes it. The block-causal variant measured here tiles
 the prompt into blocks of B tokens; after a scoring layer, every block keeps its share of the tokens the global
 schedule keeps of the prompt at that layer (its last token always), ranked by their global impact on the block's
-own last token. The protected
-continuation (the last --protect positions, the headline: README, How quality is measured) runs through every layer, as generated
-tokens do. Everything else is the model's own: its layers, the schedule's keep ratios, frozen streams.
+own last token. The protected continuation (the last --protect positions, the headline: README, How quality is
+measured) runs through every layer, as generated tokens do. Everything else is the model's own: its layers, the schedule's keep ratios, frozen streams.
 
 The global rows are the model's forward (simba_compress's pruned forward with the continuation protected),
 and the run first checks that this script's layer loop, given one block spanning the whole window, gives the
