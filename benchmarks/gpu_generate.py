@@ -57,6 +57,7 @@ from gpu_prefill import DEFAULT_SEQ_LEN, SHAPES, free_memory, profile_table, ran
 from simba_compress.bench import BenchConfig, BenchRow, generate_with, implementations, schedule, table, time_generation  # noqa: E402
 from simba_compress.flops import count  # noqa: E402
 from simba_compress.schedules import linear_for_flops  # noqa: E402
+from simba_compress.settings import LinearSchedule  # noqa: E402
 
 TARGETS = {"total": 0.85, "first": 0.7, "decode": 1.1, "dense_first": 1.0}  # vs mamba_ssm's generate(cg=True)
 
@@ -105,8 +106,9 @@ def main() -> None:
             model, shape = random_lm(*SHAPES[name]), name
             twins = tuple(t for t in ("mamba_ssm", "transformers") if t in args.impls)
             impls = implementations(model, twins)  # twins hold their own copies of the weights
-        fast = linear_for_flops(model.config, args.flops, DEFAULT_SEQ_LEN, form="fast")  # as the CLI fits it
-        stairs = linear_for_flops(model.config, args.flops, prompt, granularity=2048 if prompt >= 8192 else prompt // 4)
+        fast = linear_for_flops(model.config, LinearSchedule(flops=args.flops, seq_len=DEFAULT_SEQ_LEN))  # as the CLI fits it
+        stairs = linear_for_flops(model.config, LinearSchedule(flops=args.flops, seq_len=prompt, form="exact",
+                                                               granularity=2048 if prompt >= 8192 else prompt // 4))
         cfg = BenchConfig(prompt_len=prompt, new_tokens=k, batch=batch, reps=args.reps if prompt * batch <= 65536 else 1)
         ids = torch.randint(0, model.config.vocab_size, (batch, prompt), device="cuda",
                             generator=torch.Generator("cuda").manual_seed(prompt))  # fmt: skip

@@ -48,6 +48,7 @@ from simba_compress.bench import mamba_ssm_twin, transformers_twin  # noqa: E402
 from simba_compress.flops import count  # noqa: E402
 from simba_compress.generation import GRAPH_PREFILL_TOKENS, prefill  # noqa: E402
 from simba_compress.schedules import linear_for_flops  # noqa: E402
+from simba_compress.settings import LinearSchedule  # noqa: E402
 from simba_compress import backends as probes  # noqa: E402
 from simba_compress import mamba1  # noqa: E402
 
@@ -81,9 +82,10 @@ def schedule(cfg: ModelConfig, kind: str, flops: float, seq: int) -> SimbaConfig
     at every prompt length as a saved folder is (SimbaConfig.align splits its 3/4 layers between whole chunks
     at 2048 and 4096 tokens); the others fitted at the prompt length."""
     if kind == "default":
-        return linear_for_flops(cfg, flops, DEFAULT_SEQ_LEN, form="fast")
-    exact = linear_for_flops(cfg, flops, seq)
-    return exact if kind == "exact" else linear_for_flops(cfg, flops, seq, granularity=staircase_granularity(seq))
+        return linear_for_flops(cfg, LinearSchedule(flops=flops, seq_len=DEFAULT_SEQ_LEN))
+    exact = linear_for_flops(cfg, LinearSchedule(flops=flops, seq_len=seq, form="exact"))
+    return exact if kind == "exact" else linear_for_flops(
+        cfg, LinearSchedule(flops=flops, seq_len=seq, form="exact", granularity=staircase_granularity(seq)))
 
 
 def staircase_granularity(seq_len: int) -> int:

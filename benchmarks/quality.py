@@ -3,7 +3,7 @@
 For each FLOP ratio F (of the l16 backbone) and criterion, the linear schedule meeting F (with the scored
 continuation protected) prunes mamba-proxy-d320-l16; truncation feeds the dense l16 only the most recent
 F * T tokens; the dense l12 / l9 / l6 sit at 0.75 / 0.5625 / 0.375. Headline: the loss on the protected
-last 128 positions (DESIGN.md); beside it the all-position loss with only the last position protected
+last 128 positions (the headline, evaluate.py); beside it the all-position loss with only the last position protected
 (a stress figure: a pruned position is predicted from the layer where it was dropped).
 
 --calibrate F ... adds the project's default schedule: an Optuna study (simba_compress.calibrate, --trials,
@@ -35,6 +35,7 @@ from simba_compress.data import load_windows  # noqa: E402
 from simba_compress.errors import SimbaError  # noqa: E402
 from simba_compress.evaluate import evaluate, evaluate_truncated, position_buckets  # noqa: E402
 from simba_compress.schedules import linear_for_flops  # noqa: E402
+from simba_compress.settings import CalibratedSchedule, LinearSchedule  # noqa: E402
 
 BASE = "mamba-proxy-d320-l16"
 SHALLOW = ["mamba-proxy-d320-l12", "mamba-proxy-d320-l9", "mamba-proxy-d320-l6"]
@@ -106,7 +107,8 @@ def main() -> None:
     for f in [] if args.dense_only else args.flops:
         for crit, form in [(c, form) for c in args.criteria for form in args.forms]:
             try:
-                sched = linear_for_flops(base.config, f, args.seq_len, crit, protect_last=args.protect, form=form)
+                sched = linear_for_flops(base.config, LinearSchedule(flops=f, seq_len=args.seq_len, criterion=crit,
+                                                                     protect_last=args.protect, form=form))
                 # a staircase lands near F, not within 0.5%: its own FLOP ratio is in the row
                 sched = replace(sched, granularity=args.granularity)
             except SimbaError as e:
@@ -155,17 +157,17 @@ def write(args, measured: list[dict], win, device_name: str, t0: float) -> None:
 
 def calibrated(args, base, tok, win, add, save) -> None:
     """Rows for the calibrated schedule at each --calibrate ratio (one study per objective, in memory)."""
-    from simba_compress.calibrate import CalibrationConfig, calibrate
+    from simba_compress.calibrate import calibrate
 
     if not args.calib:
         raise SystemExit("--calibrate needs --calib (calibration text, not the evaluation data)")
     calib = load_windows(args.calib, tok, args.seq_len + 1, max(1, args.calib_tokens // args.seq_len))
     for f, objective, form in [(f, o, form) for f in args.calibrate for o in args.objectives for form in args.forms]:
-        cfg = CalibrationConfig(
+        cfg = CalibratedSchedule(
             flops=f, seq_len=args.seq_len, protect_last=args.protect, trials=args.trials, seed=args.seed,
-            objective=objective, form=form, progress=False,
+            objective=objective, form=form,
         )
-        sched, study = calibrate(base, calib, cfg)
+        sched, study = calibrate(base, calib, cfg, progress=False)
         s = study.summary()
         res = evaluate(base, win, protect=args.protect, batch_size=args.batch_size, progress=False,
                        simba=replace(sched, protect_last=1))

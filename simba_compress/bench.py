@@ -7,7 +7,8 @@ the first-token latency, generating K gives the total, and decode per token = (t
 is the median of `reps` runs after `warmup` runs at that length (the warm-up compiles the kernels and captures
 the CUDA graphs: mamba_ssm recaptures when the generation length changes). Greedy decoding of a random prompt
 of prompt_len tokens per row, no eos. Peak memory (CUDA only): the peak allocated during the K-token runs above
-what was allocated before them, plus the implementation's own weights.
+what was allocated before them, plus the implementation's own weights. A row's spread is how far apart its
+runs were ((max - min) / median); reliability() says when a machine's other work makes the figures doubtful.
 
     rows = run_bench(model, BenchConfig(prompt_len=8192, new_tokens=128, batch=1))
 """
@@ -21,6 +22,7 @@ from dataclasses import asdict, dataclass
 from typing import Callable
 
 import torch
+from tqdm.auto import tqdm
 
 from .flops import count
 from .memory import parameter_bytes
@@ -54,6 +56,7 @@ class BenchRow:
     total_ms: float
     peak_mem_gb: float | None  # CUDA only
     device: str
+    spread: float | None = None  # (max - min) / median of the runs of its first-token or total time, the larger
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -153,15 +156,19 @@ def implementations(model: MambaLM, twins: tuple[str, ...] = ("mamba_ssm",)) -> 
     return impls
 
 
-def time_generation(run: Generate, ids: torch.Tensor, cfg: BenchConfig, weights: object) -> dict:
-    """first_token_ms, total_ms (medians), decode_ms_per_token and peak_mem_gb for one implementation."""
+def time_generation(run: Generate, ids: torch.Tensor, cfg: BenchConfig, weights: object,
+                    tick: Callable[[], object] = lambda: None) -> dict:
+    """first_token_ms, total_ms (medians), decode_ms_per_token, peak_mem_gb and spread for one implementation;
+    tick() after every run (progress)."""
     cuda = ids.is_cuda
     sync = torch.cuda.synchronize if cuda else (lambda: None)
+    spreads = []
 
     def timed(n: int) -> float:
         # on CUDA at least two: generate captures a prompt shape's prefill the second time it meets it
-        for _ in range(max(cfg.warmup, 2) if cuda else cfg.warmup):
+        for _ in range(warmups(cfg, cuda)):
             run(ids, n)
+            tick()
         sync()
         times = []
         for _ in range(cfg.reps):
@@ -169,6 +176,8 @@ def time_generation(run: Generate, ids: torch.Tensor, cfg: BenchConfig, weights:
             run(ids, n)
             sync()
             times.append(1000 * (time.perf_counter() - t0))
+            tick()
+        spreads.append((max(times) - min(times)) / statistics.median(times))
         return statistics.median(times)
 
     first = timed(1)
@@ -181,27 +190,53 @@ def time_generation(run: Generate, ids: torch.Tensor, cfg: BenchConfig, weights:
     if cuda:
         peak = (torch.cuda.max_memory_allocated() - before + parameter_bytes(weights)) / 2**30
     return {"first_token_ms": first, "total_ms": total, "decode_ms_per_token": (total - first) / (cfg.new_tokens - 1),
-            "peak_mem_gb": peak}  # fmt: skip
+            "peak_mem_gb": peak, "spread": max(spreads)}  # fmt: skip
+
+
+def warmups(cfg: BenchConfig, cuda: bool) -> int:
+    """Untimed runs before a measurement: on CUDA at least two (generate captures a prompt shape's prefill the
+    second time it meets it)."""
+    return max(cfg.warmup, 2) if cuda else cfg.warmup
+
+
+def reliability(rows: list[BenchRow], load: float, cpus: int) -> str | None:
+    """Why the timings of `rows` should not be trusted, or None: other work on the machine (the load average
+    before timing started, against the CPUs) or runs of one measurement far apart (spread over 25%)."""
+    why = []
+    if load > 0.5 * cpus:
+        why.append(f"the machine was busy before timing began (load average {load:.2f} on {cpus} CPUs), and other "
+                   "processes take CPU time from the runs")
+    worst = max(rows, key=lambda r: r.spread or 0.0)
+    if (worst.spread or 0.0) > 0.25:
+        why.append(f"the runs of one measurement ({worst.impl}) differed by {100 * worst.spread:.0f}% of their median")
+    if not why:
+        return None
+    return "; ".join(why) + ": rerun on an idle machine, or with more reps (each figure is the median of them)"
 
 
 @torch.no_grad()
 def run_bench(
-    model: MambaLM, cfg: BenchConfig, twins: tuple[str, ...] = ("mamba_ssm",), only: list[str] | None = None
+    model: MambaLM, cfg: BenchConfig, twins: tuple[str, ...] = ("mamba_ssm",), only: list[str] | None = None,
+    progress: bool = False,
 ) -> list[BenchRow]:
-    """One row per implementation (implementations()), on the same random prompt."""
+    """One row per implementation (implementations()), on the same random prompt; progress: a bar of the runs
+    (stderr), which take minutes on a CPU."""
     g = torch.Generator().manual_seed(cfg.seed)
     ids = torch.randint(0, model.config.vocab_size, (cfg.batch, cfg.prompt_len), generator=g).to(model.device)
     device = torch.cuda.get_device_name(model.device) if model.device.type == "cuda" else "cpu"
     rows = []
-    for name, (run, weights) in implementations(model, twins).items():
-        if only is not None and name not in only:
-            continue
-        simba = model.simba if name == "simba" else None
-        flops = count(model.config, simba, cfg.prompt_len).ratio
-        t = time_generation(run, ids, cfg, weights)
-        rows.append(BenchRow(name, round(flops, 4), cfg.batch, cfg.prompt_len, cfg.new_tokens,
-                             round(t["first_token_ms"], 3), round(t["decode_ms_per_token"], 4), round(t["total_ms"], 3),
-                             None if t["peak_mem_gb"] is None else round(t["peak_mem_gb"], 3), device))  # fmt: skip
+    impls = {k: v for k, v in implementations(model, twins).items() if only is None or k in only}
+    runs = len(impls) * 2 * (warmups(cfg, ids.is_cuda) + cfg.reps)  # two measurements: 1 and new_tokens tokens
+    with tqdm(total=runs, desc="bench", unit="run", disable=not progress, leave=False) as bar:
+        for name, (run, weights) in impls.items():
+            bar.set_postfix_str(name)
+            simba = model.simba if name == "simba" else None
+            flops = count(model.config, simba, cfg.prompt_len).ratio
+            t = time_generation(run, ids, cfg, weights, tick=lambda: bar.update(1))
+            rows.append(BenchRow(name, round(flops, 4), cfg.batch, cfg.prompt_len, cfg.new_tokens,
+                                 round(t["first_token_ms"], 3), round(t["decode_ms_per_token"], 4), round(t["total_ms"], 3),
+                                 None if t["peak_mem_gb"] is None else round(t["peak_mem_gb"], 3), device,
+                                 round(t["spread"], 3)))  # fmt: skip
     return rows
 
 

@@ -12,7 +12,7 @@ with this module imported, and `import simba_compress.harness` registers the cla
 What pruning does to each request type:
 - loglikelihood (multiple choice, cloze): the continuation and the last context token (which predicts the
   continuation's first token) are protected and run through every layer; the context before them is
-  pruned by the model's schedule, exactly like DESIGN.md's headline metric.
+  pruned by the model's schedule, exactly like the headline metric (evaluate.py).
 - loglikelihood_rolling (perplexity tasks): only the last token of each window is protected, so every
   position is scored and a pruned position is predicted from the layer where it was dropped.
 - generate_until: the prompt is prefilled pruned, then every generated token runs through every layer.

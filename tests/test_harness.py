@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import L16
+from conftest import L16, shared
 
 lm_eval = pytest.importorskip("lm_eval", reason="the eval extra (lm-eval) is not installed")
 
@@ -45,8 +45,8 @@ def tiny_task(tmp_path_factory):
 def pruned_l16(tmp_path_factory):
     import simba_compress as sc
 
-    m = sc.load(L16)
-    sc.compress(m, flops=0.6, seq_len=1024)
+    m = sc.load(shared(L16))
+    sc.compress(m, sc.LinearSchedule(flops=0.6, seq_len=1024))
     return sc.save(m, tmp_path_factory.mktemp("l16") / "pruned", tokenizer=sc.load_tokenizer(L16))
 
 
