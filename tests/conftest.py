@@ -108,6 +108,14 @@ def _patched(tensor, *args):  # one argument in triton 3.5, two in 3.6
     _orig(tensor, *args)  # numpy >= 2.3 refuses int() of a shape-(1,) array, which the interpreter does
     tensor.__index__ = lambda self: int(self.handle.data.reshape(-1)[0])
 ti._patch_lang_tensor = _patched
+import numpy as np, triton.language as tl
+_dot = ti.InterpreterBuilder.create_dot
+def _dot_bf16(self, a, b, d, *rest):  # the interpreter keeps bf16 as its raw uint16 bits and would multiply those
+    if a.dtype.scalar == tl.bfloat16:
+        a, b = (ti.TensorHandle(ti._convert_float(t.data, tl.bfloat16, tl.float32, None).view(np.float32), tl.float32)
+                for t in (a, b))
+    return _dot(self, a, b, d, *rest)
+ti.InterpreterBuilder.create_dot = _dot_bf16
 """
 
 
