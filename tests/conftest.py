@@ -12,6 +12,9 @@ import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never touch the network
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+# Triton's float32 dots in IEEE float32 (mamba_ssm's SSD and the project's): the GPU's default, TF32, keeps 10 mantissa
+# bits, and the tests compare float32 paths at 1e-4. Read when a kernel compiles, so it is set before any does.
+os.environ.setdefault("TRITON_F32_DEFAULT", "ieee")
 torch.set_num_threads(min(2, os.cpu_count() or 1))
 
 from simba_compress import MambaLM, ModelConfig  # noqa: E402

@@ -439,3 +439,46 @@ def test_mamba_ssm_written_mamba2_checkpoint_in_interpreter(tmp_path):
     out = run_in_triton_interpreter(prelude + MAMBA_SSM_CHECKPOINT.format(folder=str(tmp_path / "m")))
     assert out["layer"] == "mamba2" and out["ngroups"] == 2 and out["vocab"] == 64, out
     assert out["rel"] < 1e-5, out
+
+
+MAMBA1_WITHOUT_SCAN = r"""
+from simba_compress import MambaLM, ModelConfig, SimbaConfig
+from simba_compress import backends as probes, mamba1
+probes.Backends.on = lambda self, x: self.fast_path  # the fast paths on CPU tensors
+torch.manual_seed(0)
+m = MambaLM(ModelConfig(d_model=16, n_layer=3, vocab_size=64, d_state=4))
+with torch.no_grad():
+    for q in m.parameters():
+        q.normal_(0, 0.3)
+m.eval()
+ids = torch.randint(0, 64, (2, 30))
+fast, reference = probes.Backends(), probes.Backends(fast_path=False)
+simba = SimbaConfig([1.0, 0.6, 0.3], protect_last=2)
+with torch.no_grad():
+    out = {"scan": probes.selective_scan_fn() is None, "ssd": probes.ssd_kernels() is not None,
+           "kernel": mamba1.scan_kernel(m.backbone.layers[0].mixer, ids, fast) is probes.triton_kernels().selective_scan,
+           "step": mamba1.step_kernels(ids, fast)}
+    res = {}
+    for be in (fast, reference):
+        m.backends = be
+        res[be] = (m(ids, simba=simba).logits, m(ids, simba=None).logits)
+m.simba = simba
+tokens = {}
+for be in (fast, reference):
+    m.backends = be
+    tokens[be] = m.generate(ids, max_new_tokens=4)
+out["forward"] = max(((a - r).abs().max() / r.abs().max()).item() for a, r in zip(res[fast], res[reference]))
+out["generate"] = bool(torch.equal(tokens[fast], tokens[reference]))
+print(json.dumps(out))
+"""
+
+
+@needs_mamba_ssm_src
+def test_mamba1_with_mamba_ssm_but_not_its_scan_in_interpreter():
+    """mamba_ssm importable without its CUDA extension (its next release's default): the probes find no Mamba-1 scan
+    but its Triton SSD, so Mamba-1 runs the project's Triton scan and step (no causal_conv1d here) and equals the
+    reference path, generation included. (tests/test_gpu.py checks the same on CUDA, Mamba-2 included.)"""
+    prelude = MAMBA_SSM_FROM_SOURCE.format(src=MAMBA_SSM_SRC, with_models=False)
+    out = run_in_triton_interpreter(prelude + MAMBA1_WITHOUT_SCAN)
+    assert out["scan"] and out["ssd"] and out["kernel"] and out["step"] == "triton", out
+    assert out["forward"] < 1e-4 and out["generate"], out
