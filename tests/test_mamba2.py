@@ -482,3 +482,11 @@ def test_mamba1_with_mamba_ssm_but_not_its_scan_in_interpreter():
     out = run_in_triton_interpreter(prelude + MAMBA1_WITHOUT_SCAN)
     assert out["scan"] and out["ssd"] and out["kernel"] and out["step"] == "triton", out
     assert out["forward"] < 1e-4 and out["generate"], out
+
+
+def test_cli_info_names_a_mamba2_checkpoint(tmp_path, capsys):
+    from simba_compress.cli import main
+
+    folder = write_original_mamba2(random_mamba2(seed=6), tmp_path / "m")
+    assert main(["info", str(folder)]) == 0
+    assert "Mamba-2 (headdim 16, 2 groups): d_model 32, 3 layers, d_state 8" in capsys.readouterr().out
