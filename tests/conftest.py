@@ -135,6 +135,20 @@ def run_in_triton_interpreter(script: str) -> dict:
     return json.loads(res.stdout.strip().splitlines()[-1])
 
 
+def fused_step_logits(model, states: list, token: torch.Tensor) -> torch.Tensor:
+    """The logits of one decode step of `model` through its Decoder (its fused step kernels, no graph) from the prefill
+    states `states`, for token (b,)."""
+    from simba_compress.generation import Decoder, GenerationConfig
+
+    dec = Decoder(model, token.shape[0], GenerationConfig(), graph=False)
+    dec.prepare(states, GenerationConfig())
+    dec.token.copy_(token)
+    logits = []
+    dec._select = lambda lg: logits.append(lg)  # keep the logits of the step
+    dec.step(None)
+    return logits[0]
+
+
 @pytest.fixture(scope="session")
 def small_checkpoint(tmp_path_factory):
     """A random 4-layer model in the original layout, with the corpus tokenizer beside it."""

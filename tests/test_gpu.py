@@ -37,7 +37,7 @@ from simba_compress.schedules import linear
 from simba_compress.ssm.scan import selective_scan
 from simba_compress.ssm.score import global_impact
 
-from conftest import REPO, random_model, run_in_triton_interpreter
+from conftest import REPO, fused_step_logits, random_model, run_in_triton_interpreter
 
 CUDA = torch.cuda.is_available()
 needs_cuda = pytest.mark.skipif(not CUDA, reason="no CUDA device")
@@ -432,14 +432,19 @@ def test_mamba2_fast_path_matches_cpu(dtype, path):
         assert torch.equal(gpu_m.generate(ids[:, :300].cuda(), mask[:, :300].cuda(), max_new_tokens=16).cpu(),
                            cpu_m.generate(ids[:, :300], mask[:, :300], max_new_tokens=16))  # fmt: skip
         assert gpu_m._graphs.decoders[(2, True, False, False)].graph is not None  # the CUDA-graph decode ran
+        from simba_compress.generation import GenerationConfig, generate
+
+        sampled = GenerationConfig(max_new_tokens=16, do_sample=True, top_k=20, top_p=0.9)
+        eager = GenerationConfig(**{**sampled.__dict__, "cuda_graph": False})
+        a, b = (generate(gpu_m, ids[:, :300].cuda(), mask[:, :300].cuda(), c, torch.Generator("cuda").manual_seed(1))
+                for c in (sampled, eager))  # fmt: skip
+        assert torch.equal(a.sequences, b.sequences)  # the graph's draws are the eager step's
 
 
 @needs_cuda
 @pytest.mark.parametrize("path", ["mamba_ssm", "triton"])
 def test_mamba2_bf16_step_within_rounding_of_the_cpu_reference(path):
     """One fused Mamba-2 step in bf16 (from the same prefill states) against the CPU float32 step, norm-wise."""
-    from simba_compress.generation import Decoder, GenerationConfig
-
     cpu_m, gpu_m = mamba2_pair(torch.bfloat16)
     gpu_m.backends = mamba2_backends(path)
     ids = torch.randint(0, 256, (2, 300))
@@ -447,13 +452,8 @@ def test_mamba2_bf16_step_within_rounding_of_the_cpu_reference(path):
         ref = cpu_m(ids, return_states=True)
         ref_logits, _ = cpu_m.step(ids[:, -1], ref.states)
         out = gpu_m(ids.cuda(), return_states=True, last_logits=1)
-        dec = Decoder(gpu_m, 2, GenerationConfig(), graph=False)
-        dec.prepare(out.states, GenerationConfig())
-        dec.token.copy_(ids[:, -1])
-        logits = []
-        dec._select = lambda lg: logits.append(lg)  # keep the logits of the step
-        dec.step(None)
-    assert rel_norm(logits[0], ref_logits) < 1e-2
+        logits = fused_step_logits(gpu_m, out.states, ids[:, -1].cuda())
+    assert rel_norm(logits, ref_logits) < 1e-2
 @needs_cuda
 @needs_ssd
 @pytest.mark.parametrize("criterion", ["simba", "share", "deci"])

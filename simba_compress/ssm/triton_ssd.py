@@ -35,15 +35,11 @@ import torch
 import triton
 import triton.language as tl
 
+from .triton_kernels import _softplus
+
 CHUNK = 256  # tokens per chunk of the prefill scan (mamba_ssm's chunk_size for every Mamba-2 checkpoint)
 BLOCK_M = 64  # tokens of a chunk-scan program (its output rows)
 BLOCK_K = 64  # tokens per inner step (the reduction dim of the products)
-
-
-@triton.jit
-def _softplus(v):
-    # as mamba_ssm: identity above 20; log(1 + e^v) ~ e^v far below 0
-    return tl.where(v > 20.0, v, tl.where(v < -15.0, tl.exp(v), tl.log(1.0 + tl.exp(tl.minimum(v, 20.0)))))
 
 
 @triton.jit
