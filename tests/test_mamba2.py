@@ -490,3 +490,39 @@ def test_cli_info_names_a_mamba2_checkpoint(tmp_path, capsys):
     folder = write_original_mamba2(random_mamba2(seed=6), tmp_path / "m")
     assert main(["info", str(folder)]) == 0
     assert "Mamba-2 (headdim 16, 2 groups): d_model 32, 3 layers, d_state 8" in capsys.readouterr().out
+
+
+def test_triton_ssd_kernels_compile_for_the_gpu():
+    """The project's Mamba-2 kernels compiled for sm_90 (H100/H200) as the GPU machine will, here without a GPU (the
+    interpreter runs them but checks neither types nor shapes as the compiler does), through triton's own ptxas."""
+    triton = pytest.importorskip("triton")
+    try:
+        from triton.backends.compiler import GPUTarget
+        from triton.compiler import ASTSource
+    except ImportError:
+        pytest.skip("this triton has no ahead-of-time compile API")
+    from simba_compress.ssm import triton_ssd as ts
+
+    def compile_for_sm90(fn, pointers: dict[str, str], constexprs: dict, **options):
+        names = fn.arg_names
+        signature = {n: pointers.get(n, "i32") for n in names if n not in constexprs} | {n: "constexpr" for n in constexprs}
+        src = ASTSource(fn, signature, constexprs={(names.index(n),): v for n, v in constexprs.items()})
+        try:
+            return triton.compile(src, target=GPUTarget("cuda", 90, 32), options=options)
+        except RuntimeError as e:
+            if "ptxas" in str(e) and "not found" in str(e).lower():
+                pytest.skip("no ptxas to assemble for the GPU")
+            raise
+
+    bf16 = dict.fromkeys(["x_ptr", "B_ptr", "C_ptr", "y_ptr", "dt_ptr", "z_ptr", "w_ptr", "out_ptr", "xbc_ptr",
+                          "conv_ptr", "cw_ptr", "cb_ptr"], "*bf16")  # fmt: skip
+    f32 = dict.fromkeys(["bias_ptr", "A_ptr", "states_ptr", "acs_ptr", "dts_ptr", "decay_ptr", "D_ptr", "final_ptr",
+                         "h_ptr"], "*fp32") | {"eps": "fp32"}  # fmt: skip
+    ptrs = bf16 | f32
+    blocks = dict(CHUNK=ts.CHUNK, BLOCK_P=64, BLOCK_N=128, BLOCK_K=ts.BLOCK_K, PRECISION="tf32")
+    compile_for_sm90(ts._chunk_state, ptrs, blocks | {"BLOCK_N": 64}, num_warps=4)
+    compile_for_sm90(ts._chunk_scan, ptrs, blocks | {"HAS_D": True, "BLOCK_M": ts.BLOCK_M}, num_warps=4)
+    compile_for_sm90(ts._state_passing, ptrs, {"BLOCK": 1024})
+    compile_for_sm90(ts._gated_norm, ptrs, {"BLOCK": 8192, "ROWS": 1}, num_warps=16)
+    compile_for_sm90(ts._step_heads, ptrs, {"K": 4, "HAS_BIAS": True, "BLOCK_P": ts.STEP_BLOCK_P, "BLOCK_N": 128})
+    compile_for_sm90(ts._step_norm, ptrs, {"K": 4, "BLOCK": 8192, "BLOCK_N": 128}, num_warps=16)
