@@ -30,7 +30,7 @@ DEMO_MODEL = PACKAGE_DATA / "demo-model"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json", "merges.txt")
 WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
 # what a hub download fetches: a checkpoint's config, weights and tokenizer, or a tokenizer alone
-CHECKPOINT_PATTERNS = ["*.safetensors", "*.safetensors.index.json", "pytorch_model*.bin", "*.json", "*.txt"]
+CHECKPOINT_PATTERNS = ["*.safetensors", "*.safetensors.index.json", "pytorch_model*.bin", "*.json", "*.txt", "README.md"]
 TOKENIZER_PATTERNS = ["*.json", "*.txt", "*.model"]
 
 
@@ -133,6 +133,14 @@ def read_checkpoint(path: Path) -> Checkpoint:
     cfg = _read_json(file)
     if not isinstance(cfg, dict):
         raise SimbaError(f"{file}: expected a JSON object")
+    layout, config, simba = parse_config(cfg, file)
+    dtype = getattr(torch, str(cfg.get("torch_dtype") or cfg.get("dtype") or "float32").replace("torch.", ""), None)
+    return Checkpoint(path, layout, config, simba, dtype if isinstance(dtype, torch.dtype) else torch.float32)
+
+
+def parse_config(cfg: dict, file: Path | str) -> tuple[str, ModelConfig, SimbaConfig | None]:
+    """(layout, model shape, pruning schedule or None) from a config.json's content; errors name `file`. Also what
+    the transformers remote code (hf.py) builds its model from, with a loaded config's to_dict()."""
     ssm_cfg = cfg.get("ssm_cfg") or {}
     if "d_model" in cfg and "n_layer" in cfg:
         layout = "original"
@@ -198,8 +206,7 @@ def read_checkpoint(path: Path) -> Checkpoint:
             raise SimbaError(f"{file}: bad 'simba' section: {e}") from None
         if simba.n_layer != config.n_layer:
             raise SimbaError(f"{file}: 'simba.keep' has {simba.n_layer} entries for {config.n_layer} layers")
-    dtype = getattr(torch, str(cfg.get("torch_dtype") or cfg.get("dtype") or "float32").replace("torch.", ""), None)
-    return Checkpoint(path, layout, config, simba, dtype if isinstance(dtype, torch.dtype) else torch.float32)
+    return layout, config, simba
 
 
 def _load_file(file: Path) -> dict[str, torch.Tensor]:
@@ -341,10 +348,17 @@ def save(
 ) -> Path:
     """Write model (+ simba section), tokenizer and extra files (text or bytes) into `output`, atomically.
 
+    Beside them: README.md, the model card (card.py; a README.md in `files` replaces it), and for a pruned model the
+    transformers remote code (hf.py: modeling_simba.py and config.json's auto_map), so the folder is a Hub
+    repository as it stands. Weights in safetensors only. Every file gets the mode an ordinary write gives it
+    (safetensors alone writes 0600).
     Everything is written into a temporary sibling folder that is renamed into place only when complete.
     An existing `output` is kept unless overwrite=True; then it is swapped out only after the new one is whole.
     """
     from safetensors.torch import save_file
+
+    from . import __version__
+    from .card import KEEP_PLOT, keep_profile_png, model_card
 
     out = Path(output).expanduser().resolve()
     check_output(out, overwrite)
@@ -358,20 +372,34 @@ def save(
         save_file(sd, str(tmp / "model.safetensors"), metadata={"format": "pt"})
         cfg = hf_config(model.config)
         cfg["torch_dtype"] = str(dtype).replace("torch.", "")
+        files = dict(files or {})
         if model.simba is not None:
-            cfg["simba"] = model.simba.to_dict()
-        from . import __version__
+            from .hf import REMOTE_CODE, auto_map
 
+            cfg["simba"] = model.simba.to_dict()
+            cfg["auto_map"] = auto_map(cfg["model_type"])
+            files[REMOTE_CODE.name] = REMOTE_CODE.read_text()
+            if KEEP_PLOT not in files:  # a search draws its own, beside the linear schedule
+                seq_len = int(model.simba.extra.get("seq_len") or 1024)
+                files[KEEP_PLOT] = keep_profile_png(model.simba, seq_len, model.config.scan_chunks)
         cfg["simba_compress_version"] = __version__
+        if tokenizer is not None:  # generate's defaults (eos stops a row) come from config.json
+            for key in ("bos_token_id", "eos_token_id", "pad_token_id"):
+                if getattr(tokenizer, key, None) is not None:
+                    cfg[key] = getattr(tokenizer, key)
         (tmp / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
         if tokenizer is not None:
             tokenizer.save_pretrained(str(tmp))
-        for name, content in (files or {}).items():
+        files.setdefault("README.md", model_card(model, out.name, files))
+        for name, content in files.items():
             if isinstance(content, bytes):
                 (tmp / name).write_bytes(content)
             else:
                 (tmp / name).write_text(content)
-        os.chmod(tmp, 0o755)
+        mode = (tmp / "config.json").stat().st_mode & 0o777  # what the umask gives an ordinary file
+        folder_mode = mode | ((mode & 0o444) >> 2)  # searchable where readable (mkdtemp made tmp 0700)
+        for path in [tmp, *tmp.rglob("*")]:
+            os.chmod(path, folder_mode if path.is_dir() else mode)
         if out.exists():
             old = out.parent / f".{out.name}.replaced-{os.getpid()}"
             out.rename(old)

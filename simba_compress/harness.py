@@ -16,11 +16,18 @@ What pruning does to each request type:
 - loglikelihood_rolling (perplexity tasks): only the last token of each window is protected, so every
   position is scored and a pruned position is predicted from the layer where it was dropped.
 - generate_until: the prompt is prefilled pruned, then every generated token runs through every layer.
+
+lm-eval's own hf model also runs a compressed folder pruned (`--model hf --model_args
+pretrained=OUT,trust_remote_code=True`, hf.py), with the same scores for rolling loglikelihood, generation and
+one-token continuations; it cannot say where a longer continuation starts, so there it prunes the continuation
+with the context, which this model protects.
 """
 
 from __future__ import annotations
 
 import sys
+
+import lm_eval.models  # noqa: F401  lm-eval's own models (hf, vllm, ...): it reads them only into an empty registry
 import torch
 from lm_eval.api.model import LM
 from lm_eval.api.registry import register_model
