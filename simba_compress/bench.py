@@ -1,6 +1,6 @@
 """Generation speed as a user meets it: first-token latency, decode time per token, total and peak memory of
 the compressed model, the same weights dense, and what a user would run instead (mamba_ssm's
-MambaLMHeadModel.generate(cg=True), transformers' MambaForCausalLM.generate), on this machine.
+MambaLMHeadModel.generate(cg=True), transformers' MambaForCausalLM / Mamba2ForCausalLM.generate), on this machine.
 
 Every implementation is timed the same way, from outside: generating 1 new token (prefill + its sampling) gives
 the first-token latency, generating K gives the total, and decode per token = (total - first) / (K - 1). Each
@@ -66,7 +66,8 @@ Generate = Callable[[torch.Tensor, int], object]  # (prompt ids, new tokens) -> 
 
 
 def mamba_ssm_twin(model: MambaLM):
-    """mamba_ssm's MambaLMHeadModel with `model`'s weights, or None where mamba_ssm does not import."""
+    """mamba_ssm's MambaLMHeadModel with `model`'s weights (its Mamba or Mamba2 layers), or None where mamba_ssm does
+    not import."""
     try:
         from mamba_ssm.models.config_mamba import MambaConfig
         from mamba_ssm.models.mixer_seq_simple import MambaLMHeadModel
@@ -85,22 +86,28 @@ def mamba_ssm_twin(model: MambaLM):
     twin = MambaLMHeadModel(conf, device=model.device, dtype=model.lm_head.weight.dtype).eval()
     sd = {k.replace("backbone.embeddings.", "backbone.embedding."): v for k, v in model.state_dict().items()}
     twin.load_state_dict(sd)
+    try:  # Mamba2's fused prefill (mamba_split_conv1d_scan_combined) calls causal_conv1d's CUDA conv
+        import causal_conv1d_cuda  # noqa: F401
+    except ImportError:
+        for module in twin.modules():
+            if hasattr(module, "use_mem_eff_path"):
+                module.use_mem_eff_path = False  # its other path: PyTorch's conv, the same Triton SSD
     return twin
 
 
 def transformers_twin(model: MambaLM):
-    """transformers' MambaForCausalLM with `model`'s weights (the same parameter names), or None."""
+    """transformers' MambaForCausalLM or Mamba2ForCausalLM with `model`'s weights (the same parameter names), or None."""
     try:
-        from transformers import MambaConfig, MambaForCausalLM
+        import transformers
 
         from .checkpoints import hf_config
     except Exception:
         return None
-    if model.config.layer != "mamba1":
-        return None
-    conf = MambaConfig(**{k: v for k, v in hf_config(model.config).items() if k != "architectures"})
+    cfg = hf_config(model.config)
+    arch = cfg.pop("architectures")[0]  # MambaForCausalLM or Mamba2ForCausalLM
+    conf = getattr(transformers, arch.replace("ForCausalLM", "Config"))(**cfg)
     with torch.device(model.device):
-        hf = MambaForCausalLM(conf).to(model.lm_head.weight.dtype).eval()
+        hf = getattr(transformers, arch)(conf).to(model.lm_head.weight.dtype).eval()
     hf.load_state_dict(model.state_dict(), strict=False)  # lm_head is tied
     hf.generation_config.eos_token_id = hf.generation_config.pad_token_id = None
     return hf

@@ -393,7 +393,8 @@ def _info(args) -> int:
         return 0
     c = ckpt.config
     print(f"{path} ({ckpt.layout} layout)")
-    print(f"  Mamba-1: d_model {c.d_model}, {c.n_layer} layers, d_state {c.d_state}, vocab {c.vocab_size}")
+    kind = "Mamba-1" if c.layer == "mamba1" else f"Mamba-2 (headdim {c.headdim}, {c.ngroups} groups)"
+    print(f"  {kind}: d_model {c.d_model}, {c.n_layer} layers, d_state {c.d_state}, vocab {c.vocab_size}")
     print(f"  weights: {weights.name}, {params / 1e6:.1f}M parameters, every tensor the config implies, readable")
     if ckpt.simba is None:
         print("  dense (no pruning schedule)")

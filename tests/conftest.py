@@ -19,6 +19,9 @@ REPO = Path(__file__).resolve().parents[1]
 # installed copy of another one
 os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+# Triton's float32 dots in IEEE float32 (mamba_ssm's SSD and the project's): the GPU's default, TF32, keeps 10 mantissa
+# bits, and the tests compare float32 paths at 1e-4. Read when a kernel compiles, so it is set before any does.
+os.environ.setdefault("TRITON_F32_DEFAULT", "ieee")
 torch.set_num_threads(min(2, os.cpu_count() or 1))
 
 from simba_compress import MambaLM, ModelConfig  # noqa: E402
@@ -123,6 +126,14 @@ def _patched(tensor, *args):  # one argument in triton 3.5, two in 3.6
     _orig(tensor, *args)  # numpy >= 2.3 refuses int() of a shape-(1,) array, which the interpreter does
     tensor.__index__ = lambda self: int(self.handle.data.reshape(-1)[0])
 ti._patch_lang_tensor = _patched
+import numpy as np, triton.language as tl
+_dot = ti.InterpreterBuilder.create_dot
+def _dot_bf16(self, a, b, d, *rest):  # the interpreter keeps bf16 as its raw uint16 bits and would multiply those
+    if a.dtype.scalar == tl.bfloat16:
+        a, b = (ti.TensorHandle(ti._convert_float(t.data, tl.bfloat16, tl.float32, None).view(np.float32), tl.float32)
+                for t in (a, b))
+    return _dot(self, a, b, d, *rest)
+ti.InterpreterBuilder.create_dot = _dot_bf16
 """
 
 
@@ -137,6 +148,20 @@ def run_in_triton_interpreter(script: str) -> dict:
     res = subprocess.run([sys.executable, "-c", INTERPRETER_PRELUDE + script], env=env, capture_output=True, text=True, timeout=600)
     assert res.returncode == 0, res.stderr[-3000:]
     return json.loads(res.stdout.strip().splitlines()[-1])
+
+
+def fused_step_logits(model, states: list, token: torch.Tensor) -> torch.Tensor:
+    """The logits of one decode step of `model` through its Decoder (its fused step kernels, no graph) from the prefill
+    states `states`, for token (b,)."""
+    from simba_compress.generation import Decoder, GenerationConfig
+
+    dec = Decoder(model, token.shape[0], GenerationConfig(), graph=False)
+    dec.prepare(states, GenerationConfig())
+    dec.token.copy_(token)
+    logits = []
+    dec._select = lambda lg: logits.append(lg)  # keep the logits of the step
+    dec.step(None)
+    return logits[0]
 
 
 @pytest.fixture(scope="session")
