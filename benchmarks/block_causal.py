@@ -6,9 +6,8 @@ engine that caches prefix states, or prefills a long prompt in chunks, needs the
 keeps must be decided from that chunk and what precedes it. The block-causal variant measured here tiles
 the prompt into blocks of B tokens; after a scoring layer, every block keeps its share of the tokens the global
 schedule keeps of the prompt at that layer (its last token always), ranked by their global impact on the block's
-own last token. The protected
-continuation (the last --protect positions, DESIGN.md's headline) runs through every layer, as generated
-tokens do. Everything else is the model's own: its layers, the schedule's keep ratios, frozen streams.
+own last token. The protected continuation (the last --protect positions, the headline: README, How quality is
+measured) runs through every layer, as generated tokens do. Everything else is the model's own: its layers, the schedule's keep ratios, frozen streams.
 
 The global rows are the model's forward (simba_compress's pruned forward with the continuation protected),
 and the run first checks that this script's layer loop, given one block spanning the whole window, gives the
@@ -44,6 +43,7 @@ from simba_compress.evaluate import protected  # noqa: E402
 from simba_compress.flops import count, layer_flops  # noqa: E402
 from simba_compress.layers import MixerContext, norm  # noqa: E402
 from simba_compress.schedules import linear_for_flops  # noqa: E402
+from simba_compress.settings import LinearSchedule  # noqa: E402
 
 
 def segments(seq_len: int, protect: int, block: int | None) -> list[tuple[int, int, int]]:
@@ -163,7 +163,7 @@ def main() -> None:
                  loss_se=dense.std().item() / math.sqrt(len(dense)), delta=None, delta_se=None)]  # fmt: skip
     check = 0.0
     for f in args.flops:
-        simba = linear_for_flops(model.config, f, args.seq_len, form=args.form)
+        simba = linear_for_flops(model.config, LinearSchedule(flops=f, seq_len=args.seq_len, form=args.form))
         head = protected(simba, args.protect)
         base = per_window(lambda x: model(x, simba=head).logits)
         x0 = batches[0][0]
@@ -213,7 +213,7 @@ def markdown(meta: dict, rows: list[dict]) -> str:
         "",
         f"{meta['device']}, torch {meta['versions'].get('torch')}, simba_compress {meta['simba_compress']}; "
         f"{meta['model']}; {meta['windows']} windows of {meta['seq_len']} tokens of {meta['data']}; the last "
-        f"{meta['protect']} positions protected and scored (DESIGN.md's headline); schedule: the linear schedule in "
+        f"{meta['protect']} positions protected and scored (the headline, README: How quality is measured); schedule: the linear schedule in "
         f"the {meta['form']} form at each FLOP target; {meta['seconds']} s. The span forward reproduced the model's "
         f"logits within {meta['span_forward_max_abs_diff']:.2g}.",
         "",

@@ -59,6 +59,7 @@ from simba_compress.flops import count, kv_cache_bytes  # noqa: E402
 from simba_compress.generation import GenerationConfig, generate  # noqa: E402
 from simba_compress.layers import KVState  # noqa: E402
 from simba_compress.schedules import linear_for_flops  # noqa: E402
+from simba_compress.settings import LinearSchedule  # noqa: E402
 
 DEFAULT_SEQ_LEN = 1024  # where `simba-compress --flops F` fits its schedule
 SHAPES = {
@@ -219,7 +220,7 @@ def main() -> None:
             model = twin = hf = None
             free_memory()
             model, name = random_model(shapes[shape], device, dtype), shape
-            simba = linear_for_flops(model.config, args.flops, DEFAULT_SEQ_LEN, form="fast")
+            simba = linear_for_flops(model.config, LinearSchedule(flops=args.flops, seq_len=DEFAULT_SEQ_LEN))  # as the CLI
             notes.append(f"- {shape}: the default output at {args.flops}: keep {simba.keep}")
         ids = torch.randint(0, model.config.vocab_size, (batch, prompt), generator=torch.Generator().manual_seed(prompt)).to(device)
         reps = args.reps if batch * prompt <= 65536 else 1

@@ -13,17 +13,23 @@ same --out skips the rows it has):
             TRAINING text (the headline protocol on --choose-windows windows of train.txt.xz), never the evaluation
             text, on the step schedule (below), whose one pruning is at the first attention layer: the fast form's
             staircase may step down at Mamba layers only (it does on the proxy at 0.6), where the choice changes
-            nothing; the better one is the schedules' choice in the stages below
-  headline  mean loss on the last 128 tokens (protected) of --windows windows of valid.txt.xz at T = 1024 and 4096
+            nothing; the better one is the schedules' choice in the stages below. Both scores run on the same windows,
+            so the choice rests on the paired difference and its standard error over windows
+  headline  mean loss on the last 128 tokens (protected) of --windows windows of valid.txt.xz at T = 1024 and 4096,
+            and beside it the all-position loss with only the last position protected (DESIGN.md: a stress figure,
+            a pruned position is predicted from the layer that dropped it; truncation has none)
   passkey   teacher-forced exact match of a passkey at prompt lengths --passkey-lengths and needle depths 0.1-0.9
             (--per-depth samples each), haystacks of valid.txt.xz: benchmarks/long_context.py's protocol
 
 Methods, at each --flops F (the backbone FLOP ratio, scores included):
   dense             the model as it is
-  truncate          the dense model on the most recent F x T tokens
+  truncate          the dense model on the most recent tokens, as many as F's FLOPs pay for (attention's cost
+                    grows faster than the token count, so a little more than F x T)
   simba             the CLI's default output (fast form; --trials N > 0: the calibrated search of the CLI, KL on
                     --calib-windows windows of train.txt.xz; 0: the linear variant), attention_score as chosen
-  simba-<other>     the same schedule with the other attention_score (the comparison the choice rests on)
+  simba-linear      with --trials N > 0: the linear fast-form schedule as well
+  simba-<other>     the same schedule with the other attention_score, where the schedule prunes at an attention
+                    layer (elsewhere the two are the same model)
   snapkv            SnapKV-style selection: every layer up to the first attention layer dense, then one keep ratio
                     meeting F; the tokens the upper layers keep are those the first attention layer's last queries
                     attend to most (criterion "snapkv": SNAPKV_WINDOW = 32 queries or the protected tail, max-pooled
@@ -59,6 +65,7 @@ from simba_compress.evaluate import evaluate, evaluate_truncated  # noqa: E402
 from simba_compress.flops import count  # noqa: E402
 from simba_compress.passkey import PasskeyTask, evaluate_passkey  # noqa: E402
 from simba_compress.schedules import fit_flops, linear_for_flops  # noqa: E402
+from simba_compress.settings import CalibratedSchedule, LinearSchedule, PruningSettings  # noqa: E402
 
 STAGES = ("choose", "headline", "passkey")
 DEPTHS = [0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9]
@@ -79,27 +86,52 @@ def step_schedule(model, flops: float, seq_len: int, criterion: str, protect: in
     return s
 
 
+def prunes_at_attention(model, simba: SimbaConfig) -> bool:
+    """Whether some attention layer ranks the tokens for a next layer that keeps fewer (where attention_score
+    matters)."""
+    return any(a + 1 < len(simba.keep) and simba.keep[a + 1] < simba.keep[a] for a in model.config.attn_layers)
+
+
 def schedules(model, flops: float, attention_score: str, calibrated: SimbaConfig | None, seq_len: int) -> dict[str, SimbaConfig]:
     other = "snapkv" if attention_score == "carry" else "carry"
-    simba = calibrated or linear_for_flops(model.config, flops, 1024, protect_last=PROTECT, form="fast")
-    simba = replace(simba, attention_score=attention_score)
+    linear = linear_for_flops(model.config, LinearSchedule(flops=flops, protect_last=PROTECT, attention_score=attention_score))
+    simba = calibrated or linear
     step = step_schedule(model, flops, seq_len, "simba", PROTECT)
-    return {
-        "simba": simba,
-        f"simba-{other}": replace(simba, attention_score=other),
+    out = {"simba": simba}
+    if calibrated is not None:
+        out["simba-linear"] = linear
+    if prunes_at_attention(model, simba):
+        out[f"simba-{other}"] = replace(simba, attention_score=other)
+    return out | {
         "snapkv": step_schedule(model, flops, seq_len, "snapkv", PROTECT),
         "simba-step": replace(step, attention_score="carry"),
         "simba-step-snapkv": replace(step, attention_score="snapkv"),
     }
 
 
+def truncated_tokens(model, flops: float, seq_len: int) -> int:
+    """The most recent tokens whose dense FLOPs are at most `flops` of the whole window's."""
+    dense = count(model.config, None, seq_len).dense
+    lo, hi = 1, seq_len
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        lo, hi = (mid, hi) if count(model.config, None, mid).dense <= flops * dense else (lo, mid - 1)
+    return lo
+
+
+def per_window_loss(model, windows: torch.Tensor, simba: SimbaConfig) -> torch.Tensor:
+    """The headline loss of each window alone (a paired comparison of two schedules on the same windows)."""
+    return torch.tensor([evaluate(model, w[None], PROTECT, 1, simba=simba, all_positions=False, progress=False).loss
+                         for w in windows], dtype=torch.float64)  # fmt: skip
+
+
 def calibrate_default(model, corpus: Path, tok, flops: float, trials: int, windows: int, attention_score: str) -> SimbaConfig:
     """The CLI's default search (calibrate.py: KL, fast form) on training text."""
-    from simba_compress.calibrate import CalibrationConfig, calibrate
+    from simba_compress.calibrate import calibrate
 
     w = load_windows(str(corpus / "train.txt.xz"), tok, 1025, windows)
-    cfg = CalibrationConfig(flops=flops, seq_len=1024, trials=trials, progress=False, attention_score=attention_score)
-    simba, _ = calibrate(model, w, cfg)
+    simba, _ = calibrate(model, w, CalibratedSchedule(flops=flops, trials=trials, attention_score=attention_score),
+                         progress=False)
     return simba
 
 
@@ -113,7 +145,7 @@ def main() -> None:
     ap.add_argument("--flops", type=float, nargs="+", default=[0.6])
     ap.add_argument("--seq-lens", type=int, nargs="+", default=[1024, 4096])
     ap.add_argument("--windows", type=int, default=64)
-    ap.add_argument("--choose-windows", type=int, default=16)
+    ap.add_argument("--choose-windows", type=int, default=32)
     ap.add_argument("--trials", type=int, default=0, help="calibrated default schedule: Optuna trials (0: linear fast)")
     ap.add_argument("--calib-windows", type=int, default=32)
     ap.add_argument("--passkey-lengths", type=int, nargs="+", default=[1024, 2048, 4096])
@@ -142,44 +174,54 @@ def main() -> None:
 
     if "choose" in args.stages and state["choice"] is None:
         train = load_windows(str(corpus / "train.txt.xz"), tok, 1025, args.choose_windows)
-        losses = {}
-        for score in ("carry", "snapkv"):
-            simba = replace(step_schedule(model, args.flops[0], 1024, "simba", PROTECT), attention_score=score)
-            res = evaluate(model, train, PROTECT, args.batch_size, simba=simba, all_positions=False, progress=False)
-            losses[score] = res.loss
+        step = step_schedule(model, args.flops[0], 1024, "simba", PROTECT)
+        losses = {score: per_window_loss(model, train, replace(step, attention_score=score)) for score in ("carry", "snapkv")}
+        for score, x in losses.items():
             add({"stage": "choose", "method": f"simba-step ({score})", "flops": args.flops[0], "seq_len": 1024,
-                 "loss": round(res.loss, 4), "loss_se": round(res.loss_se, 4), "flop_ratio": round(res.flop_ratio, 4),
-                 "data": "train.txt.xz"})
-        state["choice"] = min(losses, key=losses.get)
+                 "loss": round(x.mean().item(), 4), "loss_se": round(x.std().item() / len(x) ** 0.5, 4),
+                 "flop_ratio": round(count(model.config, replace(step, attention_score=score), 1024).ratio, 4),
+                 "data": "train.txt.xz", "windows": len(x)})  # fmt: skip
+        diff = losses["snapkv"] - losses["carry"]
+        state["choice_diff"] = {"snapkv_minus_carry": round(diff.mean().item(), 4),
+                                "se": round(diff.std().item() / len(diff) ** 0.5, 4), "windows": len(diff)}  # fmt: skip
+        state["choice"] = "snapkv" if diff.mean() < 0 else "carry"
         write(out, state)
-    choice = state["choice"] or "carry"
+    choice = state["choice"] or PruningSettings.attention_score  # not chosen here: the project's default
 
     calibrated = {}
     for f in args.flops if args.trials else []:
-        calibrated[f] = calibrate_default(model, corpus, tok, f, args.trials, args.calib_windows, choice)
+        done = state.setdefault("calibrated", {}).get(str(f))  # a rerun with the same --out reuses the search
+        if done is None:
+            simba = calibrate_default(model, corpus, tok, f, args.trials, args.calib_windows, choice)
+            state["calibrated"][str(f)] = done = simba.to_dict()
+            write(out, state)
+        calibrated[f] = SimbaConfig.from_dict(done)
 
     if "headline" in args.stages:
         for T in args.seq_lens:
             valid = load_windows(str(corpus / "valid.txt.xz"), tok, T + 1, args.windows)
             batch = max(1, min(args.batch_size, 8192 // T))
             if ("headline", "dense", 1.0, T, None) not in have:
-                res = evaluate(model, valid, PROTECT, batch, simba=None, all_positions=False, progress=False)
+                res = evaluate(model, valid, PROTECT, batch, simba=None, progress=False)
                 add({"stage": "headline", "method": "dense", "flops": 1.0, "seq_len": T, "loss": round(res.loss, 4),
-                     "loss_se": round(res.loss_se, 4), "flop_ratio": 1.0})
+                     "loss_se": round(res.loss_se, 4), "all_position_loss": round(res.all_position_loss, 4),
+                     "flop_ratio": 1.0})  # fmt: skip
             for f in args.flops:
                 if ("headline", "truncate", f, T, None) not in have:
-                    res = evaluate_truncated(model, valid, f, PROTECT, batch, progress=False)
-                    kept = round(res.flop_ratio * T)  # attention costs grow faster than the tokens: the FLOPs' ratio
+                    kept = truncated_tokens(model, f, T)
+                    res = evaluate_truncated(model, valid, kept / T, PROTECT, batch, progress=False)
                     ratio = count(model.config, None, kept).dense / count(model.config, None, T).dense
                     add({"stage": "headline", "method": "truncate", "flops": f, "seq_len": T, "loss": round(res.loss, 4),
-                         "loss_se": round(res.loss_se, 4), "flop_ratio": round(ratio, 4)})
+                         "loss_se": round(res.loss_se, 4), "flop_ratio": round(ratio, 4), "kept_tokens": kept})
                 for name, simba in schedules(model, f, choice, calibrated.get(f), T).items():
                     if ("headline", name, f, T, None) in have:
                         continue
-                    res = evaluate(model, valid, PROTECT, batch, simba=simba, all_positions=False, progress=False)
+                    # fitted with the scored tail protected; the all-position pass protects the last position only
+                    res = evaluate(model, valid, PROTECT, batch, simba=replace(simba, protect_last=1), progress=False)
                     add({"stage": "headline", "method": name, "flops": f, "seq_len": T, "loss": round(res.loss, 4),
-                         "loss_se": round(res.loss_se, 4), "flop_ratio": round(res.flop_ratio, 4),
-                         "keep": [round(k, 4) for k in simba.keep], "attention_score": simba.attention_score})
+                         "loss_se": round(res.loss_se, 4), "all_position_loss": round(res.all_position_loss, 4),
+                         "flop_ratio": round(res.flop_ratio, 4), "keep": [round(k, 4) for k in simba.keep],
+                         "attention_score": simba.attention_score})  # fmt: skip
 
     if "passkey" in args.stages:
         if not args.passkey_model:
@@ -221,15 +263,21 @@ def write(out: Path, state: dict) -> None:
                   "|---|---:|---:|---:|"]
         lines += [f"| {r['method']} | {r['loss']:.4f} | {r.get('loss_se', float('nan')):.4f} | {r['flop_ratio']:.3f} |"
                   for r in choose]
+        d = state.get("choice_diff")
+        if d:
+            lines += ["", f"Paired over the {d['windows']} windows: snapkv - carry = {d['snapkv_minus_carry']:+.4f} "
+                      f"± {d['se']:.4f} (se)."]  # fmt: skip
         lines += ["", f"Chosen: **{state['choice']}**.", ""]
     head = [r for r in rows if r["stage"] == "headline"]
     if head:
         lines += ["## Headline: loss on the protected last 128 tokens (valid.txt.xz)", "",
-                  "| method | F | T | loss | ± se | FLOP ratio | keep |", "|---|---:|---:|---:|---:|---:|---|"]
+                  "| method | F | T | loss | ± se | all positions | FLOP ratio | keep |",
+                  "|---|---:|---:|---:|---:|---:|---:|---|"]
         for r in head:
-            keep = " ".join(f"{k:g}" for k in r.get("keep", []))
+            keep = " ".join(f"{k:g}" for k in r.get("keep", [])) or (f"last {r['kept_tokens']} tokens" if "kept_tokens" in r else "")
+            every = f"{r['all_position_loss']:.4f}" if r.get("all_position_loss") is not None else "n/a"
             lines.append(f"| {r['method']} | {r['flops']} | {r['seq_len']} | {r['loss']:.4f} | {r['loss_se']:.4f} | "
-                         f"{r['flop_ratio']:.3f} | {keep} |")
+                         f"{every} | {r['flop_ratio']:.3f} | {keep} |")
         lines.append("")
     pk = [r for r in rows if r["stage"] == "passkey"]
     if pk:

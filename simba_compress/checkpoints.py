@@ -14,6 +14,7 @@ is written in the state-spaces layout, its schedule in simba.json (mamba_ssm's M
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import tempfile
@@ -57,7 +58,7 @@ def resolve(model: str, patterns: list[str] = CHECKPOINT_PATTERNS) -> Path:
     path = Path(model).expanduser()
     if path.exists():
         if not path.is_dir():
-            raise SimbaError(f"{path}: not a folder; --model takes a checkpoint folder or a hub id")
+            raise SimbaError(f"{path}: not a folder; a model is a checkpoint folder or a hub id")
         return path
     if model.count("/") != 1 or model.startswith((".", "/", "~")):
         raise SimbaError(f"{model}: no such folder (and not a hub id of the form owner/name)")
@@ -141,8 +142,27 @@ def _load_file(file: Path) -> dict[str, torch.Tensor]:
     return sd
 
 
-def read_weights(path: Path) -> tuple[dict[str, torch.Tensor], Path]:
-    """All tensors of a checkpoint folder (single file or sharded with an index)."""
+def _file_shapes(file: Path) -> dict[str, tuple[int, ...]]:
+    """The tensors' shapes a weights file holds, read from its header (safetensors) or memory-mapped (pickle),
+    without reading the tensors: the same errors as _load_file for a file that cannot be read."""
+    try:
+        if file.suffix == ".safetensors":
+            from safetensors import safe_open
+
+            with safe_open(str(file), framework="pt") as f:  # checks the header against the file's length
+                return {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+        sd = torch.load(file, map_location="cpu", weights_only=True, mmap=True)
+    except Exception as e:
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:160]
+        raise SimbaError(f"{file}: cannot read weights, the file is corrupt or truncated ({first})") from None
+    if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
+        raise SimbaError(f"{file}: not a state dict of tensors")
+    return {k: tuple(v.shape) for k, v in sd.items()}
+
+
+def read_weights(path: Path, reader=_load_file) -> tuple[dict, Path]:
+    """All tensors of a checkpoint folder (single file or sharded with an index), or what `reader` reads of
+    each file (_file_shapes: their shapes)."""
     for name in WEIGHT_FILES:
         file = path / name
         if not file.exists():
@@ -155,9 +175,9 @@ def read_weights(path: Path) -> tuple[dict[str, torch.Tensor], Path]:
             for shard in sorted(set(index.values())):
                 if not (path / shard).exists():
                     raise SimbaError(f"{file}: shard {shard} is missing")
-                sd.update(_load_file(path / shard))
+                sd.update(reader(path / shard))
             return sd, file
-        return _load_file(file), file
+        return reader(file), file
     raise SimbaError(f"{path}: no weights file (looked for {', '.join(WEIGHT_FILES)})")
 
 
@@ -169,22 +189,11 @@ def load(model: str | os.PathLike, dtype: torch.dtype = torch.float32, device: s
     ckpt = read_checkpoint(resolve(str(model)))
     sd, file = read_weights(ckpt.path)
     sd = to_model(sd, ckpt.config, ckpt.layout)
-    with torch.device("meta"):
-        lm = MambaLM(ckpt.config, ckpt.simba)
-    expected = {k: v.shape for k, v in lm.state_dict().items()}
     if ckpt.config.tie_embeddings:
         sd.pop("lm_head.weight", None)
-        expected.pop("lm_head.weight")
-    for k, shape in expected.items():
-        if k not in sd:
-            raise SimbaError(f"{file}: missing tensor '{k}' that {ckpt.path / 'config.json'} implies")
-        if tuple(sd[k].shape) != tuple(shape):
-            raise SimbaError(
-                f"{file}: '{k}' has shape {tuple(sd[k].shape)} but {ckpt.path / 'config.json'} implies {tuple(shape)}"
-            )
-    extra = sorted(set(sd) - set(expected))
-    if extra:
-        raise SimbaError(f"{file}: unexpected tensors for this model, e.g. '{extra[0]}' ({len(extra)} in all)")
+    _check_shapes(ckpt, {k: tuple(v.shape) for k, v in sd.items()}, file)
+    with torch.device("meta"):
+        lm = MambaLM(ckpt.config, ckpt.simba)
     source_dtype = next(iter(sd.values())).dtype
     lm.load_state_dict({k: v.to(dtype) for k, v in sd.items()}, strict=False, assign=True)
     if ckpt.config.tie_embeddings:
@@ -195,6 +204,37 @@ def load(model: str | os.PathLike, dtype: torch.dtype = torch.float32, device: s
     return lm.to(device).eval()
 
 
+def _check_shapes(ckpt: Checkpoint, shapes: dict[str, tuple[int, ...]], file: Path) -> int:
+    """Every tensor ckpt's config implies is in `shapes` (those of `file`, embedding renamed, a tied head
+    dropped) with its shape, and nothing else; returns the parameter count."""
+    with torch.device("meta"):
+        lm = MambaLM(ckpt.config)
+    expected = {k: tuple(v.shape) for k, v in lm.state_dict().items()}
+    if ckpt.config.tie_embeddings:
+        expected.pop("lm_head.weight")
+    for k, shape in expected.items():
+        if k not in shapes:
+            raise SimbaError(f"{file}: missing tensor '{k}' that {ckpt.path / 'config.json'} implies")
+        if shapes[k] != shape:
+            raise SimbaError(f"{file}: '{k}' has shape {shapes[k]} but {ckpt.path / 'config.json'} implies {shape}")
+    extra = sorted(set(shapes) - set(expected))
+    if extra:
+        raise SimbaError(f"{file}: unexpected tensors for this model, e.g. '{extra[0]}' ({len(extra)} in all)")
+    return sum(math.prod(s) for s in shapes.values())
+
+
+def check_weights(ckpt: Checkpoint) -> tuple[Path, int]:
+    """Check, without loading them, that the checkpoint's weights can be read and hold every tensor its config
+    implies with its shape (as load() would); (the weights file, the parameter count)."""
+    shapes, file = read_weights(ckpt.path, _file_shapes)
+    # the layout's names and fused tensors as load() sees them: to_model on empty tensors of those shapes
+    meta = to_model({k: torch.empty(v, device="meta") for k, v in shapes.items()}, ckpt.config, ckpt.layout)
+    shapes = {k: tuple(v.shape) for k, v in meta.items()}
+    if ckpt.config.tie_embeddings:
+        shapes.pop("lm_head.weight", None)
+    return file, _check_shapes(ckpt, shapes, file)
+
+
 def load_tokenizer(model: str | os.PathLike, tokenizer: str | None = None):
     """The tokenizer saved beside a checkpoint, or `tokenizer` (a folder or hub id) when given."""
     from transformers import AutoTokenizer
@@ -202,7 +242,7 @@ def load_tokenizer(model: str | os.PathLike, tokenizer: str | None = None):
     src = tokenizer or str(model)
     path = resolve(src, TOKENIZER_PATTERNS)  # a tokenizer-only hub repo: no weights are fetched
     if not any((path / f).exists() for f in TOKENIZER_FILES):
-        raise SimbaError(f"{path}: no tokenizer files (tokenizer.json, ...); pass --tokenizer DIR_OR_HUB_ID")
+        raise SimbaError(f"{path}: no tokenizer files (tokenizer.json, ...); give a tokenizer (a folder or hub id)")
     try:
         return AutoTokenizer.from_pretrained(str(path))
     except Exception as e:
@@ -312,10 +352,11 @@ def save(
     return out
 
 
-def check_output(out: Path, overwrite: bool) -> None:
-    """Refuse an output that exists (unless overwrite) or is not a folder, before any long work starts."""
+def check_output(out: Path, overwrite: bool, ask: str = "overwrite=True") -> None:
+    """Refuse an output that exists (unless overwrite) or is not a folder, before any long work starts; the
+    refusal says how to ask for it (the CLI: --overwrite)."""
     out = Path(out).expanduser()
     if out.exists() and not out.is_dir():
         raise SimbaError(f"{out}: exists and is not a folder")
     if out.exists() and any(out.iterdir()) and not overwrite:
-        raise SimbaError(f"{out}: already exists; pass --overwrite to replace it")
+        raise SimbaError(f"{out}: already exists; pass {ask} to replace it")

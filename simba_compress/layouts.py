@@ -51,6 +51,30 @@ def _float(v) -> float:
     return float(v["__float__"]) if isinstance(v, dict) else float(v)  # transformers writes inf as {"__float__": ...}
 
 
+# mamba_ssm's Mamba2 options (its constructor's arguments, as ssm_cfg stores them) that change what the layer computes,
+# with the one value this project's Mamba-2 mixer implements: every published Mamba-2 checkpoint and hybrid uses these
+# (A_init_range, dt_min/max, conv_init and the like only initialise; chunk_size does not change the result)
+MAMBA2_FIXED = {"D_has_hdim": False, "norm_before_gate": False, "rmsnorm": True, "dt_limit": [0.0, float("inf")]}
+
+
+def _check_mamba2_options(ssm_cfg: dict, d_inner: int, file: Path) -> None:
+    """One clear error for a Mamba2 option this project does not implement, naming the file and key."""
+    for key, ok in MAMBA2_FIXED.items():
+        value = ssm_cfg.get(key, ok)
+        if (_float_list(value) if isinstance(value, (list, tuple)) else value) != ok:
+            raise SimbaError(f"{file}: ssm_cfg.{key} = {value!r} is not supported for Mamba-2 (only {ok!r})")
+    if ssm_cfg.get("d_ssm") not in (None, d_inner):  # fewer SSM channels: the rest is a gated MLP inside the layer
+        raise SimbaError(f"{file}: ssm_cfg.d_ssm = {ssm_cfg['d_ssm']!r} is not supported for Mamba-2 (only d_inner, "
+                         f"{d_inner}: no gated-MLP channels)")  # fmt: skip
+
+
+def _float_list(values) -> list:
+    try:
+        return [_float(v) for v in values]
+    except (TypeError, ValueError):
+        return list(values)
+
+
 def _no_time_step_limit(cfg: dict, key: str, file: Path) -> None:
     limit = [_float(v) for v in (cfg.get(key) or [0, "inf"])]
     if limit != [0.0, float("inf")]:
@@ -135,12 +159,7 @@ def _original(cfg: dict, file: Path) -> dict:
         tie_embeddings=cfg.get("tie_embeddings", True),
     )
     if ssm_cfg.get("layer", "Mamba1") == "Mamba2":
-        for key, ok in (("D_has_hdim", False), ("norm_before_gate", False), ("rmsnorm", True), ("d_ssm", None)):
-            if ssm_cfg.get(key, ok) != ok:
-                raise SimbaError(f"{file}: ssm_cfg.{key} = {ssm_cfg[key]!r} is not supported for Mamba-2")
-        limit = [_float(v) for v in ssm_cfg.get("dt_limit", [0, "inf"])]
-        if limit != [0.0, float("inf")]:
-            raise SimbaError(f"{file}: ssm_cfg.dt_limit {limit} is not supported (only no limit)")
+        _check_mamba2_options(ssm_cfg, mc["expand"] * mc["d_model"], file)
         mc.update(layer="mamba2", d_state=ssm_cfg.get("d_state", 128), headdim=ssm_cfg.get("headdim", 64))
         mc.update(ngroups=ssm_cfg.get("ngroups", 1), dt_rank=1)
     elif ssm_cfg.get("layer", "Mamba1") != "Mamba1":

@@ -28,7 +28,7 @@ def auto(folder):
 def demo_folder(tmp_path_factory):
     """The embedded demo model at 0.6 of its FLOPs (a real tokenizer, so generate and pipelines run on text)."""
     m = sc.load("demo")
-    sc.compress(m, flops=0.6)
+    sc.compress(m, sc.LinearSchedule(flops=0.6))
     return sc.save(m, tmp_path_factory.mktemp("hf") / "demo-0.6", tokenizer=sc.load_tokenizer("demo"))
 
 
