@@ -85,6 +85,7 @@ def fit(
     for kind, handler in _HANDLERS.items():
         if isinstance(schedule, kind):
             simba, study = handler(model, schedule, windows, model_name, progress)
+            count(model.config, simba, schedule.seq_len)  # refuses, naming the criterion, a schedule it cannot run
             return with_max_tokens(simba, schedule.max_tokens), study
     raise TypeError(f"compress: schedule must be a LinearSchedule, CalibratedSchedule or ExplicitSchedule, not "
                     f"{type(schedule).__name__}")

@@ -18,6 +18,7 @@ from typing import Callable
 
 import torch
 
+from .errors import SimbaError
 from .layers import SCAN_CHUNKS, ScanChunks
 
 CRITERIA = ("simba", "share", "deci", "snapkv", "utr", "l2norm", "random", "stride")
@@ -159,7 +160,9 @@ def score_source(kinds: list[str], layer: int, simba: SimbaConfig) -> tuple[int,
         for j in range(layer, -1, -1):
             if kinds[j] == "attention":
                 return j, "snapkv"
-    raise ValueError(f"criterion {c!r}: layer {layer} prunes, but no layer at or below it computes a score")
+    # a schedule the model cannot run (snapkv pruning below the first attention layer, or on a pure Mamba model)
+    raise SimbaError(f"{c!r}: layer {layer} prunes, but no layer at or below it can compute that score"
+                     + (" (an attention layer's)" if c == "snapkv" else ""), "criterion")
 
 
 def scorers(kinds: list[str], prunes: list[bool], simba: SimbaConfig | None) -> dict[int, str]:

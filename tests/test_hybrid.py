@@ -283,7 +283,7 @@ def test_score_sources():
     assert [score_source(kinds, i, snap)[0] for i in range(5)] == [0, 1, 0, 3, 4]
     kv = SimbaConfig([1.0] * 5, "snapkv")
     assert score_source(kinds, 2, kv) == (1, "snapkv") and score_source(kinds, 3, kv) == (1, "snapkv")
-    with pytest.raises(ValueError, match="no layer at or below"):
+    with pytest.raises(SimbaError, match="^criterion: .snapkv.: layer 0 prunes, but no layer at or below"):
         score_source(kinds, 0, kv)
     assert score_source(["attention", "mamba2"], 0, simba) == (0, "snapkv")  # no SSM layer below: the attention's own
     assert score_source(kinds, 1, SimbaConfig([1.0] * 5, "utr")) is None
@@ -377,6 +377,30 @@ def test_cli_compresses_a_granite_folder_with_kv_cache_reported(tmp_path, capsys
     ids = torch.randint(0, 8192, (1, 20))
     with torch.no_grad():
         assert rel_err(dense(ids, use_cache=False).logits, load(out)(ids, simba=None).logits) < 1e-4
+
+
+def test_attention_score_is_a_pruning_setting(capsys):
+    """attention_score lives in the settings objects: checked once when made (naming the field; the CLI names its
+    flag), carried into the schedule; a schedule the model cannot score is refused when it is made, not at the
+    forward (snapkv below the first attention layer, or on a pure Mamba model)."""
+    from conftest import random_model
+    from simba_compress.cli import main
+    from simba_compress.compress import compress
+    from simba_compress.settings import ExplicitSchedule, LinearSchedule
+
+    with pytest.raises(SimbaError, match=r"^attention_score: 'bogus' is not one of carry, snapkv$"):
+        LinearSchedule(flops=0.6, attention_score="bogus")
+    assert main(["--model", "demo", "--flops", "0.6", "--attention-score", "bogus"]) == 2
+    assert "--attention-score: Input should be 'carry' or 'snapkv'" in capsys.readouterr().err
+    m = random_hybrid(n_layer=6, attn_layers=(2, 4))
+    keep = [1.0, 1.0, 1.0, 0.75, 0.5, 0.25]
+    assert compress(m, ExplicitSchedule(keep=keep, attention_score="carry")).attention_score == "carry"
+    assert compress(m, LinearSchedule(flops=0.7)).attention_score == "snapkv"  # the default
+    assert compress(m, ExplicitSchedule(keep=keep, criterion="snapkv")).criterion == "snapkv"
+    with pytest.raises(SimbaError, match=r"^criterion: 'snapkv': layer 1 prunes, but no layer at or below it"):
+        compress(m, ExplicitSchedule(keep=[1.0, 1.0, 0.75, 0.75, 0.5, 0.25], criterion="snapkv"))
+    with pytest.raises(SimbaError, match=r"^criterion: 'snapkv': layer 0 prunes"):
+        compress(random_model(n_layer=4, d_model=32, vocab=64), LinearSchedule(final_keep=0.5, criterion="snapkv"))
 
 
 @torch.no_grad()
