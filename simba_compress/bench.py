@@ -57,7 +57,7 @@ class BenchRow:
     total_ms: float
     peak_mem_gb: float | None  # CUDA only
     device: str
-    kv_cache_gb: float = 0.0  # the attention layers' KV cache after the prefill, all rows (hybrids; analytic)
+    kv_cache_bytes: int = 0  # the attention layers' KV cache after the prefill, all rows (hybrids; analytic)
     spread: float | None = None  # (max - min) / median of the runs of its first-token or total time, the larger
 
     def to_dict(self) -> dict:
@@ -252,24 +252,24 @@ def run_bench(
             bar.set_postfix_str(name)
             simba = model.simba if name == "simba" else None
             report = count(model.config, simba, cfg.prompt_len)
-            kv = kv_cache_bytes(model.config, report.tokens, model.lm_head.weight.dtype.itemsize) * cfg.batch / 2**30
+            kv = kv_cache_bytes(model.config, report.tokens, model.lm_head.weight.dtype.itemsize) * cfg.batch
             t = time_generation(run, ids, cfg, weights, tick=lambda: bar.update(1))
             rows.append(BenchRow(name, round(report.ratio, 4), cfg.batch, cfg.prompt_len, cfg.new_tokens,
                                  round(t["first_token_ms"], 3), round(t["decode_ms_per_token"], 4), round(t["total_ms"], 3),
                                  None if t["peak_mem_gb"] is None else round(t["peak_mem_gb"], 3), device,
-                                 kv_cache_gb=round(kv, 4), spread=round(t["spread"], 3)))  # fmt: skip
+                                 kv_cache_bytes=kv, spread=round(t["spread"], 3)))  # fmt: skip
     return rows
 
 
 def table(rows: list[BenchRow]) -> str:
     """A markdown table of rows, with the ratios against the dense row of the same case."""
-    kv = any(r.kv_cache_gb for r in rows)
+    kv = any(r.kv_cache_bytes for r in rows)
     lines = ["| impl | FLOPs | batch | prompt | new | first token ms | decode ms/token | total ms | vs dense (total) | peak GB |"
-             + (" KV cache GB |" if kv else ""), "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|" + ("---:|" if kv else "")]  # fmt: skip
+             + (" KV cache MiB |" if kv else ""), "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|" + ("---:|" if kv else "")]  # fmt: skip
     for r in rows:
         dense = next((d for d in rows if d.impl == "dense" and (d.batch, d.prompt_len, d.new_tokens) == (r.batch, r.prompt_len, r.new_tokens)), None)
         vs = f"{dense.total_ms / r.total_ms:.2f}x" if dense else "n/a"
         peak = "n/a" if r.peak_mem_gb is None else f"{r.peak_mem_gb:.2f}"
         lines.append(f"| {r.impl} | {r.flops:.3f} | {r.batch} | {r.prompt_len} | {r.new_tokens} | {r.first_token_ms:.1f} "
-                     f"| {r.decode_ms_per_token:.2f} | {r.total_ms:.1f} | {vs} | {peak} |" + (f" {r.kv_cache_gb:.3f} |" if kv else ""))  # fmt: skip
+                     f"| {r.decode_ms_per_token:.2f} | {r.total_ms:.1f} | {vs} | {peak} |" + (f" {r.kv_cache_bytes / 2**20:.2f} |" if kv else ""))  # fmt: skip
     return "\n".join(lines) + "\n"

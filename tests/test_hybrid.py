@@ -349,7 +349,7 @@ def load_case_model(case: str, tmp=None):
 
 def test_cli_compresses_a_granite_folder_with_kv_cache_reported(tmp_path, capsys):
     """The CLI on a transformers hybrid: a calibrated search in the fast form, the report's KV-cache bytes beside the
-    FLOP ratio, info, and an output transformers reads dense."""
+    FLOP ratio, info, bench's KV-cache column, and an output transformers reads dense."""
     import shutil
 
     from conftest import CORPUS
@@ -373,6 +373,10 @@ def test_cli_compresses_a_granite_folder_with_kv_cache_reported(tmp_path, capsys
     assert main(["info", str(out)]) == 0
     text = capsys.readouterr().out
     assert "attention at layers 1, 4: 4 heads, 2 kv heads of 8, no positional encoding" in text and "KV cache at 1024" in text
+    assert main(["bench", "--model", str(out), "--prompt-len", "64", "--new-tokens", "2", "--reps", "1", "--json"]) == 0
+    rows = {r["impl"]: r for r in json.loads(capsys.readouterr().out)["rows"]}
+    # the KV cache the prefill leaves: 2 attention layers, 2 kv heads of 8, float32 on the CPU
+    assert 0 < rows["simba"]["kv_cache_bytes"] < rows["dense"]["kv_cache_bytes"] == 2 * 64 * 2 * 2 * 8 * 4
     dense = type(ref).from_pretrained(out).eval()
     ids = torch.randint(0, 8192, (1, 20))
     with torch.no_grad():
