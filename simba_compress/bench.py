@@ -57,8 +57,8 @@ class BenchRow:
     total_ms: float
     peak_mem_gb: float | None  # CUDA only
     device: str
-    kv_cache_bytes: int = 0  # the attention layers' KV cache after the prefill, all rows (hybrids; analytic)
     spread: float | None = None  # (max - min) / median of the runs of its first-token or total time, the larger
+    kv_cache_bytes: int = 0  # the attention layers' KV cache after the prefill, all rows (hybrids; analytic)
 
     def to_dict(self) -> dict:
         return asdict(self)
