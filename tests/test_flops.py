@@ -198,9 +198,11 @@ def _hybrid_counts(model, ids, simba):
 def test_hybrid_matmul_flops_match_flop_counter(simba):
     """Every layer kind's projections and convs, Granite's MoE (router, the top-k experts each token runs, the shared
     MLP), and the attention's q.k and v products (the CPU's SDPA computes the full square the causal mask then
-    halves: 4 e per (query, key) and query head), per layer on the tokens it kept."""
+    halves: 4 e per (query, key) and query head), with SnapKV's votes where an attention layer scores (2 e per
+    window query, key and query head), per layer on the tokens it kept."""
     from conftest import random_hybrid
-    from simba_compress.flops import attention_pair_flops, causal_pairs
+    from simba_compress.attention import SNAPKV_WINDOW
+    from simba_compress.flops import attention_pair_flops, causal_pairs, scoring_layers
 
     m = random_hybrid(n_layer=6, attn_layers=(1, 4), d_intermediate=40, block_mlp=True, n_experts=4,
                       experts_per_token=2, expert_intermediate=24)  # fmt: skip
@@ -209,6 +211,8 @@ def test_hybrid_matmul_flops_match_flop_counter(simba):
     per, op = _hybrid_counts(m, ids, simba)
     report = count(m.config, simba, w)
     cfg = m.config
+    scoring = scoring_layers(cfg, simba, report.tokens)
+    assert simba is None or scoring == {0: "simba", 2: "simba", 4: "snapkv"}  # attention_score "snapkv", the default
     for i, k in enumerate(report.tokens):
         a = matmul_flops(cfg, i)
         layer = f"MambaLM.backbone.layers.{i}"
@@ -220,7 +224,8 @@ def test_hybrid_matmul_flops_match_flop_counter(simba):
         mlp_all = sum(v for o, v in per[layer + ".mlp"].items() if str(o).split(".")[-1] in ("mm", "bmm"))  # gathered: bmm
         assert mlp_all == b * k * (a["mlp"] + a["router"] + a["experts"])  # every token runs its top-k experts
         if cfg.kind(i) == "attention":
-            assert op(layer + ".mixer", "bmm") == b * 4 * cfg.attn_heads * cfg.attn_head_dim * k * k
+            window = min(max(simba.protect_last, SNAPKV_WINDOW), k) if scoring.get(i) == "snapkv" else 0
+            assert op(layer + ".mixer", "bmm") == b * cfg.attn_heads * cfg.attn_head_dim * (4 * k * k + 2 * window * k)
             assert causal_pairs(k) * 4 * cfg.attn_heads * cfg.attn_head_dim <= causal_pairs(k) * attention_pair_flops(cfg)
     assert report.kv_cache_bytes < report.kv_cache_dense_bytes or simba is None
 
@@ -248,10 +253,10 @@ def test_hybrid_fast_form_meets_the_target():
 
     cfg = random_hybrid(n_layer=8, attn_layers=(2, 5), d_model=64, d_intermediate=128, block_mlp=True).config
     for target in (0.8, 0.6):
-        s = linear_for_flops(cfg, target, 1024, protect_last=4, form="fast")
+        s = linear_for_flops(cfg, LinearSchedule(flops=target, protect_last=4))
         assert abs(count(cfg, s, 1024).ratio - target) <= fast_tolerance(cfg, s, target, 1024)
         assert s.align and set(s.keep) <= {1.0, 0.75, 0.5, 0.25, 0.125, 0.0625}
-    exact = linear_for_flops(cfg, 0.6, 1024, protect_last=4)
+    exact = linear_for_flops(cfg, LinearSchedule(flops=0.6, protect_last=4, form="exact"))
     candidates = fast_candidates(cfg, exact, 0.6, 1024)
     tol = fast_tolerance(cfg, exact, 0.6, 1024)
     assert candidates and to_fast(cfg, exact, 0.6, 1024).keep in candidates
