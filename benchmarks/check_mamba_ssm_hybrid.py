@@ -6,7 +6,7 @@ extension (the Mamba-2 and attention layers never call it):
     TRITON_INTERPRET=1 PYTHONPATH=/path/to/mamba_ssm_source:/path/to/stub python benchmarks/check_mamba_ssm_hybrid.py \
         [--folder /tmp/tp/hybrid-proxy-d320-l16] [--out benchmarks/results/cpu/check_mamba_ssm_hybrid]
 
-(the stub folder holds selective_scan_cuda.py, an empty module, and a sitecustomize.py that lets mamba_ssm's Triton
+(the stub folder holds an empty module selective_scan_cuda, and a sitecustomize module that lets mamba_ssm's Triton
 kernels run on CPU tensors in the interpreter: torch.cuda.device as a no-op, one autotune config.) On a GPU with
 mamba_ssm installed it runs as it is.
 
@@ -21,7 +21,7 @@ Checks, each printing the largest logit difference against the logits' scale:
    one query against the cache, which SDPA aligns to the first key (the new token sees only the first cached one):
    mamba_ssm's own hybrid decode is wrong there. Rerun with that call not causal for one query, it is also compared,
    and the decode steps' logits against the forward's (with d_conv > 0 mamba_ssm's MHA keeps the conv's outputs, not
-   its inputs, as the decode's conv state after a prefill: its source, modules/mha.py, reads so; the step logits show
+   its inputs, as the decode's conv state after a prefill: its source, mamba_ssm/modules/mha.py, reads so; the step logits show
    whether it matters).
 """
 
@@ -101,7 +101,7 @@ def our_step_logits(model, ids: torch.Tensor, prompt: int) -> torch.Tensor:
 
 
 def mamba_ssm_greedy(model, ids: torch.Tensor, new: int) -> list[int]:
-    """mamba_ssm's decode loop (utils/generation.py decode, without its CUDA timing events): the prompt, then one token
+    """mamba_ssm's decode loop (mamba_ssm/utils/generation.py decode, without its CUDA timing events): the prompt, then one token
     at a time through its inference cache."""
     from mamba_ssm.utils.generation import InferenceParams
 
@@ -142,7 +142,7 @@ def diff(a: torch.Tensor, b: torch.Tensor) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--folder", default="/tmp/tp/hybrid-proxy-d320-l16", help="a hybrid folder written by mamba_ssm")
-    ap.add_argument("--out", default=None, help="write OUT.json and OUT.md")
+    ap.add_argument("--out", default=None, help="write the results to OUT with .json and .md appended")
     args = ap.parse_args()
     t0 = time.time()
     results: dict = {"command": "python " + shlex.join(sys.argv), "versions": env.versions("torch", "triton", "mamba_ssm")}

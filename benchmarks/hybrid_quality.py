@@ -16,7 +16,7 @@ same --out skips the rows it has):
             nothing; the better one is the schedules' choice in the stages below. Both scores run on the same windows,
             so the choice rests on the paired difference and its standard error over windows
   headline  mean loss on the last 128 tokens (protected) of --windows windows of valid.txt.xz at T = 1024 and 4096,
-            and beside it the all-position loss with only the last position protected (DESIGN.md: a stress figure,
+            and beside it the all-position loss with only the last position protected (../shared/DESIGN.md: a stress figure,
             a pruned position is predicted from the layer that dropped it; truncation has none)
   passkey   teacher-forced exact match of a passkey at prompt lengths --passkey-lengths and needle depths 0.1-0.9
             (--per-depth samples each), haystacks of valid.txt.xz: benchmarks/long_context.py's protocol
