@@ -45,7 +45,7 @@ from simba_compress import compress, load, load_tokenizer  # noqa: E402
 from simba_compress.data import load_windows  # noqa: E402
 from simba_compress.evaluate import evaluate, evaluate_truncated  # noqa: E402
 from simba_compress.schedules import LOWEST_T  # noqa: E402
-from simba_compress.ssm import kernels  # noqa: E402
+from simba_compress import backends as probes  # noqa: E402
 
 BASE = "mamba-proxy-d320-l16"
 SHALLOW = ["mamba-proxy-d320-l9", "mamba-proxy-d320-l6"]
@@ -156,7 +156,7 @@ def main() -> None:
     save()
     for b in args.timing_batches:  # first: the speed claim of issue 15 (item 1) must not wait on the fine-tunes
         for path in ("mamba_ssm", "reference"):
-            if path == "mamba_ssm" and not (cuda and kernels.mamba_ssm_available()):
+            if path == "mamba_ssm" and not (cuda and probes.mamba_ssm_available()):
                 continue
             timing.append({"batch": b, "scan": path, **time_training(args, pruned(args.flops[0]), tok, b, path)})
             print(json.dumps(timing[-1]), flush=True)
@@ -220,10 +220,10 @@ def time_training(args, model, tok, batch: int, path: str) -> dict:
         starts.append(time.perf_counter())
         return loss(*a, **k)
 
-    hidden = kernels._mamba_selective_scan
+    hidden = probes.selective_scan_fn
     ft._loss = timed
     if path == "reference":
-        kernels._mamba_selective_scan = lambda: None
+        probes.selective_scan_fn = lambda: None
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
     try:
@@ -231,7 +231,7 @@ def time_training(args, model, tok, batch: int, path: str) -> dict:
     except torch.OutOfMemoryError as e:
         return {"error": f"out of memory: {str(e).splitlines()[0][:200]}"}
     finally:
-        ft._loss, kernels._mamba_selective_scan = loss, hidden
+        ft._loss, probes.selective_scan_fn = loss, hidden
     parts = batch // res.memory["micro_batch"]
     steps = [b - a for a, b in zip(starts[::parts], starts[parts::parts])][1:]  # the first step warms up
     return {"step_seconds": round(sum(steps) / len(steps), 3) if steps else None, "steps_timed": len(steps),

@@ -16,7 +16,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from simba_compress import load, load_tokenizer  # noqa: E402
 from simba_compress.data import load_windows  # noqa: E402
 from simba_compress.schedules import linear_for_flops  # noqa: E402
-from simba_compress.ssm import kernels  # noqa: E402
+from simba_compress import backends as probes  # noqa: E402
 
 
 def main() -> None:
@@ -26,14 +26,14 @@ def main() -> None:
     args = ap.parse_args()
     tok = load_tokenizer(args.model)
     ids = load_windows(args.data, tok, 1024, 8).cuda()
-    out = {"device": torch.cuda.get_device_name(), "mamba_ssm": kernels.mamba_ssm_available()}
+    out = {"device": torch.cuda.get_device_name(), "mamba_ssm": probes.mamba_ssm_available()}
     for dtype in (torch.float32, torch.bfloat16):
         m = load(args.model, dtype=dtype, device="cuda")
         cpu = load(args.model)
         for name, simba in (("dense", None), ("simba-0.6", linear_for_flops(m.config, 0.6, 1024))):
             res = {}
             for enabled in (True, False):
-                kernels.ENABLED = enabled
+                m.backends = m.backends.replace(fast_path=enabled)
                 with torch.no_grad():
                     m(ids, simba=simba)
                     torch.cuda.synchronize()

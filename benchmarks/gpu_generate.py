@@ -57,7 +57,6 @@ from gpu_prefill import DEFAULT_SEQ_LEN, SHAPES, free_memory, profile_table, ran
 from simba_compress.bench import BenchConfig, BenchRow, generate_with, implementations, schedule, table, time_generation  # noqa: E402
 from simba_compress.flops import count  # noqa: E402
 from simba_compress.schedules import linear_for_flops  # noqa: E402
-from simba_compress.ssm import kernels  # noqa: E402
 
 TARGETS = {"total": 0.85, "first": 0.7, "decode": 1.1, "dense_first": 1.0}  # vs mamba_ssm's generate(cg=True)
 
@@ -154,11 +153,11 @@ def _triton_step(model):
     dense = generate_with(model, None)
 
     def run(ids, n):
-        step, kernels.STEP = kernels.STEP, "triton"
+        backends, model.backends = model.backends, model.backends.replace(step="triton")
         try:
             return dense(ids, n)
         finally:
-            kernels.STEP = step
+            model.backends = backends
 
     return run
 

@@ -48,7 +48,8 @@ from simba_compress.bench import mamba_ssm_twin, transformers_twin  # noqa: E402
 from simba_compress.flops import count  # noqa: E402
 from simba_compress.generation import GRAPH_PREFILL_TOKENS, prefill  # noqa: E402
 from simba_compress.schedules import linear_for_flops  # noqa: E402
-from simba_compress.ssm import kernels  # noqa: E402
+from simba_compress import backends as probes  # noqa: E402
+from simba_compress import mamba1  # noqa: E402
 
 DEFAULT_SEQ_LEN = 1024  # the CLI's --seq-len: where `simba-compress --flops F` fits its schedule
 SHAPES = {"mamba-1.4b": (2048, 48), "mamba-130m": (768, 24)}
@@ -57,12 +58,12 @@ VOCAB = 50280
 TARGETS = {"speedup": (1.5, 1.2), "speedup_vs_mamba_ssm": (1.4, 1.2)}  # (4096..32768 tokens, 2048 tokens)
 
 
-def random_lm(d_model: int, n_layer: int) -> MambaLM:
+def random_lm(d_model: int, n_layer: int, backends: probes.Backends) -> MambaLM:
     """A bf16 model on the GPU with mamba_ssm's initialisation ranges (A = -(1..n), dt in [1e-3, 0.1])."""
     torch.manual_seed(0)
     cfg = ModelConfig(d_model=d_model, n_layer=n_layer, vocab_size=VOCAB)
     with torch.device("cuda"):
-        m = MambaLM(cfg)
+        m = MambaLM(cfg, backends=backends)
     with torch.no_grad():
         for name, p in m.named_parameters():
             if name.endswith(("in_proj.weight", "x_proj.weight", "out_proj.weight", "embeddings.weight", "conv1d.weight")):
@@ -138,23 +139,25 @@ def add_row(rows: list, base: dict, impl: str, flops: float, fn, args, **extra) 
 
 
 def score_ms(fn) -> float:
-    """Run fn once with CUDA events around every score call; the summed score time in ms."""
-    inner, pairs = kernels.impact_score, []
+    """Run fn once with CUDA events around every score call (the Triton kernel or the PyTorch twin); the summed
+    score time in ms."""
+    tk, pairs = probes.triton_kernels(), []
+    inner = {"triton": tk.global_impact, "torch": mamba1.mamba1_score}
 
     def timed(*a, **k):
         s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         s.record()
-        out = inner(*a, **k)
+        out = inner["torch" if isinstance(a[0], str) else "triton"](*a, **k)
         e.record()
         pairs.append((s, e))
         return out
 
-    kernels.impact_score = timed
+    tk.global_impact = mamba1.mamba1_score = timed
     try:
         fn()
         torch.cuda.synchronize()
     finally:
-        kernels.impact_score = inner
+        tk.global_impact, mamba1.mamba1_score = inner["triton"], inner["torch"]
     return sum(s.elapsed_time(e) for s, e in pairs)
 
 
@@ -195,8 +198,8 @@ def scan_kernels_table(batches: list[int], reps: int) -> list[dict]:
             kw = dict(z=xz[:, d:], delta_bias=bias, delta_softplus=True, return_last_state=True)
             row = {"batch": batch, "tokens": length, "d_inner": d, "d_state": n}
             fns = {"triton": triton_kernels.selective_scan}
-            if kernels.mamba_ssm_available():
-                fns["mamba_ssm"] = kernels._mamba_selective_scan()
+            if probes.mamba_ssm_available():
+                fns["mamba_ssm"] = probes.selective_scan_fn()
             for name, fn in fns.items():
                 row[f"{name}_ms"] = measure(lambda: fn(*args, **kw), reps, 3)["ms"]
             if "mamba_ssm_ms" in row:
@@ -216,9 +219,9 @@ def versions() -> dict:
             out[mod] = __import__(mod).__version__
         except Exception as e:  # noqa: BLE001
             out[mod] = f"unavailable ({type(e).__name__})"
-    out["mamba_ssm_scan"] = kernels.mamba_ssm_available()
-    out["causal_conv1d_kernel"] = kernels.causal_conv1d_available()
-    out["triton_kernels"] = kernels.triton_available()
+    out["mamba_ssm_scan"] = probes.mamba_ssm_available()
+    out["causal_conv1d_kernel"] = probes.causal_conv1d_available()
+    out["triton_kernels"] = probes.triton_available()
     return out
 
 
@@ -290,9 +293,9 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
     if args.rebuild:
         return rebuild(Path(args.rebuild), out)
-    kernels.SCAN = args.scan
+    backends = probes.Backends.from_env().replace(scan=args.scan)
     meta = {"versions": versions(), "command": "python " + " ".join(sys.argv), "reps": args.reps, "warmup": args.warmup,
-            "scan": "mamba_ssm" if args.scan == "auto" and kernels.mamba_ssm_available() else "triton"}  # fmt: skip
+            "scan": "mamba_ssm" if args.scan == "auto" and probes.mamba_ssm_available() else "triton"}  # fmt: skip
     print(json.dumps(meta), flush=True)
     rows, notes, profiles, t_start = [], [], {}, time.time()
     scan_rows = scan_kernels_table(args.batches, args.reps) if args.scan_kernels else []
@@ -300,7 +303,7 @@ def main() -> None:
     for name in args.models:
         d_model, n_layer = SHAPES[name]
         done: list[tuple[int, int]] = []
-        m = random_lm(d_model, n_layer)
+        m = random_lm(d_model, n_layer, backends)
         for seq, batch in cases:
             if time.time() - t_start > args.max_seconds:
                 notes.append(f"- {name} batch {batch} seq {seq}: skipped, past --max-seconds {args.max_seconds}")
@@ -317,7 +320,8 @@ def main() -> None:
                 return lambda: prefill(m, ids).logits
 
             def drop_graphs():  # each row's peak memory its own: no graph pool of an earlier row
-                m.__dict__.pop("_prefills", None)
+                if m._graphs is not None:
+                    m._graphs.prefills = None
 
             modes = [mo for mo in args.modes if mo == "eager" or batch * seq <= GRAPH_PREFILL_TOKENS]
             dense = {}
@@ -361,7 +365,7 @@ def main() -> None:
         m = None
         free_memory()
         for twin in args.twins:  # each with only its own model on the GPU; the same weights (random_lm's seed)
-            m = random_lm(d_model, n_layer)
+            m = random_lm(d_model, n_layer, backends)
             model = mamba_ssm_twin(m) if twin == "mamba_ssm" else transformers_twin(m)
             m = None
             free_memory()

@@ -60,7 +60,7 @@ if on setup; then
     ls -la "$OUT/wheels"
   fi
 fi
-python3 -c 'from simba_compress.ssm import kernels as k; print("mamba_ssm", k.mamba_ssm_available(), "causal_conv1d", k.causal_conv1d_available(), "triton", k.triton_available())' \
+python3 -c 'from simba_compress import backends as b; print(b.describe())' \
   || echo "simba_compress does not import: see above"
 
 if on tests; then

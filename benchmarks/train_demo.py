@@ -121,7 +121,7 @@ def main() -> None:
         "params": sum(p.numel() for p in model.parameters()),
         "steps": steps_done,
         "steps_planned": args.steps,
-        "mamba_ssm_kernels": __import__("simba_compress.ssm.kernels", fromlist=["x"]).mamba_ssm_available(),
+        "mamba_ssm_kernels": __import__("simba_compress.backends", fromlist=["x"]).mamba_ssm_available(),
         "batch": args.batch,
         "seq_len": args.seq_len,
         "tokens_seen": steps_done * args.batch * args.seq_len,

@@ -487,7 +487,7 @@ def calibrate(model: MambaLM, windows: torch.Tensor, config: CalibrationConfig) 
         trial.set_constraint("flops", abs(ratio - cfg.flops) - tol)  # feasible: within tol of the budget
         if abs(ratio - cfg.flops) > tol:
             return math.inf  # this shape cannot go as low as the budget: nothing to evaluate
-        tokens = tuple(protected(simba, protect).counts(row)[:, 0].tolist())
+        tokens = tuple(protected(simba, protect).counts(row, mc.scan_chunks)[:, 0].tolist())
         if tokens in seen:
             return seen[tokens]
         if scorer is None:  # built only when a trial needs it (a finished study needs no forward pass)

@@ -21,7 +21,8 @@ from pathlib import Path
 import torch
 
 from .errors import SimbaError
-from .model import MambaLM, ModelConfig
+from .layers import ModelConfig
+from .model import MambaLM
 from .pruning import SimbaConfig
 
 PACKAGE_DATA = Path(__file__).parent / "data"

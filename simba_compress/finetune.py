@@ -58,7 +58,7 @@ from .memory import (MemoryEstimate, MemoryPlan, available_memory, estimate_trai
                      parameter_bytes, plan_training_memory, training_budget)
 from .model import MambaLM
 from .pruning import SimbaConfig
-from .ssm.kernels import mamba_ssm_available
+from .backends import mamba_ssm_available
 
 STATE_FORMAT = 1
 
@@ -156,7 +156,7 @@ def memory_plan(
     k = cfg.resolved_protect() if cfg.loss_positions == "continuation" else None
     if simba is not None and k is not None:
         simba = protected(simba, k)
-    tokens = None if simba is None else simba.counts(torch.tensor([cfg.seq_len]))[:, 0].tolist()
+    tokens = None if simba is None else simba.counts(torch.tensor([cfg.seq_len]), model.config.scan_chunks)[:, 0].tolist()
     names = set(trainable_names(model, cfg.train))
     count = {n: p.numel() for n, p in model.named_parameters()}
     kind = "cuda" if device.type == "cuda" else "cpu"

@@ -6,7 +6,7 @@ mamba_ssm's own convention for selective_scan_ref. The FLOP ratio (--flops) is b
 block plus the pruning score) of the pruned model over the dense model at the same input length; the LM
 head (2 * d_model * vocab per position that needs logits) is reported beside it, not inside it. A Mamba-1
 layer's scan (and an in-layer score) runs on its tokens padded to whole chunks of mamba_ssm's kernel
-(kernels.scan_length), as the GPU runs it: those steps are counted, in the pruned and the dense model alike.
+(ModelConfig.scan_chunks), as the GPU runs it: those steps are counted, in the pruned and the dense model alike.
 The matmul terms are checked against torch.utils.flop_counter in tests/test_flops.py.
 """
 
@@ -16,9 +16,8 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-from .model import ModelConfig
+from .layers import ModelConfig
 from .pruning import IN_LAYER, SimbaConfig
-from .ssm.kernels import scan_length
 
 SILU, SOFTPLUS = 4, 4  # x * sigmoid(x): neg, exp, add, div (+ the mul counted separately); log(1 + exp(x))
 SCAN_PER_STATE = 9  # mamba_ssm: 9 * L * D * N for the discretisation, the state update and C . h
@@ -118,8 +117,9 @@ class FlopReport:
 
 
 def scan_steps(cfg: ModelConfig, tokens: int) -> int:
-    """Steps the scan of a layer on `tokens` tokens runs: Mamba-1's padded to whole chunks (kernels.scan_length)."""
-    return scan_length(tokens) if cfg.layer == "mamba1" and tokens > 0 else tokens
+    """Steps the scan of a layer on `tokens` tokens runs, padded to whole chunks of its fused kernel
+    (ModelConfig.scan_chunks: Mamba-1's; Mamba-2's SSD pads nothing)."""
+    return cfg.scan_chunks.scan_length(tokens) if tokens > 0 else tokens
 
 
 def layer_flops(cfg: ModelConfig, tokens: int, score: str | None = None) -> int:
@@ -136,7 +136,7 @@ def layer_flops(cfg: ModelConfig, tokens: int, score: str | None = None) -> int:
 def count(cfg: ModelConfig, simba: SimbaConfig | None, seq_len: int) -> FlopReport:
     """Backbone FLOPs of one sequence of seq_len real tokens, dense and as pruned by `simba`."""
     n_real = torch.tensor([seq_len])
-    tokens = [seq_len] * cfg.n_layer if simba is None else simba.counts(n_real)[:, 0].tolist()
+    tokens = [seq_len] * cfg.n_layer if simba is None else simba.counts(n_real, cfg.scan_chunks)[:, 0].tolist()
     per_layer, score = [], 0
     for i, k in enumerate(tokens):
         plain = layer_flops(cfg, k)

@@ -12,9 +12,10 @@ for a capture). A new token is never pruned: it runs through every layer. Decodi
 kernel launches, not FLOPs (a 1.4B model moves its 2.8 GB of weights per token in ~0.6 ms on an H200, while a
 step is ~350 launches): so on CUDA the whole step, sampling included, is captured once per batch size and
 mode into a CUDA graph over static buffers (Decoder) and replayed, as mamba_ssm's generate(cg=True) does.
-The Mamba-1 step runs through fused kernels (kernels.mamba1_step: mamba_ssm's and causal_conv1d's update kernels
-where installed, else the project's Triton kernels for conv + x_proj and dt_proj + the SSM update); other mixers
-and the CPU run their reference step.
+Generation knows the layers only through the mixer interface (layers.py): each mixer allocates its decode state
+(zero_state) and advances it in place (step), through its fused kernels on CUDA (mamba1.py, mamba2.py) and its
+reference step elsewhere. The graphs a model has captured are typed caches (GraphCaches) kept on the model and
+dropped when what they were captured for (the weights' placement, the schedule, the backends) changes.
 
 Sampling is one function for every path (next_token): temperature, top-k, then top-p on what top-k left, drawn
 with the Gumbel-max trick from uniform noise drawn outside the graph (so a torch.Generator seeds it, and the
@@ -26,13 +27,15 @@ from __future__ import annotations
 import functools
 import time
 import warnings
-from dataclasses import dataclass
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from typing import Callable
 
 import torch
 
-from .model import LayerState, MambaLM, MambaMixer, add_norm
+from .layers import add_norm
+from .model import LMOutput, MambaLM
 from .pruning import padding_side
-from .ssm import kernels
 
 EOS_CHECK_EVERY = 16  # decode steps between checks that every row hit eos (each check waits for the GPU)
 # prefills of batch x length up to this many tokens replay from a CUDA graph once their shape recurs: longer ones
@@ -91,17 +94,13 @@ def next_token(logits: torch.Tensor, cfg: GenerationConfig, noise: torch.Tensor 
 
 
 class Decoder:
-    """The decode step of one model for one batch size and sampling mode: static state and token buffers, the
-    per-call constants (A = -exp(A_log) of each Mamba-1 layer), and on CUDA the step captured as a graph."""
+    """The decode step of one model for one batch size and sampling mode: static state and token buffers (each
+    mixer's zero_state), and on CUDA the step captured as a graph."""
 
     def __init__(self, model: MambaLM, batch: int, cfg: GenerationConfig, graph: bool):
-        self.model, self.cfg = model, cfg
+        self.model, self.cfg, self.backends = model, cfg, model.backends
         dev, dtype = model.device, model.lm_head.weight.dtype
-        layers = model.backbone.layers
-        self.states = [_zero_state(block.mixer, batch, dev, dtype) for block in layers]
-        self.fused = [isinstance(b.mixer, MambaMixer) and kernels.fused_step_available(model.lm_head.weight) for b in layers]
-        self.A = [torch.empty_like(b.mixer.A_log, dtype=torch.float32) if f else None for b, f in zip(layers, self.fused)]
-        self._A_source: dict[int, torch.Tensor] = {}  # what each A buffer was last copied from (float_params')
+        self.states = [block.mixer.zero_state(batch, dev, dtype) for block in model.backbone.layers]
         self.token = torch.zeros(batch, dtype=torch.long, device=dev)
         self.done = torch.zeros(batch, dtype=torch.bool, device=dev)
         self.eos = torch.tensor(-1 if cfg.eos_token_id is None else cfg.eos_token_id, device=dev)
@@ -110,19 +109,14 @@ class Decoder:
                        torch.tensor(float(cfg.top_p), device=dev))  # fmt: skip
         self.graph: torch.cuda.CUDAGraph | None = None
         if graph:
-            self._capture()
+            self.graph, _ = capture(self._step, dev)
 
-    def prepare(self, states: list[LayerState], cfg: GenerationConfig) -> None:
-        """Load the prefill's states and this call's settings into the static buffers."""
-        for buf, st in zip(self.states, states):
-            buf.conv.copy_(st.conv)
-            buf.ssm.copy_(st.ssm)
-        for A, block in zip(self.A, self.model.backbone.layers):
-            if A is not None:  # the weights may have changed in place since the last call: then A is made anew
-                fresh = kernels.float_params(block.mixer)[0]
-                if fresh is not self._A_source.get(id(A)):
-                    A.copy_(fresh)
-                    self._A_source[id(A)] = fresh
+    def prepare(self, states: list, cfg: GenerationConfig) -> None:
+        """Load the prefill's states and this call's settings into the static buffers; let each mixer refresh what
+        its step reads besides its state (the weights may have changed in place since the last call)."""
+        for buf, st, block in zip(self.states, states, self.model.backbone.layers):
+            buf.copy_(st)
+            block.mixer.prepare_step()
         self.done.zero_()
         self.eos.fill_(-1 if cfg.eos_token_id is None else cfg.eos_token_id)
         for buf, v in zip(self.params, (cfg.temperature, cfg.top_k, cfg.top_p)):
@@ -152,33 +146,14 @@ class Decoder:
         self.token.copy_(nxt)
 
     def _step(self) -> None:
-        m = self.model
+        m, be = self.model, self.backends
         h = m.backbone.embeddings(self.token).to(m._stream_dtype, copy=True)  # the stream, added into in place
         mixed = None
-        for i, block in enumerate(m.backbone.layers):
-            state = self.states[i]
-            h, x = add_norm(block.norm, h, mixed, inplace=True)  # h += the last layer's output, then its norm
-            if self.fused[i]:
-                mixed = kernels.mamba1_step(block.mixer, x, state.conv, state.ssm, self.A[i])
-            else:  # the reference step, its new state written into the static buffers
-                mixed, new = block.mixer.step(x, state)
-                state.conv.copy_(new.conv)
-                state.ssm.copy_(new.ssm)
-        logits = m.lm_head(add_norm(m.backbone.norm_f, h, mixed, inplace=True)[1].to(m.lm_head.weight.dtype))
+        for block, state in zip(m.backbone.layers, self.states):
+            h, x = add_norm(block.norm, h, mixed, inplace=True, backends=be)  # h += the last output, then its norm
+            mixed = block.mixer.step(x, state, be)
+        logits = m.lm_head(add_norm(m.backbone.norm_f, h, mixed, inplace=True, backends=be)[1].to(m.lm_head.weight.dtype))
         self._select(logits)
-
-    def _capture(self) -> None:
-        """Warm up on a side stream (compiles the Triton kernels, sets up cuBLAS), then capture one step. The
-        warm-up steps change the state buffers; prepare() overwrites them before every generation."""
-        side = _warmup_stream(self.model.device)
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
-            for _ in range(2):
-                self._step()
-        torch.cuda.current_stream().wait_stream(side)
-        self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph):
-            self._step()
 
 
 @functools.cache
@@ -188,6 +163,21 @@ def _warmup_stream(device: torch.device) -> torch.cuda.Stream:
     return torch.cuda.Stream(device)
 
 
+def capture(fn: Callable[[], object], device: torch.device, pool=None, warmup: int = 2):
+    """fn captured as a CUDA graph: (graph, what the captured call returned; static, overwritten by each replay).
+    Warmed up first on a side stream (Triton compiles, cuBLAS sets up its workspace), off the capture."""
+    side = _warmup_stream(device)
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(warmup):
+            fn()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph, pool=pool):
+        out = fn()
+    return graph, out
+
+
 class PrefillGraph:
     """generate's prefill, model(ids, return_states=True, last_logits=1), for one prompt shape and schedule,
     captured as a CUDA graph over a static ids buffer. Its outputs are static too: the next replay overwrites
@@ -195,20 +185,52 @@ class PrefillGraph:
 
     def __init__(self, model: MambaLM, batch: int, length: int, pool):
         self.ids = torch.zeros(batch, length, dtype=torch.long, device=model.device)
-        run = lambda: model(self.ids, return_states=True, last_logits=1)  # noqa: E731
-        side = _warmup_stream(model.device)
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):  # warm up (Triton compiles, cuBLAS sets up) off the capture
-            run()
-        torch.cuda.current_stream().wait_stream(side)
-        self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph, pool=pool):
-            self.out = run()
+        self.graph, self.out = capture(lambda: model(self.ids, return_states=True, last_logits=1), model.device, pool, 1)
 
-    def __call__(self, input_ids: torch.Tensor):
+    def __call__(self, input_ids: torch.Tensor) -> LMOutput:
         self.ids.copy_(input_ids)
         self.graph.replay()
         return self.out
+
+
+DecoderKey = tuple  # (batch, graph, do_sample, filtered): what a captured step branches on
+
+
+@dataclass
+class PrefillGraphs:
+    """The captured prefills of one schedule: an LRU of prompt shapes sharing one memory pool, the shapes seen once
+    (captured at their second sight) and those whose capture failed (eager from then on)."""
+
+    pool: object
+    graphs: OrderedDict[tuple[int, int], PrefillGraph] = field(default_factory=OrderedDict)
+    seen: set[tuple[int, int]] = field(default_factory=set)
+    failed: set[tuple[int, int]] = field(default_factory=set)
+
+
+@dataclass
+class GraphCaches:
+    """A model's CUDA graphs (mamba_ssm's DecodingCGCache plays this part there). Valid for one placement of the
+    weights and one Backends (`weights`); the prefills also for one schedule (`schedule`). graph_caches() makes
+    them anew when either changes; in-place weight updates are read by the graphs as they are."""
+
+    weights: tuple
+    decoders: dict[DecoderKey, Decoder] = field(default_factory=dict)
+    schedule: str | None = None
+    prefills: PrefillGraphs | None = None
+
+
+def graph_caches(model: MambaLM) -> GraphCaches:
+    weights = (tuple(p.data_ptr() for p in model.parameters()), model.backends)
+    if model._graphs is None or model._graphs.weights != weights:
+        model._graphs = GraphCaches(weights)
+    return model._graphs
+
+
+def _prefill_graphs(model: MambaLM) -> PrefillGraphs:
+    caches = graph_caches(model)
+    if caches.prefills is None or caches.schedule != repr(model.simba):
+        caches.schedule, caches.prefills = repr(model.simba), PrefillGraphs(torch.cuda.graph_pool_handle())
+    return caches.prefills
 
 
 @torch.no_grad()
@@ -216,57 +238,39 @@ def prefill(model: MambaLM, input_ids: torch.Tensor, attention_mask: torch.Tenso
     """generate's prefill: model(input_ids, attention_mask, return_states=True, last_logits=1). On CUDA, with
     cuda_graph, a prompt shape met a second time (no padding, batch x length <= GRAPH_PREFILL_TOKENS) is
     captured and replayed from then on; the graphs are cached on the model and dropped when its parameters
-    move or its schedule changes. The outputs of a replay are overwritten by the next replay of that shape."""
+    move, its backends or its schedule change. The outputs of a replay are overwritten by the next replay of
+    that shape."""
     b, length = input_ids.shape
     eager = lambda: model(input_ids, attention_mask, return_states=True, last_logits=1)  # noqa: E731
     unpadded = attention_mask is None or bool(attention_mask.bool().all())
     if not (cuda_graph and model.device.type == "cuda" and unpadded and b * length <= GRAPH_PREFILL_TOKENS):
         return eager()
-    cache = model.__dict__.setdefault("_prefills", {})
-    where = (tuple(p.data_ptr() for p in model.parameters()), repr(model.simba), kernels.SCAN)
-    if cache.get("where") != where:
-        cache.clear()
-        cache.update(where=where, graphs={}, seen=set(), failed=set(), pool=torch.cuda.graph_pool_handle())
-    graphs, key = cache["graphs"], (b, length)
-    if key not in graphs:
-        if key not in cache["seen"] or key in cache["failed"]:  # first sight: eager (a one-off prompt never pays
-            cache["seen"].add(key)  # for a capture)
+    cache, key = _prefill_graphs(model), (b, length)
+    if key not in cache.graphs:
+        if key not in cache.seen or key in cache.failed:  # first sight: eager (a one-off prompt never pays for a
+            cache.seen.add(key)  # capture)
             return eager()
-        if len(graphs) >= PREFILL_GRAPHS:
-            graphs.pop(next(iter(graphs)))
+        if len(cache.graphs) >= PREFILL_GRAPHS:
+            cache.graphs.popitem(last=False)
         try:
-            graphs[key] = PrefillGraph(model, b, length, cache["pool"])
+            cache.graphs[key] = PrefillGraph(model, b, length, cache.pool)
         except RuntimeError as e:  # something in the forward cannot be captured (a criterion that syncs, say)
             warnings.warn(f"prefill: this prompt shape runs eagerly, its CUDA graph capture failed ({e})")
-            cache["failed"].add(key)
+            cache.failed.add(key)
             return eager()
-    graphs[key] = graphs.pop(key)  # most recently used last
-    return graphs[key](input_ids)
-
-
-def _zero_state(mixer, batch: int, device, dtype) -> LayerState:
-    conv_dim = getattr(mixer, "conv_dim", mixer.d_inner)
-    n_state = (mixer.nheads, mixer.headdim, mixer.d_state) if hasattr(mixer, "nheads") else (mixer.d_inner, mixer.d_state)
-    return LayerState(
-        conv=torch.zeros(batch, conv_dim, mixer.d_conv - 1, device=device, dtype=dtype),
-        ssm=torch.zeros(batch, *n_state, device=device, dtype=torch.float32),
-    )
+    cache.graphs.move_to_end(key)  # most recently used last
+    return cache.graphs[key](input_ids)
 
 
 def _decoder(model: MambaLM, batch: int, cfg: GenerationConfig) -> Decoder:
-    """The model's decoder for this batch size and mode, made (and captured) on first use. Cached on the model and
-    dropped when its parameters move (a new dtype or device); in-place updates are read by the graph as they are."""
+    """The model's decoder for this batch size and mode, made (and captured) on first use (GraphCaches)."""
     graph = cfg.cuda_graph and model.device.type == "cuda"
-    where = tuple(p.data_ptr() for p in model.parameters())
-    cache = model.__dict__.setdefault("_decoders", {})
-    if cache.get("where") != where:
-        cache.clear()
-        cache["where"] = where
-    key = (batch, graph, cfg.do_sample, cfg.filtered, kernels.STEP)  # what the captured step branches on
-    if key not in cache:
-        cache[key] = Decoder(model, batch, cfg, graph)
-    cache[key].cfg = cfg
-    return cache[key]
+    decoders = graph_caches(model).decoders
+    key = (batch, graph, cfg.do_sample, cfg.filtered)
+    if key not in decoders:
+        decoders[key] = Decoder(model, batch, cfg, graph)
+    decoders[key].cfg = cfg
+    return decoders[key]
 
 
 @torch.no_grad()

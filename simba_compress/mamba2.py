@@ -1,9 +1,16 @@
-"""Mamba-2 mixer (mamba_ssm's Mamba2, reference path), with the same interface as model.MambaMixer.
+"""Mamba-2 mixer (mamba_ssm's Mamba2): the PyTorch reference path and the CUDA fast path, in one module.
 
 Shapes: b batch, l tokens, e = d_inner, h heads of p = headdim, g groups, n d_state, k d_conv.
 
     in_proj -> z (e), xBC (e + 2 g n), dt (h);  xBC = silu(causal conv(xBC));  x, B, C = split(xBC)
     y = SSD(x, softplus(dt + dt_bias), A, B, C) + D x;  out = out_proj(rmsnorm_groups(y * silu(z)))
+
+On CUDA with mamba_ssm installed, the prefill runs through its Triton SSD (mamba_chunk_scan_combined, chunks of
+256 tokens; softplus, D and the final state inside it), causal_conv1d's conv where installed, and its gated
+RMSNorm kernel; the decode step through causal_conv1d_update and mamba_ssm's selective_state_update in heads
+form (A, dt, the dt bias and D broadcast over the head dim with stride 0, which the kernel special-cases).
+Elsewhere the reference path runs (ssm/ssd.py: the chunked SSD in closed form). A is one scalar per head, so the
+in-layer scores need one decay per token and head (ssm/ssd.py ssd_score): the same PyTorch code on both paths.
 """
 
 from __future__ import annotations
@@ -12,9 +19,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .model import LayerState, ModelConfig
-from .ssm.score import step_norm
-from .ssm.ssd import ssd_impact, ssd_scan, ssd_share, ssd_step
+from . import backends as probes
+from .backends import Backends
+from .kernels import causal_conv_silu, causal_conv_update_silu, float32_cached
+from .layers import Mixer, MixerContext, MixerOutput, ModelConfig, SSMState
+from .ssm.ssd import ssd_scan, ssd_score, ssd_step
+
+SSD_CHUNK = 256  # mamba_ssm's chunk_size for Mamba-2 checkpoints (every published config uses 256)
 
 
 class GatedRMSNorm(nn.Module):
@@ -31,7 +42,7 @@ class GatedRMSNorm(nn.Module):
         return self.weight * y.to(self.weight.dtype)
 
 
-class Mamba2Mixer(nn.Module):
+class Mamba2Mixer(Mixer):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         e, n, g = cfg.d_inner, cfg.d_state, cfg.ngroups
@@ -51,16 +62,11 @@ class Mamba2Mixer(nn.Module):
         x, B, C = xbc.split([e, gn, gn], dim=-1)
         return x.unflatten(-1, (self.nheads, self.headdim)), B.unflatten(-1, (self.ngroups, -1)), C.unflatten(-1, (self.ngroups, -1))
 
-    def forward(
-        self,
-        hidden: torch.Tensor,
-        mask: torch.Tensor | None = None,
-        score: str | None = None,
-        last: torch.Tensor | None = None,
-        want_state: bool = False,
-    ) -> tuple[torch.Tensor, torch.Tensor | None, LayerState | None]:
-        """hidden (b, l, d_model) -> (out, impact, state), as MambaMixer.forward."""
-        m = None if mask is None else mask.unsqueeze(-1).to(hidden.dtype)
+    def forward(self, hidden: torch.Tensor, ctx: MixerContext) -> MixerOutput:
+        """hidden (b, l, d_model). ctx.mask zeroes padding's input (it then cannot reach real tokens)."""
+        if fast_prefill(hidden, ctx.backends):
+            return self._forward_fast(hidden, ctx)
+        m = None if ctx.mask is None else ctx.mask.unsqueeze(-1).to(hidden.dtype)
         if m is not None:
             hidden = hidden * m
         z, xbc, dt = self.in_proj(hidden).split([self.d_inner, self.conv_dim, self.nheads], dim=-1)
@@ -72,20 +78,75 @@ class Mamba2Mixer(nn.Module):
         dt = F.softplus(dt.float() + self.dt_bias.float())  # (b, l, h)
         A = -torch.exp(self.A_log.float())  # (h,)
         y, h = ssd_scan(x, dt, A, B, C)
-        impact = None
-        if score == "simba":
-            impact = ssd_impact(x, dt, A, B, C, last)
-        elif score == "share":
-            impact = ssd_share(x, dt, A, B, C, last)
-        elif score == "deci":
-            impact = step_norm(dt)
+        score = None if ctx.score is None else ssd_score(ctx.score, x, dt, A, B, C, ctx.last)
         y = (y + x.float() * self.D.float()[:, None]).flatten(-2)  # (b, l, e)
         out = self.out_proj(self.norm(y, z).to(hidden.dtype))
-        state = LayerState(conv=xc[:, :, -(self.d_conv - 1) :].clone(), ssm=h) if want_state else None
-        return out, impact, state
+        state = SSMState(conv=xc[:, :, -(self.d_conv - 1) :].clone(), ssm=h) if ctx.want_state else None
+        return MixerOutput(out, score, state)
 
-    def step(self, hidden: torch.Tensor, state: LayerState) -> tuple[torch.Tensor, LayerState]:
-        """Decode one token: hidden (b, d_model)."""
+    def _forward_fast(self, hidden: torch.Tensor, ctx: MixerContext) -> MixerOutput:
+        """forward on CUDA through mamba_ssm's SSD, token-major as the reference (the GEMMs' rows are channels: no
+        alignment padding is needed, unlike Mamba-1's channel-major GEMMs)."""
+        chunk_scan, gated_rmsnorm = probes.ssd_kernels()
+        m = None if ctx.mask is None else ctx.mask.unsqueeze(-1).to(hidden.dtype)
+        if m is not None:
+            hidden = hidden * m
+        z, xbc, dt = self.in_proj(hidden).split([self.d_inner, self.conv_dim, self.nheads], dim=-1)
+        conv_state = None
+        if ctx.want_state:  # the last k-1 conv inputs, zero-padded on the left as the reference's padded window
+            k1 = self.d_conv - 1
+            conv_state = F.pad(xbc[:, -k1:].transpose(1, 2), (max(0, k1 - xbc.shape[1]), 0)).contiguous()
+        xbc = causal_conv_silu(xbc.transpose(1, 2), self.conv1d.weight.squeeze(1), self.conv1d.bias).transpose(1, 2)
+        if m is not None:
+            xbc = xbc * m
+        x, B, C = self._split(xbc)
+        A, D, dt_bias = self.float_params()
+        y = chunk_scan(x, dt, A, B, C, SSD_CHUNK, D=D, dt_bias=dt_bias, dt_softplus=True,
+                       return_final_states=ctx.want_state)  # fmt: skip
+        y, h = y if ctx.want_state else (y, None)
+        y = gated_rmsnorm(y.flatten(-2), self.norm.weight, None, z=z, eps=self.norm.eps, group_size=self.norm.group_size,
+                          norm_before_gate=False)  # fmt: skip
+        out = self.out_proj(y.to(hidden.dtype))
+        score = None
+        if ctx.score is not None:
+            score = ssd_score(ctx.score, x, F.softplus(dt.float() + dt_bias), A, B, C, ctx.last)
+        state = SSMState(conv_state, h.float()) if ctx.want_state else None
+        return MixerOutput(out, score, state)
+
+    def float_params(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """A = -exp(A_log), D and the dt bias in float32, per head (kernels.float32_cached)."""
+        return float32_cached(self, (self.A_log, self.D, self.dt_bias),
+                              lambda a, dd, bias: (-torch.exp(a.float()), dd.float(), bias.float()))  # fmt: skip
+
+    def prepare_step(self) -> None:
+        self.float_params()
+
+    def zero_state(self, batch: int, device, dtype: torch.dtype) -> SSMState:
+        return SSMState(conv=torch.zeros(batch, self.conv_dim, self.d_conv - 1, device=device, dtype=dtype),
+                        ssm=torch.zeros(batch, self.nheads, self.headdim, self.d_state, device=device, dtype=torch.float32))  # fmt: skip
+
+    def step(self, hidden: torch.Tensor, state: SSMState, backends: Backends) -> torch.Tensor:
+        """Decode one token, hidden (b, d_model), updating state in place: through causal_conv1d_update and
+        mamba_ssm's selective_state_update where installed, else the reference step."""
+        if not fast_step(hidden, backends):
+            out, new = self._step_reference(hidden, state)
+            state.copy_(new)
+            return out
+        b, h, p, n = hidden.shape[0], self.nheads, self.headdim, self.d_state
+        z, xbc, dt = F.linear(hidden, self.in_proj.weight, self.in_proj.bias).split([self.d_inner, self.conv_dim, h], dim=-1)
+        xbc = causal_conv_update_silu(xbc, state.conv, self.conv1d.weight.squeeze(1), self.conv1d.bias)
+        x, B, C = self._split(xbc)
+        A, D, dt_bias = self.float_params()
+        y = probes.selective_state_update()(
+            state.ssm, x, dt.unsqueeze(-1).expand(b, h, p), A[:, None, None].expand(h, p, n), B, C,
+            D[:, None].expand(h, p), z=None, dt_bias=dt_bias[:, None].expand(h, p), dt_softplus=True,
+        )  # stride-0 broadcasts over the head dim: the kernel's tied-head-dim path
+        _, gated_rmsnorm = probes.ssd_kernels()
+        y = gated_rmsnorm(y.flatten(-2), self.norm.weight, None, z=z, eps=self.norm.eps, group_size=self.norm.group_size,
+                          norm_before_gate=False)  # fmt: skip
+        return F.linear(y.to(hidden.dtype), self.out_proj.weight, self.out_proj.bias)
+
+    def _step_reference(self, hidden: torch.Tensor, state: SSMState) -> tuple[torch.Tensor, SSMState]:
         z, xbc, dt = self.in_proj(hidden).split([self.d_inner, self.conv_dim, self.nheads], dim=-1)
         window = torch.cat([state.conv, xbc.unsqueeze(-1)], dim=-1)  # (b, conv_dim, k)
         xbc = (window * self.conv1d.weight.squeeze(1)).sum(-1)
@@ -95,4 +156,13 @@ class Mamba2Mixer(nn.Module):
         dt = F.softplus(dt.float() + self.dt_bias.float())
         y, h = ssd_step(state.ssm, x, dt, -torch.exp(self.A_log.float()), B, C)
         y = (y + x.float() * self.D.float()[:, None]).flatten(-2)
-        return self.out_proj(self.norm(y, z).to(hidden.dtype)), LayerState(conv=window[:, :, 1:], ssm=h)
+        return self.out_proj(self.norm(y, z).to(hidden.dtype)), SSMState(conv=window[:, :, 1:], ssm=h)
+
+
+def fast_prefill(x: torch.Tensor, backends: Backends) -> bool:
+    """mamba_ssm's SSD on x: CUDA, the fast path on, mamba_ssm's Triton SSD importable."""
+    return backends.on(x) and probes.ssd_kernels() is not None
+
+
+def fast_step(x: torch.Tensor, backends: Backends) -> bool:
+    return backends.on(x) and probes.ssd_kernels() is not None and probes.selective_state_update() is not None

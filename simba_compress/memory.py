@@ -21,7 +21,7 @@ from typing import Literal
 
 import torch
 
-from .model import ModelConfig
+from .layers import ModelConfig
 
 GiB = 1 << 30
 Scan = Literal["reference", "mamba_ssm"]

@@ -1,207 +1,53 @@
 """A Mamba language model in plain PyTorch whose forward prunes tokens between layers (Simba).
 
-Parameter names follow transformers' MambaForCausalLM, so a state dict moves between the two unchanged.
-Shapes: b batch, l tokens, d d_inner, n d_state, k d_conv, r dt_rank.
+Parameter names follow transformers' MambaForCausalLM / Mamba2ForCausalLM, so a state dict moves between the two
+unchanged. Shapes: b batch, l tokens.
 
     embeddings -> [ x = x + mixer(norm(x)) ] * n_layer -> norm_f -> lm_head
 
-With a SimbaConfig, layer l+1 runs only on the tokens layer l's criterion ranked highest (pruning.py);
-a dropped token's residual stream is frozen and scattered back before norm_f, so every position has logits.
+Each layer's mixer (layers.py's interface: mamba1.py, mamba2.py) runs on the tokens it is given. With a
+SimbaConfig, layer l+1 runs only on the tokens layer l's criterion ranked highest (pruning.py); a dropped token's
+residual stream is frozen and scattered back before norm_f, so every position has logits.
 """
 
 from __future__ import annotations
 
-import math
-from dataclasses import asdict, dataclass, fields
+from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
+from .backends import Backends
+from .kernels import freeze_and_gather
+from .layers import Mixer, MixerContext, ModelConfig, add_norm, make_norm, norm
+from .mamba1 import Mamba1Mixer
+from .mamba2 import Mamba2Mixer
 from .pruning import CRITERION_FNS, IN_LAYER, SimbaConfig, TokenPlan
-from .ssm import channel_share, selective_scan, selective_step, step_norm
-from .ssm.kernels import freeze_and_gather, mamba1_forward, rms_norm, scan_kernel
+
+MIXERS: dict[str, type[Mixer]] = {"mamba1": Mamba1Mixer, "mamba2": Mamba2Mixer}  # ModelConfig.kind(i) -> class
 
 
-@dataclass
-class ModelConfig:
-    """Shape of a Mamba model (Mamba-1 by default). vocab_size is the embedding's row count (padded vocab)."""
+class Block(nn.Module):
+    """x = x + mixer(norm(x))."""
 
-    d_model: int
-    n_layer: int
-    vocab_size: int
-    d_state: int = 16
-    d_conv: int = 4
-    expand: int = 2
-    dt_rank: int = 0  # 0: ceil(d_model / 16), as mamba_ssm's "auto"
-    conv_bias: bool = True
-    bias: bool = False
-    norm_eps: float = 1e-5
-    rms_norm: bool = True
-    residual_in_fp32: bool = True
-    tie_embeddings: bool = True
-    layer: str = "mamba1"  # "mamba1" or "mamba2"
-    headdim: int = 64  # Mamba-2: channels per head
-    ngroups: int = 1  # Mamba-2: groups sharing B and C
-
-    def __post_init__(self) -> None:
-        if self.layer not in ("mamba1", "mamba2"):
-            raise ValueError(f"layer: must be mamba1 or mamba2, got {self.layer!r}")
-        if self.dt_rank in (0, None, "auto"):
-            self.dt_rank = math.ceil(self.d_model / 16)
-        for f in ("d_model", "n_layer", "vocab_size", "d_state", "d_conv", "expand", "dt_rank", "headdim", "ngroups"):
-            v = getattr(self, f)
-            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
-                raise ValueError(f"{f}: must be a positive integer, got {v!r}")
-        if self.layer == "mamba2" and (self.d_inner % self.headdim or (self.d_inner // self.headdim) % self.ngroups):
-            raise ValueError(f"headdim {self.headdim} and ngroups {self.ngroups} must divide d_inner {self.d_inner} into heads")
-
-    @property
-    def d_inner(self) -> int:
-        return self.expand * self.d_model
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "ModelConfig":
-        names = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in d.items() if k in names})
-
-
-class RMSNorm(nn.Module):
-    """(x * rsqrt(mean(x^2) + eps)) in float32, in the weight's dtype, times the weight (kernels.rms_norm: one
-    Triton pass on CUDA). It reads the float32 residual stream as it is, as mamba_ssm's fused add-norm does."""
-
-    def __init__(self, d: int, eps: float):
+    def __init__(self, cfg: ModelConfig, layer: int):
         super().__init__()
-        self.weight = nn.Parameter(torch.ones(d))
-        self.eps = eps
-
-    def forward(self, x: torch.Tensor, add: torch.Tensor | None = None) -> torch.Tensor:
-        return rms_norm(x, self.weight, self.eps, add)
-
-
-def norm(module: nn.Module, h: torch.Tensor) -> torch.Tensor:
-    """A block's (or the final) norm of the residual stream h: RMSNorm reads h as it is; LayerNorm in its dtype."""
-    return module(h) if isinstance(module, RMSNorm) else module(h.to(module.weight.dtype))
-
-
-def add_norm(module: nn.Module, h: torch.Tensor, add: torch.Tensor | None, inplace: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """(h + add, its norm): the previous block's output joins the stream as this block normalises it. In place
-    in h when `inplace` (h is the caller's to change) and no autograd runs: for RMSNorm one Triton pass on CUDA
-    that reads the stream once and writes it once (mamba_ssm's fused add-norm)."""
-    if add is not None:
-        grad = torch.is_grad_enabled() and (h.requires_grad or add.requires_grad)
-        if inplace and not grad and isinstance(module, RMSNorm) and h.is_contiguous():
-            return h, module(h, add)
-        h = h + add  # one kernel: the add promotes add to the stream's dtype
-    return h, norm(module, h)
-
-
-@dataclass
-class LayerState:
-    """Recurrent state of one layer for decoding: the last k-1 conv inputs and the SSM state."""
-
-    conv: torch.Tensor  # (b, d, k-1)
-    ssm: torch.Tensor  # (b, d, n) float32
-
-
-class MambaMixer(nn.Module):
-    """Mamba-1 mixer (mamba_ssm's Mamba, reference path)."""
-
-    def __init__(self, cfg: ModelConfig):
-        super().__init__()
-        d, n, r = cfg.d_inner, cfg.d_state, cfg.dt_rank
-        self.d_inner, self.d_state, self.dt_rank, self.d_conv = d, n, r, cfg.d_conv
-        self.in_proj = nn.Linear(cfg.d_model, 2 * d, bias=cfg.bias)
-        self.conv1d = nn.Conv1d(d, d, cfg.d_conv, groups=d, bias=cfg.conv_bias)
-        self.x_proj = nn.Linear(d, r + 2 * n, bias=False)
-        self.dt_proj = nn.Linear(r, d, bias=True)
-        self.A_log = nn.Parameter(torch.log(torch.arange(1, n + 1, dtype=torch.float32)).repeat(d, 1))
-        self.D = nn.Parameter(torch.ones(d))
-        self.out_proj = nn.Linear(d, cfg.d_model, bias=cfg.bias)
-
-    def forward(
-        self,
-        hidden: torch.Tensor,
-        mask: torch.Tensor | None = None,
-        score: str | None = None,
-        last: torch.Tensor | None = None,
-        want_state: bool = False,
-    ) -> tuple[torch.Tensor, torch.Tensor | None, LayerState | None]:
-        """hidden (b, l, d_model) -> (out, scores, state).
-
-        mask (b, l) bool zeroes padding's input (it then cannot reach real tokens). score names an in-layer
-        criterion (pruning.IN_LAYER: "simba", each token's global impact on row position last[b], computed inside
-        the scan; "share", the same impacts as shares of each channel's total; "deci", the norm of its step sizes)
-        whose (b, l) scores are returned; None: no scores.
-        """
-        m = None if mask is None else mask.unsqueeze(-1).to(hidden.dtype)
-        scan = scan_kernel(self, hidden)
-        if scan is not None:  # CUDA: channel-major, mamba_ssm's scan or the Triton one, the score from Triton
-            out, impact, conv, ssm = mamba1_forward(self, hidden, m, score, last, want_state, scan)
-            return out, impact, LayerState(conv=conv, ssm=ssm) if want_state else None
-        if m is not None:
-            hidden = hidden * m
-        x, z = self.in_proj(hidden).chunk(2, dim=-1)  # (b, l, d) each
-        xc = F.pad(x.transpose(1, 2), (self.d_conv - 1, 0))  # causal conv: k-1 zeros on the left
-        x = F.silu(F.conv1d(xc, self.conv1d.weight, self.conv1d.bias, groups=self.d_inner)).transpose(1, 2).contiguous()
-        if m is not None:
-            x = x * m
-        dt, B, C = self.x_proj(x).split([self.dt_rank, self.d_state, self.d_state], dim=-1)
-        dt_raw = F.linear(dt, self.dt_proj.weight)  # the bias is added in float32, as mamba_ssm's kernel does
-        dt = F.softplus(dt_raw.float() + self.dt_proj.bias.float())  # (b, l, d)
-        A = -torch.exp(self.A_log.float())  # (d, n)
-        y, h, impact = selective_scan(x, dt, A, B, C, last=last if score == "simba" else None)  # fused score
-        if score == "share":
-            impact = channel_share(x, dt, A, B, C, last)
-        elif score == "deci":
-            impact = step_norm(dt)
-        y = (y + x.float() * self.D.float()) * F.silu(z.float())
-        out = self.out_proj(y.to(hidden.dtype))
-        state = LayerState(conv=xc[:, :, -(self.d_conv - 1) :].clone(), ssm=h) if want_state else None
-        return out, impact, state
-
-    def step(self, hidden: torch.Tensor, state: LayerState) -> tuple[torch.Tensor, LayerState]:
-        """Decode one token: hidden (b, d_model)."""
-        x, z = self.in_proj(hidden).chunk(2, dim=-1)  # (b, d)
-        window = torch.cat([state.conv, x.unsqueeze(-1)], dim=-1)  # (b, d, k)
-        x = (window * self.conv1d.weight.squeeze(1)).sum(-1)
-        if self.conv1d.bias is not None:
-            x = x + self.conv1d.bias
-        x = F.silu(x)
-        dt, B, C = self.x_proj(x).split([self.dt_rank, self.d_state, self.d_state], dim=-1)
-        dt = F.softplus(F.linear(dt, self.dt_proj.weight).float() + self.dt_proj.bias.float())
-        y, h = selective_step(state.ssm, x, dt, -torch.exp(self.A_log.float()), B, C)
-        y = (y + x.float() * self.D.float()) * F.silu(z.float())
-        return self.out_proj(y.to(hidden.dtype)), LayerState(conv=window[:, :, 1:], ssm=h)
-
-
-class MambaBlock(nn.Module):
-    def __init__(self, cfg: ModelConfig):
-        super().__init__()
-        self.norm = RMSNorm(cfg.d_model, cfg.norm_eps) if cfg.rms_norm else nn.LayerNorm(cfg.d_model, cfg.norm_eps)
-        if cfg.layer == "mamba2":
-            from .mamba2 import Mamba2Mixer  # imports this module: only here
-
-            self.mixer = Mamba2Mixer(cfg)
-        else:
-            self.mixer = MambaMixer(cfg)
+        self.norm = make_norm(cfg)
+        self.mixer = MIXERS[cfg.kind(layer)](cfg)
 
 
 class Backbone(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.embeddings = nn.Embedding(cfg.vocab_size, cfg.d_model)
-        self.layers = nn.ModuleList(MambaBlock(cfg) for _ in range(cfg.n_layer))
-        self.norm_f = RMSNorm(cfg.d_model, cfg.norm_eps) if cfg.rms_norm else nn.LayerNorm(cfg.d_model, cfg.norm_eps)
+        self.layers = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layer))
+        self.norm_f = make_norm(cfg)
 
 
 @dataclass
 class LMOutput:
     logits: torch.Tensor  # (b, l, vocab), or (b, last_logits, vocab)
-    states: list[LayerState] | None = None  # per layer, after the (pruned) prefill
+    states: list | None = None  # per layer, its decode state after the (pruned) prefill (SSMState for Mamba layers)
     kept: list[torch.Tensor] | None = None  # per layer, the original positions it ran on (b, w); -1 = padding slot
 
 
@@ -220,9 +66,10 @@ class Prefix:
 
 
 class MambaLM(nn.Module):
-    """Mamba causal LM (Mamba-1 or Mamba-2 mixers). `simba` (a SimbaConfig or None) sets how the forward prunes."""
+    """Mamba causal LM (Mamba-1 or Mamba-2 mixers). `simba` (a SimbaConfig or None) sets how the forward prunes;
+    `backends` which kernels run (backends.py; the environment's defaults unless given)."""
 
-    def __init__(self, cfg: ModelConfig, simba: SimbaConfig | None = None):
+    def __init__(self, cfg: ModelConfig, simba: SimbaConfig | None = None, backends: Backends | None = None):
         super().__init__()
         self.config = cfg
         self.backbone = Backbone(cfg)
@@ -230,6 +77,8 @@ class MambaLM(nn.Module):
         if cfg.tie_embeddings:
             self.lm_head.weight = self.backbone.embeddings.weight
         self.simba = simba
+        self.backends = backends or Backends.from_env()
+        self._graphs = None  # generation.GraphCaches: the CUDA graphs generate captured for this model
 
     @property
     def device(self) -> torch.device:
@@ -244,9 +93,9 @@ class MambaLM(nn.Module):
         (h + pending, this block's output, scores of the in-layer criterion `score` or None, state). The add is
         fused into the norm, in h itself when `owned` (add_norm)."""
         block = self.backbone.layers[i]
-        h, x = add_norm(block.norm, h, pending, inplace=owned)
-        mixed, impact, state = block.mixer(x, plan.mask, score=score, last=plan.last, want_state=want_state)
-        return h, mixed, impact, state
+        h, x = add_norm(block.norm, h, pending, inplace=owned, backends=self.backends)
+        res = block.mixer(x, MixerContext(plan.mask, plan.last, plan.idx, score, want_state, self.backends))
+        return h, res.out, res.score, res.state
 
     @torch.no_grad()
     def prefix(
@@ -254,7 +103,7 @@ class MambaLM(nn.Module):
     ) -> Prefix:
         """Run the first `layers` layers densely; forward(same inputs, prefix=...) continues from there (with a
         schedule of the same criterion: the last prefix layer's in-layer scores are kept for it)."""
-        plan = TokenPlan(attention_mask, *input_ids.shape, None, input_ids.device)
+        plan = TokenPlan(attention_mask, *input_ids.shape, None, input_ids.device, self.config.scan_chunks)
         h, mixed = self.backbone.embeddings(input_ids).to(self._stream_dtype), None
         score = criterion if criterion in IN_LAYER else None
         for i in range(layers):
@@ -281,7 +130,7 @@ class MambaLM(nn.Module):
         if simba is not None and simba.n_layer != self.config.n_layer:
             raise ValueError(f"simba.keep has {simba.n_layer} layers, the model {self.config.n_layer}")
         b, length = input_ids.shape
-        plan = TokenPlan(attention_mask, b, length, simba, input_ids.device)
+        plan = TokenPlan(attention_mask, b, length, simba, input_ids.device, self.config.scan_chunks)
         frozen = None  # (b, l + 1, d_model): allocated at the first pruning, after layer 0's activations are freed
         # Logits of the last positions only, all of them protected (generate's prefill): the dropped tokens'
         # streams are never read, so they are not kept (no frozen buffer, a gather instead of freeze-and-gather)
@@ -320,7 +169,7 @@ class MambaLM(nn.Module):
         # (without it, h holds the kept tokens in order, each row's last real ones in its last slots)
         if last_logits is not None:
             h = h[:, -last_logits:]
-        h = norm(self.backbone.norm_f, h)
+        h = norm(self.backbone.norm_f, h, self.backends)
         return LMOutput(
             logits=self.lm_head(h.to(self.lm_head.weight.dtype)),
             states=states if return_states else None,
@@ -338,7 +187,7 @@ class MambaLM(nn.Module):
             return h.gather(1, kept.unsqueeze(-1).expand(-1, -1, h.shape[-1])), None
         if frozen is None:
             frozen = h.new_zeros(h.shape[0], plan.seq_len + 1, h.shape[-1])
-        return freeze_and_gather(h, idx, kept, plan.real, frozen), frozen
+        return freeze_and_gather(h, idx, kept, plan.real, frozen, self.backends), frozen
 
     @torch.no_grad()
     def generate(
@@ -362,14 +211,13 @@ class MambaLM(nn.Module):
         config = GenerationConfig(max_new_tokens, do_sample, temperature, top_k, top_p, eos_token_id, cuda_graph)
         return generate(self, input_ids, attention_mask, config, generator).sequences
 
-    def step(self, token: torch.Tensor, states: list[LayerState]) -> tuple[torch.Tensor, list[LayerState]]:
-        """One decoding step for token (b,), the reference (functional, no kernels): every layer runs on it (a new
-        token is never pruned). Returns the logits (b, vocab) and the new states."""
+    def step(self, token: torch.Tensor, states: list) -> tuple[torch.Tensor, list]:
+        """One decoding step for token (b,), the reference (functional: `states` are left as they were; no kernels):
+        every layer runs on it (a new token is never pruned). Returns the logits (b, vocab) and the new states."""
+        reference = Backends(fast_path=False)
         h = self.backbone.embeddings(token).to(self._stream_dtype)
-        new_states = []
-        for block, state in zip(self.backbone.layers, states):
-            mixed, state = block.mixer.step(norm(block.norm, h), state)
-            h = h + mixed
-            new_states.append(state)
-        h = norm(self.backbone.norm_f, h)
+        new_states = [state.clone() for state in states]
+        for block, state in zip(self.backbone.layers, new_states):
+            h = h + block.mixer.step(norm(block.norm, h, reference), state, reference)
+        h = norm(self.backbone.norm_f, h, reference)
         return self.lm_head(h.to(self.lm_head.weight.dtype)), new_states

@@ -18,7 +18,7 @@ from typing import Callable
 
 import torch
 
-from .ssm.kernels import SCAN_CHUNK, SHORT_CHUNKS, keeps_width, scan_length
+from .layers import SCAN_CHUNKS, ScanChunks
 
 CRITERIA = ("simba", "share", "deci", "utr", "l2norm", "random", "stride")
 # criteria whose scores the layer computes from its own SSM inputs while it runs (LayerView.impact)
@@ -45,12 +45,13 @@ class SimbaConfig:
     max_tokens: per-layer cap on the tokens of a row a layer runs on (0: no cap), or None. Context extension:
         capping the upper layers near the training length keeps their state in the range they were trained on
         when the prompt is longer (README, Long context); the cap binds only on prompts longer than it.
-    align: widths on whole chunks of mamba_ssm's scan (the fast form sets it, schedules.py). In a row of more
-        than 1024 tokens the scan works in 2048-token chunks, and a width between two multiples of 2048 costs
-        the scan of the larger one (kernels.scan_length): 3/4 of 4096 tokens scans 4096. So a run of layers
-        whose width falls between two whole-chunk widths is split between them, the upper layers of the run at
-        the lower width, the run's tokens kept (to the nearest layer): 15 layers at 3072 of 4096 tokens run as
-        8 at 4096 and 7 at 2048. Widths of 1024 tokens or fewer stay as they are.
+    align: widths on whole chunks of the model's fused scan (the fast form sets it, schedules.py; layers.ScanChunks,
+        ModelConfig.scan_chunks). Mamba-1: in a row of more than 1024 tokens mamba_ssm's scan works in 2048-token
+        chunks, and a width between two multiples of 2048 costs the scan of the larger one: 3/4 of 4096 tokens
+        scans 4096. So a run of layers whose width falls between two whole-chunk widths is split between them, the
+        upper layers of the run at the lower width, the run's tokens kept (to the nearest layer): 15 layers at 3072
+        of 4096 tokens run as 8 at 4096 and 7 at 2048. Widths of 1024 tokens or fewer stay as they are. Mamba-2's
+        SSD has no such cost (every width is kept).
     """
 
     keep: list[float]
@@ -93,8 +94,9 @@ class SimbaConfig:
     def n_layer(self) -> int:
         return len(self.keep)
 
-    def counts(self, n_real: torch.Tensor) -> torch.Tensor:
-        """Tokens each layer runs on, per row: (n_layer, b) from real lengths (b,)."""
+    def counts(self, n_real: torch.Tensor, chunks: ScanChunks | None = None) -> torch.Tensor:
+        """Tokens each layer runs on, per row: (n_layer, b) from real lengths (b,); `chunks`: the model's scan chunks
+        (ModelConfig.scan_chunks: the widths align keeps; the model passes its own, None means Mamba-1's)."""
         keep = torch.tensor(self.keep, dtype=torch.float64, device=n_real.device)
         n = n_real.to(torch.float64)
         # round before ceil so 0.6 * 1000 = 600.0000000001 counts as 600
@@ -103,7 +105,8 @@ class SimbaConfig:
             g = self.granularity
             k = torch.where(k < n_real[None, :], torch.clamp(torch.round(k / g).long() * g, min=g), k)
         if self.align:
-            k = torch.stack([_align_row(k[:, j].tolist(), int(n)) for j, n in enumerate(n_real.tolist())], 1).to(k)
+            chunks = chunks or SCAN_CHUNKS["mamba1"]
+            k = torch.stack([_align_row(k[:, j].tolist(), int(n), chunks) for j, n in enumerate(n_real.tolist())], 1).to(k)
         if self.max_tokens is not None:
             caps = torch.tensor([c or torch.iinfo(torch.long).max for c in self.max_tokens], device=n_real.device)
             k = torch.minimum(k, caps[:, None])
@@ -122,21 +125,21 @@ class SimbaConfig:
         return cls(**d)
 
 
-def _align_row(widths: list[int], n: int) -> torch.Tensor:
+def _align_row(widths: list[int], n: int, chunks: ScanChunks) -> torch.Tensor:
     """SimbaConfig.align for one row of n tokens: widths (non-increasing, per layer) with every run of equal
-    widths that kernels.keeps_width does not keep split between the neighbouring kept widths (the multiples of
-    SCAN_CHUNK around it, or the largest short chunk), bounded by the widths around the run."""
+    widths that chunks.keeps_width does not keep split between the neighbouring kept widths (the whole-chunk
+    widths around it, or the largest short chunk), bounded by the widths around the run."""
     out, i = list(widths), 0
     while i < len(widths):
         j = i
         while j < len(widths) and widths[j] == widths[i]:
             j += 1
         w = widths[i]
-        if not keeps_width(w):
+        if not chunks.keeps_width(w):
             above = out[i - 1] if i > 0 else n
             below = widths[j] if j < len(widths) else 0
-            hi = min(scan_length(w), above)
-            lo = max(w // SCAN_CHUNK * SCAN_CHUNK, SHORT_CHUNKS[-1], below)
+            hi = min(chunks.scan_length(w), above)
+            lo = max(chunks.below(w), below)
             if lo < w < hi:
                 upper = int(math.floor((j - i) * (w - lo) / (hi - lo) + 0.5))  # layers of the run at hi
                 out[i:j] = [hi] * upper + [lo] * (j - i - upper)
@@ -219,7 +222,10 @@ class TokenPlan:
     time loop; one `select` is a sort of the slots.
     """
 
-    def __init__(self, attention_mask: torch.Tensor | None, batch: int, seq_len: int, simba: SimbaConfig | None, device):
+    def __init__(
+        self, attention_mask: torch.Tensor | None, batch: int, seq_len: int, simba: SimbaConfig | None, device,
+        chunks: ScanChunks,
+    ):
         b = batch
         self.seq_len = seq_len
         self.simba = simba
@@ -241,7 +247,7 @@ class TokenPlan:
         # device copy is made at the first pruning, outside the dense layers' peak (a pruned forward's peak
         # memory stays at the dense forward's)
         n_real_host = torch.full((b,), seq_len) if not self.padded else self.n_real.cpu()
-        self.counts_host = simba.counts(n_real_host) if simba is not None else None
+        self.counts_host = simba.counts(n_real_host, chunks) if simba is not None else None
         self._counts: torch.Tensor | None = None
         self.freeze = True  # keep the dropped tokens' streams (for logits at every position); the forward decides
         # (b,) slot of each row's last real token, the position Simba scores against; kept up to date by select

@@ -8,7 +8,7 @@ staircase in which a layer scores only where the ratio steps down. Being relativ
 serves every prompt length and batch size. The levels are 1, 3/4 and the powers of two 1/2 ... 1/16: the
 widths T/2, T/4, ... of a prompt of T tokens are whole chunks of mamba_ssm's scan whenever T is, 3T/4 is
 from T = 8192 on; below that (or for any width between chunks) the GPU mixer pads the scan's operands to
-whole chunks (kernels.scan_length) while its projections run on the kept tokens only, and the FLOP count
+whole chunks (ModelConfig.scan_chunks) while its projections run on the kept tokens only, and the FLOP count
 includes the padded steps. Without 3/4, the form's best staircase at 0.6 on the l16 proxy was 0.0041 nats
 behind the exact schedule (benchmarks/results/cpu/fast_form_bound.md): halving is too coarse a first step.
 A continuous profile (the linear schedule, or a calibration trial's) becomes the staircase closest to it in
@@ -30,9 +30,8 @@ import torch
 
 from .errors import SimbaError
 from .flops import count, layer_flops
-from .model import ModelConfig
+from .layers import ModelConfig
 from .pruning import SimbaConfig
-from .ssm.kernels import keeps_width
 
 FLOP_TOLERANCE = 0.005  # a schedule for --flops F lands within 0.5% of F
 LOWEST_T = 1e-6  # the smallest keep ratio a fitted schedule may reach (ratios must stay > 0)
@@ -54,11 +53,11 @@ def _fast_tokens(simba: SimbaConfig, seq_len: int) -> np.ndarray:
     return plain.counts(torch.tensor([seq_len]))[:, 0].long().numpy()
 
 
-def _usable(tokens: np.ndarray, seq_len: int) -> np.ndarray:
-    """Levels whose widths SimbaConfig.align leaves as they are at seq_len (kernels.keeps_width, or the row): a
+def _usable(cfg: ModelConfig, tokens: np.ndarray, seq_len: int) -> np.ndarray:
+    """Levels whose widths SimbaConfig.align leaves as they are at seq_len (ScanChunks.keeps_width, or the row): a
     staircase on the others would run as a different one (split between whole chunks), so the form's search at
-    seq_len offers only these (3/4 is out at 2048 and 4096 tokens)."""
-    return keeps_width(tokens) | (tokens == seq_len)
+    seq_len offers only these (Mamba-1: 3/4 is out at 2048 and 4096 tokens)."""
+    return cfg.scan_chunks.keeps_width(tokens) | (tokens == seq_len)
 
 
 def fast_tolerance(cfg: ModelConfig, simba: SimbaConfig, flops: float, seq_len: int) -> float:
@@ -103,7 +102,7 @@ def fast_candidates(cfg: ModelConfig, simba: SimbaConfig, flops: float, seq_len:
     for models of a few layers (to_fast searches without it)."""
     counts = _staircases(cfg.n_layer, len(FAST_LEVELS))  # (m, levels)
     tokens, layer, score, dense = _level_costs(cfg, simba, seq_len)
-    counts = counts[(counts[:, ~_usable(tokens, seq_len)] == 0).all(1)]
+    counts = counts[(counts[:, ~_usable(cfg, tokens, seq_len)] == 0).all(1)]
     # a level scores its tokens once, at its last layer, when the next nonempty level keeps fewer
     nonempty = counts > 0
     following = np.full(len(counts), np.inf)  # tokens of the next nonempty level, walking up from the top
@@ -133,7 +132,7 @@ def to_fast(cfg: ModelConfig, simba: SimbaConfig, flops: float, seq_len: int) ->
     n_buckets = int(math.ceil((flops + 1.5 * tol) * dense / q)) + 1
     target = -np.log2(np.clip(np.asarray(simba.keep, dtype=np.float64), levels[-1], 1.0))  # (n,)
     dist = (-np.log2(levels)[None, :] - target[:, None]) ** 2  # (n, levels)
-    dist[:, ~_usable(tokens, seq_len)] = np.inf
+    dist[:, ~_usable(cfg, tokens, seq_len)] = np.inf
     L = len(levels)
     best = np.full((L, n_buckets), np.inf)
     first = int(round(layer[0] / q))

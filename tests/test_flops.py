@@ -9,6 +9,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from conftest import MODELS, random_model
 from simba_compress import ModelConfig, SimbaConfig, SimbaError, load
 from simba_compress.flops import count, head_flops, matmul_flops, score_flops
+from simba_compress.layers import SCAN_CHUNKS
 from simba_compress.schedules import linear, linear_for_flops
 
 
@@ -129,7 +130,8 @@ def test_align_splits_runs_between_whole_chunks_and_keeps_their_tokens():
     rows whose widths are whole chunks (8192) or short (1024) are untouched; each row of a batch on its own."""
     keep = [1.0] * 7 + [0.75] * 15 + [0.5] * 16 + [0.25] * 10
     rows = torch.tensor([1024, 1500, 2048, 3000, 4096, 8192, 12288])
-    plain, aligned = SimbaConfig(keep).counts(rows), SimbaConfig(keep, align=True).counts(rows)
+    chunks = SCAN_CHUNKS["mamba1"]
+    plain, aligned = SimbaConfig(keep).counts(rows), SimbaConfig(keep, align=True).counts(rows, chunks)
     for j, n in enumerate(rows.tolist()):
         a, p = aligned[:, j].tolist(), plain[:, j].tolist()
         assert all(x >= y for x, y in zip(a, a[1:])) and a[0] == n
@@ -139,6 +141,9 @@ def test_align_splits_runs_between_whole_chunks_and_keeps_their_tokens():
             assert a == p
     assert aligned[:, 4].tolist() == [4096] * 15 + [2048] * 23 + [1024] * 10  # 3/4 of 4096: 8 at 4096, 7 at 2048
     assert SimbaConfig.from_dict({"keep": keep}).align is False  # folders saved before the field run as they did
+    assert torch.equal(SimbaConfig(keep, align=True).counts(rows), aligned)  # Mamba-1's chunks by default
+    # Mamba-2's SSD pads nothing: align leaves every width as it is
+    assert torch.equal(SimbaConfig(keep, align=True).counts(rows, SCAN_CHUNKS["mamba2"]), plain)
 
 
 def test_fast_form_out_of_reach_is_a_clear_error():

@@ -12,7 +12,7 @@ from conftest import random_model, run_in_triton_interpreter
 from simba_compress import SimbaConfig
 from simba_compress.generation import GenerationConfig, generate, next_token
 from simba_compress.schedules import linear
-from simba_compress.ssm import kernels
+from simba_compress import backends as probes
 
 CUDA = torch.cuda.is_available()
 needs_cuda = pytest.mark.skipif(not CUDA, reason="no CUDA device")
@@ -124,14 +124,17 @@ def test_the_decoder_is_cached_per_batch_size_and_dropped_when_weights_move():
     m = random_model(n_layer=2, d_model=16, vocab=32, seed=6)
     cfg = GenerationConfig(max_new_tokens=4)
     generate(m, torch.randint(0, 32, (2, 9)), None, cfg)
-    first = {k: v for k, v in m._decoders.items() if k != "where"}
+    first = dict(m._graphs.decoders)
     generate(m, torch.randint(0, 32, (2, 9)), None, cfg)
-    assert {k: v for k, v in m._decoders.items() if k != "where"} == first  # reused
+    assert m._graphs.decoders == first  # reused
     generate(m, torch.randint(0, 32, (3, 9)), None, cfg)
-    assert len(m._decoders) == 3  # "where" and two batch sizes
+    assert len(m._graphs.decoders) == 2  # two batch sizes
     m.double()
     out = generate(m, torch.randint(0, 32, (2, 9)), None, cfg)
-    assert len(m._decoders) == 2 and out.sequences.shape == (2, 13)
+    assert len(m._graphs.decoders) == 1 and out.sequences.shape == (2, 13)
+    m.backends = m.backends.replace(triton=False)  # a new backend setting: new graphs
+    generate(m, torch.randint(0, 32, (2, 9)), None, cfg)
+    assert len(m._graphs.decoders) == 1 and m._graphs.weights[1] == m.backends
 
 
 def test_sampler_draws_from_the_filtered_distribution():
@@ -233,14 +236,11 @@ def use_step_kernels(which: str, monkeypatch):
     """Route the fused step: "mamba_ssm" (causal_conv1d_update + selective_state_update, where installed) or
     "triton" (the project's step kernels, as without them)."""
     if which == "mamba_ssm":
-        if kernels._selective_state_update() is None or kernels._causal_conv1d_update() is None:
+        if probes.selective_state_update() is None or probes.causal_conv1d_update() is None:
             pytest.skip("mamba_ssm / causal_conv1d not installed")
-        monkeypatch.setattr(kernels, "STEP", "mamba_ssm")
-    if which == "triton":
-        if not kernels.triton_available():
-            pytest.skip("triton not available")
-        monkeypatch.setattr(kernels, "_selective_state_update", lambda: None)
-        monkeypatch.setattr(kernels, "_causal_conv1d_update", lambda: None)
+    if which == "triton" and not probes.triton_available():
+        pytest.skip("triton not available")
+    return probes.Backends(step=which)
 
 
 @needs_cuda
@@ -248,13 +248,14 @@ def use_step_kernels(which: str, monkeypatch):
 def test_cuda_graph_decode_equals_the_cpu_reference(which, monkeypatch):
     """float32: the graph's tokens equal the CPU reference loop's, on a pruned, left-padded batch, greedy and
     sampled (the same generator draws on the CPU)."""
-    use_step_kernels(which, monkeypatch)
+    backends = use_step_kernels(which, monkeypatch)
     cpu_m, gpu_m = cuda_pair(torch.float32)
+    gpu_m.backends = backends
     cpu_m.simba = gpu_m.simba = SimbaConfig(linear(4, 0.25), protect_last=2)
     ids, mask = left_padded([60, 41, 7], vocab=128)
     for cfg in (GenerationConfig(max_new_tokens=64), GenerationConfig(max_new_tokens=64, do_sample=True, top_k=20, top_p=0.9)):
         out = generate(gpu_m, ids.cuda(), mask.cuda(), cfg, torch.Generator("cuda").manual_seed(1) if cfg.do_sample else None)
-        assert gpu_m._decoders[(3, True, cfg.do_sample, cfg.filtered, kernels.STEP)].graph is not None
+        assert gpu_m._graphs.decoders[(3, True, cfg.do_sample, cfg.filtered)].graph is not None
         if cfg.do_sample:  # the graph against the eager step on the GPU, same draws
             eager = generate(gpu_m, ids.cuda(), mask.cuda(), GenerationConfig(**{**cfg.__dict__, "cuda_graph": False}),
                              torch.Generator("cuda").manual_seed(1))  # fmt: skip
@@ -267,8 +268,9 @@ def test_cuda_graph_decode_equals_the_cpu_reference(which, monkeypatch):
 @pytest.mark.parametrize("which", ["mamba_ssm", "triton"])
 def test_bf16_step_logits_within_rounding_of_the_cpu_reference(which, monkeypatch):
     """bf16: one fused step's logits against the CPU float32 step from the same states, norm-wise (test_gpu)."""
-    use_step_kernels(which, monkeypatch)
+    backends = use_step_kernels(which, monkeypatch)
     cpu_m, gpu_m = cuda_pair(torch.bfloat16)
+    gpu_m.backends = backends
     ids = torch.randint(0, 128, (2, 50))
     with torch.no_grad():
         ref = cpu_m(ids, return_states=True)
@@ -295,8 +297,7 @@ def test_graph_cache_per_batch_size_and_repeat_calls():
     b = generate(gpu_m, ids, None, cfg).sequences  # replays the cached graph from fresh states
     assert torch.equal(a, b)
     generate(gpu_m, ids[:1], None, cfg)
-    step = kernels.STEP
-    assert {k for k in gpu_m._decoders if k != "where"} == {(4, True, False, False, step), (1, True, False, False, step)}
+    assert set(gpu_m._graphs.decoders) == {(4, True, False, False), (1, True, False, False)}
 
 
 @needs_cuda
@@ -312,20 +313,20 @@ def test_prefill_graph_replays_a_recurring_prompt_shape_as_the_eager_forward(pru
     with torch.no_grad():
         eager = [m(ids, return_states=True, last_logits=1) for ids in (a, b)]
     prefill(m, a)
-    assert (2, 300) not in m._prefills["graphs"]  # seen once: eager
+    assert (2, 300) not in m._graphs.prefills.graphs  # seen once: eager
     for ids, ref in ((a, eager[0]), (b, eager[1]), (a, eager[0])):
         out = prefill(m, ids)
-        assert (2, 300) in m._prefills["graphs"]
+        assert (2, 300) in m._graphs.prefills.graphs
         torch.testing.assert_close(out.logits, ref.logits, rtol=1e-5, atol=1e-5)
         for s, r in zip(out.states, ref.states):
             torch.testing.assert_close(s.ssm, r.ssm, rtol=1e-5, atol=1e-5)
             torch.testing.assert_close(s.conv, r.conv)
     m.simba = SimbaConfig([1.0, 1.0, 0.5, 0.5, 0.5, 0.5]) if pruned else SimbaConfig([1.0] * 6)
     prefill(m, a)
-    assert not m._prefills["graphs"]
+    assert not m._graphs.prefills.graphs
     cfg = GenerationConfig(max_new_tokens=24)
     graphed = [generate(m, a, None, cfg).sequences for _ in range(3)]  # a seen shape: capture, then replays
-    assert m._prefills["graphs"]
+    assert m._graphs.prefills.graphs
     eager_tokens = generate(m, a, None, GenerationConfig(max_new_tokens=24, cuda_graph=False)).sequences
     for g in graphed:
         assert torch.equal(g, eager_tokens)

@@ -1,4 +1,4 @@
-"""The GPU path (ssm/kernels.py, ssm/triton_kernels.py) against the CPU reference.
+"""The GPU path (mamba1.py's fast path, kernels.py, ssm/triton_kernels.py) against the CPU reference.
 
 Relative error = max |gpu - reference| / max |reference|, as benchmarks/gpu_check.py. Tolerances: 1e-4 in
 float32, 1e-2 in bf16, where the reference is the float32 CPU forward of the same bf16-rounded weights.
@@ -29,10 +29,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import simba_compress.model as model_mod
+import simba_compress.mamba1 as mamba1
 from simba_compress import SimbaConfig, load
+from simba_compress import backends as probes
+from simba_compress.layers import SCAN_CHUNKS
 from simba_compress.schedules import linear
-from simba_compress.ssm import kernels
 from simba_compress.ssm.scan import selective_scan
 from simba_compress.ssm.score import global_impact
 
@@ -40,8 +41,8 @@ from conftest import REPO, random_model, run_in_triton_interpreter
 
 CUDA = torch.cuda.is_available()
 needs_cuda = pytest.mark.skipif(not CUDA, reason="no CUDA device")
-needs_mamba_ssm = pytest.mark.skipif(not kernels.mamba_ssm_available(), reason="mamba_ssm (with CUDA) not installed")
-needs_triton = pytest.mark.skipif(not kernels.triton_available(), reason="triton (with CUDA) not available")
+needs_mamba_ssm = pytest.mark.skipif(not probes.mamba_ssm_available(), reason="mamba_ssm (with CUDA) not installed")
+needs_triton = pytest.mark.skipif(not probes.triton_available(), reason="triton (with CUDA) not available")
 
 
 def proxy_path() -> Path | None:
@@ -89,22 +90,22 @@ def scan_stand_in(u, delta, A, B, C, D, z=None, delta_bias=None, delta_softplus=
 
 @pytest.fixture
 def kernel_path_on_cpu(monkeypatch):
-    monkeypatch.setattr(model_mod, "scan_kernel", lambda mixer, hidden: scan_stand_in)
-    monkeypatch.setattr(kernels, "_causal_conv1d", lambda: None)
+    monkeypatch.setattr(mamba1, "scan_kernel", lambda mixer, hidden, backends: scan_stand_in)
+    monkeypatch.setattr(probes, "causal_conv1d_fn", lambda: None)
 
 
 @pytest.mark.parametrize("chunked", [False, True])
 def test_kernel_layout_matches_reference_on_cpu(kernel_path_on_cpu, monkeypatch, chunked):
     """chunked: the stand-in takes the place of mamba_ssm's scan, whose operands the mixer left-pads to whole
-    chunks (kernels.scan_length) after the projections: the outputs stay the reference's."""
+    chunks (ScanChunks.scan_length) after the projections: the outputs stay the reference's."""
     lengths = []
     if chunked:
         def chunked_scan(u, *args, **kw):
             lengths.append(u.shape[-1])
             return scan_stand_in(u, *args, **kw)
 
-        monkeypatch.setattr(model_mod, "scan_kernel", lambda mixer, hidden: chunked_scan)
-        monkeypatch.setattr(kernels, "_mamba_selective_scan", lambda: chunked_scan)
+        monkeypatch.setattr(mamba1, "scan_kernel", lambda mixer, hidden, backends: chunked_scan)
+        monkeypatch.setattr(probes, "selective_scan_fn", lambda: chunked_scan)
     m = random_model(n_layer=4, d_model=16, d_state=4)
     ids = torch.randint(0, 64, (3, 21))
     mask = torch.ones(3, 21, dtype=torch.long)
@@ -112,7 +113,7 @@ def test_kernel_layout_matches_reference_on_cpu(kernel_path_on_cpu, monkeypatch,
     outs = {}
     for path in ("kernel", "reference"):
         if path == "reference":
-            monkeypatch.setattr(model_mod, "scan_kernel", lambda mixer, hidden: None)
+            monkeypatch.setattr(mamba1, "scan_kernel", lambda mixer, hidden, backends: None)
         with torch.no_grad():
             outs[path] = [
                 m(ids, simba=None, return_states=True),
@@ -132,7 +133,7 @@ def test_kernel_layout_matches_reference_on_cpu(kernel_path_on_cpu, monkeypatch,
 
 
 def test_scan_length_is_whole_chunks_of_mamba_ssms_kernel():
-    assert [kernels.scan_length(t) for t in (1, 128, 129, 700, 1024, 1025, 2048, 3000, 6144, 6152)] == [
+    assert [SCAN_CHUNKS["mamba1"].scan_length(t) for t in (1, 128, 129, 700, 1024, 1025, 2048, 3000, 6144, 6152)] == [
         128, 128, 256, 1024, 1024, 2048, 2048, 4096, 6144, 8192]
 
 
@@ -227,7 +228,7 @@ def test_score_kernel_matches_reference(dtype):
     xdbl = torch.randn(b, 8 + 2 * n, l, device="cuda").to(dtype)
     B, C = xdbl[:, 8 : 8 + n], xdbl[:, 8 + n :]
     last = torch.tensor([l - 1, 500, 3], device="cuda")
-    got = kernels.impact_score(x, dt_raw, bias, A, B, C, last)
+    got = probes.triton_kernels().global_impact(x, dt_raw, bias, A, B, C, last)
     dt = F.softplus(dt_raw.float() + bias[:, None])
     ref = global_impact(*(t.cpu() for t in (x.mT, dt.mT, A, B.mT, C.mT, last)))
     assert rel(got, ref) < TOL[dtype]
@@ -256,8 +257,8 @@ def test_triton_scan_matches_reference(dtype):
     u, z, dt_raw, bias, D, A, B, C = (t.cpu() for t in (u, z, dt_raw, bias, D, A, B, C))
     yr, hr = scan_reference(u, dt_raw, A, B, C, D, z, bias)
     assert y.dtype == dtype and rel(y, yr) < TOL[dtype] and rel(h, hr) < 1e-4
-    if kernels.mamba_ssm_available():  # and against mamba_ssm's own kernel, same operands
-        ym = kernels._mamba_selective_scan()(*(t.cuda() for t in (u, dt_raw, A, B, C, D)), z=z.cuda(),
+    if probes.mamba_ssm_available():  # and against mamba_ssm's own kernel, same operands
+        ym = probes.selective_scan_fn()(*(t.cuda() for t in (u, dt_raw, A, B, C, D)), z=z.cuda(),
                                              delta_bias=bias.cuda(), delta_softplus=True)  # fmt: skip
         assert rel(y, ym) < TOL[dtype]
 
@@ -276,14 +277,14 @@ def _compare(gpu_m, cpu_m, ids, mask, simba, dtype, check_kept: bool):
 def use_scan(path: str, monkeypatch) -> None:
     """Route the GPU mixer through one scan: "mamba_ssm", "triton" (the project's own GPU path, as without
     mamba_ssm) or "reference" (the PyTorch chunked scan on CUDA)."""
-    if path == "mamba_ssm" and not kernels.mamba_ssm_available():
+    if path == "mamba_ssm" and not probes.mamba_ssm_available():
         pytest.skip("mamba_ssm not installed")
     if path == "triton":
-        if not kernels.triton_available():
+        if not probes.triton_available():
             pytest.skip("triton not available")
-        monkeypatch.setattr(kernels, "_mamba_selective_scan", lambda: None)
+        monkeypatch.setattr(probes, "selective_scan_fn", lambda: None)
     if path == "reference":
-        monkeypatch.setattr(model_mod, "scan_kernel", lambda mixer, hidden: None)
+        monkeypatch.setattr(mamba1, "scan_kernel", lambda mixer, hidden, backends: None)
 
 
 SCANS = ["mamba_ssm", "triton", "reference"]
@@ -345,12 +346,12 @@ def test_proxy_matches_cpu(dtype, scan, monkeypatch):
 def test_pruned_gradients_match_cpu(with_mamba_ssm, monkeypatch):
     """Fine-tuning on CUDA: gradients of a pruned forward equal the CPU reference's. The Triton gather and
     scan have no backward: under autograd the PyTorch gather runs, and without mamba_ssm the reference scan."""
-    if with_mamba_ssm and not kernels.mamba_ssm_available():
+    if with_mamba_ssm and not probes.mamba_ssm_available():
         pytest.skip("mamba_ssm not installed")
     if not with_mamba_ssm:
-        monkeypatch.setattr(kernels, "_mamba_selective_scan", lambda: None)
-        assert kernels.scan_kernel(gpu_model(torch.float32)[1].backbone.layers[0].mixer,
-                                   torch.zeros(1, device="cuda")) is None  # fmt: skip
+        monkeypatch.setattr(probes, "selective_scan_fn", lambda: None)
+        m = gpu_model(torch.float32)[1]
+        assert mamba1.scan_kernel(m.backbone.layers[0].mixer, torch.zeros(1, device="cuda"), m.backends) is None
     cpu_m, gpu_m = gpu_model(torch.float32)
     ids = torch.randint(0, 128, (2, 200))
     grads = []
@@ -363,3 +364,89 @@ def test_pruned_gradients_match_cpu(with_mamba_ssm, monkeypatch):
     assert grads[0][first] is not None and grads[0][first].abs().sum() > 0
     for name, ref in grads[1].items():
         assert rel(grads[0][name], ref) < 1e-3, name
+
+
+# (4) Mamba-2 on CUDA: mamba_ssm's SSD prefill and heads-form step against the CPU reference and mamba_ssm --------
+
+
+def mamba2_pair(dtype, n_layer=4):
+    """(CPU float32 reference of the dtype-rounded weights, the same model on CUDA): trained-like ranges, d_state 64,
+    headdim 32, 2 groups (as Codestral's grouped B and C)."""
+    torch.manual_seed(0)
+    from simba_compress import MambaLM, ModelConfig
+
+    cfg = ModelConfig(d_model=128, n_layer=n_layer, vocab_size=256, d_state=64, layer="mamba2", headdim=32, ngroups=2)
+    m = MambaLM(cfg)
+    with torch.no_grad():
+        for name, p in m.named_parameters():
+            if p.ndim >= 2:
+                p.normal_(0, 1.0 / math.sqrt(p[0].numel()))
+        for block in m.backbone.layers:
+            block.mixer.A_log.uniform_(0, 2.5)
+            block.mixer.dt_bias.uniform_(-5, -1)
+    return copy.deepcopy(m).to(dtype).float(), m.to("cuda", dtype)
+
+
+needs_ssd = pytest.mark.skipif(not (CUDA and probes.ssd_kernels() is not None), reason="mamba_ssm's Triton SSD not importable")
+
+
+@needs_cuda
+@needs_ssd
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_mamba2_fast_path_matches_cpu(dtype):
+    """Dense, pruned (simba and the fixed-position stride) and left-padded logits, decode states, then generate."""
+    cpu_m, gpu_m = mamba2_pair(dtype)
+    ids = torch.randint(0, 256, (2, 600))  # several SSD chunks, a partial last one
+    mask = torch.ones(2, 600, dtype=torch.long)
+    mask[0, :45] = 0
+    _compare(gpu_m, cpu_m, ids, None, None, dtype, False)
+    _compare(gpu_m, cpu_m, ids, mask, STRIDE, dtype, True)
+    if dtype == torch.float32:
+        _compare(gpu_m, cpu_m, ids, None, PRUNE, dtype, True)
+        _compare(gpu_m, cpu_m, ids, mask, SHARE, dtype, True)
+        _compare(gpu_m, cpu_m, ids, mask, DECI, dtype, True)
+        with torch.no_grad():
+            g = gpu_m(ids.cuda(), simba=PRUNE, return_states=True)
+            r = cpu_m(ids, simba=PRUNE, return_states=True)
+        for sg, sr in zip(g.states, r.states):
+            assert rel(sg.conv, sr.conv) < 1e-4 and rel(sg.ssm, sr.ssm) < 1e-4
+        gpu_m.simba = cpu_m.simba = PRUNE
+        assert torch.equal(gpu_m.generate(ids[:, :300].cuda(), max_new_tokens=16).cpu(),
+                           cpu_m.generate(ids[:, :300], max_new_tokens=16))  # fmt: skip
+
+
+@needs_cuda
+@needs_ssd
+@pytest.mark.parametrize("criterion", ["simba", "share", "deci"])
+def test_mamba2_scores_on_cuda_match_the_reference(criterion):
+    """The SSD scores from the CUDA layer's own operands equal ssm/ssd.py's on the CPU (bf16 operands)."""
+    from simba_compress.ssm.ssd import ssd_score
+
+    torch.manual_seed(0)
+    b, l, h, p, g, n = 2, 1500, 16, 32, 2, 64
+    x = torch.randn(b, l, h, p, device="cuda").bfloat16()
+    dt = torch.nn.functional.softplus(torch.randn(b, l, h, device="cuda") - 3)
+    A = -torch.exp(torch.rand(h, device="cuda") * 2.5)
+    B, C = (torch.randn(b, l, g, n, device="cuda").bfloat16() for _ in range(2))
+    last = torch.tensor([l - 1, 900], device="cuda")
+    got = ssd_score(criterion, x, dt, A, B, C, last)
+    ref = ssd_score(criterion, *(t.cpu() for t in (x, dt, A, B, C, last)))
+    assert rel(got, ref) < 1e-4
+
+
+@needs_cuda
+@needs_ssd
+def test_mamba2_dense_equals_mamba_ssm():
+    """Our Mamba-2 forward and greedy generation against mamba_ssm's MambaLMHeadModel on the same weights."""
+    from simba_compress.bench import mamba_ssm_twin
+
+    _, gpu_m = mamba2_pair(torch.float32)
+    twin = mamba_ssm_twin(gpu_m)
+    if twin is None:
+        pytest.skip("mamba_ssm's MambaLMHeadModel does not import")
+    ids = torch.randint(0, 256, (2, 700), device="cuda")
+    with torch.no_grad():
+        ours, theirs = gpu_m(ids, simba=None).logits, twin(ids).logits
+    assert rel(ours, theirs) < 1e-3
+    out = twin.generate(ids[:, :200], max_length=216, cg=True, return_dict_in_generate=True)
+    assert torch.equal(gpu_m.generate(ids[:, :200], max_new_tokens=16), out.sequences)

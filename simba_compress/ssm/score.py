@@ -76,3 +76,15 @@ def step_norm(dt: torch.Tensor, dim: int = -1) -> torch.Tensor:
     """DeciMamba's token score: the L2 norm over channels (`dim`) of the step size dt = softplus(dt_raw + bias),
     (b, l) float32. A large step writes the token strongly into the state (and forgets what came before)."""
     return dt.float().norm(dim=dim)
+
+
+def mamba1_score(criterion: str, x, dt, A, B, C, last) -> torch.Tensor:
+    """The in-layer criterion `criterion` (pruning.IN_LAYER) of a Mamba-1 layer from its own SSM inputs, channel-last:
+    x and dt (b, l, d), A (d, n), B and C (b, l, n) (views of channel-major tensors are fine). (b, l) float32."""
+    if criterion == "simba":
+        return global_impact(x, dt, A, B, C, last)
+    if criterion == "share":
+        return channel_share(x, dt, A, B, C, last)
+    if criterion == "deci":
+        return step_norm(dt)
+    raise ValueError(f"{criterion!r} is not an in-layer criterion of a Mamba-1 layer")

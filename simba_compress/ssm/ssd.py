@@ -94,3 +94,15 @@ def ssd_share(x, dt, A, B, C, last) -> torch.Tensor:
     shares of its total over the row, max over channels. (b, l) float32, 0 after last[b]."""
     per_channel = _ssd_channel_impacts(x, dt, A, B, C, last).flatten(2)  # (b, l, h p)
     return per_channel.div_(per_channel.sum(1, keepdim=True).clamp_min(torch.finfo(torch.float32).tiny)).amax(-1)
+
+
+def ssd_score(criterion: str, x, dt, A, B, C, last) -> torch.Tensor:
+    """The in-layer criterion `criterion` (pruning.IN_LAYER) of a Mamba-2 layer from its own SSM inputs: x (b, l, h, p),
+    dt (b, l, h), A (h,), B and C (b, l, g, n). (b, l) float32."""
+    if criterion == "simba":
+        return ssd_impact(x, dt, A, B, C, last)
+    if criterion == "share":
+        return ssd_share(x, dt, A, B, C, last)
+    if criterion == "deci":
+        return dt.float().norm(dim=-1)  # score.step_norm over heads
+    raise ValueError(f"{criterion!r} is not an in-layer criterion of a Mamba-2 layer")

@@ -1,7 +1,7 @@
 """Triton kernels for the GPU path: the Mamba-1 selective scan (the GPU path without mamba_ssm), Simba's
 global-impact score and the freeze/gather of kept tokens.
 
-Imported only through ssm/kernels.py, and only when triton imports (CI has no triton; the CPU path never
+Imported only through backends.triton_kernels(), and only when triton imports (CI has no triton; the CPU path never
 imports this module). With TRITON_INTERPRET=1 set before the import, the kernels run on CPU tensors through
 Triton's interpreter, which is how tests check them on a machine without a GPU.
 

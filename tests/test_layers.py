@@ -1,0 +1,118 @@
+"""The layer interface (layers.py) every mixer implements, the kernel setting (backends.py), and the package's
+import graph (no circles: each module imports only modules below it)."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import REPO
+from simba_compress import MambaLM, ModelConfig, SimbaConfig
+from simba_compress.backends import Backends
+from simba_compress.layers import MixerContext, SSMState
+from simba_compress.model import MIXERS
+
+PACKAGE = REPO / "simba_compress"
+
+
+def _module_imports() -> dict[str, set[str]]:
+    """module -> the package modules it imports at its top level (function-level imports are deliberate: lazy)."""
+    graph = {}
+    for path in PACKAGE.rglob("*.py"):
+        name = ".".join(path.relative_to(REPO).with_suffix("").parts).removesuffix(".__init__")
+        package = name if path.name == "__init__.py" else name.rsplit(".", 1)[0]
+        deps = set()
+        for node in ast.parse(path.read_text()).body:
+            if isinstance(node, ast.ImportFrom) and node.level:
+                base = package.rsplit(".", node.level - 1)[0] if node.level > 1 else package
+                target = f"{base}.{node.module}" if node.module else base
+                for alias in node.names:  # `from . import x` imports the module x
+                    full = f"{target}.{alias.name}"
+                    deps.add(full if (REPO / (full.replace(".", "/") + ".py")).exists() else target)
+            elif isinstance(node, ast.Import):
+                deps |= {a.name for a in node.names if a.name.startswith("simba_compress")}
+        graph[name] = {d for d in deps if d != name}
+    return graph
+
+
+def test_no_import_circles():
+    graph = _module_imports()
+    state: dict[str, int] = {}
+
+    def visit(node: str, trail: list[str]) -> None:
+        state[node] = 1
+        for dep in graph.get(node, ()):
+            if state.get(dep) == 1:
+                cycle = trail[trail.index(dep):] + [dep] if dep in trail else [node, dep]
+                pytest.fail("import circle: " + " -> ".join(cycle))
+            if dep not in state:
+                visit(dep, trail + [dep])
+        state[node] = 2
+
+    for module in graph:
+        if module not in state:
+            visit(module, [module])
+    # the interface sits below the mixers, the mixers below the model, the model below generation
+    assert "simba_compress.model" not in graph["simba_compress.layers"]
+    assert not {"simba_compress.model", "simba_compress.generation"} & graph["simba_compress.mamba2"]
+    assert "simba_compress.generation" not in graph["simba_compress.model"]
+
+
+def test_backends_default_from_the_environment(monkeypatch):
+    for var in ("SIMBA_COMPRESS_KERNELS", "SIMBA_COMPRESS_TRITON", "SIMBA_COMPRESS_SCAN", "SIMBA_COMPRESS_STEP"):
+        monkeypatch.delenv(var, raising=False)
+    assert Backends.from_env() == Backends()
+    monkeypatch.setenv("SIMBA_COMPRESS_KERNELS", "0")
+    monkeypatch.setenv("SIMBA_COMPRESS_STEP", "triton")
+    assert Backends.from_env() == Backends(fast_path=False, step="triton")
+    m = MambaLM(ModelConfig(d_model=16, n_layer=2, vocab_size=32))
+    assert m.backends == Backends(fast_path=False, step="triton")  # a model takes the environment's defaults
+    assert MambaLM(m.config, backends=Backends()).backends == Backends()  # unless given one
+    monkeypatch.setenv("SIMBA_COMPRESS_SCAN", "fast")
+    with pytest.raises(ValueError, match="scan"):
+        Backends.from_env()
+    assert not Backends().on(torch.zeros(1)) and not Backends().use_triton(torch.zeros(1))  # the CPU: reference
+
+
+@pytest.mark.parametrize("kind", sorted(MIXERS))
+def test_every_mixer_implements_the_interface(kind):
+    """forward on the tokens given (with the in-layer scores asked for and the decode state), zero_state, and a
+    step that advances the state in place: the step after a prefix equals the forward over prefix + token."""
+    torch.manual_seed(0)
+    cfg = ModelConfig(d_model=32, n_layer=1, vocab_size=16, d_state=8, headdim=16, layer=kind)
+    mixer = MIXERS[kind](cfg).double()
+    with torch.no_grad():
+        for p in mixer.parameters():
+            p.normal_(0, 0.2)
+    reference = Backends(fast_path=False)
+    u = torch.randn(2, 9, 32, dtype=torch.float64)
+    full = mixer(u, MixerContext(None, torch.tensor([8, 8]), want_state=True, backends=reference))
+    prefix = mixer(u[:, :8], MixerContext(None, torch.tensor([7, 7]), want_state=True, backends=reference))
+    assert isinstance(prefix.state, SSMState) and prefix.score is None
+    state = mixer.zero_state(2, "cpu", torch.float64)
+    assert state.conv.shape == prefix.state.conv.shape and state.ssm.shape == prefix.state.ssm.shape
+    state.copy_(prefix.state)
+    mixer.prepare_step()
+    out = mixer.step(u[:, 8], state, reference)
+    torch.testing.assert_close(out, full.out[:, 8], rtol=1e-5, atol=1e-6)  # the scans compute in float32
+    torch.testing.assert_close(state.ssm, full.state.ssm.to(state.ssm.dtype), rtol=1e-5, atol=1e-6)  # the scans compute in float32
+    torch.testing.assert_close(state.conv, full.state.conv, rtol=1e-5, atol=1e-6)  # the scans compute in float32
+    for criterion in ("simba", "share", "deci"):
+        scored = mixer(u, MixerContext(None, torch.tensor([8, 5]), score=criterion, backends=reference))
+        assert scored.score.shape == (2, 9) and scored.score.dtype == torch.float32
+        assert torch.equal(scored.out, full.out)
+
+
+def test_model_step_is_functional():
+    """MambaLM.step (the reference) returns new states and leaves the caller's as they were."""
+    m = MambaLM(ModelConfig(d_model=16, n_layer=2, vocab_size=32), SimbaConfig([1.0, 0.5]))
+    ids = torch.randint(0, 32, (2, 10))
+    with torch.no_grad():
+        states = m(ids, return_states=True).states
+        before = [s.clone() for s in states]
+        _, new = m.step(ids[:, -1], states)
+    assert all(torch.equal(a.ssm, b.ssm) and torch.equal(a.conv, b.conv) for a, b in zip(states, before))
+    assert not all(torch.equal(a.ssm, b.ssm) for a, b in zip(new, before))
