@@ -3,7 +3,7 @@ into the model without changing it, measured on the passkey proxy against trunca
 
 A candidate is a function of what a Mamba-1 layer computed on its current tokens (`Layer`: x, dt, A, B, C of the
 scan, the block's output stream, the protected positions, the token ids) returning one score per slot. The study
-captures those quantities by wrapping the scan the mixer calls (model.selective_scan) and registers each candidate
+captures those quantities by wrapping the scan the mixer calls (mamba1.selective_scan) and registers each candidate
 as a criterion for the run (pruning.CRITERIA / CRITERION_FNS), so the model's own pruned forward ranks, selects and
 freezes tokens exactly as it does for its built-in criteria. The winners become criteria of the project
 (pruning.py); this script is what chose them, and it stays to show how.
@@ -35,10 +35,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import simba_compress.flops as flops_mod  # noqa: E402
-import simba_compress.model as model_mod  # noqa: E402
+import simba_compress.mamba1 as mamba1_mod  # noqa: E402
 import simba_compress.pruning as pruning  # noqa: E402
 from simba_compress import load, load_tokenizer  # noqa: E402
-from simba_compress.model import norm  # noqa: E402
+from simba_compress.layers import norm  # noqa: E402
 from simba_compress.pruning import SimbaConfig, TokenPlan  # noqa: E402
 
 
@@ -76,7 +76,7 @@ class Capture:
 
     @contextmanager
     def active(self, model, candidates: dict[str, Callable]):
-        scan, view, crit = model_mod.selective_scan, TokenPlan.view, pruning.CRITERIA
+        scan, view, crit = mamba1_mod.selective_scan, TokenPlan.view, pruning.CRITERIA
 
         def wrapped(x, dt, A, B, C, h0=None, last=None):
             self.scan_inputs = (x, dt, A, B, C)
@@ -93,7 +93,7 @@ class Capture:
         hook = model.backbone.embeddings.register_forward_pre_hook(save_ids)
         costs = flops_mod.score_flops  # a candidate is counted at Simba's cost here (the project's criteria count their own)
         flops_mod.score_flops = lambda cfg, c: costs(cfg, "simba" if c in candidates else c)
-        model_mod.selective_scan = wrapped
+        mamba1_mod.selective_scan = wrapped
         TokenPlan.view = view_with_plan
         pruning.CRITERIA = crit + tuple(candidates)
         for name, fn in candidates.items():
@@ -104,7 +104,7 @@ class Capture:
         finally:
             hook.remove()
             flops_mod.score_flops = costs
-            model_mod.selective_scan, TokenPlan.view, pruning.CRITERIA = scan, view, crit
+            mamba1_mod.selective_scan, TokenPlan.view, pruning.CRITERIA = scan, view, crit
             for name in candidates:
                 pruning.CRITERION_FNS.pop(name, None)
 
@@ -240,6 +240,43 @@ def s_utr(L):
     return L.hidden.float().clamp(min=0).sum(-1)
 
 
+def pooled(fn, width: int = 8):
+    """fn's scores max-pooled over +-width slots: a token next to a high-scoring one scores as high (SnapKV pools
+    its attention scores so that a kept key keeps its neighbours)."""
+
+    def score(L: Layer) -> torch.Tensor:
+        s = fn(L).float().masked_fill(~L.real, float("-inf"))
+        s = torch.where(torch.isinf(s) & (s > 0), torch.finfo(torch.float32).max, s)
+        return F.max_pool1d(s[:, None], 2 * width + 1, 1, width)[:, 0]
+
+    return score
+
+
+def s_lexical(L):
+    """Tokens of the question, in the prompt: each token whose id occurs in the tail, weighted by the inverse of how
+    often the id occurs in the row (a word the question shares with few places points at them)."""
+    ids = L.ids.masked_fill(~L.real, -1)
+    b, w = ids.shape
+    out = torch.zeros(b, w, device=ids.device)
+    for r in range(b):
+        vocab, inverse, counts = torch.unique(ids[r], return_inverse=True, return_counts=True)
+        in_tail = torch.zeros(len(vocab), dtype=torch.bool, device=ids.device)
+        in_tail[inverse[L.tail[r]]] = True
+        out[r] = torch.where(in_tail[inverse], 1.0 / counts[inverse].float(), 0.0)
+    return out
+
+
+def s_snap(L, tau: float = 0.05):
+    """SnapKV's score with the layer's own stream as queries and keys: each tail position's softmax over the
+    row of cosine similarities / tau, summed over the tail (the attention mass the question would pay each token)."""
+    h = F.normalize(L.hidden.float(), dim=-1)
+    out = torch.zeros(L.real.shape, device=h.device)
+    for r in range(h.shape[0]):
+        sim = (h[r, L.tail[r]] @ h[r].T / tau).masked_fill(~L.real[r], float("-inf"))  # (q, w)
+        out[r] = sim.softmax(-1).sum(0)
+    return out
+
+
 CANDIDATES: dict[str, Callable[[Layer], torch.Tensor]] = {
     "c_simba": s_simba,
     "tail_max": s_tail_max,
@@ -250,6 +287,13 @@ CANDIDATES: dict[str, Callable[[Layer], torch.Tensor]] = {
     "state_share": s_state_share,
     "surprisal": s_surprisal,
     "c_utr": s_utr,
+    "lexical": s_lexical,
+    "nodecay_pool": pooled(s_nodecay),
+    "lexical_pool": pooled(s_lexical),
+    "surprisal_pool": pooled(s_surprisal),
+    "tempered_pool": pooled(s_tempered),
+    "snap": s_snap,
+    "snap_pool": pooled(s_snap),
 }
 
 
@@ -268,7 +312,7 @@ def dense_layers(model, ids: torch.Tensor, protect: int, keep: list[float]):
     for i in range(n):
         h, mixed, _, _ = model._layer(i, h, mixed, plan, None, False, owned=True)
         h, mixed = h + mixed, None
-        view = pruning.LayerView(i, h, None, plan.last, plan.real, length)
+        view = pruning.LayerView(i, h, None, plan.last, plan.real, length, plan.idx, plan.end)
         L = CAPTURE.layer(view, plan)
         L.keep_here, L.keep_next = keep[i], keep[min(i + 1, n - 1)]
         yield L
@@ -321,7 +365,7 @@ def cmd_ranks(args) -> None:
 
 def mixed(content: str, recent: float):
     """`recent` of each layer's budget to the most recent tokens, the rest by `content` (a candidate's name)."""
-    fn = CANDIDATES[content]
+    fn = candidate(content)
 
     def score(L: Layer) -> torch.Tensor:
         s = fn(L).float()
@@ -333,16 +377,47 @@ def mixed(content: str, recent: float):
     return score
 
 
+def oracle(name: str, span: tuple[int, int]):
+    """"oracle": the span always kept; "oracle@K": kept by the layers up to K only (then Simba's ranking alone)."""
+    from long_context import forcing, needle
+
+    until = int(name.split("@")[1]) if "@" in name else 1 << 30
+    force = needle(span)
+    return forcing(lambda plan, layer: force(plan, layer) & (layer <= until))
+
+
+def ranks(s: torch.Tensor, real: torch.Tensor) -> torch.Tensor:
+    """Each slot's rank quantile in its row under scores s: 1 for the top real slot, 0 for the bottom."""
+    s = s.float().masked_fill(~real, float("-inf"))
+    order = torch.argsort(s, dim=1, descending=True, stable=True)
+    rank = torch.empty_like(order).scatter_(1, order, torch.arange(s.shape[1], device=s.device).expand_as(order))
+    return 1 - rank.float() / real.sum(1, keepdim=True).clamp_min(1)
+
+
+def then(first, second):
+    """Tokens `first` scores above zero, by its score, then the rest by `second` (a tie-break that is not the
+    slot order: most tokens share a content score of zero)."""
+
+    def score(L: Layer) -> torch.Tensor:
+        a = first(L).float()
+        return torch.where(a > 0, 1 + a / a.amax(1, keepdim=True).clamp_min(1e-30), ranks(second(L), L.real) * 0.999)
+
+    return score
+
+
 def candidate(name: str):
-    """A candidate by name: a CANDIDATES key, or "CONTENT+recentW" (mixed)."""
+    """A candidate by name: a CANDIDATES key, "A>B" (A's positive scores first, then B's order: then()), or
+    "X+recentW" (mixed: W of each layer's budget to the most recent tokens, the rest by X)."""
     if "+recent" in name:
         content, w = name.split("+recent")
         return mixed(content, float(w))
+    if ">" in name:
+        a, b = name.split(">")
+        return then(candidate(a), candidate(b))
     return CANDIDATES[name]
 
 
 def cmd_run(args) -> None:
-    from long_context import forcing, needle
     from passkey_proxy import device_name, valid_stream, versions
 
     from simba_compress.data import windows as make_windows
@@ -364,7 +439,8 @@ def cmd_run(args) -> None:
                     "windows": args.windows}
     done = {(c["method"], c["budget"], c["length"]) for c in data["cells"]}
     names = args.methods
-    cands = {n: candidate(n) for n in names if n not in ("dense", "truncate", "simba", "oracle", "share", "utr", "deci")}
+    cands = {n: candidate(n) for n in names
+             if n not in ("dense", "truncate", "simba", "share", "utr", "deci") and not n.startswith("oracle")}
     with CAPTURE.active(model, cands):
         for length in args.lengths:
             if args.task == "passkey":
@@ -383,7 +459,7 @@ def cmd_run(args) -> None:
                 t = time.time()
                 simba = None
                 if name not in ("dense", "truncate"):
-                    crit = "simba" if name in ("simba", "oracle") else name
+                    crit = "simba" if name == "simba" or name.startswith("oracle") else name
                     simba = linear_for_flops(model.config, f, length, "simba", protect_last=protect)
                     simba = SimbaConfig(simba.keep, crit, protect)
                 recent = round(f * length) if name == "truncate" else None
@@ -397,9 +473,11 @@ def cmd_run(args) -> None:
                     per = None
                 else:
                     per = []
-                    for s in samples:
+                    if args.task == "passkey" and not name.startswith("oracle"):  # batched: one layout per forward
+                        per = evaluate_passkey(model, samples, simba, recent=recent, batch_tokens=args.batch_tokens).correct
+                    for s in samples if not per else []:
                         span = s.needle if args.task == "passkey" else s.fact
-                        with forcing(needle(span)) if name == "oracle" else contextlib.nullcontext():
+                        with oracle(name, span) if name.startswith("oracle") else contextlib.nullcontext():
                             if args.task == "passkey":
                                 per.append(evaluate_passkey(model, [s], simba, recent=recent).correct[0])
                             else:
@@ -428,6 +506,7 @@ def main() -> None:
     ap.add_argument("--windows", type=int, default=16, help="loss: windows per length")
     ap.add_argument("--protect", type=int, default=128, help="loss: the protected, scored tail")
     ap.add_argument("--batch", type=int, default=4)
+    ap.add_argument("--batch-tokens", type=int, default=4096, help="passkey: tokens per forward")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--model", required=True)
     ap.add_argument("--valid", default=str(Path(__file__).resolve().parents[2] / "shared/corpus/valid.txt.xz"))

@@ -46,7 +46,7 @@ from .errors import SimbaError
 from .evaluate import default_protect, protected
 from .flops import count
 from .model import MambaLM, Prefix
-from .pruning import SimbaConfig
+from .pruning import DEFAULT_CRITERION, SimbaConfig
 from .schedules import Form, check_flops, deepest_fast, fast_for_flops, fast_tolerance, fit_flops, flop_tolerance, knots, linear_for_flops, to_fast
 
 JOURNAL_SUFFIXES = (".log", ".journal")
@@ -61,7 +61,7 @@ class CalibrationConfig:
 
     flops: float  # target backbone FLOP ratio
     seq_len: int = 1024  # input length the FLOP ratio is computed at
-    criterion: str = "simba"
+    criterion: str = DEFAULT_CRITERION
     protect_last: int = 1
     granularity: int = 1  # token counts rounded to multiples of this (SimbaConfig.granularity)
     form: Form = "fast"  # "fast": each trial's profile becomes its nearest fast-form staircase (schedules.to_fast)

@@ -30,6 +30,8 @@ def _keep_list(text: str) -> list[float]:
 
 
 def _parser() -> argparse.ArgumentParser:
+    from .pruning import CRITERIA, DEFAULT_CRITERION
+
     ap = argparse.ArgumentParser(prog="simba-compress", description="Token pruning (Simba) for Mamba language models.")
     sub = ap.add_subparsers(dest="command")
 
@@ -43,7 +45,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     c.add_argument("--keep", type=_keep_list, help="explicit per-layer keep ratios, e.g. 1,0.9,0.8")
     c.add_argument("--final-keep", type=float, help="linear schedule down to this keep ratio at the top layer")
-    c.add_argument("--criterion", help="simba (default), share, deci, utr, l2norm, random, stride")
+    c.add_argument("--criterion", help=", ".join(c + " (default)" * (c == DEFAULT_CRITERION) for c in CRITERIA))
     c.add_argument("--protect-last", type=int, help="last tokens never pruned (default 1)")
     c.add_argument("--form", help="with --flops: fast (default: keep ratios on a staircase of 1, 3/4, 1/2 ... 1/16, fast on a "
                    "GPU at any prompt length) or exact (the paper's smooth schedule: every layer prunes a little)")

@@ -23,7 +23,7 @@ from .errors import SimbaError
 from .evaluate import default_protect, evaluate
 from .flops import count
 from .model import MambaLM
-from .pruning import SimbaConfig
+from .pruning import DEFAULT_CRITERION, SimbaConfig
 from .recipe import Recipe
 from .schedules import Form, linear, linear_for_flops, max_tokens_list
 
@@ -38,7 +38,7 @@ def compress(
     flops: float | None = None,
     keep: list[float] | None = None,
     final_keep: float | None = None,
-    criterion: str = "simba",
+    criterion: str = DEFAULT_CRITERION,
     protect_last: int = 1,
     seq_len: int = 1024,
     seed: int = 0,

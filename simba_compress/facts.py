@@ -69,12 +69,46 @@ TEMPLATES: tuple[tuple[str, str, tuple[str, ...]], ...] = (
 )
 
 
+# For fine-tuning a proxy to recall (benchmarks/passkey_proxy.py --facts): other relations, other wordings and
+# other answers than TEMPLATES, which stay held out for evaluation.
+TRAIN_TEMPLATES: tuple[tuple[str, str, tuple[str, ...]], ...] = (
+    ("The lighthouse keeper's cat goes by the name of {a}.", "What name does the lighthouse keeper's cat go by? It goes by",
+     ("Muffin", "Sooty", "Ginger", "Whiskers", "Tabitha", "Smudge", "Pumpkin", "Marmalade")),
+    ("Everyone in the village knows that the baker's favourite flower is the {a}.",
+     "What is the baker's favourite flower? The baker's favourite flower is the",
+     ("tulip", "daisy", "orchid", "sunflower", "poppy", "lily", "magnolia", "bluebell")),
+    ("The treasure was buried beneath the old {a} tree.", "Beneath which tree was the treasure buried? Beneath the old",
+     ("oak", "willow", "chestnut", "birch", "elm", "sycamore", "beech", "yew")),
+    ("My uncle works as a {a} in the harbour town.", "What does my uncle work as? He works as a",
+     ("fisherman", "carpenter", "pharmacist", "blacksmith", "librarian", "surveyor", "cobbler", "chemist")),
+    ("The recipe calls for two cups of {a}.", "What does the recipe call for two cups of? Two cups of",
+     ("flour", "oats", "almonds", "raisins", "buttermilk", "spinach", "lentils", "barley")),
+    ("The expedition set out for the mountains of {a} in early May.",
+     "For which mountains did the expedition set out? The mountains of",
+     ("Kashgar", "Tibesti", "Zagros", "Ruwenzori", "Altai", "Pirin", "Sierra Blanca", "Drakensberg")),
+    ("The clock on the tower was built by a craftsman called {a}.",
+     "Who built the clock on the tower? A craftsman called",
+     ("Bartholomew", "Ignatius", "Reginald", "Humphrey", "Percival", "Quentin", "Wilfred", "Gideon")),
+    ("In the story, the dragon guards a cave full of {a}.", "What does the dragon's cave hold? It is full of",
+     ("emeralds", "bones", "books", "mirrors", "feathers", "lanterns", "pearls", "bells")),
+    ("The code name of the operation was {a}.", "What was the operation's code name? Its code name was",
+     ("Nightingale", "Overlord", "Sandstorm", "Bluebird", "Granite", "Tempest", "Harvest", "Falconer")),
+    ("The school's team plays its matches in {a} shirts.", "What shirts does the school's team play in? In",
+     ("maroon", "turquoise", "scarlet", "navy", "amber", "lilac", "olive", "ivory")),
+    ("The museum's most famous exhibit is a {a} from ancient Egypt.",
+     "What is the museum's most famous exhibit? It is a",
+     ("sarcophagus", "chariot", "scarab", "papyrus", "statue", "necklace", "sundial", "mummy")),
+    ("Our train to the coast departs from the station at {a}.", "Where does our train to the coast depart from? The station at",
+     ("Ashford", "Blackmoor", "Kingsbridge", "Dunmore", "Eastleigh", "Fairhaven", "Glenrock", "Hollowell")),
+)
+
+
 @dataclass(frozen=True)
 class FactSample:
     ids: torch.Tensor  # (length,) haystack with the fact, then the question (no answer)
     answers: tuple[torch.Tensor, ...]  # the candidates' token ids (each " " + answer), the true one first
     texts: tuple[str, ...]  # the candidates, the true one first
-    template: int
+    template: int  # index in the task's templates
     depth: float  # where the fact sits in the haystack: 0 at its start, 1 at its end
     fact: tuple[int, int]  # [start, end) of the fact sentence in ids
     tail: int  # the question's tokens: what a pruned model must keep
@@ -87,9 +121,10 @@ class FactSample:
 class FactTask:
     """Builds fact-recall samples whose haystacks are slices of `stream` (token ids of real text, eos dropped)."""
 
-    def __init__(self, tokenizer, stream: torch.Tensor, choices: int = 4):
-        if not 2 <= choices <= min(len(t[2]) for t in TEMPLATES):
-            raise ValueError(f"choices: must be in [2, {min(len(t[2]) for t in TEMPLATES)}], got {choices}")
+    def __init__(self, tokenizer, stream: torch.Tensor, choices: int = 4, templates=TEMPLATES):
+        if not 2 <= choices <= min(len(t[2]) for t in templates):
+            raise ValueError(f"choices: must be in [2, {min(len(t[2]) for t in templates)}], got {choices}")
+        self.templates = templates
         self._tokenizer = tokenizer
         eos = tokenizer.eos_token_id
         self.stream = stream if eos is None else stream[stream != eos]
@@ -107,8 +142,8 @@ class FactTask:
         if not 0.0 <= depth <= 1.0:
             raise ValueError(f"depth: must be in [0, 1], got {depth}")
         rng = random.Random(f"facts:{seed}:{length}:{depth}")
-        t = rng.randrange(len(TEMPLATES))
-        fact_t, question_t, pool = TEMPLATES[t]
+        t = rng.randrange(len(self.templates))
+        fact_t, question_t, pool = self.templates[t]
         texts = tuple(rng.sample(pool, self.choices))  # the first is the true answer
         fact = self._encode(" " + fact_t.format(a=texts[0]))
         question = self._encode("\n\n" + question_t)

@@ -22,7 +22,7 @@ from .kernels import freeze_and_gather
 from .layers import Mixer, MixerContext, ModelConfig, add_norm, make_norm, norm
 from .mamba1 import Mamba1Mixer
 from .mamba2 import Mamba2Mixer
-from .pruning import CRITERION_FNS, IN_LAYER, SimbaConfig, TokenPlan
+from .pruning import CRITERION_FNS, DEFAULT_CRITERION, IN_LAYER, SimbaConfig, TokenPlan
 
 MIXERS: dict[str, type[Mixer]] = {"mamba1": Mamba1Mixer, "mamba2": Mamba2Mixer}  # ModelConfig.kind(i) -> class
 
@@ -62,7 +62,7 @@ class Prefix:
     hidden: torch.Tensor  # (b, l, d_model) residual stream, stream dtype
     impact: torch.Tensor | None  # (b, l) the last prefix layer's in-layer scores (criterion's), None if it has none
     layers: int
-    criterion: str = "simba"
+    criterion: str = DEFAULT_CRITERION
 
 
 class MambaLM(nn.Module):
@@ -99,7 +99,7 @@ class MambaLM(nn.Module):
 
     @torch.no_grad()
     def prefix(
-        self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, layers: int = 1, criterion: str = "simba"
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, layers: int = 1, criterion: str = DEFAULT_CRITERION
     ) -> Prefix:
         """Run the first `layers` layers densely; forward(same inputs, prefix=...) continues from there (with a
         schedule of the same criterion: the last prefix layer's in-layer scores are kept for it)."""

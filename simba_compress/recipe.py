@@ -14,9 +14,9 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from .errors import SimbaError
 from .finetune import FinetuneConfig
-from .pruning import CRITERIA
+from .pruning import CRITERIA, DEFAULT_CRITERION
 
-Criterion = Literal["simba", "share", "deci", "utr", "l2norm", "random", "stride"]
+Criterion = Literal["simba", "query", "share", "deci", "utr", "l2norm", "random", "stride"]
 assert set(Criterion.__args__) == set(CRITERIA)
 
 
@@ -41,7 +41,7 @@ class Recipe(_Strict):
     schedule: Literal["calibrated", "linear", "explicit"] | None = None
     keep: list[float] | None = None  # explicit per-layer keep ratios (schedule: explicit)
     final_keep: float | None = Field(None, gt=0, le=1)  # linear schedule's top-layer keep, instead of flops
-    criterion: Criterion = "simba"
+    criterion: Criterion = DEFAULT_CRITERION
     protect_last: int = Field(1, ge=1)  # last tokens never pruned (generation needs >= 1)
     # with flops: "fast", keep ratios on a staircase of 1, 3/4, 1/2 ... 1/16 (fast on a GPU at any prompt length), or "exact"
     form: Literal["fast", "exact"] = "fast"

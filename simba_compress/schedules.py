@@ -31,7 +31,7 @@ import torch
 from .errors import SimbaError
 from .flops import count, layer_flops
 from .layers import ModelConfig
-from .pruning import SimbaConfig
+from .pruning import DEFAULT_CRITERION, SimbaConfig
 
 FLOP_TOLERANCE = 0.005  # a schedule for --flops F lands within 0.5% of F
 LOWEST_T = 1e-6  # the smallest keep ratio a fitted schedule may reach (ratios must stay > 0)
@@ -230,7 +230,7 @@ def linear_for_flops(
     cfg: ModelConfig,
     flops: float,
     seq_len: int,
-    criterion: str = "simba",
+    criterion: str = DEFAULT_CRITERION,
     protect_last: int = 1,
     seed: int = 0,
     granularity: int = 1,
