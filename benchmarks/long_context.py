@@ -64,6 +64,7 @@ from simba_compress.errors import SimbaError  # noqa: E402
 from simba_compress.evaluate import default_protect, evaluate, evaluate_truncated  # noqa: E402
 from simba_compress.facts import FactTask, evaluate_facts  # noqa: E402
 from simba_compress.passkey import PasskeyTask, evaluate_passkey  # noqa: E402
+from simba_compress.pruning import DEFAULT_CRITERION  # noqa: E402
 from simba_compress.pruning import TokenPlan  # noqa: E402
 from simba_compress.schedules import fit_flops, linear_for_flops  # noqa: E402
 
@@ -429,8 +430,15 @@ def main() -> None:
     ap.add_argument("--max-seconds", type=float, help="start no new cell after this (h200: 300)")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--plot-only", action="store_true")
+    ap.add_argument("--merge", metavar="DIR", help="add the cells of DIR/long_context.json (another run) to --out's, each "
+                    "labelled with its run's device and its model suffixed with --merge-label; the default criterion's "
+                    "rows become '<criterion> (default)'; then redraw")
+    ap.add_argument("--merge-label", default="", help="what tells the merged run's model apart (e.g. 'rebuilt')")
     args = ap.parse_args()
     out = Path(args.out)
+    if args.merge:
+        merge(out, Path(args.merge), args.merge_label)
+        return
     if args.plot_only:
         Results(out, {}).save(figure=True)
         return
@@ -441,6 +449,27 @@ def main() -> None:
     if args.steps is not None:
         p.proxy = replace(p.proxy, steps=args.steps)
     run(p, args, out)
+
+
+def merge(out: Path, other: Path, label: str) -> None:
+    """--merge: other's cells into out's results, labelled by device (and model label), the default criterion marked."""
+    res, src = Results(out, {}), json.loads((other / "long_context.json").read_text())
+    device = src["meta"].get("device", "?")
+    for c in res.data["cells"]:
+        c.setdefault("device", res.data["meta"].get("device", "?"))
+    added = 0
+    for c in src["cells"]:
+        c = {**c, "device": device, "model": f"{c['model']} ({label})" if label else c["model"]}
+        if c["method"] == DEFAULT_CRITERION and c["budget"] is not None:
+            c["method"] = f"{DEFAULT_CRITERION} (default)"
+        if Results.key(c) not in res.done:
+            res.add(c)
+            added += 1
+    res.data["meta"].setdefault("merged", [])
+    res.data["meta"]["merged"] = [m for m in res.data["meta"]["merged"] if m.get("from") != str(other)]
+    res.data["meta"]["merged"].append({"from": str(other), "label": label, "cells": added, **src["meta"]})
+    res.save(figure=True)
+    print(f"{added} cells of {other} merged into {out}")
 
 
 def run(p: Preset, args, out: Path) -> None:
@@ -628,10 +657,16 @@ def markdown(d: dict) -> str:
         lines += [f"`{meta['command']}`", "",
                   f"{meta.get('device')}, {meta.get('dtype')}; " + ", ".join(f"{k} {x}" for k, x in v.items() if x)
                   + (f"; {meta['seconds']} s" if "seconds" in meta else " (incomplete run)") + ".", ""]
+    for m in meta.get("merged", []):
+        v = m.get("versions", {})
+        lines += [f"Merged from another run ({m['cells']} cells; their model is labelled \"({m['label']})\", their rows "
+                  f"carry its device): `{m.get('command')}`; {m.get('device')}, {m.get('dtype')}; "
+                  + ", ".join(f"{k} {x}" for k, x in v.items() if x) + ".", ""]
     lines += [
         "Methods at FLOP ratio F of the base backbone: truncate = the dense model on the last F x L tokens; window = on "
-        "its last training-length tokens; simba / share / deci / utr = the linear schedule meeting F with that "
-        "criterion; simba-cal = the calibrated KL schedule (T = 1024); stepK = layers below K dense, the rest at one "
+        "its last training-length tokens; simba / query / share / deci / utr = the linear schedule meeting F with that "
+        "criterion (query: the attention the prompt's last 32 tokens pay each token through the layer's residual "
+        "stream, pruning.query_attention; '(default)': the criterion --flops uses); simba-cal = the calibrated KL schedule (T = 1024); stepK = layers below K dense, the rest at one "
         "keep ratio (simba's score); mix = simba with half of each layer's budget given to the most recent tokens; "
         "oracle = simba with the needle always kept (what a perfect score could do); ext-<criterion> = context "
         "extension: every layer from L on runs on at most T tokens, (L, T) calibrated on long training windows "
