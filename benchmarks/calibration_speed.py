@@ -26,10 +26,11 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import simba_compress  # noqa: E402
 from simba_compress import load, load_tokenizer  # noqa: E402
-from simba_compress.calibrate import CalibrationConfig, _Scorer, calibrate  # noqa: E402
+from simba_compress.calibrate import _Scorer, calibrate  # noqa: E402
 from simba_compress.data import load_windows  # noqa: E402
 from simba_compress.evaluate import default_protect  # noqa: E402
 from simba_compress.schedules import linear_for_flops  # noqa: E402
+from simba_compress.settings import CalibratedSchedule, LinearSchedule  # noqa: E402
 
 
 def main() -> None:
@@ -51,16 +52,16 @@ def main() -> None:
     load_start = os.getloadavg()
     model = load(args.model)
     windows = load_windows(args.data, load_tokenizer(args.model), args.seq_len + 1, args.windows)
-    cfg = CalibrationConfig(flops=args.flops, seq_len=args.seq_len, trials=args.trials, seed=args.seed, progress=False)
+    cfg = CalibratedSchedule(flops=args.flops, seq_len=args.seq_len, trials=args.trials, seed=args.seed)
     t0 = time.time()
-    simba, res = calibrate(model, windows, cfg)
+    simba, res = calibrate(model, windows, cfg, progress=False)
     total = time.time() - t0
     load_search = os.getloadavg()
 
     # what one trial is made of
     protect = default_protect(args.seq_len)
-    scorer = _Scorer(model, windows, protect, "loss", cfg.batch_size)
-    linear = linear_for_flops(model.config, args.flops, args.seq_len)
+    scorer = _Scorer(model, windows, protect, "loss", cfg.batch_size, cfg.criterion)
+    linear = linear_for_flops(model.config, LinearSchedule(flops=args.flops, seq_len=args.seq_len, form="exact"))
     t = time.time()
     scorer(linear)
     objective_s = time.time() - t

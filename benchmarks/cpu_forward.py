@@ -40,6 +40,7 @@ def one(variant: str, args) -> dict:
     from simba_compress import load, load_tokenizer
     from simba_compress.data import load_windows
     from simba_compress.schedules import linear_for_flops
+    from simba_compress.settings import LinearSchedule
 
     torch.set_num_threads(os.cpu_count())
     tok = load_tokenizer(args.model)
@@ -54,7 +55,8 @@ def one(variant: str, args) -> dict:
         fwd = lambda: ref(ids, use_cache=False).logits  # noqa: E731
     else:
         if variant != "simba-dense":
-            model.simba = linear_for_flops(model.config, float(variant.split("-")[1]), args.seq_len)
+            model.simba = linear_for_flops(model.config, LinearSchedule(flops=float(variant.split("-")[1]),
+                                                                      seq_len=args.seq_len, form="exact"))
         fwd = lambda: model(ids).logits  # noqa: E731
     base = rss_mb()
     times = []

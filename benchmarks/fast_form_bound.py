@@ -2,7 +2,7 @@
 
 The fast form (schedules.py) keeps ratios on 1, 1/2, 1/4, 1/8, 1/16: at a FLOP ratio F only a handful of
 staircases meet it (schedules.fast_candidates). This script evaluates each of them on mamba-proxy-d320-l16 with
-the DESIGN.md headline (loss on the protected last --protect tokens) on the calibration text (the windows a
+the headline (loss on the protected last --protect tokens) on the calibration text (the windows a
 search sees: --calib, the training split) and on the validation text (--data). The best validation row is an
 oracle bound, not a schedule anyone may pick (it is chosen on the evaluation text): if even it stays behind the
 exact schedule, no search within the form can close the gap, and the levels are the limit.
@@ -33,6 +33,7 @@ from simba_compress.data import load_windows  # noqa: E402
 from simba_compress.evaluate import evaluate  # noqa: E402
 from simba_compress.flops import count  # noqa: E402
 from simba_compress.schedules import fast_candidates, linear_for_flops  # noqa: E402
+from simba_compress.settings import LinearSchedule  # noqa: E402
 
 BASE = "mamba-proxy-d320-l16"
 
@@ -64,7 +65,8 @@ def main() -> None:
     rows = [{"flops": 1.0, "keep": None, "calib_loss": headline(calib, None), "valid_loss": headline(valid, None)}]
     print(json.dumps(rows[-1]), flush=True)
     for f in args.flops:
-        template = linear_for_flops(model.config, f, args.seq_len, protect_last=args.protect, form="exact")
+        template = linear_for_flops(model.config, LinearSchedule(flops=f, seq_len=args.seq_len, protect_last=args.protect,
+                                                                 form="exact"))
         for keep in fast_candidates(model.config, template, f, args.seq_len):
             simba = replace(template, keep=keep)
             ratio = count(model.config, simba, args.seq_len).ratio

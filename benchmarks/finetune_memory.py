@@ -61,7 +61,7 @@ def child(spec: dict) -> dict:
 
     import simba_compress.finetune as ft
     from simba_compress.memory import parameter_bytes
-    from simba_compress import compress, load, load_tokenizer
+    from simba_compress import LinearSchedule, compress, load, load_tokenizer
 
     torch.set_num_threads(os.cpu_count())
     if spec["scan"] == "old":
@@ -74,7 +74,7 @@ def child(spec: dict) -> dict:
     models = Path(spec["models"])
     tok = load_tokenizer(models / BASE)
     model = load(models / BASE)
-    compress(model, flops=spec["flops"], seq_len=spec["seq_len"], protect_last=128)
+    compress(model, LinearSchedule(flops=spec["flops"], seq_len=spec["seq_len"], protect_last=128))
     m = spec["micro"]
     cfg = ft.FinetuneConfig(steps=spec["steps"], data=spec["train"], batch_size=m, micro_batch_size=m, seq_len=spec["seq_len"],
                             protect=128, gradient_checkpointing=spec["ckpt"], eval_windows=2, eval_every=10**6, save_every=10**6)

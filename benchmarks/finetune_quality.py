@@ -1,7 +1,7 @@
 """Recovery fine-tuning on the proxies: does a short fine-tune of the pruned l16 win back what pruning cost?
 
 Rows, on the validation text at each --eval-seq-lens T (--windows windows of T tokens, the last --protect
-protected and scored: the DESIGN.md headline): dense l16; the dense shallower proxies present under --models
+protected and scored: the headline, evaluate.py): dense l16; the dense shallower proxies present under --models
 (--shallow); dense l16 reading only the most recent F x T tokens (truncation, the same FLOPs); and for each
 budget F the pruned l16 training-free and after --steps of fine-tuning on the train text, for each --lrs and
 --distill-weights value (0: next-token loss, 1: KL to the dense l16). The schedule at F is the paper's linear
@@ -41,7 +41,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import simba_compress.finetune as ft  # noqa: E402
-from simba_compress import compress, load, load_tokenizer  # noqa: E402
+from simba_compress import ExplicitSchedule, LinearSchedule, compress, load, load_tokenizer  # noqa: E402
 from simba_compress.data import load_windows  # noqa: E402
 from simba_compress.evaluate import evaluate, evaluate_truncated  # noqa: E402
 from simba_compress.schedules import LOWEST_T  # noqa: E402
@@ -122,9 +122,9 @@ def main() -> None:
     def pruned(F: float):
         m = load(models / BASE, device=args.device)
         if keeps[F] is None:  # as quality.py: the linear schedule at F with the tail protected
-            compress(m, flops=F, seq_len=args.seq_len, protect_last=args.protect)
+            compress(m, LinearSchedule(flops=F, seq_len=args.seq_len, protect_last=args.protect))
         else:
-            compress(m, keep=keeps[F], seq_len=args.seq_len, protect_last=args.protect)
+            compress(m, ExplicitSchedule(keep=keeps[F], seq_len=args.seq_len, protect_last=args.protect))
         return m
 
     def add(name: str, flops: float | None, per_T: dict, extra: dict | None = None) -> None:

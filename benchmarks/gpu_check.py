@@ -16,6 +16,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from simba_compress import load, load_tokenizer  # noqa: E402
 from simba_compress.data import load_windows  # noqa: E402
 from simba_compress.schedules import linear_for_flops  # noqa: E402
+from simba_compress.settings import LinearSchedule  # noqa: E402
 from simba_compress import backends as probes  # noqa: E402
 
 
@@ -30,7 +31,7 @@ def main() -> None:
     for dtype in (torch.float32, torch.bfloat16):
         m = load(args.model, dtype=dtype, device="cuda")
         cpu = load(args.model)
-        for name, simba in (("dense", None), ("simba-0.6", linear_for_flops(m.config, 0.6, 1024))):
+        for name, simba in (("dense", None), ("simba-0.6", linear_for_flops(m.config, LinearSchedule(flops=0.6, form="exact")))):
             res = {}
             for enabled in (True, False):
                 m.backends = m.backends.replace(fast_path=enabled)

@@ -17,6 +17,8 @@ set -uo pipefail
 OUT=${OUT:-out/proxies}
 KEEP=${KEEP:-/root/keep}
 TRAIN_SECONDS=${TRAIN_SECONDS:-400}
+KINDS=${KINDS:-mamba2 hybrid}  # which of the two proxies to train
+PASSKEY_OUT=${PASSKEY_OUT:-}   # set: the passkey proxy's pieces go to $OUT too (when only one other proxy is trained)
 mkdir -p "$OUT" "$KEEP/packed"
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TRANSFORMERS_VERBOSITY=error TOKENIZERS_PARALLELISM=false
 exec > >(tee -a "$OUT/run.log") 2>&1
@@ -34,7 +36,7 @@ build=$!
 
 stage "train the Mamba-2 and hybrid proxies (mamba_ssm's Triton kernels, from its source)"
 pids=()
-for kind in mamba2 hybrid; do
+for kind in $KINDS; do
   PYTHONPATH=/tmp/site:$src timeout $((TRAIN_SECONDS + 150)) python3 benchmarks/train_proxy.py --kind $kind \
     --corpus .carry/corpus --out "$KEEP" --max-seconds "$TRAIN_SECONDS" > "/tmp/train_$kind.log" 2>&1 &
   pids+=($!)
@@ -55,12 +57,12 @@ if [ -n "${TEST_SECONDS:-}" ]; then  # the GPU tests meanwhile, on the shared GP
   tail -n 25 "$OUT/test_gpu.log"
 fi
 for p in "${pids[@]}"; do wait "$p" || echo "a training run FAILED"; done
-for kind in mamba2 hybrid; do stage "train_proxy $kind"; grep -E "^\{|Error|error" "/tmp/train_$kind.log" | tail -n 8; done
+for kind in $KINDS; do stage "train_proxy $kind"; grep -E "^\{|Error|error" "/tmp/train_$kind.log" | tail -n 8; done
 
 stage "pack"
 for name in mamba2-proxy-d320-l16 hybrid-proxy-d320-l16 mamba-proxy-d320-l16-passkey; do
   [ -d "$KEEP/$name" ] || { echo "$name missing"; continue; }
-  dest=$OUT; [ "$name" = mamba-proxy-d320-l16-passkey ] && dest=$KEEP/packed
+  dest=$OUT; [ "$name" = mamba-proxy-d320-l16-passkey ] && [ -z "$PASSKEY_OUT" ] && dest=$KEEP/packed
   tar cf - -C "$KEEP" "$name" | split -b 15m -a 2 - "$dest/$name.tar.part-"
 done
 ls -la "$OUT" "$KEEP/packed"

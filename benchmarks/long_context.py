@@ -67,6 +67,7 @@ from simba_compress.passkey import PasskeyTask, evaluate_passkey  # noqa: E402
 from simba_compress.pruning import DEFAULT_CRITERION  # noqa: E402
 from simba_compress.pruning import TokenPlan  # noqa: E402
 from simba_compress.schedules import fit_flops, linear_for_flops  # noqa: E402
+from simba_compress.settings import LinearSchedule  # noqa: E402
 
 CALIBRATED = Path(__file__).resolve().parent / "results/h200/quality_T1024_calibrated.json"
 EXT_CRITERIA = ("simba", "share", "deci", "utr")
@@ -193,12 +194,13 @@ def calibrated_keeps(path: Path, n_layer: int) -> dict[float, list[float]]:
 
 def extension(n_layer: int, criterion: str, start: int, cap: int, protect: int) -> SimbaConfig:
     """Context extension: layers below `start` run on every token, the rest on at most `cap` (max_tokens)."""
-    return SimbaConfig([1.0] * n_layer, criterion, protect, max_tokens=[0] * start + [cap] * (n_layer - start))
+    return SimbaConfig([1.0] * n_layer, criterion=criterion, protect_last=protect,
+                       max_tokens=[0] * start + [cap] * (n_layer - start))
 
 
 def step(cfg, criterion: str, start: int, flops: float, length: int, protect: int) -> SimbaConfig:
     """Layers below `start` dense, the rest at the one keep ratio that meets `flops` at `length`."""
-    make = lambda t: SimbaConfig([1.0] * start + [t] * (cfg.n_layer - start), criterion, protect)  # noqa: E731
+    make = lambda t: SimbaConfig([1.0] * start + [t] * (cfg.n_layer - start), criterion=criterion, protect_last=protect)  # noqa: E731
     s = fit_flops(cfg, make, flops, length)
     if abs(s.keep[-1] - 1.0) < 1e-9 or s.keep[-1] <= 1e-5:
         raise SimbaError(f"step {start}: {flops} is out of reach with layers 0-{start - 1} dense")
@@ -218,8 +220,9 @@ class Context:
 def schedule(m: Method, cfg, length: int, protect: int, ctx: Context) -> SimbaConfig | None:
     if m.kind == "pruned":
         if m.calibrated:
-            return SimbaConfig(ctx.keeps[m.budget], m.criterion, protect)
-        return linear_for_flops(cfg, m.budget, length, m.criterion, protect_last=protect)
+            return SimbaConfig(ctx.keeps[m.budget], criterion=m.criterion, protect_last=protect)
+        return linear_for_flops(cfg, LinearSchedule(flops=m.budget, seq_len=length, criterion=m.criterion, protect_last=protect,
+                                                    form="exact"))
     if m.kind == "step":
         return step(cfg, m.criterion, m.start, m.budget, length, protect)
     if m.kind == "extension":

@@ -1,6 +1,6 @@
 """The passkey proxy: a pretrained proxy fine-tuned to retrieve a passkey from real text (issue 14).
 
-The pretrained proxies barely recall far-away text (DESIGN.md), so whether pruning keeps far-away information
+The pretrained proxies barely recall far-away text (benchmarks/RESULTS.md, Long context), so whether pruning keeps far-away information
 can only be asked of a model that retrieves at all. This fine-tunes a dense proxy (l16, l9) on passkey samples
 (simba_compress.passkey) of 256 to 1024 tokens, the proxies' training length, whose haystacks are training
 text, mixed with plain next-token loss on training windows so that it stays a language model; it writes a

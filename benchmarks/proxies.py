@@ -1,6 +1,6 @@
 """Where the benchmarks and tests find the pretrained proxy checkpoints, one lookup for all of them.
 
-The four Mamba-1 proxies live in ../shared/models (read-only, MODELS.md). Proxies this project trains itself on
+The four Mamba-1 proxies live in ../shared/models (read-only; where they come from: README, Pretrained proxies). Proxies this project trains itself on
 the GPU machine (benchmarks/train_proxy.py: the Mamba-2 and the hybrid proxy; benchmarks/passkey_proxy.py: the
 passkey fine-tunes) are about 28 MB each, too large for the repository, so they are kept in a cache folder that
 every script agrees on. A name is looked up, in order, in:

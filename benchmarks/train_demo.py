@@ -145,10 +145,11 @@ def _eval_pruned(model: MambaLM, valid: torch.Tensor, flops: list[float], corpus
     """
     from dataclasses import replace
 
-    from simba_compress.calibrate import CalibrationConfig, calibrate
+    from simba_compress.calibrate import calibrate
     from simba_compress.errors import SimbaError
     from simba_compress.evaluate import evaluate, evaluate_truncated
     from simba_compress.schedules import linear_for_flops
+    from simba_compress.settings import CalibratedSchedule, LinearSchedule
 
     model.eval()
     calib = load_windows(str(corpus / "train.txt.xz"), tok, 1025, 32)
@@ -156,12 +157,12 @@ def _eval_pruned(model: MambaLM, valid: torch.Tensor, flops: list[float], corpus
     for f in flops:
         schedules = {}
         try:
-            schedules["linear"] = linear_for_flops(model.config, f, 1024, "simba", protect_last=128)
+            schedules["linear"] = linear_for_flops(model.config, LinearSchedule(flops=f, protect_last=128, form="exact"))
         except SimbaError as e:
             rows[f"simba@{f} (linear)"] = {"error": str(e)}
         try:
-            cfg = CalibrationConfig(flops=f, trials=40, seq_len=1024, protect_last=128, progress=False)
-            schedules["calibrated"] = calibrate(model, calib, cfg)[0]
+            cfg = CalibratedSchedule(flops=f, trials=40, seq_len=1024, protect_last=128)
+            schedules["calibrated"] = calibrate(model, calib, cfg, progress=False)[0]
         except Exception as e:  # keep the other rows if the search is unavailable
             rows[f"simba@{f} (calibrated)"] = {"error": f"{type(e).__name__}: {e}"}
         for how, sched in schedules.items():

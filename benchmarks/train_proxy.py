@@ -1,6 +1,6 @@
 """Train the Mamba-2 and the hybrid proxy with the Mamba-1 proxies' recipe, through mamba_ssm itself (GPU).
 
-../shared/models holds pretrained Mamba-1 proxies only (MODELS.md). Issues 21 and 22 need a pretrained Mamba-2
+../shared/models holds pretrained Mamba-1 proxies only (README, Pretrained proxies). Issues 21 and 22 need a pretrained Mamba-2
 and a pretrained hybrid (Mamba-2 + attention) of the same family to measure pruning quality on, so this trains
 them the way the Mamba-1 proxies were trained: d_model 320, 16 layers, the corpus tokenizer's 8192 tokens,
 96M tokens of train.txt.xz (about 6 epochs) in batches of 32 x 1024, AdamW (lr 3e-3, betas 0.9/0.95, weight

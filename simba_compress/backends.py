@@ -7,13 +7,15 @@ Which one runs is `model.backends`, a frozen dataclass a caller can set and a te
 
     SIMBA_COMPRESS_KERNELS=0      fast_path=False: the reference path everywhere (to compare, or to debug)
     SIMBA_COMPRESS_TRITON=0       triton=False: mamba_ssm's kernels only; scores and gathers in PyTorch
-    SIMBA_COMPRESS_SCAN=triton    scan="triton": the Mamba-1 prefill through the project's Triton scan even where
-                                  mamba_ssm is installed (its cost follows the token count step by step, where
-                                  mamba_ssm's works in 2048-token chunks)
+    SIMBA_COMPRESS_SCAN=triton    scan="triton": the prefill scan through the project's Triton kernels even where
+                                  mamba_ssm is installed: Mamba-1's selective scan (its cost follows the token
+                                  count step by step, where mamba_ssm's works in 2048-token chunks) and Mamba-2's
+                                  SSD (ssm/triton_ssd.py); "auto" takes mamba_ssm's where it is installed
     SIMBA_COMPRESS_STEP=triton    step="triton" (or "mamba_ssm"): the decode step's kernels; "auto" takes
                                   mamba_ssm's selective_state_update with causal_conv1d's causal_conv1d_update
                                   where both are installed (faster on the H200: 1.95 against 2.49 ms a token for
                                   mamba-1.4b, benchmarks/results/gpu_generate.md), else the project's Triton step
+                                  (step_path)
 
 The probes import each optional package once. mamba_ssm 2.3.2 imports its Mamba-1 CUDA extension
 (`selective_scan_cuda`) at package import; its next release makes that extension opt-in (state-spaces/mamba
@@ -35,7 +37,7 @@ import torch
 class Backends:
     fast_path: bool = True  # on CUDA: the fused kernels; False: the PyTorch reference path everywhere
     triton: bool = True  # the project's Triton kernels (scores, freeze-and-gather, norms, scans and steps)
-    scan: Literal["auto", "triton"] = "auto"  # Mamba-1 prefill scan: mamba_ssm's where installed, or Triton's
+    scan: Literal["auto", "triton"] = "auto"  # prefill scan: mamba_ssm's where installed, or the project's Triton
     step: Literal["auto", "triton", "mamba_ssm"] = "auto"  # decode step kernels
 
     def __post_init__(self) -> None:
@@ -60,6 +62,33 @@ class Backends:
     def use_triton(self, x: torch.Tensor) -> bool:
         """Whether the project's Triton kernels run on x."""
         return self.on(x) and self.triton and triton_kernels() is not None
+
+    def scan_path(self, x: torch.Tensor, mamba_ssm: bool, grad: bool) -> str | None:
+        """Which prefill scan a mixer runs on x: "mamba_ssm" (`mamba_ssm`: its kernel is installed), "triton" (the
+        project's: forward only, so not when a backward will run, `grad`), or None (the reference path: CPU, fast
+        path off, or training without mamba_ssm). scan "triton" prefers the project's where it can run."""
+        if not self.on(x):
+            return None
+        triton = self.use_triton(x) and not grad
+        if mamba_ssm and not (self.scan == "triton" and triton):
+            return "mamba_ssm"
+        return "triton" if triton else None
+
+    def step_path(self, x: torch.Tensor, mamba_ssm: bool, preferred: bool = True) -> str | None:
+        """Which fused decode step a mixer runs on x: "mamba_ssm" (its kernels; `mamba_ssm`: they can run the step),
+        "triton" (the project's), or None (the reference step: CPU, fast path off, or neither). `step` names one
+        where it can run; "auto" takes mamba_ssm's where it can and is `preferred` (everything it is best with
+        is installed), else Triton's, else mamba_ssm's."""
+        if not self.on(x):
+            return None
+        triton = self.use_triton(x)
+        if self.step == "mamba_ssm" and mamba_ssm:
+            return "mamba_ssm"
+        if self.step == "triton" and triton:
+            return "triton"
+        if mamba_ssm and (preferred or not triton):
+            return "mamba_ssm"
+        return "triton" if triton else None
 
 
 # Probes: each returns the callable (or module) or None; cached, so a test that hides a package clears them with
@@ -126,7 +155,18 @@ def triton_kernels():
     return tk
 
 
-PROBES = (selective_scan_fn, selective_state_update, ssd_kernels, causal_conv1d_fn, causal_conv1d_update, triton_kernels)
+@functools.cache
+def triton_ssd():
+    """The project's Mamba-2 Triton kernels (ssm/triton_ssd.py: the SSD prefill, gated norm and step), or None."""
+    try:
+        from .ssm import triton_ssd as ts
+    except Exception:
+        return None
+    return ts
+
+
+PROBES = (selective_scan_fn, selective_state_update, ssd_kernels, causal_conv1d_fn, causal_conv1d_update, triton_kernels,
+          triton_ssd)  # fmt: skip
 
 
 def clear_probes() -> None:

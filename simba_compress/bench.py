@@ -1,13 +1,14 @@
 """Generation speed as a user meets it: first-token latency, decode time per token, total and peak memory of
 the compressed model, the same weights dense, and what a user would run instead (mamba_ssm's
-MambaLMHeadModel.generate(cg=True), transformers' MambaForCausalLM.generate), on this machine.
+MambaLMHeadModel.generate(cg=True), transformers' MambaForCausalLM / Mamba2ForCausalLM.generate), on this machine.
 
 Every implementation is timed the same way, from outside: generating 1 new token (prefill + its sampling) gives
 the first-token latency, generating K gives the total, and decode per token = (total - first) / (K - 1). Each
 is the median of `reps` runs after `warmup` runs at that length (the warm-up compiles the kernels and captures
 the CUDA graphs: mamba_ssm recaptures when the generation length changes). Greedy decoding of a random prompt
 of prompt_len tokens per row, no eos. Peak memory (CUDA only): the peak allocated during the K-token runs above
-what was allocated before them, plus the implementation's own weights.
+what was allocated before them, plus the implementation's own weights. A row's spread is how far apart its
+runs were ((max - min) / median); reliability() says when a machine's other work makes the figures doubtful.
 
     rows = run_bench(model, BenchConfig(prompt_len=8192, new_tokens=128, batch=1))
 """
@@ -21,6 +22,7 @@ from dataclasses import asdict, dataclass
 from typing import Callable
 
 import torch
+from tqdm.auto import tqdm
 
 from .flops import count
 from .memory import parameter_bytes
@@ -54,6 +56,7 @@ class BenchRow:
     total_ms: float
     peak_mem_gb: float | None  # CUDA only
     device: str
+    spread: float | None = None  # (max - min) / median of the runs of its first-token or total time, the larger
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -63,7 +66,8 @@ Generate = Callable[[torch.Tensor, int], object]  # (prompt ids, new tokens) -> 
 
 
 def mamba_ssm_twin(model: MambaLM):
-    """mamba_ssm's MambaLMHeadModel with `model`'s weights, or None where mamba_ssm does not import."""
+    """mamba_ssm's MambaLMHeadModel with `model`'s weights (its Mamba or Mamba2 layers), or None where mamba_ssm does
+    not import."""
     try:
         from mamba_ssm.models.config_mamba import MambaConfig
         from mamba_ssm.models.mixer_seq_simple import MambaLMHeadModel
@@ -82,22 +86,28 @@ def mamba_ssm_twin(model: MambaLM):
     twin = MambaLMHeadModel(conf, device=model.device, dtype=model.lm_head.weight.dtype).eval()
     sd = {k.replace("backbone.embeddings.", "backbone.embedding."): v for k, v in model.state_dict().items()}
     twin.load_state_dict(sd)
+    try:  # Mamba2's fused prefill (mamba_split_conv1d_scan_combined) calls causal_conv1d's CUDA conv
+        import causal_conv1d_cuda  # noqa: F401
+    except ImportError:
+        for module in twin.modules():
+            if hasattr(module, "use_mem_eff_path"):
+                module.use_mem_eff_path = False  # its other path: PyTorch's conv, the same Triton SSD
     return twin
 
 
 def transformers_twin(model: MambaLM):
-    """transformers' MambaForCausalLM with `model`'s weights (the same parameter names), or None."""
+    """transformers' MambaForCausalLM or Mamba2ForCausalLM with `model`'s weights (the same parameter names), or None."""
     try:
-        from transformers import MambaConfig, MambaForCausalLM
+        import transformers
 
         from .checkpoints import hf_config
     except Exception:
         return None
-    if model.config.layer != "mamba1":
-        return None
-    conf = MambaConfig(**{k: v for k, v in hf_config(model.config).items() if k != "architectures"})
+    cfg = hf_config(model.config)
+    arch = cfg.pop("architectures")[0]  # MambaForCausalLM or Mamba2ForCausalLM
+    conf = getattr(transformers, arch.replace("ForCausalLM", "Config"))(**cfg)
     with torch.device(model.device):
-        hf = MambaForCausalLM(conf).to(model.lm_head.weight.dtype).eval()
+        hf = getattr(transformers, arch)(conf).to(model.lm_head.weight.dtype).eval()
     hf.load_state_dict(model.state_dict(), strict=False)  # lm_head is tied
     hf.generation_config.eos_token_id = hf.generation_config.pad_token_id = None
     return hf
@@ -153,15 +163,19 @@ def implementations(model: MambaLM, twins: tuple[str, ...] = ("mamba_ssm",)) -> 
     return impls
 
 
-def time_generation(run: Generate, ids: torch.Tensor, cfg: BenchConfig, weights: object) -> dict:
-    """first_token_ms, total_ms (medians), decode_ms_per_token and peak_mem_gb for one implementation."""
+def time_generation(run: Generate, ids: torch.Tensor, cfg: BenchConfig, weights: object,
+                    tick: Callable[[], object] = lambda: None) -> dict:
+    """first_token_ms, total_ms (medians), decode_ms_per_token, peak_mem_gb and spread for one implementation;
+    tick() after every run (progress)."""
     cuda = ids.is_cuda
     sync = torch.cuda.synchronize if cuda else (lambda: None)
+    spreads = []
 
     def timed(n: int) -> float:
         # on CUDA at least two: generate captures a prompt shape's prefill the second time it meets it
-        for _ in range(max(cfg.warmup, 2) if cuda else cfg.warmup):
+        for _ in range(warmups(cfg, cuda)):
             run(ids, n)
+            tick()
         sync()
         times = []
         for _ in range(cfg.reps):
@@ -169,6 +183,8 @@ def time_generation(run: Generate, ids: torch.Tensor, cfg: BenchConfig, weights:
             run(ids, n)
             sync()
             times.append(1000 * (time.perf_counter() - t0))
+            tick()
+        spreads.append((max(times) - min(times)) / statistics.median(times))
         return statistics.median(times)
 
     first = timed(1)
@@ -181,27 +197,53 @@ def time_generation(run: Generate, ids: torch.Tensor, cfg: BenchConfig, weights:
     if cuda:
         peak = (torch.cuda.max_memory_allocated() - before + parameter_bytes(weights)) / 2**30
     return {"first_token_ms": first, "total_ms": total, "decode_ms_per_token": (total - first) / (cfg.new_tokens - 1),
-            "peak_mem_gb": peak}  # fmt: skip
+            "peak_mem_gb": peak, "spread": max(spreads)}  # fmt: skip
+
+
+def warmups(cfg: BenchConfig, cuda: bool) -> int:
+    """Untimed runs before a measurement: on CUDA at least two (generate captures a prompt shape's prefill the
+    second time it meets it)."""
+    return max(cfg.warmup, 2) if cuda else cfg.warmup
+
+
+def reliability(rows: list[BenchRow], load: float, cpus: int) -> str | None:
+    """Why the timings of `rows` should not be trusted, or None: other work on the machine (the load average
+    before timing started, against the CPUs) or runs of one measurement far apart (spread over 25%)."""
+    why = []
+    if load > 0.5 * cpus:
+        why.append(f"the machine was busy before timing began (load average {load:.2f} on {cpus} CPUs), and other "
+                   "processes take CPU time from the runs")
+    worst = max(rows, key=lambda r: r.spread or 0.0)
+    if (worst.spread or 0.0) > 0.25:
+        why.append(f"the runs of one measurement ({worst.impl}) differed by {100 * worst.spread:.0f}% of their median")
+    if not why:
+        return None
+    return "; ".join(why) + ": rerun on an idle machine, or with more reps (each figure is the median of them)"
 
 
 @torch.no_grad()
 def run_bench(
-    model: MambaLM, cfg: BenchConfig, twins: tuple[str, ...] = ("mamba_ssm",), only: list[str] | None = None
+    model: MambaLM, cfg: BenchConfig, twins: tuple[str, ...] = ("mamba_ssm",), only: list[str] | None = None,
+    progress: bool = False,
 ) -> list[BenchRow]:
-    """One row per implementation (implementations()), on the same random prompt."""
+    """One row per implementation (implementations()), on the same random prompt; progress: a bar of the runs
+    (stderr), which take minutes on a CPU."""
     g = torch.Generator().manual_seed(cfg.seed)
     ids = torch.randint(0, model.config.vocab_size, (cfg.batch, cfg.prompt_len), generator=g).to(model.device)
     device = torch.cuda.get_device_name(model.device) if model.device.type == "cuda" else "cpu"
     rows = []
-    for name, (run, weights) in implementations(model, twins).items():
-        if only is not None and name not in only:
-            continue
-        simba = model.simba if name == "simba" else None
-        flops = count(model.config, simba, cfg.prompt_len).ratio
-        t = time_generation(run, ids, cfg, weights)
-        rows.append(BenchRow(name, round(flops, 4), cfg.batch, cfg.prompt_len, cfg.new_tokens,
-                             round(t["first_token_ms"], 3), round(t["decode_ms_per_token"], 4), round(t["total_ms"], 3),
-                             None if t["peak_mem_gb"] is None else round(t["peak_mem_gb"], 3), device))  # fmt: skip
+    impls = {k: v for k, v in implementations(model, twins).items() if only is None or k in only}
+    runs = len(impls) * 2 * (warmups(cfg, ids.is_cuda) + cfg.reps)  # two measurements: 1 and new_tokens tokens
+    with tqdm(total=runs, desc="bench", unit="run", disable=not progress, leave=False) as bar:
+        for name, (run, weights) in impls.items():
+            bar.set_postfix_str(name)
+            simba = model.simba if name == "simba" else None
+            flops = count(model.config, simba, cfg.prompt_len).ratio
+            t = time_generation(run, ids, cfg, weights, tick=lambda: bar.update(1))
+            rows.append(BenchRow(name, round(flops, 4), cfg.batch, cfg.prompt_len, cfg.new_tokens,
+                                 round(t["first_token_ms"], 3), round(t["decode_ms_per_token"], 4), round(t["total_ms"], 3),
+                                 None if t["peak_mem_gb"] is None else round(t["peak_mem_gb"], 3), device,
+                                 round(t["spread"], 3)))  # fmt: skip
     return rows
 
 

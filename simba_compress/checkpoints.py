@@ -12,6 +12,7 @@ transformers loads it as a dense MambaForCausalLM and simba_compress loads it sp
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import tempfile
@@ -30,7 +31,7 @@ DEMO_MODEL = PACKAGE_DATA / "demo-model"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json", "merges.txt")
 WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
 # what a hub download fetches: a checkpoint's config, weights and tokenizer, or a tokenizer alone
-CHECKPOINT_PATTERNS = ["*.safetensors", "*.safetensors.index.json", "pytorch_model*.bin", "*.json", "*.txt"]
+CHECKPOINT_PATTERNS = ["*.safetensors", "*.safetensors.index.json", "pytorch_model*.bin", "*.json", "*.txt", "README.md"]
 TOKENIZER_PATTERNS = ["*.json", "*.txt", "*.model"]
 
 
@@ -52,7 +53,7 @@ def resolve(model: str, patterns: list[str] = CHECKPOINT_PATTERNS) -> Path:
     path = Path(model).expanduser()
     if path.exists():
         if not path.is_dir():
-            raise SimbaError(f"{path}: not a folder; --model takes a checkpoint folder or a hub id")
+            raise SimbaError(f"{path}: not a folder; a model is a checkpoint folder or a hub id")
         return path
     if model.count("/") != 1 or model.startswith((".", "/", "~")):
         raise SimbaError(f"{model}: no such folder (and not a hub id of the form owner/name)")
@@ -110,12 +111,37 @@ def _transformers_fields(cfg: dict, file: Path, d_state: int) -> dict:
     )
 
 
+# mamba_ssm's Mamba2 options (its constructor's arguments, as ssm_cfg stores them) that change what the layer computes,
+# with the one value this project's Mamba-2 mixer implements: every published Mamba-2 checkpoint and hybrid uses these
+# (A_init_range, dt_min/max, conv_init and the like only initialise; chunk_size does not change the result)
+MAMBA2_FIXED = {"D_has_hdim": False, "norm_before_gate": False, "rmsnorm": True, "dt_limit": [0.0, float("inf")]}
+
+
+def _check_mamba2_options(ssm_cfg: dict, d_inner: int, file: Path) -> None:
+    """One clear error for a Mamba2 option this project does not implement, naming the file and key."""
+    for key, ok in MAMBA2_FIXED.items():
+        value = ssm_cfg.get(key, ok)
+        if (list(value) if isinstance(value, (list, tuple)) else value) != ok:
+            raise SimbaError(f"{file}: ssm_cfg.{key} = {value!r} is not supported for Mamba-2 (only {ok!r})")
+    if ssm_cfg.get("d_ssm") not in (None, d_inner):  # fewer SSM channels: the rest is a gated MLP inside the layer
+        raise SimbaError(f"{file}: ssm_cfg.d_ssm = {ssm_cfg['d_ssm']!r} is not supported for Mamba-2 (only d_inner, "
+                         f"{d_inner}: no gated-MLP channels)")  # fmt: skip
+
+
 def read_checkpoint(path: Path) -> Checkpoint:
     """Parse config.json into a ModelConfig, recognising the layout; raises SimbaError naming the file."""
     file = path / "config.json"
     cfg = _read_json(file)
     if not isinstance(cfg, dict):
         raise SimbaError(f"{file}: expected a JSON object")
+    layout, config, simba = parse_config(cfg, file)
+    dtype = getattr(torch, str(cfg.get("torch_dtype") or cfg.get("dtype") or "float32").replace("torch.", ""), None)
+    return Checkpoint(path, layout, config, simba, dtype if isinstance(dtype, torch.dtype) else torch.float32)
+
+
+def parse_config(cfg: dict, file: Path | str) -> tuple[str, ModelConfig, SimbaConfig | None]:
+    """(layout, model shape, pruning schedule or None) from a config.json's content; errors name `file`. Also what
+    the transformers remote code (hf.py) builds its model from, with a loaded config's to_dict()."""
     ssm_cfg = cfg.get("ssm_cfg") or {}
     if "d_model" in cfg and "n_layer" in cfg:
         layout = "original"
@@ -142,9 +168,7 @@ def read_checkpoint(path: Path) -> Checkpoint:
             tie_embeddings=cfg.get("tie_embeddings", True),
         )
         if ssm_cfg.get("layer", "Mamba1") == "Mamba2":
-            for key, ok in (("D_has_hdim", False), ("norm_before_gate", False), ("rmsnorm", True), ("d_ssm", None)):
-                if ssm_cfg.get(key, ok) != ok:
-                    raise SimbaError(f"{file}: ssm_cfg.{key} = {ssm_cfg[key]!r} is not supported for Mamba-2")
+            _check_mamba2_options(ssm_cfg, mc["expand"] * mc["d_model"], file)
             mc.update(layer="mamba2", d_state=ssm_cfg.get("d_state", 128), headdim=ssm_cfg.get("headdim", 64))
             mc.update(ngroups=ssm_cfg.get("ngroups", 1), dt_rank=1)
         elif ssm_cfg.get("layer", "Mamba1") != "Mamba1":
@@ -183,8 +207,7 @@ def read_checkpoint(path: Path) -> Checkpoint:
             raise SimbaError(f"{file}: bad 'simba' section: {e}") from None
         if simba.n_layer != config.n_layer:
             raise SimbaError(f"{file}: 'simba.keep' has {simba.n_layer} entries for {config.n_layer} layers")
-    dtype = getattr(torch, str(cfg.get("torch_dtype") or cfg.get("dtype") or "float32").replace("torch.", ""), None)
-    return Checkpoint(path, layout, config, simba, dtype if isinstance(dtype, torch.dtype) else torch.float32)
+    return layout, config, simba
 
 
 def _load_file(file: Path) -> dict[str, torch.Tensor]:
@@ -202,8 +225,27 @@ def _load_file(file: Path) -> dict[str, torch.Tensor]:
     return sd
 
 
-def read_weights(path: Path) -> tuple[dict[str, torch.Tensor], Path]:
-    """All tensors of a checkpoint folder (single file or sharded with an index)."""
+def _file_shapes(file: Path) -> dict[str, tuple[int, ...]]:
+    """The tensors' shapes a weights file holds, read from its header (safetensors) or memory-mapped (pickle),
+    without reading the tensors: the same errors as _load_file for a file that cannot be read."""
+    try:
+        if file.suffix == ".safetensors":
+            from safetensors import safe_open
+
+            with safe_open(str(file), framework="pt") as f:  # checks the header against the file's length
+                return {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+        sd = torch.load(file, map_location="cpu", weights_only=True, mmap=True)
+    except Exception as e:
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:160]
+        raise SimbaError(f"{file}: cannot read weights, the file is corrupt or truncated ({first})") from None
+    if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
+        raise SimbaError(f"{file}: not a state dict of tensors")
+    return {k: tuple(v.shape) for k, v in sd.items()}
+
+
+def read_weights(path: Path, reader=_load_file) -> tuple[dict, Path]:
+    """All tensors of a checkpoint folder (single file or sharded with an index), or what `reader` reads of
+    each file (_file_shapes: their shapes)."""
     for name in WEIGHT_FILES:
         file = path / name
         if not file.exists():
@@ -216,9 +258,9 @@ def read_weights(path: Path) -> tuple[dict[str, torch.Tensor], Path]:
             for shard in sorted(set(index.values())):
                 if not (path / shard).exists():
                     raise SimbaError(f"{file}: shard {shard} is missing")
-                sd.update(_load_file(path / shard))
+                sd.update(reader(path / shard))
             return sd, file
-        return _load_file(file), file
+        return reader(file), file
     raise SimbaError(f"{path}: no weights file (looked for {', '.join(WEIGHT_FILES)})")
 
 
@@ -230,22 +272,11 @@ def load(model: str | os.PathLike, dtype: torch.dtype = torch.float32, device: s
     ckpt = read_checkpoint(resolve(str(model)))
     sd, file = read_weights(ckpt.path)
     sd = {k.replace("backbone.embedding.", "backbone.embeddings."): v for k, v in sd.items()}
-    with torch.device("meta"):
-        lm = MambaLM(ckpt.config, ckpt.simba)
-    expected = {k: v.shape for k, v in lm.state_dict().items()}
     if ckpt.config.tie_embeddings:
         sd.pop("lm_head.weight", None)
-        expected.pop("lm_head.weight")
-    for k, shape in expected.items():
-        if k not in sd:
-            raise SimbaError(f"{file}: missing tensor '{k}' that {ckpt.path / 'config.json'} implies")
-        if tuple(sd[k].shape) != tuple(shape):
-            raise SimbaError(
-                f"{file}: '{k}' has shape {tuple(sd[k].shape)} but {ckpt.path / 'config.json'} implies {tuple(shape)}"
-            )
-    extra = sorted(set(sd) - set(expected))
-    if extra:
-        raise SimbaError(f"{file}: unexpected tensors for this model, e.g. '{extra[0]}' ({len(extra)} in all)")
+    _check_shapes(ckpt, {k: tuple(v.shape) for k, v in sd.items()}, file)
+    with torch.device("meta"):
+        lm = MambaLM(ckpt.config, ckpt.simba)
     source_dtype = next(iter(sd.values())).dtype
     lm.load_state_dict({k: v.to(dtype) for k, v in sd.items()}, strict=False, assign=True)
     if ckpt.config.tie_embeddings:
@@ -255,6 +286,35 @@ def load(model: str | os.PathLike, dtype: torch.dtype = torch.float32, device: s
     return lm.to(device).eval()
 
 
+def _check_shapes(ckpt: Checkpoint, shapes: dict[str, tuple[int, ...]], file: Path) -> int:
+    """Every tensor ckpt's config implies is in `shapes` (those of `file`, embedding renamed, a tied head
+    dropped) with its shape, and nothing else; returns the parameter count."""
+    with torch.device("meta"):
+        lm = MambaLM(ckpt.config)
+    expected = {k: tuple(v.shape) for k, v in lm.state_dict().items()}
+    if ckpt.config.tie_embeddings:
+        expected.pop("lm_head.weight")
+    for k, shape in expected.items():
+        if k not in shapes:
+            raise SimbaError(f"{file}: missing tensor '{k}' that {ckpt.path / 'config.json'} implies")
+        if shapes[k] != shape:
+            raise SimbaError(f"{file}: '{k}' has shape {shapes[k]} but {ckpt.path / 'config.json'} implies {shape}")
+    extra = sorted(set(shapes) - set(expected))
+    if extra:
+        raise SimbaError(f"{file}: unexpected tensors for this model, e.g. '{extra[0]}' ({len(extra)} in all)")
+    return sum(math.prod(s) for s in shapes.values())
+
+
+def check_weights(ckpt: Checkpoint) -> tuple[Path, int]:
+    """Check, without loading them, that the checkpoint's weights can be read and hold every tensor its config
+    implies with its shape (as load() would); (the weights file, the parameter count)."""
+    shapes, file = read_weights(ckpt.path, _file_shapes)
+    shapes = {k.replace("backbone.embedding.", "backbone.embeddings."): v for k, v in shapes.items()}
+    if ckpt.config.tie_embeddings:
+        shapes.pop("lm_head.weight", None)
+    return file, _check_shapes(ckpt, shapes, file)
+
+
 def load_tokenizer(model: str | os.PathLike, tokenizer: str | None = None):
     """The tokenizer saved beside a checkpoint, or `tokenizer` (a folder or hub id) when given."""
     from transformers import AutoTokenizer
@@ -262,7 +322,7 @@ def load_tokenizer(model: str | os.PathLike, tokenizer: str | None = None):
     src = tokenizer or str(model)
     path = resolve(src, TOKENIZER_PATTERNS)  # a tokenizer-only hub repo: no weights are fetched
     if not any((path / f).exists() for f in TOKENIZER_FILES):
-        raise SimbaError(f"{path}: no tokenizer files (tokenizer.json, ...); pass --tokenizer DIR_OR_HUB_ID")
+        raise SimbaError(f"{path}: no tokenizer files (tokenizer.json, ...); give a tokenizer (a folder or hub id)")
     try:
         return AutoTokenizer.from_pretrained(str(path))
     except Exception as e:
@@ -326,10 +386,17 @@ def save(
 ) -> Path:
     """Write model (+ simba section), tokenizer and extra files (text or bytes) into `output`, atomically.
 
+    Beside them: README.md, the model card (card.py; a README.md in `files` replaces it), and for a pruned model the
+    transformers remote code (hf.py: modeling_simba.py and config.json's auto_map), so the folder is a Hub
+    repository as it stands. Weights in safetensors only. Every file gets the mode an ordinary write gives it
+    (safetensors alone writes 0600).
     Everything is written into a temporary sibling folder that is renamed into place only when complete.
     An existing `output` is kept unless overwrite=True; then it is swapped out only after the new one is whole.
     """
     from safetensors.torch import save_file
+
+    from . import __version__
+    from .card import KEEP_PLOT, keep_profile_png, model_card
 
     out = Path(output).expanduser().resolve()
     check_output(out, overwrite)
@@ -343,20 +410,34 @@ def save(
         save_file(sd, str(tmp / "model.safetensors"), metadata={"format": "pt"})
         cfg = hf_config(model.config)
         cfg["torch_dtype"] = str(dtype).replace("torch.", "")
+        files = dict(files or {})
         if model.simba is not None:
-            cfg["simba"] = model.simba.to_dict()
-        from . import __version__
+            from .hf import REMOTE_CODE, auto_map
 
+            cfg["simba"] = model.simba.to_dict()
+            cfg["auto_map"] = auto_map(cfg["model_type"])
+            files[REMOTE_CODE.name] = REMOTE_CODE.read_text()
+            if KEEP_PLOT not in files:  # a search draws its own, beside the linear schedule
+                seq_len = int(model.simba.extra.get("seq_len") or 1024)
+                files[KEEP_PLOT] = keep_profile_png(model.simba, seq_len, model.config.scan_chunks)
         cfg["simba_compress_version"] = __version__
+        if tokenizer is not None:  # generate's defaults (eos stops a row) come from config.json
+            for key in ("bos_token_id", "eos_token_id", "pad_token_id"):
+                if getattr(tokenizer, key, None) is not None:
+                    cfg[key] = getattr(tokenizer, key)
         (tmp / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
         if tokenizer is not None:
             tokenizer.save_pretrained(str(tmp))
-        for name, content in (files or {}).items():
+        files.setdefault("README.md", model_card(model, out.name, files))
+        for name, content in files.items():
             if isinstance(content, bytes):
                 (tmp / name).write_bytes(content)
             else:
                 (tmp / name).write_text(content)
-        os.chmod(tmp, 0o755)
+        mode = (tmp / "config.json").stat().st_mode & 0o777  # what the umask gives an ordinary file
+        folder_mode = mode | ((mode & 0o444) >> 2)  # searchable where readable (mkdtemp made tmp 0700)
+        for path in [tmp, *tmp.rglob("*")]:
+            os.chmod(path, folder_mode if path.is_dir() else mode)
         if out.exists():
             old = out.parent / f".{out.name}.replaced-{os.getpid()}"
             out.rename(old)
@@ -370,10 +451,11 @@ def save(
     return out
 
 
-def check_output(out: Path, overwrite: bool) -> None:
-    """Refuse an output that exists (unless overwrite) or is not a folder, before any long work starts."""
+def check_output(out: Path, overwrite: bool, ask: str = "overwrite=True") -> None:
+    """Refuse an output that exists (unless overwrite) or is not a folder, before any long work starts; the
+    refusal says how to ask for it (the CLI: --overwrite)."""
     out = Path(out).expanduser()
     if out.exists() and not out.is_dir():
         raise SimbaError(f"{out}: exists and is not a folder")
     if out.exists() and any(out.iterdir()) and not overwrite:
-        raise SimbaError(f"{out}: already exists; pass --overwrite to replace it")
+        raise SimbaError(f"{out}: already exists; pass {ask} to replace it")

@@ -12,6 +12,7 @@ Bad input prints one line naming the file or flag and exits with code 2 (--debug
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
@@ -27,6 +28,15 @@ def _keep_list(text: str) -> list[float]:
         return [float(v) for v in text.replace(",", " ").split()]
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected numbers separated by commas, got {text!r}") from None
+
+
+class _Defaults(argparse.ArgumentDefaultsHelpFormatter):
+    """Help that ends with "(default: ...)" where an option has a default to show (not None or a flag's False)."""
+
+    def _get_help_string(self, action):
+        if action.default in (None, False, argparse.SUPPRESS) or "%(default)" in (action.help or ""):
+            return action.help
+        return super()._get_help_string(action)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -84,53 +94,85 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
     c.add_argument("--json", action="store_true", help="print the report as one JSON object on stdout")
 
-    e = sub.add_parser("eval", help="loss and perplexity of a (compressed) model on text")
-    e.add_argument("--model", required=True)
-    e.add_argument("--data", required=True, help=".txt, .txt.xz or .jsonl file, folder, or datasets name")
-    e.add_argument("--seq-len", type=int, default=1024)
-    e.add_argument("--max-windows", type=int, default=64)
+    shown = {"formatter_class": _Defaults}
+    e = sub.add_parser("eval", help="loss and perplexity of a (compressed) model on text", **shown,
+                       description="Loss and perplexity of a model on text: the mean next-token loss on the last --protect "
+                       "tokens of each window (protected from pruning), and over all positions.")
+    e.add_argument("--model", required=True, help="a compressed folder or any checkpoint (folder, hub id, demo)")
+    e.add_argument("--data", required=True, help=".txt, .txt.xz or .jsonl file, folder, datasets name, or demo")
+    e.add_argument("--seq-len", type=int, default=1024, help="tokens per window")
+    e.add_argument("--max-windows", type=int, default=64, help="windows read, evenly spread over the text")
     e.add_argument("--protect", type=int, default=128, help="scored continuation at the end of each window")
-    e.add_argument("--batch-size", type=int, default=8)
+    e.add_argument("--batch-size", type=int, default=8, help="windows per forward pass")
     e.add_argument("--dense", action="store_true", help="ignore the model's pruning schedule")
-    e.add_argument("--tokenizer")
-    e.add_argument("--device", default="auto")
-    e.add_argument("--dtype", default="auto")
+    e.add_argument("--tokenizer", help="tokenizer folder or hub id (default: the checkpoint's own)")
+    e.add_argument("--device", default="auto", help="auto (cuda if available, else cpu), cpu, cuda, cuda:N")
+    e.add_argument("--dtype", default="auto", help="auto (float32 on CPU, bfloat16 on CUDA), float32, bfloat16, float16")
     e.add_argument("--json", action="store_true", help="print one JSON object on stdout")
 
-    k = sub.add_parser("compare", help="a dense model beside compressed ones: one table and plots")
+    k = sub.add_parser("compare", help="a dense model beside compressed ones: one table and plots", **shown)
     k.add_argument("--model", required=True, help="the dense checkpoint")
     k.add_argument("compressed", nargs="*", help="compressed folders")
-    k.add_argument("--flops", type=float, nargs="*", default=[], help="also compress the model to these ratios")
-    k.add_argument("--data", default="demo")
-    k.add_argument("--seq-len", type=int, default=1024)
-    k.add_argument("--max-windows", type=int, default=32)
-    k.add_argument("--protect", type=int, default=128)
-    k.add_argument("--batch-size", type=int, default=8)
+    k.add_argument("--flops", type=float, nargs="*", default=[], help="also compress the model to these ratios (linear)")
+    k.add_argument("--data", default="demo", help="evaluation text, as eval --data")
+    k.add_argument("--seq-len", type=int, default=1024, help="tokens per window")
+    k.add_argument("--max-windows", type=int, default=32, help="windows read")
+    k.add_argument("--protect", type=int, default=128, help="scored continuation at the end of each window")
+    k.add_argument("--batch-size", type=int, default=8, help="windows per forward pass")
     k.add_argument("--tasks", nargs="*", default=[], help="lm-eval tasks (needs the eval extra)")
-    k.add_argument("--limit", type=int, help="lm-eval examples per task")
-    k.add_argument("--device", default="auto")
-    k.add_argument("--dtype", default="auto")
+    k.add_argument("--limit", type=int, help="lm-eval examples per task (default: all)")
+    k.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
+    k.add_argument("--dtype", default="auto", help="auto (float32 on CPU, bfloat16 on CUDA), float32, bfloat16")
     k.add_argument("--output", required=True, help="folder for compare.json, compare.md and the PNG plots")
-    k.add_argument("--json", action="store_true")
+    k.add_argument("--json", action="store_true", help="print one JSON object on stdout")
 
-    g = sub.add_parser("bench", help="generation speed: the compressed model vs the same weights dense (and mamba_ssm)")
+    g = sub.add_parser("bench", help="generation speed: the compressed model vs the same weights dense (and mamba_ssm)",
+                       **shown, description="Time first-token latency, decode time per token, total and peak memory "
+                       "(CUDA) of greedy generation from a random prompt: the compressed model, the same weights dense, "
+                       "and mamba_ssm where installed. Each figure is the median of --reps runs; the output says when "
+                       "the machine was busy or the runs disagreed.")
     g.add_argument("--model", required=True, help="a compressed folder (or any checkpoint: then dense only)")
-    g.add_argument("--prompt-len", type=int, default=2048, help="prompt tokens per row (default 2048)")
-    g.add_argument("--new-tokens", type=int, default=128, help="greedy new tokens (default 128)")
-    g.add_argument("--batch", type=int, default=1)
+    g.add_argument("--prompt-len", type=int, default=2048, help="prompt tokens per row")
+    g.add_argument("--new-tokens", type=int, default=128, help="greedy new tokens (at least 2)")
+    g.add_argument("--batch", type=int, default=1, help="prompts per batch")
     g.add_argument("--reps", type=int, default=3, help="timed runs per measurement (the median is reported)")
-    g.add_argument("--device", default="auto")
-    g.add_argument("--dtype", default="auto")
+    g.add_argument("--device", default="auto", help="auto (cuda if available, else cpu), cpu, cuda, cuda:N")
+    g.add_argument("--dtype", default="auto", help="auto (float32 on CPU, bfloat16 on CUDA), float32, bfloat16")
     g.add_argument("--json", action="store_true", help="print one JSON object on stdout")
 
-    i = sub.add_parser("info", help="what a checkpoint or compressed folder holds")
-    i.add_argument("path")
-    i.add_argument("--seq-len", type=int, default=1024)
-    i.add_argument("--json", action="store_true")
+    i = sub.add_parser("info", help="what a checkpoint or compressed folder holds", **shown,
+                       description="What a checkpoint or compressed folder holds: its shape, its pruning schedule and "
+                       "FLOP ratio, its report; and that its weights can be read.")
+    i.add_argument("path", help="a checkpoint folder, hub id, or demo")
+    i.add_argument("--seq-len", type=int, default=1024, help="input length the FLOP ratio is computed at")
+    i.add_argument("--json", action="store_true", help="print one JSON object on stdout")
 
     for p in (c, e, i, k, g):
         p.add_argument("--debug", action="store_true", help="show tracebacks")
     return ap
+
+
+# compress: the recipe field (recipe.py) each flag fills, by the flag's argparse name; errors about a field name
+# the flag ("--" and the name with dashes) when the flag gave it
+RECIPE_FIELDS = {
+    "model": "model", "output": "output", "tokenizer": "tokenizer", "flops": "schedule.flops",
+    "schedule": "schedule.kind", "keep": "schedule.keep", "final_keep": "schedule.final_keep",
+    "criterion": "schedule.criterion", "protect_last": "schedule.protect_last", "form": "schedule.form",
+    "granularity": "schedule.granularity", "max_tokens": "schedule.max_tokens", "seq_len": "schedule.seq_len",
+    "seed": "schedule.seed", "trials": "schedule.trials", "timeout": "schedule.timeout", "storage": "schedule.storage",
+    "study_name": "schedule.study_name", "objective": "schedule.objective", "calib_data": "calibration.data",
+    "calib_samples": "calibration.samples", "calib_seq_len": "calibration.seq_len", "finetune_steps": "finetune.steps",
+    "finetune_data": "finetune.data", "finetune_eval_data": "finetune.eval_data",
+    "distill_weight": "finetune.distill_weight", "finetune_lr": "finetune.lr",
+    "finetune_batch_size": "finetune.batch_size", "finetune_micro_batch_size": "finetune.micro_batch_size",
+    "finetune_memory": "finetune.memory_gb", "finetune_seq_len": "finetune.seq_len", "finetune_train": "finetune.train",
+    "gradient_checkpointing": "finetune.gradient_checkpointing", "finetune_dir": "finetune_dir", "device": "device",
+    "dtype": "dtype",
+}  # fmt: skip
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -142,20 +184,32 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     if getattr(args, "json", False):
         os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    args.names = {}  # field -> how this command line names it (_compress fills it); else the field's flag
     try:
         commands = {"compress": _compress, "eval": _eval, "info": _info, "compare": _compare, "bench": _bench}
-        return commands[args.command](args)
+        code = commands[args.command](args)
+        sys.stdout.flush()  # here, where a reader that went away is caught (below), not at the interpreter's exit
+        return code
     except SimbaError as e:
         if args.debug:
             raise
+        if e.field is not None:
+            e = e.renamed(args.names.get(e.field, e.field if args.command == "compress" else _flag(e.field)))
         print(f"simba-compress: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("simba-compress: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:
+        # the reader went away (info --json | head): end quietly, as Unix tools do; stdout goes to /dev/null so
+        # that the interpreter's last flush does not raise again
+        with contextlib.suppress(OSError, ValueError):
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141
 
 
 def _compress(args) -> int:
+    from .checkpoints import check_output
     from .compress import run
     from .recipe import build_recipe, read_recipe_file
     from .schedules import read_keep_file
@@ -163,51 +217,23 @@ def _compress(args) -> int:
     base, source = {}, "command line"
     if args.recipe:
         base, source = read_recipe_file(args.recipe), args.recipe
-    keep = args.keep
-    schedule = args.schedule
-    if schedule is not None and schedule not in ("calibrated", "linear", "explicit"):
-        keep, schedule = read_keep_file(schedule), "explicit"
-    overrides = {
-        "model": args.model,
-        "output": args.output,
-        "flops": args.flops,
-        "schedule": schedule,
-        "keep": keep,
-        "final_keep": args.final_keep,
-        "criterion": args.criterion,
-        "protect_last": args.protect_last,
-        "form": args.form,
-        "granularity": args.granularity,
-        "max_tokens": args.max_tokens,
-        "seq_len": args.seq_len,
-        "calibration.data": args.calib_data,
-        "calibration.samples": args.calib_samples,
-        "calibration.seq_len": args.calib_seq_len,
-        "trials": args.trials,
-        "timeout": args.timeout,
-        "storage": args.storage,
-        "study_name": args.study_name,
-        "objective": args.objective,
-        "finetune.steps": args.finetune_steps,
-        "finetune.data": args.finetune_data,
-        "finetune.eval_data": args.finetune_eval_data,
-        "finetune.distill_weight": args.distill_weight,
-        "finetune.lr": args.finetune_lr,
-        "finetune.batch_size": args.finetune_batch_size,
-        "finetune.micro_batch_size": args.finetune_micro_batch_size,
-        "finetune.memory_gb": args.finetune_memory,
-        "finetune.seq_len": args.finetune_seq_len,
-        "finetune.train": args.finetune_train,
-        "finetune.gradient_checkpointing": args.gradient_checkpointing,
-        "finetune_dir": args.finetune_dir,
-        "tokenizer": args.tokenizer,
-        "seed": args.seed,
-        "device": args.device,
-        "dtype": args.dtype,
-    }
+    values = {dest: getattr(args, dest) for dest in RECIPE_FIELDS}
+    if values["schedule"] is not None and values["schedule"] not in ("calibrated", "linear", "explicit"):
+        values["keep"], values["schedule"] = read_keep_file(args.schedule), "explicit"  # --schedule FILE
+    overrides = {RECIPE_FIELDS[dest]: v for dest, v in values.items()}
+    given = {RECIPE_FIELDS[dest] for dest, v in values.items() if v is not None}
+    # a field the command line gave is named by its flag; one the recipe file gave (or left at its default), there
+    args.names = {f: _flag(dest) if f in given or not args.recipe else f"{args.recipe}: {f}"
+                  for dest, f in RECIPE_FIELDS.items()}
+    if args.keep is None and args.schedule is not None and "schedule.keep" in given:
+        args.names["schedule.keep"] = args.schedule  # the ratios of --schedule FILE
     if "model" not in base and args.model is None:
         raise SimbaError("--model: required (a checkpoint folder, hub id, or demo)")
+    if not args.recipe and not given & {"schedule.flops", "schedule.keep", "schedule.final_keep"}:
+        raise SimbaError("give a target: --flops F, --final-keep R, --keep LIST or --schedule FILE")
     recipe = build_recipe(base, overrides, source)
+    if recipe.output is not None:
+        check_output(Path(recipe.output), args.overwrite, "--overwrite")  # run() checks too, naming overwrite=True
     import optuna
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)  # the progress bar and the summary say enough
@@ -217,38 +243,41 @@ def _compress(args) -> int:
     if args.json:
         print(json.dumps({"output": str(folder), **report}))
     else:
-        cal = report["calibration"]
-        print(f"wrote {folder}")
-        print(
-            f"  FLOP ratio {report['flops']['ratio']:.4f} at {report['flops']['seq_len']} tokens "
-            f"(criterion {report['schedule']['criterion']})"
-        )
-        print(
-            f"  calibration loss, last {cal['protect']} tokens: dense {cal['dense']['loss']:.4f} -> "
-            f"pruned {cal['sparse']['loss']:.4f}; all positions {cal['dense']['all_position_loss']:.4f} -> "
-            f"{cal['sparse']['all_position_loss']:.4f}"
-        )
-        if report["finetune"] is not None:
-            f = report["finetune"]
-            print(
-                f"  fine-tuned {f['steps_done']} steps (kept step {f['best_step']}): held-out loss, last "
-                f"{f['before']['protect']} tokens {f['before']['loss']:.4f} -> {f['after']['loss']:.4f}; "
-                f"all positions {f['before']['all_position_loss']:.4f} -> {f['after']['all_position_loss']:.4f}"
-            )
-            mem = f["memory"]
-            print(
-                f"  {f['processes']} process(es), micro-batches of {mem['micro_batch']} window(s)"
-                f"{', gradient checkpointing' if mem['gradient_checkpointing'] else ''}; estimated peak "
-                f"{mem['estimated_peak_gb']} GB per process"
-            )
-        if report["search"] is not None:
-            s = report["search"]
-            vs = f"linear {s['linear']['loss']:.4f} (trial {s['linear']['trial']})" if s["linear"] else s["linear_note"]
-            print(
-                f"  calibrated: trial {s['best']['trial']} of {s['trials_complete']}, {s['objective']} "
-                f"{s['best']['loss']:.4f} vs {vs}; {s['trials_per_minute']} trials/min here"
-            )
+        print(_summary(folder, report), end="")
     return 0
+
+
+def _summary(folder: Path, report: dict) -> str:
+    """What a compress run prints: where, the FLOP ratio, the losses, the fine-tune and the search."""
+    cal = report["calibration"]
+    lines = [
+        f"wrote {folder}",
+        f"  FLOP ratio {report['flops']['ratio']:.4f} at {report['flops']['seq_len']} tokens "
+        f"(criterion {report['schedule']['criterion']})",
+        f"  calibration loss, last {cal['protect']} tokens (protected, as generated text is): dense "
+        f"{cal['dense']['loss']:.4f} -> pruned {cal['sparse']['loss']:.4f}",
+        f"  all positions {cal['dense']['all_position_loss']:.4f} -> {cal['sparse']['all_position_loss']:.4f} (a stress "
+        "figure: a pruned position is predicted from the layer that dropped it, so this rises by design)",
+    ]
+    if report["finetune"] is not None:
+        f, mem = report["finetune"], report["finetune"]["memory"]
+        lines += [
+            f"  fine-tuned {f['steps_done']} steps (kept step {f['best_step']}): held-out loss, last "
+            f"{f['before']['protect']} tokens {f['before']['loss']:.4f} -> {f['after']['loss']:.4f}; "
+            f"all positions {f['before']['all_position_loss']:.4f} -> {f['after']['all_position_loss']:.4f}",
+            f"  {f['processes']} process(es), micro-batches of {mem['micro_batch']} window(s)"
+            f"{', gradient checkpointing' if mem['gradient_checkpointing'] else ''}; estimated peak "
+            f"{mem['estimated_peak_gb']} GB per process",
+        ]
+    if report["search"] is not None:
+        s = report["search"]
+        vs = f"linear {s['linear']['loss']:.4f} (trial {s['linear']['trial']})" if s["linear"] else s["linear_note"]
+        resumed = f", {s['trials_before_this_run']} of them done before this run" if s["trials_before_this_run"] else ""
+        lines.append(
+            f"  calibrated: trial {s['best']['trial']} of {s['trials_complete']} ({s['distinct_schedules']} distinct "
+            f"schedules{resumed}), {s['objective']} {s['best']['loss']:.4f} vs {vs}; {s['trials_per_minute']} trials/min here"
+        )
+    return "\n".join(lines) + "\n"
 
 
 def _eval(args) -> int:
@@ -308,7 +337,7 @@ def _compare(args) -> int:
 
 
 def _bench(args) -> int:
-    from .bench import BenchConfig, run_bench, table
+    from .bench import BenchConfig, reliability, run_bench, table
     from .checkpoints import load
     from .compress import resolve_device
 
@@ -319,34 +348,44 @@ def _bench(args) -> int:
         raise SimbaError(f"--{field.replace('_', '-')}: {problem}") from None
     device, dtype = resolve_device(args.device, args.dtype)
     model = load(args.model, dtype=dtype, device=device)
-    rows = run_bench(model, cfg)
+    load_before = os.getloadavg()[0]  # what else runs here (this process has not started timing)
+    rows = run_bench(model, cfg, progress=not args.json)
+    load_after = os.getloadavg()[0]
     note = None
     if device.type != "cuda":
         note = ("measured on the CPU (no CUDA device): the PyTorch path, no fused kernels or CUDA graphs; "
                 "GPU timings differ, and peak memory is measured on CUDA only")
     elif not any(r.impl == "mamba_ssm" for r in rows):
         note = "mamba_ssm is not installed (with its CUDA extension): no mamba_ssm row"
+    warning = reliability(rows, load_before, os.cpu_count() or 1)
     if args.json:
         print(json.dumps({"model": args.model, "dtype": str(dtype).replace("torch.", ""), "note": note,
-                          "rows": [r.to_dict() for r in rows]}))  # fmt: skip
+                          "unreliable": warning, "load_average": {"before": load_before, "after": load_after},
+                          "cpus": os.cpu_count(), "rows": [r.to_dict() for r in rows]}))  # fmt: skip
     else:
         print(f"{args.model} on {rows[0].device}, {str(dtype).replace('torch.', '')}" + (f" ({note})" if note else ""))
         print(table(rows), end="")
+        print(f"  each figure: the median of {cfg.reps} runs; load average {load_before:.2f} before, {load_after:.2f} "
+              f"after, on {os.cpu_count()} CPUs")
+        if warning:
+            print(f"  unreliable: {warning}")
     return 0
 
 
 def _info(args) -> int:
-    from .checkpoints import read_checkpoint, resolve
+    from .checkpoints import check_weights, read_checkpoint, resolve
     from .flops import count
 
     path = resolve(args.path)
     ckpt = read_checkpoint(path)
+    weights, params = check_weights(ckpt)  # the weights it describes can be read, and fit the config
     flops = count(ckpt.config, ckpt.simba, args.seq_len)
     report_file = Path(path) / "report.json"
     info = {
         "path": str(path),
         "layout": ckpt.layout,
         "config": ckpt.config.to_dict(),
+        "weights": {"file": weights.name, "parameters": params, "readable": True},
         "simba": None if ckpt.simba is None else ckpt.simba.to_dict(),
         "flops": flops.to_dict(),
         "report": json.loads(report_file.read_text()) if report_file.exists() else None,
@@ -356,7 +395,9 @@ def _info(args) -> int:
         return 0
     c = ckpt.config
     print(f"{path} ({ckpt.layout} layout)")
-    print(f"  Mamba-1: d_model {c.d_model}, {c.n_layer} layers, d_state {c.d_state}, vocab {c.vocab_size}")
+    kind = "Mamba-1" if c.layer == "mamba1" else f"Mamba-2 (headdim {c.headdim}, {c.ngroups} groups)"
+    print(f"  {kind}: d_model {c.d_model}, {c.n_layer} layers, d_state {c.d_state}, vocab {c.vocab_size}")
+    print(f"  weights: {weights.name}, {params / 1e6:.1f}M parameters, every tensor the config implies, readable")
     if ckpt.simba is None:
         print("  dense (no pruning schedule)")
     else:

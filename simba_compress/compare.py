@@ -17,6 +17,7 @@ import torch
 from .checkpoints import load, load_tokenizer
 from .compress import compress, resolve_device
 from .data import load_windows
+from .settings import LinearSchedule
 from .errors import SimbaError
 from .evaluate import evaluate, position_buckets
 
@@ -62,13 +63,13 @@ def _tasks(model, tokenizer, cfg: CompareConfig) -> dict[str, float]:
         import lm_eval
         from lm_eval.tasks import TaskManager
     except ImportError:
-        raise SimbaError("--tasks: lm-eval is not installed (pip install 'simba-compress[eval]')") from None
+        raise SimbaError("tasks: lm-eval is not installed (pip install 'simba-compress[eval]')", "tasks") from None
     from .harness import SimbaLM
 
     manager = TaskManager()
     unknown = [t for t in cfg.tasks if t not in manager.all_tasks]
     if unknown:
-        raise SimbaError(f"--tasks: unknown lm-eval task {unknown[0]!r} (see `lm_eval ls tasks`)")
+        raise SimbaError(f"tasks: unknown lm-eval task {unknown[0]!r} (see `lm_eval ls tasks`)", "tasks")
     res = lm_eval.simple_evaluate(model=SimbaLM.wrap(model, tokenizer), tasks=cfg.tasks, limit=cfg.limit)
     out = {}
     for task, metrics in res["results"].items():
@@ -81,18 +82,18 @@ def _tasks(model, tokenizer, cfg: CompareConfig) -> dict[str, float]:
 def compare(cfg: CompareConfig, out: str | Path | None = None) -> list[dict]:
     """Evaluate the dense model and every compressed one on the same windows; write table and plots to `out`."""
     if not cfg.compressed and not cfg.flops:
-        raise SimbaError("compare: give compressed folders or --flops targets")
+        raise SimbaError("compressed: give compressed folders or flops targets", "compressed")
     device, dtype = resolve_device(cfg.device, cfg.dtype)
     tokenizer = load_tokenizer(cfg.dense)
     windows = load_windows(cfg.data, tokenizer, cfg.seq_len + 1, cfg.max_windows)
     if not 1 <= cfg.protect <= cfg.seq_len:
-        raise SimbaError(f"--protect: must be in [1, --seq-len {cfg.seq_len}]")
+        raise SimbaError(f"protect: must be in [1, seq_len {cfg.seq_len}]", "protect")
     models = [("dense", lambda: load(cfg.dense, dtype=dtype, device=device))]
     models += [(str(p), lambda p=p: load(p, dtype=dtype, device=device)) for p in cfg.compressed]
     for f in cfg.flops:
         def make(f=f):
             m = load(cfg.dense, dtype=dtype, device=device)
-            compress(m, flops=f, seq_len=cfg.seq_len)
+            compress(m, LinearSchedule(flops=f, seq_len=cfg.seq_len))
             return m
 
         models.append((f"flops={f}", make))

@@ -1,8 +1,9 @@
-"""The verb: compress(model, ...) sets a pruning schedule on a model; run(recipe) is the whole job.
+"""The verb: compress(model, settings) gives a model the pruning schedule its settings object describes (the
+object's type picks how: settings.py); run(recipe) is the whole job (load, compress, measure, fine-tune, save).
 
     model = simba_compress.load("state-spaces/mamba-1.4b")
-    simba_compress.compress(model, flops=0.6)      # model.simba is now the linear schedule at 0.6 of the FLOPs
-    simba, study = calibrate(model, windows, CalibrationConfig(flops=0.6))  # or a searched one (calibrate.py)
+    simba_compress.compress(model, LinearSchedule(flops=0.6))      # model.simba: the linear schedule at 0.6
+    simba_compress.compress(model, CalibratedSchedule(flops=0.6), windows=windows)  # or a searched one
     simba_compress.save(model, "out/", tokenizer=tok)
 """
 
@@ -11,6 +12,8 @@ from __future__ import annotations
 import json
 import platform
 import time
+import warnings
+from contextlib import contextmanager
 from dataclasses import asdict, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -23,59 +26,97 @@ from .errors import SimbaError
 from .evaluate import default_protect, evaluate
 from .flops import count
 from .model import MambaLM
-from .pruning import DEFAULT_CRITERION, SimbaConfig
+from .pruning import SimbaConfig
 from .recipe import Recipe
-from .schedules import Form, linear, linear_for_flops, max_tokens_list
+from .schedules import linear, linear_for_flops, max_tokens_list
+from .settings import CalibratedSchedule, ExplicitSchedule, FinetuneConfig, LinearSchedule, PruningSettings
 
 if TYPE_CHECKING:
-    from .calibrate import CalibrationConfig, CalibrationResult
-    from .finetune import FinetuneConfig, FinetuneResult
+    from .calibrate import CalibrationResult
+    from .finetune import FinetuneResult
+
+# compress()'s keywords of earlier versions, read as a LinearSchedule or an ExplicitSchedule
+_KEYWORDS = ("flops", "keep", "final_keep", "criterion", "protect_last", "seq_len", "seed", "granularity", "form",
+             "max_tokens")
 
 
 def compress(
-    model: MambaLM,
-    *,
-    flops: float | None = None,
-    keep: list[float] | None = None,
-    final_keep: float | None = None,
-    criterion: str = DEFAULT_CRITERION,
-    protect_last: int = 1,
-    seq_len: int = 1024,
-    seed: int = 0,
-    granularity: int = 1,
-    form: Form = "fast",
-    max_tokens: str | list[int] | None = None,
+    model: MambaLM, schedule: PruningSettings | None = None, *, windows: torch.Tensor | None = None,
+    progress: bool = False, **keywords,
 ) -> SimbaConfig:
-    """Give `model` a fixed pruning schedule (in place) and return it; calibrate() searches one instead.
+    """Give `model` the pruning schedule that `schedule` describes (in place: model.simba) and return it.
 
-    Exactly one target: flops (the linear schedule whose backbone FLOP ratio at seq_len is within 0.5% of it,
-    in the fast form by default: the nearest staircase of 1, 3/4, 1/2 ... 1/16, schedules.py; form="exact" keeps the
-    paper's line), final_keep (the paper's linear schedule down to this ratio) or keep (explicit ratios).
-    max_tokens: per-layer token caps or "T@L" (schedules.max_tokens_list), applied on top of the schedule, which
-    is fitted without them (they bind only on prompts longer than T).
+    schedule: LinearSchedule (the paper's, fitted to a FLOP budget or down to a final ratio), CalibratedSchedule
+    (searched on `windows`, (n, l + 1) token windows from data.load_windows; calibrate() also returns the study)
+    or ExplicitSchedule (given ratios); their max_tokens caps apply on top of the schedule, fitted without them.
+    The keywords of earlier versions (compress(model, flops=0.6, criterion=...)) still work, deprecated: they
+    mean LinearSchedule(...), or ExplicitSchedule(...) with keep.
     """
-    n_layer = model.config.n_layer
-    try:
-        if keep is not None:
-            if len(keep) != n_layer:
-                raise SimbaError(f"keep: {len(keep)} ratios for a model of {n_layer} layers")
-            simba = SimbaConfig(list(keep), criterion, protect_last, seed, granularity)
-        elif final_keep is not None:
-            simba = SimbaConfig(linear(n_layer, final_keep), criterion, protect_last, seed, granularity)
-        elif flops is not None:
-            if form == "fast" and granularity > 1:
-                raise SimbaError("--granularity: a staircase of its own; use it with --form exact")
-            simba = linear_for_flops(model.config, flops, seq_len, criterion, protect_last, seed, granularity, form)
-        else:
-            raise SimbaError("compress: give flops, final_keep or keep")
-        simba = with_max_tokens(simba, max_tokens)
-    except ValueError as e:  # SimbaConfig's own validation
-        raise SimbaError(str(e)) from None
-    simba.extra = {"schedule": "explicit" if keep is not None else "linear", "flops_target": flops, "seq_len": seq_len}
-    if flops is not None and keep is None and final_keep is None:
-        simba.extra["form"] = form
+    if schedule is None:
+        schedule = _from_keywords(keywords)
+    elif keywords:
+        raise TypeError(f"compress: give a settings object or keywords, not both ({', '.join(keywords)})")
+    simba, _ = fit(model, schedule, windows, progress=progress)
     model.simba = simba
     return simba
+
+
+def _from_keywords(keywords: dict) -> PruningSettings:
+    unknown = sorted(set(keywords) - set(_KEYWORDS))
+    if unknown:
+        raise TypeError(f"compress() got an unexpected keyword argument {unknown[0]!r}")
+    if all(keywords.get(k) is None for k in ("flops", "keep", "final_keep")):
+        raise SimbaError("compress: give a schedule: LinearSchedule, CalibratedSchedule or ExplicitSchedule (settings.py)")
+    warnings.warn("compress(model, flops=...) is deprecated: pass a settings object, compress(model, "
+                  "LinearSchedule(flops=...)) (simba_compress.settings)", DeprecationWarning, stacklevel=3)
+    given = {k: v for k, v in keywords.items() if v is not None}
+    if "keep" in given:
+        given.pop("form", None)
+        return ExplicitSchedule(**given)
+    return LinearSchedule(**given)
+
+
+def fit(
+    model: MambaLM, schedule: PruningSettings, windows: torch.Tensor | None = None, *, model_name: str = "",
+    progress: bool = False,
+) -> tuple[SimbaConfig, CalibrationResult | None]:
+    """The schedule `schedule` describes for `model`, token caps included, and the study that found it (a
+    CalibratedSchedule) or None. The model is not changed."""
+    for kind, handler in _HANDLERS.items():
+        if isinstance(schedule, kind):
+            simba, study = handler(model, schedule, windows, model_name, progress)
+            return with_max_tokens(simba, schedule.max_tokens), study
+    raise TypeError(f"compress: schedule must be a LinearSchedule, CalibratedSchedule or ExplicitSchedule, not "
+                    f"{type(schedule).__name__}")
+
+
+def _linear(model: MambaLM, s: LinearSchedule, windows, model_name, progress) -> tuple[SimbaConfig, None]:
+    if s.flops is not None:
+        simba = linear_for_flops(model.config, s)
+        simba.extra = {"schedule": "linear", "flops_target": s.flops, "seq_len": s.seq_len, "form": s.form}
+    else:
+        simba = s.simba(linear(model.config.n_layer, s.final_keep))
+        simba.extra = {"schedule": "linear", "flops_target": None, "seq_len": s.seq_len}
+    return simba, None
+
+
+def _explicit(model: MambaLM, s: ExplicitSchedule, windows, model_name, progress) -> tuple[SimbaConfig, None]:
+    if len(s.keep) != model.config.n_layer:
+        raise SimbaError(f"keep: {len(s.keep)} ratios for a model of {model.config.n_layer} layers", "keep")
+    simba = s.simba(s.keep)
+    simba.extra = {"schedule": "explicit", "flops_target": None, "seq_len": s.seq_len}
+    return simba, None
+
+
+def _calibrated(model: MambaLM, s: CalibratedSchedule, windows, model_name, progress):
+    from .calibrate import calibrate  # optuna loads only for a search
+
+    if windows is None:
+        raise SimbaError("windows: a CalibratedSchedule is searched on calibration windows (data.load_windows)")
+    return calibrate(model, windows, s, model_name=model_name, progress=progress)
+
+
+_HANDLERS = {LinearSchedule: _linear, CalibratedSchedule: _calibrated, ExplicitSchedule: _explicit}
 
 
 def with_max_tokens(simba: SimbaConfig, max_tokens: str | list[int] | None) -> SimbaConfig:
@@ -85,7 +126,7 @@ def with_max_tokens(simba: SimbaConfig, max_tokens: str | list[int] | None) -> S
     try:
         return replace(simba, max_tokens=max_tokens_list(max_tokens, simba.n_layer))
     except ValueError as e:
-        raise SimbaError(str(e)) from None
+        raise SimbaError(str(e), "max_tokens") from None
 
 
 def resolve_device(device: str, dtype: str) -> tuple[torch.device, torch.dtype]:
@@ -94,9 +135,9 @@ def resolve_device(device: str, dtype: str) -> tuple[torch.device, torch.dtype]:
     try:
         dev = torch.device(device)
     except RuntimeError:
-        raise SimbaError(f"--device: unknown device {device!r}") from None
+        raise SimbaError(f"device: unknown device {device!r}", "device") from None
     if dev.type == "cuda" and not torch.cuda.is_available():
-        raise SimbaError(f"--device {device}: CUDA is not available on this machine")
+        raise SimbaError(f"device {device}: CUDA is not available on this machine", "device")
     if dtype == "auto":
         dtype = "bfloat16" if dev.type == "cuda" else "float32"
     return dev, getattr(torch, dtype)
@@ -109,58 +150,48 @@ def run(recipe: Recipe, overwrite: bool = False, progress: bool = True) -> tuple
     job, the main one alone searches the schedule and writes; the others return (None, report).
     """
     if recipe.output is None:
-        raise SimbaError("--output: required (the folder to write the compressed model to)")
+        raise SimbaError("output: required (the folder to write the compressed model to)", "output")
     out = Path(recipe.output).expanduser()
     check_output(out, overwrite)  # before any long work
     t0 = time.time()
     device, dtype = resolve_device(recipe.device, recipe.dtype)
     state = _distributed(device)
     main = state is None or state.is_main_process
-    torch.manual_seed(recipe.seed)
+    torch.manual_seed(recipe.schedule.seed)
     config = read_checkpoint(resolve(recipe.model)).config  # a folder that is not a checkpoint is named as such
     tokenizer = load_tokenizer(recipe.model, recipe.tokenizer)
     cal = recipe.calibration
     windows = load_windows(cal.data, tokenizer, cal.seq_len + 1, cal.samples)  # bad data fails before the model loads
     ft = recipe.finetune
     if ft.steps:
-        from .finetune import load_finetune_windows
+        from .finetune_plan import load_finetune_windows
 
-        _check_finetune_fits(config, ft, device, dtype, 1 if state is None else state.num_processes)
-        ft_windows = load_finetune_windows(ft, tokenizer)  # before the model loads and the schedule search runs
+        with _about("finetune"):  # before the model loads and the schedule search runs
+            _check_finetune_fits(config, ft, device, dtype, 1 if state is None else state.num_processes)
+            ft_windows = load_finetune_windows(ft, tokenizer)
         ft_state = Path(recipe.finetune_dir).expanduser() if recipe.finetune_dir else out.resolve().parent / f"{out.name}.finetune"
     model = load(recipe.model, dtype=dtype, device=device)
     study_file = out.resolve().parent / f"{out.name}.optuna.db"  # beside: the output folder appears only when whole
-    study = None
-    if recipe.schedule == "calibrated":
-        from .calibrate import calibrate  # optuna loads only for a search
-
-        if recipe.storage is None:
-            out.parent.mkdir(parents=True, exist_ok=True)
-        search = lambda: calibrate(model, windows, _search_config(recipe, study_file, progress))  # noqa: E731
-        simba, study = search() if state is None else _on_main(state, search)
-        simba = model.simba = with_max_tokens(simba, recipe.max_tokens)
-    else:
-        simba = compress(
-            model,
-            flops=recipe.flops,
-            keep=recipe.keep,
-            final_keep=recipe.final_keep,
-            criterion=recipe.criterion,
-            protect_last=recipe.protect_last,
-            seq_len=recipe.seq_len,
-            seed=recipe.seed,
-            granularity=recipe.granularity,
-            form=recipe.form,
-            max_tokens=recipe.max_tokens,
-        )
+    settings = recipe.schedule
+    searched = isinstance(settings, CalibratedSchedule)
+    if searched and settings.storage is None:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        settings = replace(settings, storage=f"sqlite:///{study_file}")
+    search = lambda: fit(model, settings, windows, model_name=recipe.model, progress=progress)  # noqa: E731
+    with _about("schedule"):
+        simba, study = _on_main(state, search) if searched and state is not None else search()
+    model.simba = simba
     protect = default_protect(cal.seq_len)
     dense = evaluate(model, windows, protect, simba=None, progress=progress)
     tuned = None
     if ft.steps:
         training_free = evaluate(model, windows, protect, progress=progress)
-        tuned = _finetune(model, ft, ft_windows, ft_state, progress)
+        with _about("finetune"):
+            tuned = _finetune(model, ft, ft_windows, ft_state, progress)
     sparse = evaluate(model, windows, protect, progress=progress)
-    flops = count(model.config, simba, recipe.seq_len)
+    flops = count(model.config, simba, settings.seq_len)
+    # where the study ends up: by default the folder's study.db (it lay beside the folder while the search ran)
+    moved = {"storage": "study.db"} if searched and recipe.schedule.storage is None else {}
     report = {
         "simba_compress": _version(),
         "source_model": recipe.model,
@@ -176,7 +207,7 @@ def run(recipe: Recipe, overwrite: bool = False, progress: bool = True) -> tuple
             "sparse_training_free": None if tuned is None else training_free.to_dict() | {"position_loss": None},
         },
         "finetune": None if tuned is None else {"settings": asdict(ft), **tuned.to_dict()},
-        "search": None if study is None else study.summary(),
+        "search": None if study is None else study.summary() | moved,
         "device": str(device),
         "dtype": str(dtype).replace("torch.", ""),
         "machine": platform.platform(),
@@ -191,7 +222,7 @@ def run(recipe: Recipe, overwrite: bool = False, progress: bool = True) -> tuple
     if not main:
         return None, report
     if study is not None:
-        files |= _study_files(study, study_file if recipe.storage is None else None)
+        files |= _study_files(study, study_file if recipe.schedule.storage is None else None)
     folder = save(
         model,
         out,
@@ -199,7 +230,7 @@ def run(recipe: Recipe, overwrite: bool = False, progress: bool = True) -> tuple
         overwrite=overwrite,
         files=files,
     )
-    if study is not None and recipe.storage is None:
+    if study is not None and recipe.schedule.storage is None:
         study_file.unlink(missing_ok=True)  # its copy is the folder's study.db
     if tuned is not None:
         _remove_finetune_state(ft_state)  # the output holds the result; the state was only there to resume
@@ -215,6 +246,15 @@ def _distributed(device: torch.device):
     from accelerate import PartialState
 
     return PartialState(cpu=device.type == "cpu")  # on the CPU: gloo (finetune's Accelerator shares this state)
+
+
+@contextmanager
+def _about(section: str):
+    """Errors about a field of the settings object in `section` of the recipe name it there (schedule.flops)."""
+    try:
+        yield
+    except SimbaError as e:
+        raise e.within(section) from None
 
 
 def _on_main(state, search):
@@ -237,12 +277,12 @@ def _check_finetune_fits(config, ft: FinetuneConfig, device: torch.device, dtype
     in memory even unpruned (an upper bound; finetune() plans the micro-batch later, with the schedule)."""
     from dataclasses import replace
 
-    from .finetune import memory_plan
+    from .finetune_plan import memory_plan
 
     with torch.device("meta"):
         shape = MambaLM(config)
     if ft.batch_size % processes:
-        raise SimbaError(f"finetune.batch_size (--finetune-batch-size): {ft.batch_size} does not split over {processes} processes")
+        raise SimbaError(f"batch_size: {ft.batch_size} does not split over {processes} processes", "batch_size")
     teacher = sum(p.numel() for p in shape.parameters()) * dtype.itemsize if ft.distill_weight > 0 else 0
     memory_plan(shape, None, replace(ft, micro_batch_size=None), device, ft.batch_size // processes, teacher)
 
@@ -268,27 +308,6 @@ def _remove_finetune_state(state: Path) -> None:
         state.rmdir()
     except OSError:  # the user's own files stay
         pass
-
-
-def _search_config(recipe: Recipe, study_file: Path, progress: bool) -> CalibrationConfig:
-    from .calibrate import CalibrationConfig
-
-    return CalibrationConfig(
-        flops=recipe.flops,
-        seq_len=recipe.seq_len,
-        criterion=recipe.criterion,
-        protect_last=recipe.protect_last,
-        granularity=recipe.granularity,
-        form=recipe.form,
-        trials=recipe.trials,
-        timeout=recipe.timeout,
-        objective=recipe.objective,
-        seed=recipe.seed,
-        storage=recipe.storage or f"sqlite:///{study_file}",
-        study_name=recipe.study_name,
-        model_name=recipe.model,
-        progress=progress,
-    )
 
 
 def _study_files(study: CalibrationResult, sqlite_file: Path | None) -> dict[str, str | bytes]:

@@ -1,7 +1,7 @@
 """Quality of a (pruned) model on token windows: the protected-continuation loss and the all-position loss.
 
 Each window holds seq_len + 1 tokens: the model reads the first seq_len and predicts the next token at
-every position. Headline (DESIGN.md): the mean loss over the last `protect` positions, with those positions
+every position. Headline (README, How quality is measured): the mean loss over the last `protect` positions, with those positions
 protected from pruning, i.e. a continuation given the pruned prompt before it, as in generation and
 lm-eval. Beside it, the all-position loss with only the model's own protected tail: a stress figure, since
 a pruned position's prediction comes from the layer where it was dropped.
@@ -38,7 +38,7 @@ class EvalResult:
 
 
 def default_protect(seq_len: int) -> int:
-    """The scored continuation DESIGN.md uses: 128 tokens, at most a quarter of a window."""
+    """The scored continuation of the headline: 128 tokens, at most a quarter of a window."""
     return max(1, min(128, seq_len // 4))
 
 

@@ -12,15 +12,22 @@ with this module imported, and `import simba_compress.harness` registers the cla
 What pruning does to each request type:
 - loglikelihood (multiple choice, cloze): the continuation and the last context token (which predicts the
   continuation's first token) are protected and run through every layer; the context before them is
-  pruned by the model's schedule, exactly like DESIGN.md's headline metric.
+  pruned by the model's schedule, exactly like the headline metric (evaluate.py).
 - loglikelihood_rolling (perplexity tasks): only the last token of each window is protected, so every
   position is scored and a pruned position is predicted from the layer where it was dropped.
 - generate_until: the prompt is prefilled pruned, then every generated token runs through every layer.
+
+lm-eval's own hf model also runs a compressed folder pruned (`--model hf --model_args
+pretrained=OUT,trust_remote_code=True`, hf.py), with the same scores for rolling loglikelihood, generation and
+one-token continuations; it cannot say where a longer continuation starts, so there it prunes the continuation
+with the context, which this model protects.
 """
 
 from __future__ import annotations
 
 import sys
+
+import lm_eval.models  # noqa: F401  lm-eval's own models (hf, vllm, ...): it reads them only into an empty registry
 import torch
 from lm_eval.api.model import LM
 from lm_eval.api.registry import register_model
@@ -32,7 +39,6 @@ from .compress import resolve_device
 from .evaluate import protected
 
 
-@register_model("simba")
 class SimbaLM(LM):
     """A simba_compress model (dense checkpoint or compressed folder) for lm-eval."""
 
@@ -132,7 +138,18 @@ class SimbaLM(LM):
         return out
 
 
+def _register() -> None:
+    """Register `simba` once. The wheel's hook may already hold a lazy placeholder for this class (lm-eval then
+    imports this module by name), and a second registration under another class object is an error."""
+    from lm_eval.api.registry import model_registry
+
+    if "simba" not in model_registry:
+        register_model("simba")(SimbaLM)
+
+
 def main() -> None:
+    """`python -m simba_compress.harness ...`: lm-eval's command line with `simba` registered."""
+    import simba_compress.harness  # noqa: F401  the package's module registers, not this `__main__` copy
     from lm_eval.__main__ import cli_evaluate
 
     sys.exit(cli_evaluate())
@@ -140,3 +157,5 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
+else:
+    _register()

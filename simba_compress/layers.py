@@ -61,8 +61,10 @@ class ScanChunks:
 
 
 # How each kind's fused prefill walks a row. Mamba-1: mamba_ssm's selective scan, one chunk of 128, 256, 512 or 1024
-# steps for short rows, 2048-step chunks beyond. Mamba-2: mamba_ssm's Triton SSD masks a partial last chunk instead
-# of taking a slower path, so its rows are not padded and every width costs its own tokens (chunks of one token).
+# steps for short rows, 2048-step chunks beyond. Mamba-2: mamba_ssm's Triton SSD (and the project's) masks a partial
+# last chunk instead of taking a slower path, so its rows are not padded and every width is counted at its own tokens
+# (chunks of one token); whether a partial 256-token chunk costs a whole one on the GPU is what
+# benchmarks/gpu_prefill.py --mamba2-kernels measures (if it does: ScanChunks(chunk=256, short=(256,)) here).
 SCAN_CHUNKS = {"mamba1": ScanChunks(chunk=2048, short=(128, 256, 512, 1024)), "mamba2": ScanChunks(chunk=1, short=(1,))}
 
 

@@ -181,29 +181,20 @@ class Mamba1Mixer(Mixer):
 
 
 def scan_kernel(mixer: Mamba1Mixer, hidden: torch.Tensor, backends: Backends):
-    """The selective scan the mixer's fast path runs on `hidden`: mamba_ssm's selective_scan_fn on CUDA, else the
-    Triton scan (same contract, forward only: not when a backward will run); None means the reference path (CPU,
-    fast path off, or training without mamba_ssm). backends.scan "triton" prefers the Triton scan where no
-    backward runs."""
+    """The selective scan the mixer's fast path runs on `hidden` (backends.scan_path): mamba_ssm's selective_scan_fn
+    where its CUDA extension is built, else the Triton scan (same contract, forward only); None means the reference
+    path (CPU, fast path off, or training without mamba_ssm)."""
     if not backends.on(hidden):
         return None
     needs_grad = torch.is_grad_enabled() and (hidden.requires_grad or any(p.requires_grad for p in mixer.parameters()))
-    triton_ok = backends.use_triton(hidden) and not needs_grad
-    mamba = probes.selective_scan_fn()
-    if mamba is not None and not (backends.scan == "triton" and triton_ok):
-        return mamba
-    return probes.triton_kernels().selective_scan if triton_ok else None
+    path = backends.scan_path(hidden, probes.selective_scan_fn() is not None, needs_grad)
+    if path is None:
+        return None
+    return probes.selective_scan_fn() if path == "mamba_ssm" else probes.triton_kernels().selective_scan
 
 
 def step_kernels(x: torch.Tensor, backends: Backends) -> str | None:
     """Which fused decode step runs on x: "mamba_ssm" (its and causal_conv1d's update kernels), "triton" (the
     project's), or None (the reference step: CPU, fast path off, or neither installed)."""
-    if not backends.on(x):
-        return None
     mamba = probes.selective_state_update() is not None and probes.causal_conv1d_update() is not None
-    triton = backends.use_triton(x)
-    if mamba and (backends.step != "triton" or not triton):
-        return "mamba_ssm"
-    if triton and backends.step != "mamba_ssm":
-        return "triton"
-    return "mamba_ssm" if mamba else ("triton" if triton else None)
+    return backends.step_path(x, mamba)

@@ -1,16 +1,20 @@
-"""Mamba-2 mixer (mamba_ssm's Mamba2): the PyTorch reference path and the CUDA fast path, in one module.
+"""Mamba-2 mixer (mamba_ssm's Mamba2): the PyTorch reference path and the CUDA fast paths, in one module.
 
 Shapes: b batch, l tokens, e = d_inner, h heads of p = headdim, g groups, n d_state, k d_conv.
 
     in_proj -> z (e), xBC (e + 2 g n), dt (h);  xBC = silu(causal conv(xBC));  x, B, C = split(xBC)
     y = SSD(x, softplus(dt + dt_bias), A, B, C) + D x;  out = out_proj(rmsnorm_groups(y * silu(z)))
 
-On CUDA with mamba_ssm installed, the prefill runs through its Triton SSD (mamba_chunk_scan_combined, chunks of
-256 tokens; softplus, D and the final state inside it), causal_conv1d's conv where installed, and its gated
-RMSNorm kernel; the decode step through causal_conv1d_update and mamba_ssm's selective_state_update in heads
-form (A, dt, the dt bias and D broadcast over the head dim with stride 0, which the kernel special-cases).
-Elsewhere the reference path runs (ssm/ssd.py: the chunked SSD in closed form). A is one scalar per head, so the
-in-layer scores need one decay per token and head (ssm/ssd.py ssd_score): the same PyTorch code on both paths.
+On CUDA the prefill runs token-major as the reference (the GEMMs' rows are channels: no alignment padding, unlike
+Mamba-1's channel-major GEMMs), through one of two SSD scans (backends.scan_path): mamba_ssm's Triton SSD
+(mamba_chunk_scan_combined, chunks of 256 tokens; softplus, D and the final state inside it) and its gated RMSNorm
+kernel where installed, else the project's own Triton SSD and gated norm (ssm/triton_ssd.py, the same chunked
+algorithm); the conv is causal_conv1d's where installed, else PyTorch's. The decode step (backends.step_path) runs
+through causal_conv1d_update and mamba_ssm's selective_state_update in heads form (A, dt, the dt bias and D
+broadcast over the head dim with stride 0, which the kernel special-cases) where installed, else the project's
+two-launch Triton step (conv + SSM update + D, then the gated norm). Elsewhere the reference path runs (ssm/ssd.py:
+the chunked SSD in closed form). A is one scalar per head, so the in-layer scores need one decay per token and head
+(ssm/ssd.py ssd_score): the same PyTorch code on every path, never a float32 copy of x.
 """
 
 from __future__ import annotations
@@ -64,8 +68,9 @@ class Mamba2Mixer(Mixer):
 
     def forward(self, hidden: torch.Tensor, ctx: MixerContext) -> MixerOutput:
         """hidden (b, l, d_model). ctx.mask zeroes padding's input (it then cannot reach real tokens)."""
-        if fast_prefill(hidden, ctx.backends):
-            return self._forward_fast(hidden, ctx)
+        ssd = ssd_kernel(self, hidden, ctx.backends)
+        if ssd is not None:
+            return self._forward_fast(hidden, ctx, ssd)
         m = None if ctx.mask is None else ctx.mask.unsqueeze(-1).to(hidden.dtype)
         if m is not None:
             hidden = hidden * m
@@ -84,10 +89,10 @@ class Mamba2Mixer(Mixer):
         state = SSMState(conv=xc[:, :, -(self.d_conv - 1) :].clone(), ssm=h) if ctx.want_state else None
         return MixerOutput(out, score, state)
 
-    def _forward_fast(self, hidden: torch.Tensor, ctx: MixerContext) -> MixerOutput:
-        """forward on CUDA through mamba_ssm's SSD, token-major as the reference (the GEMMs' rows are channels: no
-        alignment padding is needed, unlike Mamba-1's channel-major GEMMs)."""
-        chunk_scan, gated_rmsnorm = probes.ssd_kernels()
+    def _forward_fast(self, hidden: torch.Tensor, ctx: MixerContext, ssd: str) -> MixerOutput:
+        """forward on CUDA through `ssd` (ssd_kernel's choice: "mamba_ssm" or "triton"). Padding slots (ctx.mask)
+        sit before a row's real tokens (or after them, past ctx.last), so the real tokens' outputs and the final
+        state are those of the unpadded row, as on the reference path."""
         m = None if ctx.mask is None else ctx.mask.unsqueeze(-1).to(hidden.dtype)
         if m is not None:
             hidden = hidden * m
@@ -101,12 +106,20 @@ class Mamba2Mixer(Mixer):
             xbc = xbc * m
         x, B, C = self._split(xbc)
         A, D, dt_bias = self.float_params()
-        y = chunk_scan(x, dt, A, B, C, SSD_CHUNK, D=D, dt_bias=dt_bias, dt_softplus=True,
-                       return_final_states=ctx.want_state)  # fmt: skip
-        y, h = y if ctx.want_state else (y, None)
-        y = gated_rmsnorm(y.flatten(-2), self.norm.weight, None, z=z, eps=self.norm.eps, group_size=self.norm.group_size,
-                          norm_before_gate=False)  # fmt: skip
+        if ssd == "mamba_ssm":
+            chunk_scan, gated_rmsnorm = probes.ssd_kernels()
+            y = chunk_scan(x, dt, A, B, C, SSD_CHUNK, D=D, dt_bias=dt_bias, dt_softplus=True,
+                           return_final_states=ctx.want_state)  # fmt: skip
+            y, h = y if ctx.want_state else (y, None)
+            y = gated_rmsnorm(y.flatten(-2), self.norm.weight, None, z=z, eps=self.norm.eps,
+                              group_size=self.norm.group_size, norm_before_gate=False)  # fmt: skip
+        else:
+            ts = probes.triton_ssd()
+            y, h = ts.ssd_scan(x, dt, dt_bias, A, B, C, D)
+            y = ts.gated_rms_norm(y.flatten(-2), z, self.norm.weight, self.norm.group_size, self.norm.eps)
+        del z
         out = self.out_proj(y.to(hidden.dtype))
+        del y  # the score runs in its memory
         score = None
         if ctx.score is not None:
             score = ssd_score(ctx.score, x, F.softplus(dt.float() + dt_bias), A, B, C, ctx.last)
@@ -126,24 +139,30 @@ class Mamba2Mixer(Mixer):
                         ssm=torch.zeros(batch, self.nheads, self.headdim, self.d_state, device=device, dtype=torch.float32))  # fmt: skip
 
     def step(self, hidden: torch.Tensor, state: SSMState, backends: Backends) -> torch.Tensor:
-        """Decode one token, hidden (b, d_model), updating state in place: through causal_conv1d_update and
-        mamba_ssm's selective_state_update where installed, else the reference step."""
-        if not fast_step(hidden, backends):
+        """Decode one token, hidden (b, d_model), updating state in place (step_kernels' path: mamba_ssm's and
+        causal_conv1d's kernels, the project's Triton step, or the reference step)."""
+        path = step_kernels(hidden, backends)
+        if path is None:
             out, new = self._step_reference(hidden, state)
             state.copy_(new)
             return out
         b, h, p, n = hidden.shape[0], self.nheads, self.headdim, self.d_state
         z, xbc, dt = F.linear(hidden, self.in_proj.weight, self.in_proj.bias).split([self.d_inner, self.conv_dim, h], dim=-1)
-        xbc = causal_conv_update_silu(xbc, state.conv, self.conv1d.weight.squeeze(1), self.conv1d.bias)
-        x, B, C = self._split(xbc)
         A, D, dt_bias = self.float_params()
-        y = probes.selective_state_update()(
-            state.ssm, x, dt.unsqueeze(-1).expand(b, h, p), A[:, None, None].expand(h, p, n), B, C,
-            D[:, None].expand(h, p), z=None, dt_bias=dt_bias[:, None].expand(h, p), dt_softplus=True,
-        )  # stride-0 broadcasts over the head dim: the kernel's tied-head-dim path
-        _, gated_rmsnorm = probes.ssd_kernels()
-        y = gated_rmsnorm(y.flatten(-2), self.norm.weight, None, z=z, eps=self.norm.eps, group_size=self.norm.group_size,
-                          norm_before_gate=False)  # fmt: skip
+        weight = self.conv1d.weight.squeeze(1)  # (conv_dim, k)
+        if path == "triton":
+            y = probes.triton_ssd().ssd_step(xbc, dt, z, state.conv, weight, self.conv1d.bias, state.ssm, A, D, dt_bias,
+                                             self.norm.weight, self.norm.group_size, self.norm.eps)  # fmt: skip
+        else:
+            xbc = causal_conv_update_silu(xbc, state.conv, weight, self.conv1d.bias)
+            x, B, C = self._split(xbc)
+            y = probes.selective_state_update()(
+                state.ssm, x, dt.unsqueeze(-1).expand(b, h, p), A[:, None, None].expand(h, p, n), B, C,
+                D[:, None].expand(h, p), z=None, dt_bias=dt_bias[:, None].expand(h, p), dt_softplus=True,
+            )  # stride-0 broadcasts over the head dim: the kernel's tied-head-dim path
+            _, gated_rmsnorm = probes.ssd_kernels()
+            y = gated_rmsnorm(y.flatten(-2), self.norm.weight, None, z=z, eps=self.norm.eps,
+                              group_size=self.norm.group_size, norm_before_gate=False)  # fmt: skip
         return F.linear(y.to(hidden.dtype), self.out_proj.weight, self.out_proj.bias)
 
     def _step_reference(self, hidden: torch.Tensor, state: SSMState) -> tuple[torch.Tensor, SSMState]:
@@ -159,10 +178,20 @@ class Mamba2Mixer(Mixer):
         return self.out_proj(self.norm(y, z).to(hidden.dtype)), SSMState(conv=window[:, :, 1:], ssm=h)
 
 
-def fast_prefill(x: torch.Tensor, backends: Backends) -> bool:
-    """mamba_ssm's SSD on x: CUDA, the fast path on, mamba_ssm's Triton SSD importable."""
-    return backends.on(x) and probes.ssd_kernels() is not None
+def ssd_kernel(mixer: Mamba2Mixer, hidden: torch.Tensor, backends: Backends) -> str | None:
+    """The SSD scan the mixer's fast path runs on `hidden` (backends.scan_path): "mamba_ssm" (its Triton SSD, with a
+    backward) where installed, else "triton" (the project's, forward only); None: the reference path."""
+    if not backends.on(hidden):
+        return None
+    needs_grad = torch.is_grad_enabled() and (hidden.requires_grad or any(p.requires_grad for p in mixer.parameters()))
+    path = backends.scan_path(hidden, probes.ssd_kernels() is not None, needs_grad)
+    return None if path == "triton" and probes.triton_ssd() is None else path
 
 
-def fast_step(x: torch.Tensor, backends: Backends) -> bool:
-    return backends.on(x) and probes.ssd_kernels() is not None and probes.selective_state_update() is not None
+def step_kernels(x: torch.Tensor, backends: Backends) -> str | None:
+    """Which fused decode step runs on x (backends.step_path): "mamba_ssm" where its selective_state_update and gated
+    norm import (the default with causal_conv1d's update kernel too: without it the conv update would be PyTorch's,
+    and the Triton step fuses it), "triton" (the project's), or None (the reference step)."""
+    mamba = probes.selective_state_update() is not None and probes.ssd_kernels() is not None
+    path = backends.step_path(x, mamba, preferred=probes.causal_conv1d_update() is not None)
+    return None if path == "triton" and probes.triton_ssd() is None else path

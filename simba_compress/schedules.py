@@ -23,7 +23,7 @@ import json
 import math
 from dataclasses import replace
 from pathlib import Path
-from typing import Callable, Literal
+from typing import TYPE_CHECKING, Callable
 
 import numpy as np
 import torch
@@ -31,12 +31,13 @@ import torch
 from .errors import SimbaError
 from .flops import count, layer_flops
 from .layers import ModelConfig
-from .pruning import DEFAULT_CRITERION, SimbaConfig
+from .pruning import SimbaConfig
+
+if TYPE_CHECKING:
+    from .settings import CalibratedSchedule, LinearSchedule
 
 FLOP_TOLERANCE = 0.005  # a schedule for --flops F lands within 0.5% of F
 LOWEST_T = 1e-6  # the smallest keep ratio a fitted schedule may reach (ratios must stay > 0)
-Form = Literal["fast", "exact"]
-FORMS = ("fast", "exact")
 FAST_LEVELS = (1.0, 0.75, 0.5, 0.25, 0.125, 0.0625)  # the fast form's keep ratios, falling
 
 
@@ -174,7 +175,7 @@ def to_fast(cfg: ModelConfig, simba: SimbaConfig, flops: float, seq_len: int) ->
 def linear(n_layer: int, final: float) -> list[float]:
     """Simba's schedule: 1.0 at the bottom layer, falling linearly to `final` at the top one."""
     if not 0.0 < final <= 1.0:
-        raise SimbaError(f"--final-keep: must be in (0, 1], got {final}")
+        raise SimbaError(f"final_keep: must be in (0, 1], got {final}", "final_keep")
     if n_layer == 1:
         return [1.0]
     return [1.0 - (1.0 - final) * i / (n_layer - 1) for i in range(n_layer)]
@@ -221,44 +222,29 @@ def fit_flops(
     return min((make(lo), make(hi)), key=lambda s: abs(count(cfg, s, seq_len).ratio - flops))
 
 
-def check_flops(flops: float) -> None:
-    if not 0.0 < flops <= 1.0:
-        raise SimbaError(f"--flops: must be in (0, 1], got {flops}")
-
-
-def linear_for_flops(
-    cfg: ModelConfig,
-    flops: float,
-    seq_len: int,
-    criterion: str = DEFAULT_CRITERION,
-    protect_last: int = 1,
-    seed: int = 0,
-    granularity: int = 1,
-    form: Form = "exact",
-) -> SimbaConfig:
-    """The linear schedule whose FLOP ratio at seq_len is within flop_tolerance of `flops`; in the fast form,
-    the staircase closest to it that meets `flops` (to_fast)."""
-    check_flops(flops)
-    if form == "fast":
-        exact = linear_for_flops(cfg, flops, seq_len, criterion, protect_last, seed, granularity)
-        return fast_for_flops(cfg, exact, flops, seq_len)
+def linear_for_flops(cfg: ModelConfig, schedule: LinearSchedule | CalibratedSchedule) -> SimbaConfig:
+    """The linear schedule whose FLOP ratio at schedule.seq_len is within flop_tolerance of schedule.flops (its
+    other settings as given); in the fast form, the staircase closest to it that meets the budget (to_fast)."""
+    s = schedule
+    if s.form == "fast":
+        return fast_for_flops(cfg, linear_for_flops(cfg, replace(s, form="exact")), s.flops, s.seq_len)
 
     def make(final: float) -> SimbaConfig:
-        return SimbaConfig(linear(cfg.n_layer, final), criterion, protect_last, seed, granularity)
+        return s.simba(linear(cfg.n_layer, final))
 
-    if flops >= 1.0 - 1e-12:
+    if s.flops >= 1.0 - 1e-12:
         return make(1.0)
-    tol = flop_tolerance(cfg, flops, seq_len, granularity)
-    lowest = count(cfg, make(LOWEST_T), seq_len).ratio
-    if flops < lowest - tol:  # the same tolerance as the fit's below, and as the search's (calibrate.py)
+    tol = flop_tolerance(cfg, s.flops, s.seq_len, s.granularity)
+    lowest = count(cfg, make(LOWEST_T), s.seq_len).ratio
+    if s.flops < lowest - tol:  # the same tolerance as the fit's below, and as the search's (calibrate.py)
         raise SimbaError(
-            f"--flops {flops}: below what a linear schedule reaches ({lowest:.3f} at --seq-len {seq_len}); "
-            "use a calibrated or explicit schedule"
+            f"flops {s.flops}: below what a linear schedule reaches ({lowest:.3f} at seq_len {s.seq_len}); "
+            "use a calibrated or explicit schedule", "flops"
         )
-    best = fit_flops(cfg, make, flops, seq_len)
-    ratio = count(cfg, best, seq_len).ratio
-    if abs(ratio - flops) > tol:
-        raise SimbaError(f"--flops {flops}: the closest linear schedule gives {ratio:.4f} at --seq-len {seq_len}")
+    best = fit_flops(cfg, make, s.flops, s.seq_len)
+    ratio = count(cfg, best, s.seq_len).ratio
+    if abs(ratio - s.flops) > tol:
+        raise SimbaError(f"flops {s.flops}: the closest linear schedule gives {ratio:.4f} at seq_len {s.seq_len}", "flops")
     return best
 
 
@@ -268,9 +254,9 @@ def fast_for_flops(cfg: ModelConfig, simba: SimbaConfig, flops: float, seq_len: 
     if fast is None:
         lo = count(cfg, deepest_fast(simba), seq_len).ratio
         raise SimbaError(
-            f"--flops {flops}: no fast-form schedule of {cfg.n_layer} layers lands within "
-            f"{fast_tolerance(cfg, simba, flops, seq_len):.3g} of it at --seq-len {seq_len} (the form reaches "
-            f"{lo:.3f} to 1.0 in steps); use --form exact"
+            f"flops {flops}: no fast-form schedule of {cfg.n_layer} layers lands within "
+            f"{fast_tolerance(cfg, simba, flops, seq_len):.3g} of it at seq_len {seq_len} (the form reaches "
+            f"{lo:.3f} to 1.0 in steps); use form 'exact'", "flops"
         )
     return fast
 
@@ -297,16 +283,16 @@ def read_keep_file(path: str | Path) -> list[float]:
 def max_tokens_list(spec: str | list[int], n_layer: int) -> list[int]:
     """Per-layer token caps (SimbaConfig.max_tokens) from "T@L" (at most T tokens from layer L on: context
     extension, README Long context), a comma-separated list, or a list; 0 means no cap."""
-    where = f"--max-tokens {spec}"
+    where = f"max_tokens {spec}"
     try:
         if isinstance(spec, str) and "@" in spec:
             tokens, layer = (int(v) for v in spec.split("@"))
             if not 1 <= layer < n_layer:
-                raise SimbaError(f"{where}: the first capped layer must be in [1, {n_layer - 1}]")
+                raise SimbaError(f"{where}: the first capped layer must be in [1, {n_layer - 1}]", "max_tokens")
             return [0] * layer + [tokens] * (n_layer - layer)
         caps = [int(v) for v in (spec.replace(",", " ").split() if isinstance(spec, str) else spec)]
     except ValueError:
-        raise SimbaError(f"{where}: expected TOKENS@LAYER or one integer per layer") from None
+        raise SimbaError(f"{where}: expected TOKENS@LAYER or one integer per layer", "max_tokens") from None
     if len(caps) != n_layer:
-        raise SimbaError(f"{where}: {len(caps)} caps for a model of {n_layer} layers")
+        raise SimbaError(f"{where}: {len(caps)} caps for a model of {n_layer} layers", "max_tokens")
     return caps

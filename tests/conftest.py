@@ -1,4 +1,7 @@
-"""Shared fixtures: paths to ../shared, small random models in both checkpoint layouts."""
+"""Shared fixtures: paths to ../shared, small random models in both checkpoint layouts.
+
+../shared (the pretrained proxies and the corpus, README: Pretrained proxies) is not part of the repository: a
+test that needs it asks through shared(path), and skips saying so where it is missing (a fresh clone)."""
 
 from __future__ import annotations
 
@@ -11,17 +14,32 @@ import pytest
 import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never touch the network
+REPO = Path(__file__).resolve().parents[1]
+# every process a test starts (python -c, -m, accelerate launch of a script) imports this checkout's package, not an
+# installed copy of another one
+os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+# Triton's float32 dots in IEEE float32 (mamba_ssm's SSD and the project's): the GPU's default, TF32, keeps 10 mantissa
+# bits, and the tests compare float32 paths at 1e-4. Read when a kernel compiles, so it is set before any does.
+os.environ.setdefault("TRITON_F32_DEFAULT", "ieee")
 torch.set_num_threads(min(2, os.cpu_count() or 1))
 
 from simba_compress import MambaLM, ModelConfig  # noqa: E402
 
-REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared"
 MODELS = SHARED / "models"
 CORPUS = SHARED / "corpus"
 PROXIES = sorted(p.name for p in MODELS.glob("mamba-proxy-*"))
 L16 = MODELS / "mamba-proxy-d320-l16"
+DEMO = REPO / "simba_compress" / "data" / "demo-model"  # ships the corpus tokenizer (the demo model was trained with it)
+
+
+def shared(path: Path) -> Path:
+    """`path` under ../shared, or a skip that says what is missing and why it is not here."""
+    if not path.exists():
+        pytest.skip(f"needs {path}: the pretrained proxies and corpus of ../shared are not part of the repository "
+                    "(README, Pretrained proxies)")
+    return path
 
 
 def random_model(
@@ -108,6 +126,14 @@ def _patched(tensor, *args):  # one argument in triton 3.5, two in 3.6
     _orig(tensor, *args)  # numpy >= 2.3 refuses int() of a shape-(1,) array, which the interpreter does
     tensor.__index__ = lambda self: int(self.handle.data.reshape(-1)[0])
 ti._patch_lang_tensor = _patched
+import numpy as np, triton.language as tl
+_dot = ti.InterpreterBuilder.create_dot
+def _dot_bf16(self, a, b, d, *rest):  # the interpreter keeps bf16 as its raw uint16 bits and would multiply those
+    if a.dtype.scalar == tl.bfloat16:
+        a, b = (ti.TensorHandle(ti._convert_float(t.data, tl.bfloat16, tl.float32, None).view(np.float32), tl.float32)
+                for t in (a, b))
+    return _dot(self, a, b, d, *rest)
+ti.InterpreterBuilder.create_dot = _dot_bf16
 """
 
 
@@ -124,14 +150,28 @@ def run_in_triton_interpreter(script: str) -> dict:
     return json.loads(res.stdout.strip().splitlines()[-1])
 
 
+def fused_step_logits(model, states: list, token: torch.Tensor) -> torch.Tensor:
+    """The logits of one decode step of `model` through its Decoder (its fused step kernels, no graph) from the prefill
+    states `states`, for token (b,)."""
+    from simba_compress.generation import Decoder, GenerationConfig
+
+    dec = Decoder(model, token.shape[0], GenerationConfig(), graph=False)
+    dec.prepare(states, GenerationConfig())
+    dec.token.copy_(token)
+    logits = []
+    dec._select = lambda lg: logits.append(lg)  # keep the logits of the step
+    dec.step(None)
+    return logits[0]
+
+
 @pytest.fixture(scope="session")
 def small_checkpoint(tmp_path_factory):
-    """A random 4-layer model in the original layout, with the corpus tokenizer beside it."""
+    """A random 4-layer model in the original layout, with the corpus tokenizer (the demo's copy) beside it."""
     import shutil
 
     folder = write_original(random_model(n_layer=4, d_model=32, vocab=8192), tmp_path_factory.mktemp("ckpt") / "m")
-    for f in (CORPUS / "tokenizer").iterdir():
-        shutil.copy(f, folder / f.name)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(DEMO / name, folder / name)
     return folder
 
 
@@ -139,14 +179,14 @@ def small_checkpoint(tmp_path_factory):
 def l16():
     from simba_compress import load
 
-    return load(L16)
+    return load(shared(L16))
 
 
 @pytest.fixture(scope="session")
 def corpus_tokenizer():
     from transformers import AutoTokenizer
 
-    return AutoTokenizer.from_pretrained(str(CORPUS / "tokenizer"))
+    return AutoTokenizer.from_pretrained(str(DEMO))  # the corpus's tokenizer, as the package ships it
 
 
 @pytest.fixture(scope="session")
@@ -154,4 +194,4 @@ def valid_windows(corpus_tokenizer):
     """8 windows of 513 tokens of the validation text."""
     from simba_compress.data import load_windows
 
-    return load_windows(str(CORPUS / "valid.txt.xz"), corpus_tokenizer, 513, 8)
+    return load_windows(str(shared(CORPUS / "valid.txt.xz")), corpus_tokenizer, 513, 8)

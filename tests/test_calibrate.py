@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from conftest import random_model
-from simba_compress.calibrate import CalibrationConfig, calibrate
+from simba_compress.calibrate import calibrate
 from simba_compress.cli import main
 from simba_compress.errors import SimbaError
 from simba_compress.evaluate import evaluate
@@ -25,6 +25,7 @@ from simba_compress.flops import count
 from simba_compress.recipe import build_recipe
 from simba_compress.pruning import SimbaConfig
 from simba_compress.schedules import FAST_LEVELS, FLOP_TOLERANCE, fast_tolerance, linear_for_flops
+from simba_compress.settings import CalibratedSchedule, LinearSchedule
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 SEQ = 1024  # the FLOP ratio's input length; the windows themselves are short
@@ -51,13 +52,13 @@ def windows():
 
 
 def search(model, windows, **kw):
-    kw = {"flops": 0.6, "seq_len": SEQ, "trials": 8, "progress": False} | kw
-    return calibrate(model, windows, CalibrationConfig(**kw))
+    kw = {"flops": 0.6, "seq_len": SEQ, "trials": 8} | kw
+    return calibrate(model, windows, CalibratedSchedule(**kw), progress=False)
 
 
 def test_prefix_and_last_logits_match_the_full_forward(model, windows):
     x = windows[:, :-1]
-    sched = linear_for_flops(model.config, 0.6, 1024, protect_last=8)
+    sched = linear_for_flops(model.config, LinearSchedule(flops=0.6, protect_last=8, form="exact"))
     prefix = model.prefix(x)
     with torch.no_grad():
         for simba in (None, sched):
@@ -76,7 +77,7 @@ def test_meets_the_budget_and_is_never_worse_than_linear(model, windows, objecti
         assert all(k in FAST_LEVELS for r in res.trials if r.loss is not None for k in r.keep)
     base, best = res.row(0), res.row(res.best)
     assert res.baseline == 0 and base.baseline
-    linear = linear_for_flops(model.config, 0.6, SEQ, form=form)
+    linear = linear_for_flops(model.config, LinearSchedule(flops=0.6, seq_len=SEQ, form=form))
     assert base.keep == pytest.approx(linear.keep, abs=1e-12) and res.linear_keep == linear.keep
     assert best.loss <= base.loss and len(res.trials) == 8
     if objective == "loss":  # the objective is the evaluation headline on the calibration windows
@@ -127,44 +128,50 @@ def test_deterministic_with_a_seed(model, windows):
 @pytest.mark.parametrize(
     "kw, message",
     [
-        ({"flops": 0.0}, "--flops: must be in (0, 1], got 0.0"),
-        ({"flops": 1.5}, "--flops: must be in (0, 1], got 1.5"),
-        ({"flops": 0.05}, "--flops 0.05: below what the calibrated schedules reach"),
-        ({"flops": 0.99}, "--flops 0.99: no fast-form schedule of 6 layers"),  # before any trial runs
-        ({"storage": "sqlite:////no/such/folder/s.db"}, "--storage sqlite:////no/such/folder/s.db: cannot open"),
-        ({"storage": "nosuchdialect://host/db"}, "--storage nosuchdialect://host/db: cannot open"),
-        ({"storage": "/no/such/folder/s.log"}, "--storage /no/such/folder/s.log: cannot open"),
-        ({"storage": "study.txt"}, "--storage study.txt: not an Optuna storage"),
+        ({"flops": 0.0}, "flops: must be in (0, 1], got 0.0"),
+        ({"flops": 1.5}, "flops: must be in (0, 1], got 1.5"),
+        ({"trials": 0}, "trials: must be >= 1, got 0"),
+        ({"objective": "mse"}, "objective: 'mse' is not one of loss, kl"),
+        ({"granularity": 64}, "granularity: a staircase of its own; use it with form 'exact'"),
+        ({"flops": 0.05}, "flops 0.05: below what the calibrated schedules reach"),
+        ({"flops": 0.99}, "flops 0.99: no fast-form schedule of 6 layers"),  # before any trial runs
+        ({"storage": "sqlite:////no/such/folder/s.db"}, "storage sqlite:////no/such/folder/s.db: cannot open"),
+        ({"storage": "nosuchdialect://host/db"}, "storage nosuchdialect://host/db: cannot open"),
+        ({"storage": "/no/such/folder/s.log"}, "storage /no/such/folder/s.log: cannot open"),
+        ({"storage": "study.txt"}, "storage study.txt: not an Optuna storage"),
     ],
 )
-def test_bad_input_is_one_line(model, windows, kw, message):
+def test_bad_input_is_one_line_naming_the_field(model, windows, kw, message):
     with pytest.raises(SimbaError) as e:
         search(model, windows, **kw)
-    assert message in str(e.value) and "\n" not in str(e.value)
+    assert str(e.value).startswith(message) and "\n" not in str(e.value)
+    assert e.value.field == message.split(":")[0].split()[0]
 
 
-def test_a_study_for_another_budget_or_model_is_refused(model, windows, tmp_path):
+def test_a_study_for_another_budget_or_model_is_refused(model, windows, tmp_path, capsys):
     storage = f"sqlite:///{tmp_path / 's.db'}"
     search(model, windows, storage=storage, trials=2)
-    with pytest.raises(SimbaError, match=r"was created for flops 0.6, not 0.5; pass another --study-name"):
+    with pytest.raises(SimbaError, match=r"was created for flops 0.6, not 0.5; pass another study_name"):
         search(model, windows, storage=storage, trials=2, flops=0.5)
     with pytest.raises(SimbaError, match=r"was created for model '\w+'"):
         search(random_model(n_layer=6, d_model=16, vocab=64, seed=1), windows, storage=storage, trials=2)
     study = optuna.load_study(study_name="simba-calibration", storage=storage)
     assert len(study.trials) == 2  # nothing lost; a rerun of the original resumes
-    _, res = search(model, windows, storage=storage, trials=3)
-    assert res.trials_run == 1 and len(res.trials) == 3
+    _, res = calibrate(model, windows, CalibratedSchedule(flops=0.6, seq_len=SEQ, trials=3, storage=storage))
+    assert res.trials_run == 1 and len(res.trials) == 3 and res.resumed_from == 2
+    assert f"calibrate: resuming: 2 of 3 trials done in study 'simba-calibration' ({storage})" in capsys.readouterr().err
 
 
 def test_recipe_defaults_to_calibrated_with_flops():
-    assert build_recipe({"model": "demo", "flops": 0.6}).schedule == "calibrated"
-    assert build_recipe({"model": "demo", "flops": 0.6, "schedule": "linear"}).schedule == "linear"
-    assert build_recipe({"model": "demo", "final_keep": 0.3}).schedule == "linear"
-    r = build_recipe({"model": "demo", "keep": [1, 0.5], "schedule": "explicit"}, {"flops": 0.7}, "flags")
-    assert r.schedule == "calibrated" and r.keep is None
-    assert build_recipe({"model": "demo", "flops": 0.6, "schedule": "linear"}, {"flops": 0.7}).schedule == "linear"
-    assert build_recipe({"model": "demo", "flops": 0.6}, {"final_keep": 0.3}).schedule == "linear"
-    with pytest.raises(SimbaError, match="schedule 'calibrated' needs flops"):
+    kind = lambda base, flags=None: build_recipe({"model": "demo"} | base, flags).schedule.kind  # noqa: E731
+    assert kind({"flops": 0.6}) == "calibrated"
+    assert kind({"flops": 0.6, "schedule": "linear"}) == "linear"
+    assert kind({"final_keep": 0.3}) == "linear"
+    r = build_recipe({"model": "demo", "keep": [1, 0.5], "schedule": "explicit"}, {"schedule.flops": 0.7}, "flags")
+    assert r.schedule.kind == "calibrated" and r.schedule.flops == 0.7 and not hasattr(r.schedule, "keep")
+    assert kind({"flops": 0.6, "schedule": "linear"}, {"schedule.flops": 0.7}) == "linear"
+    assert kind({"flops": 0.6}, {"schedule.final_keep": 0.3}) == "linear"
+    with pytest.raises(SimbaError, match=r"recipe: schedule.flops: Field required"):
         build_recipe({"model": "demo", "final_keep": 0.3, "schedule": "calibrated"})
 
 
@@ -188,6 +195,8 @@ def test_outputs_of_a_calibrated_run(small_checkpoint, tmp_path, capsys):
     s = report["search"]
     assert report["schedule"]["extra"]["schedule"] == "calibrated" and s["trials_complete"] == 3
     assert s["trials_per_minute"] > 0 and s["best"]["loss"] <= s["linear"]["loss"]
+    assert s["storage"] == "study.db" and s["trials_before_this_run"] == 0  # where the study ended up
+    assert 1 <= s["distinct_schedules"] <= 3
     for name in ("trials.csv", "schedule.json", "study.db", "calibration_loss_vs_flops.png", "keep_profile.png"):
         assert (out / name).stat().st_size > 0, name
     assert json.loads((out / "schedule.json").read_text())["keep"] == report["schedule"]["keep"]
@@ -231,6 +240,54 @@ def test_sigkill_mid_study_then_rerun_equals_an_uninterrupted_run(small_checkpoi
     assert resumed["schedule"]["keep"] == json.loads(out)["schedule"]["keep"]
 
 
+KILLED_AT_ASK = """
+import os, signal, sys
+sys.path.insert(0, {tests!r})
+import optuna, torch
+from conftest import random_model
+from simba_compress.calibrate import calibrate
+from simba_compress.settings import CalibratedSchedule
+torch.set_num_threads(1)
+init = optuna.trial.Trial.__init__
+
+def dying(self, study, trial_id):  # trial {at} exists in the storage and nothing else has happened to it: die here
+    if study._storage.get_trial(trial_id).number == {at}:
+        os.kill(os.getpid(), signal.SIGKILL)
+    init(self, study, trial_id)
+
+optuna.trial.Trial.__init__ = dying
+model = random_model(n_layer=6, d_model=16, vocab=64)
+windows = torch.randint(0, 64, (4, 129), generator=torch.Generator().manual_seed(0))
+calibrate(model, windows, CalibratedSchedule(flops=0.6, seq_len=1024, trials={trials}, storage={url!r}), progress=False)
+"""
+
+
+def test_a_worker_killed_as_it_creates_a_trial_is_failed_and_the_rerun_equals_an_uninterrupted_one(
+    model, windows, tmp_path
+):
+    """The resume race (issue 25): a process killed right after its trial is created, before anything else is
+    written for it. The trial carries its owner from the start, so the rerun fails it and runs all the trials
+    still missing (not one fewer), asking what an uninterrupted study asks."""
+    import socket
+
+    url, trials, at = f"sqlite:///{tmp_path / 's.db'}", 6, 3
+    script = KILLED_AT_ASK.format(tests=str(Path(__file__).parent), at=at, trials=trials, url=url)
+    proc = subprocess.Popen([sys.executable, "-c", script], stderr=subprocess.PIPE, text=True, env=ENV)
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == -signal.SIGKILL, err
+    before = optuna.load_study(study_name="simba-calibration", storage=url).trials
+    assert [t.state.name for t in before] == ["COMPLETE"] * at + ["RUNNING"] and before[-1].params == {}
+    assert before[-1].user_attrs == {"worker": f"{socket.gethostname()}:{proc.pid}"}
+
+    _, resumed = search(model, windows, storage=url, trials=trials)
+    assert resumed.trials_run == trials - at and resumed.resumed_from == at
+    assert [r.state for r in resumed.trials] == ["COMPLETE"] * at + ["FAIL"] + ["COMPLETE"] * (trials - at)
+    _, straight = search(model, windows, trials=trials)
+    done = lambda res: [(r.params, r.keep, r.loss) for r in res.trials if r.state == "COMPLETE"]  # noqa: E731
+    assert done(resumed) == done(straight)
+    assert resumed.row(resumed.best).keep == straight.row(straight.best).keep
+
+
 def test_two_workers_share_one_journal(small_checkpoint, tmp_path):
     journal, trials = tmp_path / "study.journal", 10
     workers = [
@@ -260,8 +317,9 @@ def test_two_workers_share_one_journal(small_checkpoint, tmp_path):
         (["--calib-data", "{tmp}/short.txt", "--calib-seq-len", "512"], "{tmp}/short.txt: 3 tokens, shorter than one sequence of 513"),
         (["--storage", "sqlite:////no/such/folder/s.db"], "--storage sqlite:////no/such/folder/s.db: cannot open"),
         (["--flops", "0.1"], "--flops 0.1: below what the calibrated schedules reach"),
-        (["--trials", "0"], "command line: trials: Input should be greater than or equal to 1"),
-        (["--objective", "mse"], "command line: objective: Input should be 'loss' or 'kl'"),
+        (["--trials", "0"], "--trials: must be >= 1, got 0"),
+        (["--objective", "mse"], "--objective: Input should be 'loss' or 'kl'"),
+        (["--schedule", "linear"], "--trials: not a setting of a linear schedule"),
     ],
 )
 def test_cli_bad_input_is_one_line_and_leaves_nothing(small_checkpoint, tmp_path, capsys, extra, message):
@@ -281,15 +339,16 @@ from pathlib import Path
 sys.path.insert(0, {tests!r})
 import torch
 from conftest import random_model
-from simba_compress.calibrate import CalibrationConfig, calibrate
+from simba_compress.calibrate import calibrate
+from simba_compress.settings import CalibratedSchedule
 torch.set_num_threads(1)
 model, folder = random_model(n_layer=6, d_model=16, vocab=64), Path({folder!r})
 windows = torch.randint(0, 64, (4, 129), generator=torch.Generator().manual_seed(0))
 (folder / "ready.{i}").touch()
 while not (folder / "go").exists():  # both workers start their first trial together
     time.sleep(0.01)
-_, res = calibrate(model, windows, CalibrationConfig(flops=0.6, seq_len=1024, trials={trials}, storage={url!r},
-                                                    study_name={name!r}, progress=False))
+_, res = calibrate(model, windows, CalibratedSchedule(flops=0.6, seq_len=1024, trials={trials}, storage={url!r},
+                                                     study_name={name!r}), progress=False)
 print(json.dumps({{"ran": res.trials_run, "best": res.best}}))
 """
 
@@ -310,7 +369,7 @@ def postgres_url():
         with engine.begin() as db:
             db.execute(sqlalchemy.text(f"CREATE SCHEMA {schema}"))
     except Exception as e:  # no driver, no server, no database, no right to create a schema
-        from simba_compress.calibrate import hide_password
+        from simba_compress.study import hide_password
 
         first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
         pytest.skip(f"no PostgreSQL server at {hide_password(url)} ({first})")

@@ -9,20 +9,19 @@ import time
 import pytest
 import torch
 
-from conftest import MODELS, PROXIES, random_model, write_original, write_transformers
+from conftest import DEMO, MODELS, random_model, shared, write_original, write_transformers
 from simba_compress import SimbaConfig, SimbaError, load, save
 from simba_compress.checkpoints import read_checkpoint
 from simba_compress.schedules import linear
 
 
-@pytest.mark.parametrize("name", PROXIES)
+@pytest.mark.parametrize("name", ["mamba-proxy-d320-l12", "mamba-proxy-d320-l16", "mamba-proxy-d320-l6", "mamba-proxy-d320-l9"])
 def test_loads_every_proxy(name):
-    m = load(MODELS / name)
+    m = load(shared(MODELS / name))
     n_layer = int(name.rsplit("-l", 1)[1])
     assert m.config.n_layer == n_layer and m.config.vocab_size == 8192 and m.config.d_inner == 640
     assert m.lm_head.weight is m.backbone.embeddings.weight  # tied head
     assert m.source_dtype == torch.bfloat16 and m.lm_head.weight.dtype == torch.float32
-    assert PROXIES == ["mamba-proxy-d320-l12", "mamba-proxy-d320-l16", "mamba-proxy-d320-l6", "mamba-proxy-d320-l9"]
 
 
 def test_original_layout_with_padded_vocab(tmp_path):
@@ -50,9 +49,7 @@ def test_transformers_layout_written_by_transformers(tmp_path):
 def test_saved_folder_round_trips_and_transformers_reads_it_dense(tmp_path):
     from transformers import AutoTokenizer, MambaForCausalLM
 
-    from conftest import CORPUS
-
-    tok = AutoTokenizer.from_pretrained(str(CORPUS / "tokenizer"))
+    tok = AutoTokenizer.from_pretrained(str(DEMO))
     m = random_model(n_layer=4, vocab=8192, seed=4)
     m.simba = SimbaConfig(linear(4, 0.4), "simba", 2, granularity=8)
     out = save(m, tmp_path / "out", tokenizer=tok, files={"recipe.yaml": "model: x\n"})
@@ -74,7 +71,7 @@ def test_save_refuses_to_overwrite_and_replaces_only_when_asked(tmp_path):
     target = tmp_path / "out"
     target.mkdir()
     (target / "mine.txt").write_text("keep me")
-    with pytest.raises(SimbaError, match="already exists; pass --overwrite"):
+    with pytest.raises(SimbaError, match=r"already exists; pass overwrite=True to replace it"):
         save(m, target)
     assert (target / "mine.txt").read_text() == "keep me"
     save(m, target, overwrite=True)

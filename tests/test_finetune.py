@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from conftest import random_model
-from simba_compress import SimbaError, compress, load, save
+from simba_compress import ExplicitSchedule, SimbaError, compress, load, save
 from simba_compress.finetune import FinetuneConfig, dense_teacher, finetune, trainable_names
 from simba_compress.finetune import _loss as finetune_loss
 
@@ -22,7 +22,7 @@ KEEP = [1.0, 0.75, 0.5, 0.25]
 
 def pruned_model():
     m = random_model(n_layer=4, d_model=16, vocab=64)
-    compress(m, keep=KEEP)
+    compress(m, ExplicitSchedule(keep=KEEP))
     return m
 
 
@@ -132,8 +132,10 @@ def test_nan_loss_stops_with_the_step_and_keeps_the_last_good_checkpoint(tmp_pat
 
 def test_bad_input():
     m = pruned_model()
-    with pytest.raises(ValueError, match="greater than or equal to 0"):
+    with pytest.raises(SimbaError, match=r"^steps: must be >= 0, got -1$"):
         FinetuneConfig(steps=-1)
+    with pytest.raises(SimbaError, match=r"^micro_batch_size: 3 does not divide batch_size 4$"):
+        FinetuneConfig(batch_size=4, micro_batch_size=3)
     with pytest.raises(SimbaError, match="no such file"):
         finetune(m, None, config(data="missing.txt", distill_weight=0.0), tokenizer=object(), progress=False)
     with pytest.raises(SimbaError, match="needs the dense teacher"):
@@ -163,7 +165,8 @@ def test_cli_finetunes_the_demo_end_to_end(tmp_path):
             "--calib-seq-len", "64", "--finetune-data", "demo", "--finetune-seq-len", "64", "--finetune-batch-size", "2",
             "--device", "cpu"]
     code, _, err = cli(*args, "--finetune-steps", "-2")
-    assert code == 2 and err.strip().count("\n") == 0 and "finetune.steps" in err and not out.exists()
+    assert code == 2 and err.strip().count("\n") == 0 and "--finetune-steps: must be >= 0, got -2" in err
+    assert not out.exists()
     code, stdout, err = cli(*args, "--finetune-steps", "3", "--finetune-lr", "1e-3", "--json")
     assert code == 0, err
     report = json.loads(stdout)
@@ -267,10 +270,10 @@ def test_a_budget_picks_the_micro_batch():
 @pytest.mark.parametrize(
     "extra, flag",
     [
-        (["--finetune-seq-len", "50000000"], "lower finetune.seq_len (--finetune-seq-len)"),
-        (["--finetune-seq-len", "50000000", "--no-gradient-checkpointing"], "allow gradient checkpointing (--gradient-checkpointing)"),
-        (["--finetune-micro-batch-size", "3"], "micro_batch_size 3 does not divide batch_size 4 (--finetune-micro-batch-size"),
-        (["--finetune-memory", "0.05"], "finetune.memory_gb (--finetune-memory): 0.05 GB is less than"),
+        (["--finetune-seq-len", "50000000"], "error: --finetune-seq-len: micro-batches of 1 window(s) of 50000000 tokens with"),
+        (["--finetune-seq-len", "50000000", "--no-gradient-checkpointing"], "error: --gradient-checkpointing: micro-batches"),
+        (["--finetune-micro-batch-size", "3"], "error: --finetune-micro-batch-size: 3 does not divide batch_size 4"),
+        (["--finetune-memory", "0.05"], "error: --finetune-memory: 0.05 GB is less than"),
     ],
 )
 def test_cli_when_nothing_fits_is_one_line_naming_the_flag(tmp_path, extra, flag):

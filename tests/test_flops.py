@@ -6,11 +6,12 @@ import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from conftest import MODELS, random_model
+from conftest import MODELS, random_model, shared
 from simba_compress import ModelConfig, SimbaConfig, SimbaError, load
 from simba_compress.flops import count, head_flops, matmul_flops, score_flops
 from simba_compress.layers import SCAN_CHUNKS
 from simba_compress.schedules import linear, linear_for_flops
+from simba_compress.settings import LinearSchedule
 
 
 def counted(model, ids, simba):
@@ -42,10 +43,10 @@ def test_matmul_flops_match_flop_counter(simba):
 
 
 def test_dense_proxies_sit_at_their_layer_ratio():
-    l16 = load(MODELS / "mamba-proxy-d320-l16").config
+    l16 = load(shared(MODELS / "mamba-proxy-d320-l16")).config
     dense16 = count(l16, None, 1024).dense
     for name, ratio in [("l12", 0.75), ("l9", 0.5625), ("l6", 0.375)]:
-        cfg = load(MODELS / f"mamba-proxy-d320-{name}").config
+        cfg = load(shared(MODELS / f"mamba-proxy-d320-{name}")).config
         assert count(cfg, None, 1024).dense / dense16 == pytest.approx(ratio)
 
 
@@ -80,19 +81,20 @@ def test_query_score_counts_the_matmul_it_runs():
 @pytest.mark.parametrize("target", [0.95, 0.8, 0.7, 0.6, 0.55])
 @pytest.mark.parametrize("seq_len", [256, 1024, 4096])
 def test_linear_schedule_meets_the_target_within_half_a_percent(target, seq_len):
-    cfg = load(MODELS / "mamba-proxy-d320-l16").config
-    s = linear_for_flops(cfg, target, seq_len)
+    cfg = load(shared(MODELS / "mamba-proxy-d320-l16")).config
+    s = linear_for_flops(cfg, LinearSchedule(flops=target, seq_len=seq_len, form="exact"))
     assert abs(count(cfg, s, seq_len).ratio - target) <= 0.005 * target
     assert s.keep[0] == 1.0 and all(a >= b for a, b in zip(s.keep, s.keep[1:]))
 
 
 def test_unreachable_or_invalid_targets_are_clear_errors():
     cfg = random_model(n_layer=4).config
-    with pytest.raises(SimbaError, match="below what a linear schedule reaches"):
-        linear_for_flops(cfg, 0.3, 1024)
-    for bad in (0.0, 1.5, -1):
-        with pytest.raises(SimbaError, match=r"--flops: must be in \(0, 1\]"):
-            linear_for_flops(cfg, bad, 1024)
+    with pytest.raises(SimbaError, match="flops 0.3: below what a linear schedule reaches") as e:
+        linear_for_flops(cfg, LinearSchedule(flops=0.3, form="exact"))
+    assert e.value.field == "flops"
+    for bad in (0.0, 1.5, -1):  # refused when the settings are made, naming the field
+        with pytest.raises(SimbaError, match=r"^flops: must be in \(0, 1\], got"):
+            LinearSchedule(flops=bad)
 
 
 def test_granularity_rounds_counts_into_a_staircase():
@@ -127,8 +129,8 @@ def test_fast_form_is_the_nearest_staircase_at_the_budget(n_layer, seq_len, crit
     from simba_compress.schedules import FAST_LEVELS, fast_candidates, fast_tolerance
 
     cfg = ModelConfig(d_model=256, n_layer=n_layer, vocab_size=128)
-    exact = linear_for_flops(cfg, target, seq_len, criterion, form="exact")
-    fast = linear_for_flops(cfg, target, seq_len, criterion, form="fast")
+    exact = linear_for_flops(cfg, LinearSchedule(flops=target, seq_len=seq_len, criterion=criterion, form="exact"))
+    fast = linear_for_flops(cfg, LinearSchedule(flops=target, seq_len=seq_len, criterion=criterion, form="fast"))
     assert set(fast.keep) <= set(FAST_LEVELS) and fast.keep[0] == 1.0 and fast.align and not exact.align
     assert all(a >= b for a, b in zip(fast.keep, fast.keep[1:]))
     report = count(cfg, fast, seq_len)
@@ -169,9 +171,9 @@ def test_align_splits_runs_between_whole_chunks_and_keeps_their_tokens():
 def test_fast_form_out_of_reach_is_a_clear_error():
     """A shallow model's staircases are few: 6 layers reach 0.6 but not 0.98 (one layer at 3/4 is 0.958)."""
     cfg = ModelConfig(d_model=256, n_layer=6, vocab_size=128)
-    assert abs(count(cfg, linear_for_flops(cfg, 0.6, 1024, form="fast"), 1024).ratio - 0.6) < 0.006
-    with pytest.raises(SimbaError, match=r"--flops 0.98: no fast-form schedule of 6 layers .* use --form exact"):
-        linear_for_flops(cfg, 0.98, 1024, form="fast")
+    assert abs(count(cfg, linear_for_flops(cfg, LinearSchedule(flops=0.6)), 1024).ratio - 0.6) < 0.006
+    with pytest.raises(SimbaError, match=r"^flops 0.98: no fast-form schedule of 6 layers .* use form 'exact'"):
+        linear_for_flops(cfg, LinearSchedule(flops=0.98))
 
 
 def test_max_tokens_caps_the_layers_it_names_and_is_counted():

@@ -37,7 +37,7 @@ from simba_compress.schedules import linear
 from simba_compress.ssm.scan import selective_scan
 from simba_compress.ssm.score import global_impact
 
-from conftest import REPO, random_model, run_in_triton_interpreter
+from conftest import REPO, fused_step_logits, random_model, run_in_triton_interpreter
 
 CUDA = torch.cuda.is_available()
 needs_cuda = pytest.mark.skipif(not CUDA, reason="no CUDA device")
@@ -409,15 +409,33 @@ def mamba2_pair(dtype, n_layer=4):
 needs_ssd = pytest.mark.skipif(not (CUDA and probes.ssd_kernels() is not None), reason="mamba_ssm's Triton SSD not importable")
 
 
+def mamba2_backends(path: str) -> probes.Backends:
+    """Route a Mamba-2 model through one set of kernels: "mamba_ssm" (its SSD, gated norm and heads-form step, with
+    causal_conv1d's where installed) or "triton" (the project's SSD, norm and step: the path without mamba_ssm)."""
+    if path == "mamba_ssm" and probes.ssd_kernels() is None:
+        pytest.skip("mamba_ssm's Triton SSD not importable")
+    if path == "triton" and not probes.triton_available():
+        pytest.skip("triton not available")
+    return probes.Backends(scan="triton" if path == "triton" else "auto", step=path)
+
+
 @needs_cuda
-@needs_ssd
+@pytest.mark.parametrize("path", ["mamba_ssm", "triton"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_mamba2_fast_path_matches_cpu(dtype):
-    """Dense, pruned (simba and the fixed-position stride) and left-padded logits, decode states, then generate."""
+def test_mamba2_fast_path_matches_cpu(dtype, path):
+    """Dense, pruned (simba and the fixed-position stride) and left-padded logits, decode states, then generate
+    (a pruned, left-padded batch decoded from the CUDA graph: greedy tokens equal the CPU reference's)."""
+    from simba_compress import mamba2
+
+    backends = mamba2_backends(path)
     cpu_m, gpu_m = mamba2_pair(dtype)
+    gpu_m.backends = backends
     ids = torch.randint(0, 256, (2, 600))  # several SSD chunks, a partial last one
     mask = torch.ones(2, 600, dtype=torch.long)
     mask[0, :45] = 0
+    with torch.no_grad():
+        assert mamba2.ssd_kernel(gpu_m.backbone.layers[0].mixer, ids.cuda(), backends) == path
+    assert mamba2.step_kernels(ids.cuda(), backends) == path
     _compare(gpu_m, cpu_m, ids, None, None, dtype, False)
     _compare(gpu_m, cpu_m, ids, mask, STRIDE, dtype, True)
     if dtype == torch.float32:
@@ -426,15 +444,36 @@ def test_mamba2_fast_path_matches_cpu(dtype):
         _compare(gpu_m, cpu_m, ids, mask, DECI, dtype, True)
         _compare(gpu_m, cpu_m, ids, mask, QUERY, dtype, True)
         with torch.no_grad():
-            g = gpu_m(ids.cuda(), simba=PRUNE, return_states=True)
-            r = cpu_m(ids, simba=PRUNE, return_states=True)
+            g = gpu_m(ids.cuda(), mask.cuda(), simba=PRUNE, return_states=True)
+            r = cpu_m(ids, mask, simba=PRUNE, return_states=True)
         for sg, sr in zip(g.states, r.states):
             assert rel(sg.conv, sr.conv) < 1e-4 and rel(sg.ssm, sr.ssm) < 1e-4
         gpu_m.simba = cpu_m.simba = PRUNE
-        assert torch.equal(gpu_m.generate(ids[:, :300].cuda(), max_new_tokens=16).cpu(),
-                           cpu_m.generate(ids[:, :300], max_new_tokens=16))  # fmt: skip
+        assert torch.equal(gpu_m.generate(ids[:, :300].cuda(), mask[:, :300].cuda(), max_new_tokens=16).cpu(),
+                           cpu_m.generate(ids[:, :300], mask[:, :300], max_new_tokens=16))  # fmt: skip
+        assert gpu_m._graphs.decoders[(2, True, False, False)].graph is not None  # the CUDA-graph decode ran
+        from simba_compress.generation import GenerationConfig, generate
+
+        sampled = GenerationConfig(max_new_tokens=16, do_sample=True, top_k=20, top_p=0.9)
+        eager = GenerationConfig(**{**sampled.__dict__, "cuda_graph": False})
+        a, b = (generate(gpu_m, ids[:, :300].cuda(), mask[:, :300].cuda(), c, torch.Generator("cuda").manual_seed(1))
+                for c in (sampled, eager))  # fmt: skip
+        assert torch.equal(a.sequences, b.sequences)  # the graph's draws are the eager step's
 
 
+@needs_cuda
+@pytest.mark.parametrize("path", ["mamba_ssm", "triton"])
+def test_mamba2_bf16_step_within_rounding_of_the_cpu_reference(path):
+    """One fused Mamba-2 step in bf16 (from the same prefill states) against the CPU float32 step, norm-wise."""
+    cpu_m, gpu_m = mamba2_pair(torch.bfloat16)
+    gpu_m.backends = mamba2_backends(path)
+    ids = torch.randint(0, 256, (2, 300))
+    with torch.no_grad():
+        ref = cpu_m(ids, return_states=True)
+        ref_logits, _ = cpu_m.step(ids[:, -1], ref.states)
+        out = gpu_m(ids.cuda(), return_states=True, last_logits=1)
+        logits = fused_step_logits(gpu_m, out.states, ids[:, -1].cuda())
+    assert rel_norm(logits, ref_logits) < 1e-2
 @needs_cuda
 @needs_ssd
 @pytest.mark.parametrize("criterion", ["simba", "share", "deci"])
@@ -470,3 +509,59 @@ def test_mamba2_dense_equals_mamba_ssm():
     assert rel(ours, theirs) < 1e-3
     out = twin.generate(ids[:, :200], max_length=216, cg=True, return_dict_in_generate=True)
     assert torch.equal(gpu_m.generate(ids[:, :200], max_new_tokens=16), out.sequences)
+
+
+# (5) mamba_ssm without its Mamba-1 CUDA scan (its next release makes selective_scan_cuda opt-in) -----------------
+
+
+@pytest.fixture
+def without_mamba_ssm_scan():
+    """mamba_ssm as its next release installs by default: its Triton kernels without the Mamba-1 CUDA extension
+    (state-spaces/mamba PR #977). Its Triton modules are imported first (2.3.2's package __init__ imports the
+    extension; the next one does not), then the extension is made unimportable and every probe forgotten; both are
+    undone afterwards, the probes forgotten again."""
+    import sys
+
+    probes.ssd_kernels(), probes.selective_state_update()  # imported while the extension is there
+    saved = sys.modules.get("selective_scan_cuda")
+    sys.modules["selective_scan_cuda"] = None  # `import selective_scan_cuda` raises ImportError
+    probes.clear_probes()
+    try:
+        yield
+    finally:
+        if saved is None:
+            sys.modules.pop("selective_scan_cuda", None)
+        else:
+            sys.modules["selective_scan_cuda"] = saved
+        probes.clear_probes()
+
+
+@needs_cuda
+@needs_triton
+def test_every_path_runs_without_mamba_ssms_scan(without_mamba_ssm_scan):
+    """Mamba-1 through the project's Triton scan, Mamba-2 through mamba_ssm's SSD (where its Triton modules import),
+    and generation, all equal to the CPU reference, with `import selective_scan_cuda` failing."""
+    assert probes.selective_scan_fn() is None and not probes.describe()["mamba_ssm_scan"]
+    cpu_m, gpu_m = gpu_model(torch.float32)
+    with torch.no_grad():
+        assert mamba1.scan_kernel(gpu_m.backbone.layers[0].mixer, torch.zeros(1, device="cuda"), gpu_m.backends) is \
+            probes.triton_kernels().selective_scan  # fmt: skip
+    ids = torch.randint(0, 128, (2, 300))
+    mask = torch.ones(2, 300, dtype=torch.long)
+    mask[0, :37] = 0
+    _compare(gpu_m, cpu_m, ids, None, None, torch.float32, False)
+    _compare(gpu_m, cpu_m, ids, mask, PRUNE, torch.float32, True)
+    gpu_m.simba = cpu_m.simba = PRUNE
+    assert torch.equal(gpu_m.generate(ids.cuda(), mask.cuda(), max_new_tokens=8).cpu(),
+                       cpu_m.generate(ids, mask, max_new_tokens=8))  # fmt: skip
+    if probes.ssd_kernels() is None:
+        pytest.skip("mamba_ssm's Triton SSD does not import here (Mamba-1 checked)")
+    from simba_compress import mamba2
+
+    cpu2, gpu2 = mamba2_pair(torch.float32)
+    with torch.no_grad():
+        assert mamba2.ssd_kernel(gpu2.backbone.layers[0].mixer, ids.cuda(), gpu2.backends) == "mamba_ssm"
+    _compare(gpu2, cpu2, ids, mask, PRUNE, torch.float32, True)
+    gpu2.simba = cpu2.simba = PRUNE
+    assert torch.equal(gpu2.generate(ids.cuda(), mask.cuda(), max_new_tokens=8).cpu(),
+                       cpu2.generate(ids, mask, max_new_tokens=8))  # fmt: skip

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import L16
+from conftest import L16, shared
 
 lm_eval = pytest.importorskip("lm_eval", reason="the eval extra (lm-eval) is not installed")
 
@@ -45,8 +45,8 @@ def tiny_task(tmp_path_factory):
 def pruned_l16(tmp_path_factory):
     import simba_compress as sc
 
-    m = sc.load(L16)
-    sc.compress(m, flops=0.6, seq_len=1024)
+    m = sc.load(shared(L16))
+    sc.compress(m, sc.LinearSchedule(flops=0.6, seq_len=1024))
     return sc.save(m, tmp_path_factory.mktemp("l16") / "pruned", tokenizer=sc.load_tokenizer(L16))
 
 
@@ -129,3 +129,29 @@ def test_lm_eval_command_line(how, tiny_task, pruned_l16, tmp_path):
     )
     assert r.returncode == 0, r.stderr[-2000:]
     assert "simba_tiny_mc" in r.stdout and "acc" in r.stdout
+
+
+def test_module_command_line_with_the_wheels_placeholder():
+    """A built wheel's hook registers `simba` as a lazy placeholder; `python -m simba_compress.harness` must then
+    neither register a second class (lm-eval refuses) nor lose the model (CI installs the wheel, this checkout
+    is editable: the placeholder is made here by hand, as the hook makes it)."""
+    import subprocess
+    import sys
+
+    code = (
+        "import runpy, sys\n"
+        "import lm_eval.models\n"
+        "from lm_eval.api.registry import model_registry\n"
+        "if 'simba' not in model_registry:\n"
+        "    model_registry.register('simba', target='simba_compress.harness:SimbaLM')\n"
+        "sys.argv = ['harness', '--help']\n"
+        "try:\n"
+        "    runpy.run_module('simba_compress.harness', run_name='__main__')\n"
+        "except SystemExit as e:\n"
+        "    assert not e.code, e.code\n"
+        "from lm_eval.api.registry import get_model\n"
+        "print(get_model('simba').__module__)\n"
+    )
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert r.stdout.strip().splitlines()[-1] == "simba_compress.harness"

@@ -116,3 +116,26 @@ def test_model_step_is_functional():
         _, new = m.step(ids[:, -1], states)
     assert all(torch.equal(a.ssm, b.ssm) and torch.equal(a.conv, b.conv) for a, b in zip(states, before))
     assert not all(torch.equal(a.ssm, b.ssm) for a, b in zip(new, before))
+
+
+def test_backends_choose_scan_and_step(monkeypatch):
+    """scan_path / step_path, the one rule every mixer's choice goes through: mamba_ssm's kernels where installed
+    unless the setting names the project's Triton ones; the Triton scan never under autograd; the reference path
+    off CUDA or with the fast path off."""
+    from simba_compress import backends as probes
+
+    x = torch.zeros(1)
+    assert Backends().scan_path(x, True, False) is None and Backends().step_path(x, True) is None  # the CPU
+    monkeypatch.setattr(Backends, "on", lambda self, t: self.fast_path)  # as on CUDA
+    monkeypatch.setattr(probes, "triton_kernels", lambda: object())
+    auto, triton, mamba = Backends(), Backends(scan="triton", step="triton"), Backends(step="mamba_ssm")
+    assert [auto.scan_path(x, True, False), auto.scan_path(x, False, False), auto.scan_path(x, False, True)] == [
+        "mamba_ssm", "triton", None]
+    assert [triton.scan_path(x, True, False), triton.scan_path(x, True, True)] == ["triton", "mamba_ssm"]
+    assert Backends(fast_path=False).scan_path(x, True, False) is None
+    assert [auto.step_path(x, True), auto.step_path(x, False), auto.step_path(x, True, preferred=False)] == [
+        "mamba_ssm", "triton", "triton"]
+    assert [triton.step_path(x, True), mamba.step_path(x, True, preferred=False), mamba.step_path(x, False)] == [
+        "triton", "mamba_ssm", "triton"]
+    no_triton = Backends(triton=False)
+    assert [no_triton.scan_path(x, False, False), no_triton.step_path(x, True, preferred=False)] == [None, "mamba_ssm"]

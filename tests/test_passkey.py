@@ -5,7 +5,7 @@ import lzma
 import pytest
 import torch
 
-from conftest import CORPUS, random_model
+from conftest import CORPUS, random_model, shared
 from simba_compress import SimbaConfig
 from simba_compress.passkey import NEEDLE, QUESTION, PasskeyTask, evaluate_passkey, exact_match
 from simba_compress.schedules import linear
@@ -59,11 +59,11 @@ def test_haystacks_come_only_from_the_text_given(corpus_tokenizer):
     """Evaluation samples built from valid.txt.xz hold validation text, none of the training text."""
     from simba_compress.data import read_documents, tokenize
 
-    valid = tokenize(read_documents(str(CORPUS / "valid.txt.xz")), corpus_tokenizer)
+    valid = tokenize(read_documents(str(shared(CORPUS / "valid.txt.xz"))), corpus_tokenizer)
     s = PasskeyTask(corpus_tokenizer, valid).sample(2048, 0.5, seed=3)
     piece = corpus_tokenizer.decode(s.ids[s.needle[1] + 50 : s.needle[1] + 250])
     valid_text = lzma.open(CORPUS / "valid.txt.xz", "rt", encoding="utf-8").read()
-    train_text = lzma.open(CORPUS / "train.txt.xz", "rt", encoding="utf-8").read()
+    train_text = lzma.open(shared(CORPUS / "train.txt.xz"), "rt", encoding="utf-8").read()
     assert len(piece) > 400 and piece in valid_text and piece not in train_text
 
 

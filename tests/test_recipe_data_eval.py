@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from conftest import REPO, random_model
-from simba_compress import SimbaConfig, SimbaError
+from simba_compress import ExplicitSchedule, SimbaConfig, SimbaError
 from simba_compress.data import read_documents, windows
 from simba_compress.evaluate import evaluate, evaluate_truncated
 from simba_compress.recipe import build_recipe, read_recipe_file
@@ -19,21 +19,31 @@ from simba_compress.schedules import linear
 @pytest.mark.parametrize("path", sorted((REPO / "recipes").glob("*.yaml")))
 def test_shipped_recipes_are_valid_and_round_trip(path):
     r = build_recipe(read_recipe_file(path), source=str(path))
-    assert r.output and (r.flops or r.keep or r.final_keep)
+    assert r.output and r.schedule.kind in ("linear", "calibrated", "explicit")
     assert build_recipe(__import__("yaml").safe_load(r.to_yaml())) == r
 
 
-def test_unknown_key_and_wrong_type_name_the_key_and_file(tmp_path):
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ("model: demo\nflops: 0.6\nflop: 0.5\n", r"flop: unknown key"),
+        ("model: demo\nflops: lots\n", r"schedule\.flops: Input should be a valid number"),
+        ("model: demo\nflops: 0.6\ncalibration: {samples: -3}\n", r"calibration\.samples: Input should be greater than or equal to 1"),
+        ("model: demo\nschedule: {kind: linear, flops: 1.5}\n", r"schedule\.flops: must be in \(0, 1\], got 1\.5$"),
+        ("model: demo\nschedule: {kind: linear, flops: 0.6, trials: 4}\n", r"schedule\.trials: not a setting of a linear schedule"),
+        ("model: demo\nflops: 0.6\nfinetune: {steps: 2, batch_size: 4, micro_batch_size: 3}\n",
+         r"finetune\.micro_batch_size: 3 does not divide batch_size 4"),
+    ],
+)
+def test_unknown_key_wrong_type_and_bad_value_name_the_key_and_file(tmp_path, text, message):
     f = tmp_path / "r.yaml"
-    f.write_text("model: demo\nflops: 0.6\nflop: 0.5\n")
-    with pytest.raises(SimbaError, match=r"r\.yaml: flop: unknown key"):
+    f.write_text(text)
+    with pytest.raises(SimbaError, match=r"r\.yaml: " + message):
         build_recipe(read_recipe_file(f), source=str(f))
-    f.write_text("model: demo\nflops: lots\n")
-    with pytest.raises(SimbaError, match=r"r\.yaml: flops: Input should be a valid number"):
-        build_recipe(read_recipe_file(f), source=str(f))
-    f.write_text("model: demo\nflops: 0.6\ncalibration: {samples: -3}\n")
-    with pytest.raises(SimbaError, match=r"calibration\.samples: Input should be greater than or equal to 1"):
-        build_recipe(read_recipe_file(f), source=str(f))
+
+
+def test_bad_yaml_names_the_line(tmp_path):
+    f = tmp_path / "r.yaml"
     f.write_text("model: [unclosed\n")
     with pytest.raises(SimbaError, match=r"r\.yaml: not valid YAML at line"):
         read_recipe_file(f)
@@ -41,14 +51,112 @@ def test_unknown_key_and_wrong_type_name_the_key_and_file(tmp_path):
 
 def test_flags_override_the_recipe():
     base = {"model": "demo", "flops": 0.6, "criterion": "utr", "calibration": {"samples": 4}}
-    r = build_recipe(base, {"flops": 0.8, "calibration.seq_len": 256, "criterion": None})
-    assert (r.flops, r.criterion, r.calibration.samples, r.calibration.seq_len) == (0.8, "utr", 4, 256)
-    r = build_recipe(base, {"keep": [1.0, 0.5]})  # a flag's target replaces the recipe's
-    assert r.keep == [1.0, 0.5] and r.flops is None and r.schedule == "explicit"
+    r = build_recipe(base, {"schedule.flops": 0.8, "calibration.seq_len": 256, "schedule.criterion": None})
+    s = r.schedule
+    assert (s.flops, s.criterion, r.calibration.samples, r.calibration.seq_len) == (0.8, "utr", 4, 256)
+    r = build_recipe(base, {"schedule.keep": [1.0, 0.5]})  # a flag's target replaces the recipe's
+    assert r.schedule == ExplicitSchedule(keep=[1.0, 0.5], criterion="utr")
     with pytest.raises(SimbaError, match="give only one of flops, keep, final_keep"):
         build_recipe({"model": "demo", "flops": 0.6, "final_keep": 0.2})
     with pytest.raises(SimbaError, match="give a target"):
         build_recipe({"model": "demo"})
+    with pytest.raises(SimbaError) as e:  # a bad flag keeps its field, for the CLI to name the flag
+        build_recipe(base, {"schedule.protect_last": 0}, "r.yaml")
+    assert str(e.value) == "schedule.protect_last: must be >= 1, got 0" and e.value.field == "schedule.protect_last"
+
+
+# A recipe and a folder's simba section exactly as simba-compress wrote them before the settings objects (issue 25)
+EARLIER_RECIPE = """\
+model: demo
+output: out/demo-0.6
+tokenizer: null
+flops: 0.6
+schedule: calibrated
+keep: null
+final_keep: null
+criterion: share
+protect_last: 4
+form: exact
+granularity: 16
+max_tokens: 64@3
+seq_len: 512
+calibration:
+  data: demo
+  samples: 2
+  seq_len: 256
+trials: 3
+timeout: null
+storage: null
+study_name: simba-calibration
+objective: loss
+finetune:
+  steps: 0
+  data: null
+  eval_data: null
+  lr: 0.0001
+  warmup_steps: null
+  min_lr_ratio: 0.1
+  weight_decay: 0.01
+  grad_clip: 1.0
+  batch_size: 8
+  micro_batch_size: null
+  seq_len: 1024
+  protect: null
+  loss_positions: continuation
+  distill_weight: 0.5
+  temperature: 1.0
+  train: all
+  gradient_checkpointing: null
+  memory_gb: null
+  eval_every: 50
+  eval_windows: 16
+  save_every: 100
+  seed: 0
+finetune_dir: null
+seed: 7
+device: auto
+dtype: auto
+"""
+EARLIER_SIMBA = {"keep": [1.0, 1.0, 0.75, 0.75, 0.5, 0.25], "criterion": "simba", "protect_last": 1, "seed": 0,
+                 "granularity": 1, "extra": {"schedule": "calibrated", "form": "fast", "flops_target": 0.6,
+                 "seq_len": 1024, "trial": 5}, "max_tokens": None, "align": True, "version": 1}
+
+
+def test_recipes_and_folders_of_earlier_versions_still_load(tmp_path, capsys):
+    """The flat recipe format (schedule settings at the top level) reads into the settings objects, with the same
+    meaning, and runs; a folder written before (its simba section) loads pruned as it was."""
+    import yaml
+
+    from simba_compress import CalibratedSchedule, LinearSchedule, compress, load, save
+    from simba_compress.cli import main
+
+    f = tmp_path / "old.yaml"
+    f.write_text(EARLIER_RECIPE)
+    r = build_recipe(read_recipe_file(f), source=str(f))
+    assert r.schedule == CalibratedSchedule(flops=0.6, criterion="share", protect_last=4, form="exact", granularity=16,
+                                            max_tokens="64@3", seq_len=512, trials=3, objective="loss", seed=7)
+    assert r.finetune.steps == 0 and r.calibration.samples == 2
+    assert build_recipe(yaml.safe_load(r.to_yaml())) == r  # written back in today's form, read the same
+    linear = build_recipe(read_recipe_file(f) | {"schedule": "linear", "trials": 40})  # other kinds' keys: unused
+    assert isinstance(linear.schedule, LinearSchedule) and linear.schedule.flops == 0.6
+    assert main(["--recipe", str(f), "--output", str(tmp_path / "o"), "--json"]) == 0
+    report = __import__("json").loads(capsys.readouterr().out)
+    assert report["schedule"]["criterion"] == "share" and report["schedule"]["max_tokens"] == [0, 0, 0, 64, 64, 64]
+    assert report["search"]["trials_complete"] == 3
+
+    folder = tmp_path / "earlier"
+    model = random_model(n_layer=6, vocab=64, seed=4)
+    save(model, folder)
+    config = folder / "config.json"
+    config.write_text(__import__("json").dumps(__import__("json").loads(config.read_text()) | {"simba": EARLIER_SIMBA}))
+    loaded = load(folder)
+    assert loaded.simba.keep == EARLIER_SIMBA["keep"] and loaded.simba.align and loaded.simba.extra["trial"] == 5
+    again = random_model(n_layer=6, vocab=64, seed=4)
+    compress(again, ExplicitSchedule(keep=EARLIER_SIMBA["keep"]))
+    again.simba.align = True
+    x = torch.randint(0, 64, (2, 40))
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x).logits, again(x).logits)
 
 
 def test_reads_txt_xz_jsonl_and_folders(tmp_path):
@@ -121,8 +229,11 @@ def test_pruning_keeps_the_pretrained_proxy_good(l16, valid_windows):
 
     win = valid_windows[:4]
     dense = evaluate(l16, win, protect=64, simba=None, progress=False)
-    simba = linear_for_flops(l16.config, 0.6, 512, "simba", 64)
-    rnd = linear_for_flops(l16.config, 0.6, 512, "random", 64)
+    from simba_compress import LinearSchedule
+
+    simba = linear_for_flops(l16.config, LinearSchedule(flops=0.6, seq_len=512, protect_last=64, form="exact"))
+    rnd = linear_for_flops(l16.config, LinearSchedule(flops=0.6, seq_len=512, criterion="random", protect_last=64,
+                                                      form="exact"))
     from dataclasses import replace
 
     s = evaluate(l16, win, protect=64, simba=replace(simba, protect_last=1), progress=False)

@@ -11,8 +11,12 @@ every exponent <= 0: the chunked form below (the "SSD minimal" algorithm) is sta
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import torch
 import torch.nn.functional as F
+
+from .score import SCORE_CHUNK_ELEMENTS, SCORE_CHUNK_ELEMENTS_GPU, step_norm
 
 SSD_CHUNK = 64
 
@@ -66,17 +70,23 @@ def ssd_step(h, x, dt, A, B, C):
     return torch.einsum("bhpn,bhn->bhp", h, C), h
 
 
-def _ssd_channel_impacts(x, dt, A, B, C, last) -> torch.Tensor:
-    """|dy_T(t)[h, p]| for every token: (b, l, h, p) float32, 0 after last[b] (see ssd_impact)."""
+def _token_head_factors(x, dt, A, B, C, last) -> Iterator[tuple[int, int, torch.Tensor]]:
+    """(c0, c1, f) token chunk by token chunk: f (b, c1 - c0, h) float32 = |dt_t[h] (C_T[g] . B_t[g]) exp(A[h] (S_T[h] -
+    S_t[h]))|, 0 after last[b]. Token t's impact on channel (h, p) is f[t, h] |x_t[h, p]|: the factor is one number
+    per token and head, so no (b, l, h, p) float32 tensor is needed (chunks bound what a caller builds from it)."""
     b, length, H, P = x.shape
     rep = H // B.shape[2]
-    positions = torch.arange(length, device=x.device)
-    upto = positions[None, :] <= last[:, None]  # (b, l)
+    upto = torch.arange(length, device=x.device)[None, :] <= last[:, None]  # (b, l)
     dt = torch.where(upto.unsqueeze(-1), dt.float(), 0.0)
-    after = torch.flip(torch.cumsum(torch.flip(dt, [1]), 1), [1]) - dt  # S_T - S_t: (b, l, h)
-    c_last = C.float()[torch.arange(b, device=x.device), last]  # (b, g, n)
-    cb = torch.einsum("blgn,bgn->blg", B.float(), c_last).repeat_interleave(rep, dim=2)  # (b, l, h)
-    return (cb * dt * torch.exp(after * A.float())).abs().unsqueeze(-1) * x.float().abs()
+    after = torch.flip(torch.cumsum(torch.flip(dt, [1]), 1), [1]) - dt  # S_T - S_t: (b, l, h), no cancellation
+    decay = torch.exp(after * A.float()).mul_(dt)
+    c_last = C[torch.arange(b, device=x.device), last].float()  # (b, g, n)
+    budget = SCORE_CHUNK_ELEMENTS_GPU if x.is_cuda else SCORE_CHUNK_ELEMENTS
+    chunk = max(1, budget // max(1, b * H * P))
+    for c0 in range(0, length, chunk):
+        c1 = min(c0 + chunk, length)
+        cb = torch.einsum("blgn,bgn->blg", B[:, c0:c1].float(), c_last).repeat_interleave(rep, dim=2)  # (b, L, h)
+        yield c0, c1, cb.mul_(decay[:, c0:c1]).abs_()
 
 
 def ssd_impact(x, dt, A, B, C, last) -> torch.Tensor:
@@ -84,16 +94,30 @@ def ssd_impact(x, dt, A, B, C, last) -> torch.Tensor:
 
         dy_T(t)[h, p] = dt_t[h] x_t[h, p] (C_T[g] . B_t[g]) exp(A[h] (S_T[h] - S_t[h])),   s(t) = max_{h,p} |.|
 
-    A per head makes it cheap: O(l * h * p), no chunking needed.
+    A per head makes it cheap: s(t) = max_h f[t, h] max_p |x_t[h, p]| (_token_head_factors), O(l h p) reads of x in
+    its own dtype, one (b, l, h) float32 tensor.
     """
-    return _ssd_channel_impacts(x, dt, A, B, C, last).flatten(2).amax(-1)
+    xmax = torch.linalg.vector_norm(x, ord=float("inf"), dim=-1)  # max_p |x|: (b, l, h), one pass, no |x| copy
+    score = x.new_empty(x.shape[:2], dtype=torch.float32)
+    for c0, c1, f in _token_head_factors(x, dt, A, B, C, last):
+        score[:, c0:c1] = f.mul_(xmax[:, c0:c1]).amax(-1)
+    return score
 
 
 def ssd_share(x, dt, A, B, C, last) -> torch.Tensor:
     """The "share" criterion for Mamba-2 (score.channel_share): each (head, head dim) channel's impacts as
-    shares of its total over the row, max over channels. (b, l) float32, 0 after last[b]."""
-    per_channel = _ssd_channel_impacts(x, dt, A, B, C, last).flatten(2)  # (b, l, h p)
-    return per_channel.div_(per_channel.sum(1, keepdim=True).clamp_min(torch.finfo(torch.float32).tiny)).amax(-1)
+    shares of its total over the row, max over channels. (b, l) float32, 0 after last[b]. Two passes over x in
+    token chunks (the channel totals, then the shares): float32 of one chunk at a time."""
+    b, length, H, P = x.shape
+    total = x.new_zeros(b, H, P, dtype=torch.float32)
+    for c0, c1, f in _token_head_factors(x, dt, A, B, C, last):
+        total += torch.einsum("blh,blhp->bhp", f, x[:, c0:c1].abs().float())
+    total.clamp_min_(torch.finfo(torch.float32).tiny)
+    score = x.new_empty(b, length, dtype=torch.float32)
+    for c0, c1, f in _token_head_factors(x, dt, A, B, C, last):
+        per_channel = x[:, c0:c1].abs().float().mul_(f.unsqueeze(-1))  # (b, L, h, p): this chunk's impacts
+        score[:, c0:c1] = per_channel.div_(total.unsqueeze(1)).flatten(2).amax(-1)
+    return score
 
 
 def ssd_score(criterion: str, x, dt, A, B, C, last) -> torch.Tensor:
@@ -104,5 +128,5 @@ def ssd_score(criterion: str, x, dt, A, B, C, last) -> torch.Tensor:
     if criterion == "share":
         return ssd_share(x, dt, A, B, C, last)
     if criterion == "deci":
-        return dt.float().norm(dim=-1)  # score.step_norm over heads
+        return step_norm(dt)  # over heads
     raise ValueError(f"{criterion!r} is not an in-layer criterion of a Mamba-2 layer")
