@@ -420,6 +420,8 @@ def main() -> None:
                     "proxy (benchmarks/proxies.py: <base>-recall); ranks: which layer ranks the key "
                     "high; loss: loss against length (the passkey proxy's too when the passkey stage ran); shallow: "
                     "the shallower proxy, dense; long: the preset's longer passkey prompts")
+    ap.add_argument("--facts-model", help="the facts stage on this model folder instead of the recall proxy (to show "
+                    "whether a model recalls facts at all)")
     ap.add_argument("--methods", nargs="*", help="only these methods (names as in the tables)")
     ap.add_argument("--lengths", type=int, nargs="+", help="prompt lengths (default: the preset's)")
     ap.add_argument("--loss-windows", type=int)
@@ -595,14 +597,14 @@ def run(p: Preset, args, out: Path) -> None:
             for group in ("main", "extension", "variants", "step"):
                 ok = ok and cells("passkey", pk, pk_name, groups[group], p.lengths, pk_ctx)
         if ok and "facts" in args.stages:  # the second probe needs a proxy that recalls facts at all (passkey_proxy.py --facts)
-            recall = proxies.find(f"{p.base}-recall")
+            recall = Path(args.facts_model) if args.facts_model else proxies.find(f"{p.base}-recall")
             if recall is None:
                 log(f"no {p.base}-recall proxy: the facts stage is skipped ({proxies.REBUILD.get(f'{p.base}-recall', '')})")
             else:
                 fr = load(recall, dtype=dtype, device=device)
                 fr_ctx = Context(keeps, {}, p.train_len, args.batch_tokens)
                 for group in ("main", "variants"):
-                    ok = ok and cells("facts", fr, f"{p.base}-recall", groups[group], p.lengths, fr_ctx)
+                    ok = ok and cells("facts", fr, recall.name, groups[group], p.lengths, fr_ctx)
                 del fr
         if ok and "ranks" in args.stages and pk is not None:
             ok = cells("ranks", pk, pk_name, [Method(c, "ranks", c) for c in RANK_CRITERIA], p.rank_lengths, None)
