@@ -18,11 +18,11 @@ from dataclasses import dataclass, fields
 from typing import ClassVar, Literal
 
 from .errors import SimbaError
-from .pruning import CRITERIA, SimbaConfig
+from .pruning import CRITERIA, DEFAULT_CRITERION, SimbaConfig
 
 Form = Literal["fast", "exact"]
 FORMS = ("fast", "exact")
-Criterion = Literal["simba", "share", "deci", "utr", "l2norm", "random", "stride"]
+Criterion = Literal["simba", "query", "share", "deci", "utr", "l2norm", "random", "stride"]
 assert set(Criterion.__args__) == set(CRITERIA)
 # pydantic (the recipe) validates these dataclasses' field types from their annotations and refuses unknown keys
 _FORBID = {"extra": "forbid"}
@@ -53,7 +53,7 @@ class PruningSettings:
     """What every kind of schedule shares: how the schedule prunes (SimbaConfig's fields), and the input length
     its FLOP ratio is counted at."""
 
-    criterion: Criterion = "simba"  # how tokens are ranked (pruning.SimbaConfig)
+    criterion: Criterion = DEFAULT_CRITERION  # how tokens are ranked (pruning.SimbaConfig)
     protect_last: int = 1  # last tokens never pruned (generation needs >= 1)
     granularity: int = 1  # token counts rounded to multiples of this; a staircase of its own: not with form "fast"
     max_tokens: str | list[int] | None = None  # per-layer token caps (0: none) or "T@L", on top of the schedule
