@@ -137,7 +137,7 @@ def methods(p: Preset) -> dict[str, list[Method]]:
     main, variants, step = [Method("dense", "dense"), Method("window", "window")], [], []
     for f in p.budgets:
         main += [Method("truncate", "truncate", budget=f), Method("simba", "pruned", "simba", f),
-                 Method("query", "pruned", "query", f),
+                 Method("query", "pruned", "query", f), Method("recent-query", "pruned", "recent-query", f),
                  Method("simba-cal", "pruned", "simba", f, calibrated=True), Method("deci", "pruned", "deci", f),
                  Method("utr", "pruned", "utr", f)]
         variants += [Method("share", "pruned", "share", f), Method("mix", "pruned", "simba", f, variant="mix")]

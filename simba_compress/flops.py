@@ -90,6 +90,7 @@ def score_flops(cfg: ModelConfig, criterion: str) -> int:
         # pruning.query_attention: normalise the stream (3d), cosine with each of the QUERY_WINDOW queries (2d each),
         # scale, exp, sum and divide per query (4 each), the sum over the queries (1 each), the pool's comparisons
         "query": 2 * QUERY_WINDOW * d + 3 * d + 5 * QUERY_WINDOW + 2 * QUERY_POOL,
+        "recent-query": 2 * QUERY_WINDOW * d + 3 * d + 5 * QUERY_WINDOW + 2 * QUERY_POOL + 2,  # + the recency mask
         "deci": 2 * e,  # square and sum of the step sizes the layer already computed
         "utr": 2 * d,  # clamp, sum
         "l2norm": 2 * d,  # square, sum

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 
 from .layers import SCAN_CHUNKS, ScanChunks
 
-CRITERIA = ("simba", "query", "share", "deci", "utr", "l2norm", "random", "stride")
+CRITERIA = ("simba", "query", "recent-query", "share", "deci", "utr", "l2norm", "random", "stride")
 DEFAULT_CRITERION = "simba"  # what --flops, compress(), recipes and SimbaConfig use unless told (README, What to expect)
 # criteria whose scores the layer computes from its own SSM inputs while it runs (LayerView.impact)
 IN_LAYER = ("simba", "share", "deci")
@@ -35,7 +35,8 @@ class SimbaConfig:
     keep: per-layer fraction of the input's real tokens that each layer runs on; keep[0] = 1.0 and it
         never increases with depth.
     criterion: how tokens are ranked: "simba" (global impact through the layer's own recurrence), "query" (the
-        attention the prompt's end pays each token, through the layer's own residual stream: query_attention), "share" (the
+        attention the prompt's end pays each token, through the layer's own residual stream: query_attention),
+        "recent-query" (half of each layer's budget to the most recent tokens, the rest by query), "share" (the
         same impacts as shares of each channel's total: the largest share a token holds of any channel), "deci"
         (DeciMamba's: the L2 norm over channels of the step size softplus(dt)), "utr" (clipped-activation sum of
         the block output), "l2norm" (block output norm), "random", "stride".
@@ -125,6 +126,9 @@ class SimbaConfig:
     def from_dict(cls, d: dict) -> "SimbaConfig":
         d = dict(d)
         d.pop("version", None)
+        # a folder states its criterion; one that does not was saved when "simba" was every schedule's default, and
+        # keeps it whatever DEFAULT_CRITERION says now
+        d.setdefault("criterion", "simba")
         return cls(**d)
 
 
@@ -207,6 +211,15 @@ def _query(view: LayerView, seed: int) -> torch.Tensor:
     return query_attention(view.hidden, view.real, query)
 
 
+def _recent_query(view: LayerView, seed: int) -> torch.Tensor:
+    # Half of the next layer's budget to the most recent tokens (what a continuation reads: truncation's choice, the
+    # best plain-text ranking measured, benchmarks/RESULTS.md), the other half by the query's attention (what the
+    # question reads, wherever it sits): query alone keeps the needle but costs plain text (issue 23).
+    from_end = view.real.flip(1).cumsum(1).flip(1)  # real slots at or after each slot
+    half = torch.div(torch.as_tensor(view.target, device=view.real.device) + 1, 2, rounding_mode="floor")  # ceil(k/2)
+    return _query(view, seed).masked_fill(view.real & (from_end <= half), float("inf"))
+
+
 def _in_layer(view: LayerView, seed: int) -> torch.Tensor:
     # simba: fused into the scan (ssm.scan; ssm.score.global_impact is its reference); share: ssm.score.channel_share
     # (Mamba-2: ssm.ssd.ssd_share); deci: ssm.score.step_norm
@@ -238,6 +251,7 @@ def _stride(view: LayerView, seed: int) -> torch.Tensor:
 CRITERION_FNS: dict[str, Callable[[LayerView, int], torch.Tensor]] = {
     "simba": _in_layer,
     "query": _query,
+    "recent-query": _recent_query,
     "share": _in_layer,
     "deci": _in_layer,
     "utr": _utr,

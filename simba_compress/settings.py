@@ -22,7 +22,7 @@ from .pruning import CRITERIA, DEFAULT_CRITERION, SimbaConfig
 
 Form = Literal["fast", "exact"]
 FORMS = ("fast", "exact")
-Criterion = Literal["simba", "query", "share", "deci", "utr", "l2norm", "random", "stride"]
+Criterion = Literal["simba", "query", "recent-query", "share", "deci", "utr", "l2norm", "random", "stride"]
 assert set(Criterion.__args__) == set(CRITERIA)
 # pydantic (the recipe) validates these dataclasses' field types from their annotations and refuses unknown keys
 _FORBID = {"extra": "forbid"}

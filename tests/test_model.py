@@ -71,9 +71,11 @@ def naive_sparse_forward(model, ids, simba):
                 score = dt.norm(dim=-1)
             elif simba.criterion == "utr":
                 score = sub.clamp(min=0).sum(-1)
-            elif simba.criterion == "query":  # its math: test_query_attention_equals_its_loop_definition
+            elif simba.criterion in ("query", "recent-query"):  # its math: test_query_attention_equals_its_loop_definition
                 query = torch.tensor([[p >= T - QUERY_WINDOW for p in positions]])
                 score = query_attention(sub[None], torch.ones_like(query), query)[0]
+                if simba.criterion == "recent-query":  # the most recent ceil(k / 2) tokens first
+                    score[len(positions) - (counts[i + 1] + 1) // 2 :] = float("inf")
             else:
                 score = sub.norm(dim=-1)
             protected = set(positions[-simba.protect_last :])
@@ -132,7 +134,7 @@ def test_query_ranks_what_the_end_resembles_first():
     assert sorted(top.tolist()) == list(range(20 - QUERY_POOL, 20 + QUERY_POOL + 1))  # the needle and its neighbours
 
 
-@pytest.mark.parametrize("criterion", ["simba", "query", "share", "deci", "utr", "l2norm"])
+@pytest.mark.parametrize("criterion", ["simba", "query", "recent-query", "share", "deci", "utr", "l2norm"])
 @pytest.mark.parametrize("protect", [1, 5])
 def test_sparse_forward_equals_naive_reference(criterion, protect):
     m = random_model(n_layer=4, d_model=16, vocab=64, seed=3)
@@ -149,7 +151,7 @@ def test_sparse_forward_equals_naive_reference(criterion, protect):
 
 
 @pytest.mark.parametrize("side", ["left", "right"])
-@pytest.mark.parametrize("criterion", ["simba", "query", "share", "deci", "utr", "stride"])
+@pytest.mark.parametrize("criterion", ["simba", "query", "recent-query", "share", "deci", "utr", "stride"])
 def test_padded_batch_equals_rows_alone(side, criterion):
     m = random_model(n_layer=4, d_model=16, vocab=64, seed=5)
     simba = SimbaConfig(linear(4, 0.2), criterion, 2)
