@@ -67,23 +67,27 @@ def probe_rows(cells: list[dict], task: str, budget: float, methods: list[str], 
 
 
 def loss_rows(files: list[Path], budget: float, criteria: list[str]) -> list[dict]:
-    """Per quality run (sequence length): each criterion's headline and all-position loss, and its gap to Simba's."""
-    rows = []
+    """Per sequence length (the rows of every file at that length, the same windows): each criterion's headline and
+    all-position loss, and its gap to Simba's."""
+    by_len: dict[int, dict[str, tuple[dict, str]]] = {}
     for f in files:
         d = json.loads(f.read_text())
-        seq = d.get("seq_len") or d.get("meta", {}).get("seq_len")
-        at = {}
+        at = by_len.setdefault(d["meta"]["seq_len"], {})
         for r in d["rows"]:
             crit = r["method"].split(" ")[0]
             if r["method"] == "dense" and r["flops_target"] == 1.0:
-                at["dense"] = r
-            elif r.get("flops_target") == budget and (crit in criteria or r["method"] == "truncate prompt"):
-                at["truncate" if r["method"] == "truncate prompt" else crit] = r
-        simba = at.get("simba")
-        for m, r in at.items():
+                at["dense"] = (r, f.name)
+            elif r.get("flops_target") == budget and r["method"] == "truncate prompt":
+                at["truncate"] = (r, f.name)
+            elif r.get("flops_target") == budget and crit in criteria and "(linear)" in r["method"]:
+                at[crit] = (r, f.name)
+    rows = []
+    for seq, at in sorted(by_len.items()):
+        simba = at.get("simba", (None,))[0]
+        for m, (r, name) in at.items():
             row = {"task": "loss", "seq_len": seq, "method": m, "loss": r["loss"], "loss_se": r["loss_se"],
-                   "all_position_loss": r.get("all_position_loss"), "flop_ratio": r["flop_ratio"], "file": f.name}
-            if simba is not None and m not in ("dense", "simba"):
+                   "all_position_loss": r.get("all_position_loss"), "flop_ratio": r["flop_ratio"], "file": name}
+            if simba is not None and m in criteria and m != "simba":
                 row["vs_simba"] = round(r["loss"] - simba["loss"], 4)
                 row["meets"] = row["vs_simba"] <= LOSS_MARGIN
             rows.append(row)
@@ -160,7 +164,7 @@ def main() -> None:
         d = json.loads((Path(folder) / "long_context.json").read_text())
         cells += d["cells"]
         meta.append({k: d["meta"].get(k) for k in ("command", "device", "machine", "versions", "seconds", "per_depth")})
-    methods = ["truncate", *args.criteria, "oracle"]
+    methods = ["dense", "truncate", *args.criteria, "oracle"]
     rows = [r for task in ("passkey", "facts") for r in probe_rows(cells, task, args.budget, methods, args.criteria)]
     rows += loss_rows([Path(f) for f in args.quality], args.budget, args.criteria)
     out = {"command": "python " + shlex.join(sys.argv), "budget": args.budget, "runs": meta,

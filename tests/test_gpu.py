@@ -70,6 +70,7 @@ STRIDE = SimbaConfig(linear(4, 0.25), criterion="stride")
 DECI = SimbaConfig(linear(4, 0.25), criterion="deci")
 SHARE = SimbaConfig(linear(4, 0.25), criterion="share")
 QUERY = SimbaConfig(linear(4, 0.25), criterion="query")
+RECENT_QUERY = SimbaConfig(linear(4, 0.25), criterion="recent-query")
 
 
 def scan_reference(u, delta, A, B, C, D, z, delta_bias) -> tuple[torch.Tensor, torch.Tensor]:
@@ -123,6 +124,7 @@ def test_kernel_layout_matches_reference_on_cpu(kernel_path_on_cpu, monkeypatch,
                 m(ids, mask, simba=DECI, return_kept=True),
                 m(ids, mask, simba=SHARE, return_kept=True),
                 m(ids, mask, simba=QUERY, return_kept=True),
+                m(ids, mask, simba=RECENT_QUERY, return_kept=True),
                 m(ids[:, :2], simba=None, return_states=True),  # shorter than the conv window
             ]
     for k, r in zip(outs["kernel"], outs["reference"]):
@@ -310,6 +312,7 @@ def test_random_model_matches_cpu(dtype, scan, monkeypatch):
         _compare(gpu_m, cpu_m, ids, mask, DECI, dtype, True)
         _compare(gpu_m, cpu_m, ids, mask, SHARE, dtype, True)
         _compare(gpu_m, cpu_m, ids, mask, QUERY, dtype, True)
+        _compare(gpu_m, cpu_m, ids, mask, RECENT_QUERY, dtype, True)
 
 
 @needs_cuda
@@ -443,6 +446,7 @@ def test_mamba2_fast_path_matches_cpu(dtype, path):
         _compare(gpu_m, cpu_m, ids, mask, SHARE, dtype, True)
         _compare(gpu_m, cpu_m, ids, mask, DECI, dtype, True)
         _compare(gpu_m, cpu_m, ids, mask, QUERY, dtype, True)
+        _compare(gpu_m, cpu_m, ids, mask, RECENT_QUERY, dtype, True)
         with torch.no_grad():
             g = gpu_m(ids.cuda(), mask.cuda(), simba=PRUNE, return_states=True)
             r = cpu_m(ids, mask, simba=PRUNE, return_states=True)
