@@ -242,13 +242,15 @@ def recent_tokens(m: Method, length: int, train_len: int) -> int | None:
 # --- cells ----------------------------------------------------------------------------------------------------------
 
 
-def passkey_cell(model, samples, m: Method, ctx: Context) -> dict:
-    protect = max(s.tail for s in samples)
-    length = samples[0].length
-    simba = schedule(m, model.config, length, protect, ctx)
+def probe_setup(model, samples, m: Method, ctx: Context) -> tuple[int, SimbaConfig | None, int | None]:
+    """(the protected tail, m's schedule, the tokens truncation reads) for probe samples of one length."""
+    protect, length = max(s.tail for s in samples), samples[0].length
     recent = recent_tokens(m, length, ctx.train_len)
-    if recent is not None:
-        recent = max(recent, protect)
+    return protect, schedule(m, model.config, length, protect, ctx), None if recent is None else max(recent, protect)
+
+
+def passkey_cell(model, samples, m: Method, ctx: Context) -> dict:
+    protect, simba, recent = probe_setup(model, samples, m, ctx)
     if m.variant == "oracle":  # the needle differs per sample: one sample per forward
         parts = []
         for s in samples:
@@ -281,12 +283,7 @@ def summary(samples, correct: list[bool], depths: list[float], flops: float, pro
 def facts_cell(model, samples, m: Method, ctx: Context, depths: list[float]) -> dict:
     """Fact recall (simba_compress.facts): the true answer the most likely of the candidates, the question protected.
     `depths`: the depth each sample was asked for (a fact sits at the sentence boundary nearest to it)."""
-    protect = max(s.tail for s in samples)
-    length = samples[0].length
-    simba = schedule(m, model.config, length, protect, ctx)
-    recent = recent_tokens(m, length, ctx.train_len)
-    if recent is not None:
-        recent = max(recent, protect)
+    protect, simba, recent = probe_setup(model, samples, m, ctx)
     correct, logprob = [], []
     for s in samples:  # one prefill a sample, then each answer from its states
         with forcing(needle(s.fact)) if m.variant == "oracle" else forcing(recent_half) if m.variant == "mix" \

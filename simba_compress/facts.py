@@ -26,6 +26,7 @@ import torch
 
 from .flops import count
 from .model import MambaLM
+from .passkey import protected_prompt
 from .pruning import SimbaConfig
 
 # (fact with {a} for the answer, question ending where the answer follows, the answers it may take)
@@ -203,15 +204,7 @@ def evaluate_facts(
 ) -> FactResult:
     """Accuracy of `model` on samples of one length, dense (simba None) or pruned by `simba` with the question
     protected; recent=N is the truncation baseline: the dense model reads the last N tokens."""
-    length = samples[0].length
-    if any(s.length != length for s in samples):
-        raise ValueError("samples: evaluate one length at a time")
-    protect = max(s.tail for s in samples)
-    if simba is not None:
-        simba = replace(simba, protect_last=max(simba.protect_last, protect))
-    start = 0 if recent is None else length - recent
-    if not 0 <= start <= length - protect:
-        raise ValueError(f"recent: must keep at least the {protect}-token question, got {recent}")
+    length, protect, simba, start = protected_prompt(samples, simba, recent, "question")
     correct, logprob, margin = [], [], []
     for s in samples:
         lp = answer_logprobs(model, s.ids[None, start:], s.answers, simba)
