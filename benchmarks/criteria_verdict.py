@@ -41,15 +41,15 @@ def probe_rows(cells: list[dict], task: str, budget: float, methods: list[str], 
     """Per length: each method's accuracy, its standard error and its paired difference to truncation; the methods
     in `judged` also against the target."""
     rows = []
-    for length in sorted({c["length"] for c in cells if c["task"] == task}):
-        at = {c["method"]: c for c in cells if c["task"] == task and c["length"] == length and "correct" in c
-              and c["budget"] in (budget, None)}
+    for model, length in sorted({(c["model"], c["length"]) for c in cells if c["task"] == task}):
+        at = {c["method"]: c for c in cells if c["task"] == task and c["model"] == model and c["length"] == length
+              and "correct" in c and c["budget"] in (budget, None)}
         trunc, oracle = at.get("truncate"), at.get("oracle")
         for m in methods:
             if m not in at:
                 continue
             c = at[m]
-            row = {"task": task, "length": length, "method": m, "samples": c["samples"], "accuracy": c["accuracy"],
+            row = {"task": task, "model": model, "length": length, "method": m, "samples": c["samples"], "accuracy": c["accuracy"],
                    "se": round(_se(c["accuracy"], c["samples"]), 4), "flop_ratio": c.get("flop_ratio")}
             if trunc is not None and len(trunc["correct"]) == len(c["correct"]):
                 diff, se = paired(c["correct"], trunc["correct"])
@@ -126,11 +126,11 @@ def markdown(d: dict) -> str:
         rs = [r for r in d["rows"] if r["task"] == task]
         if not rs:
             continue
-        lines += [f"## {task}", "", "| length | method | samples | accuracy ± se | vs truncate | target | meets | FLOP ratio |",
-                  "|---:|---|---:|---:|---:|---:|---|---:|"]
+        lines += [f"## {task}", "", "| model | length | method | samples | accuracy ± se | vs truncate | target | meets | "
+                  "FLOP ratio |", "|---|---:|---|---:|---:|---:|---:|---|---:|"]
         for r in rs:
             vs = f"{r['vs_truncate']:+.3f} ± {r['vs_truncate_se']:.3f}" if "vs_truncate" in r else ""
-            lines.append(f"| {r['length']} | {r['method']} | {r['samples']} | {r['accuracy']:.3f} ± {r['se']:.3f} | {vs} | "
+            lines.append(f"| {r['model']} | {r['length']} | {r['method']} | {r['samples']} | {r['accuracy']:.3f} ± {r['se']:.3f} | {vs} | "
                          f"{r.get('target', '')} | {'yes' if r.get('meets') else 'no' if 'meets' in r else ''} | "
                          f"{r['flop_ratio']} |")
         lines.append("")
