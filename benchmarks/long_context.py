@@ -4,12 +4,18 @@ One run, in priority order, writing long_context.{json,md,png} to --out after ev
 what it measured; a rerun with the same --out skips the cells it has):
 
 1. The passkey proxy: the base proxy fine-tuned to retrieve (benchmarks/passkey_proxy.py build(), prompts of at
-   most the training length, training text only), written to --work (a model cannot come back from a GPU machine).
+   most the training length, training text only). Where benchmarks/proxies.py finds it (find("<base>-passkey"):
+   a GPU run's copy unpacked with `python benchmarks/proxies.py PART...` into ~/.cache/simba-compress/proxies, or
+   $SIMBA_PROXIES) that copy is used; else it is built into --work (minutes on a GPU; the cpu preset's l6 at a
+   256-token training length in about half an hour on 2 CPU cores).
 2. Calibration on training text only (never the evaluation text): the context extension, i.e. for each criterion
    the first capped layer L and the cap T (SimbaConfig.max_tokens) with the lowest loss on the last 128 tokens of
    long training windows; and the step schedules' L (below) by the same loss at the training length.
 3. Passkey retrieval on held-out text (valid.txt.xz haystacks) by prompt length and needle depth, the same samples
    for every method: teacher-forced exact match of the key, the question and answer protected from pruning.
+3b. Fact recall (issue 23's second probe, simba_compress/facts.py): a fact stated once in held-out text, asked about at
+   the end, the true answer the most likely of 4 candidates; on the recall proxy (passkey_proxy.py --facts: the
+   passkey proxies do not recall facts at all), found by benchmarks/proxies.py as "<base>-recall", skipped without it.
 4. Which layer's score ranks the key high: in the dense passkey proxy, the rank of the key's tokens under each
    layer's simba, share and deci scores.
 5. Loss against context length on valid.txt.xz (the last 128 tokens of each window, protected), for the passkey
@@ -48,6 +54,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import proxies  # noqa: E402
 from passkey_proxy import ProxyConfig, build, device_name, spread_text, valid_stream, versions  # noqa: E402
 
 from simba_compress import SimbaConfig, load, load_tokenizer  # noqa: E402
@@ -55,7 +62,9 @@ from simba_compress.checkpoints import read_checkpoint  # noqa: E402
 from simba_compress.data import windows  # noqa: E402
 from simba_compress.errors import SimbaError  # noqa: E402
 from simba_compress.evaluate import default_protect, evaluate, evaluate_truncated  # noqa: E402
+from simba_compress.facts import FactTask, evaluate_facts  # noqa: E402
 from simba_compress.passkey import PasskeyTask, evaluate_passkey  # noqa: E402
+from simba_compress.pruning import DEFAULT_CRITERION  # noqa: E402
 from simba_compress.pruning import TokenPlan  # noqa: E402
 from simba_compress.schedules import fit_flops, linear_for_flops  # noqa: E402
 from simba_compress.settings import LinearSchedule  # noqa: E402
@@ -63,7 +72,7 @@ from simba_compress.settings import LinearSchedule  # noqa: E402
 CALIBRATED = Path(__file__).resolve().parent / "results/h200/quality_T1024_calibrated.json"
 EXT_CRITERIA = ("simba", "share", "deci", "utr")
 RANK_CRITERIA = ("simba", "share", "deci")
-STAGES = ("passkey", "ranks", "loss", "shallow", "long")
+STAGES = ("passkey", "facts", "ranks", "loss", "shallow", "long")
 
 
 @dataclass
@@ -128,6 +137,7 @@ def methods(p: Preset) -> dict[str, list[Method]]:
     main, variants, step = [Method("dense", "dense"), Method("window", "window")], [], []
     for f in p.budgets:
         main += [Method("truncate", "truncate", budget=f), Method("simba", "pruned", "simba", f),
+                 Method("query", "pruned", "query", f), Method("recent-query", "pruned", "recent-query", f),
                  Method("simba-cal", "pruned", "simba", f, calibrated=True), Method("deci", "pruned", "deci", f),
                  Method("utr", "pruned", "utr", f)]
         variants += [Method("share", "pruned", "share", f), Method("mix", "pruned", "simba", f, variant="mix")]
@@ -232,13 +242,15 @@ def recent_tokens(m: Method, length: int, train_len: int) -> int | None:
 # --- cells ----------------------------------------------------------------------------------------------------------
 
 
-def passkey_cell(model, samples, m: Method, ctx: Context) -> dict:
-    protect = max(s.tail for s in samples)
-    length = samples[0].length
-    simba = schedule(m, model.config, length, protect, ctx)
+def probe_setup(model, samples, m: Method, ctx: Context) -> tuple[int, SimbaConfig | None, int | None]:
+    """(the protected tail, m's schedule, the tokens truncation reads) for probe samples of one length."""
+    protect, length = max(s.tail for s in samples), samples[0].length
     recent = recent_tokens(m, length, ctx.train_len)
-    if recent is not None:
-        recent = max(recent, protect)
+    return protect, schedule(m, model.config, length, protect, ctx), None if recent is None else max(recent, protect)
+
+
+def passkey_cell(model, samples, m: Method, ctx: Context) -> dict:
+    protect, simba, recent = probe_setup(model, samples, m, ctx)
     if m.variant == "oracle":  # the needle differs per sample: one sample per forward
         parts = []
         for s in samples:
@@ -250,18 +262,37 @@ def passkey_cell(model, samples, m: Method, ctx: Context) -> dict:
         with forcing(recent_half) if m.variant == "mix" else nullcontext():
             r = evaluate_passkey(model, samples, simba, recent=recent, batch_tokens=ctx.batch_tokens)
         correct, kept, flops = r.correct, r.key_kept, r.flop_ratio
+    return {**summary(samples, correct, [s.depth for s in samples], flops, protect),
+            "key_kept": round(sum(kept) / len(kept), 4)}  # samples with a copy of the key whole in the top layer
+
+
+def summary(samples, correct: list[bool], depths: list[float], flops: float, protect: int) -> dict:
     by_depth = {}
-    for s, c in zip(samples, correct):
-        by_depth.setdefault(str(s.depth), []).append(c)
+    for d, c in zip(depths, correct):
+        by_depth.setdefault(str(d), []).append(c)
     return {
         "accuracy": round(sum(correct) / len(correct), 4),
         "correct": "".join("1" if c else "0" for c in correct),  # per sample, in order: paired comparisons
         "by_depth": {d: round(sum(v) / len(v), 4) for d, v in by_depth.items()},
-        "key_kept": round(sum(kept) / len(kept), 4),  # samples with a copy of the key whole in the top layer
         "flop_ratio": round(flops, 4),
         "samples": len(samples),
         "protect": protect,
     }
+
+
+def facts_cell(model, samples, m: Method, ctx: Context, depths: list[float]) -> dict:
+    """Fact recall (simba_compress.facts): the true answer the most likely of the candidates, the question protected.
+    `depths`: the depth each sample was asked for (a fact sits at the sentence boundary nearest to it)."""
+    protect, simba, recent = probe_setup(model, samples, m, ctx)
+    correct, logprob = [], []
+    for s in samples:  # one prefill a sample, then each answer from its states
+        with forcing(needle(s.fact)) if m.variant == "oracle" else forcing(recent_half) if m.variant == "mix" \
+                else nullcontext():
+            r = evaluate_facts(model, [s], simba, recent=recent)
+        correct += r.correct
+        logprob += r.logprob
+    return {**summary(samples, correct, depths, r.flop_ratio, protect),
+            "logprob": round(sum(logprob) / len(logprob), 4)}  # the true answer's mean log-likelihood
 
 
 def loss_cell(model, wins: torch.Tensor, m: Method, ctx: Context, batch: int) -> dict:
@@ -382,9 +413,12 @@ def main() -> None:
     ap.add_argument("--work", default="/tmp/simba-long-context", help="where the passkey proxies are written")
     ap.add_argument("--preset", default="h200", choices=sorted(PRESETS), help="sizes: h200 (default), cpu, smoke")
     ap.add_argument("--stages", nargs="+", default=list(STAGES), choices=STAGES,
-                    help="passkey: the proxy, the calibrations and the passkey cells; ranks: which layer ranks the key "
+                    help="passkey: the proxy, the calibrations and the passkey cells; facts: fact recall on the recall "
+                    "proxy (benchmarks/proxies.py: <base>-recall); ranks: which layer ranks the key "
                     "high; loss: loss against length (the passkey proxy's too when the passkey stage ran); shallow: "
                     "the shallower proxy, dense; long: the preset's longer passkey prompts")
+    ap.add_argument("--facts-model", help="the facts stage on this model folder instead of the recall proxy (to show "
+                    "whether a model recalls facts at all)")
     ap.add_argument("--methods", nargs="*", help="only these methods (names as in the tables)")
     ap.add_argument("--lengths", type=int, nargs="+", help="prompt lengths (default: the preset's)")
     ap.add_argument("--loss-windows", type=int)
@@ -398,8 +432,15 @@ def main() -> None:
     ap.add_argument("--max-seconds", type=float, help="start no new cell after this (h200: 300)")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--plot-only", action="store_true")
+    ap.add_argument("--merge", metavar="DIR", help="add the cells of DIR/long_context.json (another run) to --out's, each "
+                    "labelled with its run's device and its model suffixed with --merge-label; the default criterion's "
+                    "rows become '<criterion> (default)'; then redraw")
+    ap.add_argument("--merge-label", default="", help="what tells the merged run's model apart (e.g. 'rebuilt')")
     args = ap.parse_args()
     out = Path(args.out)
+    if args.merge:
+        merge(out, Path(args.merge), args.merge_label)
+        return
     if args.plot_only:
         Results(out, {}).save(figure=True)
         return
@@ -410,6 +451,27 @@ def main() -> None:
     if args.steps is not None:
         p.proxy = replace(p.proxy, steps=args.steps)
     run(p, args, out)
+
+
+def merge(out: Path, other: Path, label: str) -> None:
+    """--merge: other's cells into out's results, labelled by device (and model label), the default criterion marked."""
+    res, src = Results(out, {}), json.loads((other / "long_context.json").read_text())
+    device = src["meta"].get("device", "?")
+    for c in res.data["cells"]:
+        c.setdefault("device", res.data["meta"].get("device", "?"))
+    added = 0
+    for c in src["cells"]:
+        c = {**c, "device": device, "model": f"{c['model']} ({label})" if label else c["model"]}
+        if c["method"] == DEFAULT_CRITERION and c["budget"] is not None:
+            c["method"] = f"{DEFAULT_CRITERION} (default)"
+        if Results.key(c) not in res.done:
+            res.add(c)
+            added += 1
+    res.data["meta"].setdefault("merged", [])
+    res.data["meta"]["merged"] = [m for m in res.data["meta"]["merged"] if m.get("from") != str(other)]
+    res.data["meta"]["merged"].append({"from": str(other), "label": label, "cells": added, **src["meta"]})
+    res.save(figure=True)
+    print(f"{added} cells of {other} merged into {out}")
 
 
 def run(p: Preset, args, out: Path) -> None:
@@ -452,7 +514,9 @@ def run(p: Preset, args, out: Path) -> None:
         return max(1, args.batch_tokens // length)
 
     def proxy(name: str) -> Path:
-        folder = work / f"{name}-passkey"
+        """The passkey proxy of base `name`: the copy benchmarks/proxies.py finds (a GPU run's, unpacked), else the
+        one built into --work by an earlier run, else built now."""
+        folder = proxies.find(f"{name}-passkey") or work / f"{name}-passkey"
         if not (folder / "passkey_proxy.json").exists():
             with torch.enable_grad():
                 build(str(models / name), folder, p.proxy, train_pieces, valid, tok, device, res.data["meta"]["command"],
@@ -485,6 +549,8 @@ def run(p: Preset, args, out: Path) -> None:
         for length in lengths:
             if kind == "passkey":
                 data = task.samples(length, p.depths, p.per_depth, seed=0)
+            elif kind == "facts":
+                data = FactTask(tok, valid).samples(length, p.depths, p.per_depth, seed=0)
             elif kind == "ranks":
                 data = task.samples(length, p.depths, p.rank_per_depth, seed=1)
             else:
@@ -502,6 +568,8 @@ def run(p: Preset, args, out: Path) -> None:
                 try:
                     if kind == "passkey":
                         cell.update(passkey_cell(model, data, m, ctx))
+                    elif kind == "facts":
+                        cell.update(facts_cell(model, data, m, ctx, [d for d in p.depths for _ in range(p.per_depth)]))
                     elif kind == "ranks":
                         cell.update(rank_cell(model, data, m.criterion))
                     else:
@@ -525,6 +593,16 @@ def run(p: Preset, args, out: Path) -> None:
             pk_ctx = calibrated(pk_name, pk)
             for group in ("main", "extension", "variants", "step"):
                 ok = ok and cells("passkey", pk, pk_name, groups[group], p.lengths, pk_ctx)
+        if ok and "facts" in args.stages:  # the second probe needs a proxy that recalls facts at all (passkey_proxy.py --facts)
+            recall = Path(args.facts_model) if args.facts_model else proxies.find(f"{p.base}-recall")
+            if recall is None:
+                log(f"no {p.base}-recall proxy: the facts stage is skipped ({proxies.REBUILD.get(f'{p.base}-recall', '')})")
+            else:
+                fr = load(recall, dtype=dtype, device=device)
+                fr_ctx = Context(keeps, {}, p.train_len, args.batch_tokens)
+                for group in ("main", "variants"):
+                    ok = ok and cells("facts", fr, recall.name, groups[group], p.lengths, fr_ctx)
+                del fr
         if ok and "ranks" in args.stages and pk is not None:
             ok = cells("ranks", pk, pk_name, [Method(c, "ranks", c) for c in RANK_CRITERIA], p.rank_lengths, None)
         if ok and "loss" in args.stages:
@@ -581,10 +659,16 @@ def markdown(d: dict) -> str:
         lines += [f"`{meta['command']}`", "",
                   f"{meta.get('device')}, {meta.get('dtype')}; " + ", ".join(f"{k} {x}" for k, x in v.items() if x)
                   + (f"; {meta['seconds']} s" if "seconds" in meta else " (incomplete run)") + ".", ""]
+    for m in meta.get("merged", []):
+        v = m.get("versions", {})
+        lines += [f"Merged from another run ({m['cells']} cells; their model is labelled \"({m['label']})\", their rows "
+                  f"carry its device): `{m.get('command')}`; {m.get('device')}, {m.get('dtype')}; "
+                  + ", ".join(f"{k} {x}" for k, x in v.items() if x) + ".", ""]
     lines += [
         "Methods at FLOP ratio F of the base backbone: truncate = the dense model on the last F x L tokens; window = on "
-        "its last training-length tokens; simba / share / deci / utr = the linear schedule meeting F with that "
-        "criterion; simba-cal = the calibrated KL schedule (T = 1024); stepK = layers below K dense, the rest at one "
+        "its last training-length tokens; simba / query / share / deci / utr = the linear schedule meeting F with that "
+        "criterion (query: the attention the prompt's last 32 tokens pay each token through the layer's residual "
+        "stream, pruning.query_attention; '(default)': the criterion --flops uses); simba-cal = the calibrated KL schedule (T = 1024); stepK = layers below K dense, the rest at one "
         "keep ratio (simba's score); mix = simba with half of each layer's budget given to the most recent tokens; "
         "oracle = simba with the needle always kept (what a perfect score could do); ext-<criterion> = context "
         "extension: every layer from L on runs on at most T tokens, (L, T) calibrated on long training windows "
@@ -611,6 +695,13 @@ def markdown(d: dict) -> str:
                 lines.append(f"| {_label(c)} | {c['length']} | "
                              + " | ".join(f"{c['by_depth'].get(str(x), float('nan')):.2f}" for x in depths) + " |")
         lines += ["", "</details>"]
+    for model in sorted({c["model"] for c in cells if c["task"] == "facts"}):
+        fr = [c for c in cells if c["task"] == "facts" and c["model"] == model]
+        n = next((c["samples"] for c in fr if "samples" in c), "?")
+        lines += ["", f"## Fact recall, {model} ({n} samples per length over depths {', '.join(f'{x:g}' for x in depths)}; "
+                  "the true answer the most likely of 4 candidates, chance 0.25; simba_compress/facts.py)", "",
+                  *_table(fr, "accuracy", ".2f"), "", "The true answer's mean log-likelihood (nats):", "",
+                  *_table(fr, "logprob", ".2f")]
     ranks = [c for c in cells if c["task"] == "ranks" and "quantile" in c]
     if ranks:
         lines += ["", f"## Where each layer's score ranks the key, dense {ranks[0]['model']}", "",

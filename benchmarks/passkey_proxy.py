@@ -36,6 +36,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from simba_compress import load, load_tokenizer, save  # noqa: E402
 from simba_compress.data import read_documents, tokenize, windows  # noqa: E402
 from simba_compress.evaluate import evaluate  # noqa: E402
+from simba_compress.facts import TRAIN_TEMPLATES, FactTask, evaluate_facts  # noqa: E402
 from simba_compress.passkey import PasskeyTask, evaluate_passkey  # noqa: E402
 
 EVAL_DEPTHS = [0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9]
@@ -56,6 +57,7 @@ class ProxyConfig:
     seed: int = 0
     eval_every: int = 200
     eval_samples: int = 8  # per depth (EVAL_DEPTHS) of the held-out passkey check, at the longest length
+    facts: int = 0  # fact-recall samples per step (simba_compress.facts, TRAIN_TEMPLATES); 0: the passkey proxy
 
 
 
@@ -109,15 +111,36 @@ def passkey_loss(model, samples, device) -> torch.Tensor:
     return F.cross_entropy(logits[mask.to(device)], targets[mask.to(device)])
 
 
-def held_out(model, task: PasskeyTask, valid_windows: torch.Tensor, cfg: ProxyConfig, device) -> dict:
-    """Passkey accuracy on held-out text at the longest training length, and next-token loss on valid windows."""
+def fact_loss(model, samples, device) -> torch.Tensor:
+    """Next-token loss on the true answer's tokens after fact-recall samples of one length (teacher-forced; the
+    answers, of different lengths, are right-padded: causal, so the padding changes no scored position)."""
+    answers = [s.answers[0] for s in samples]
+    longest, length = max(a.numel() for a in answers), samples[0].length
+    ids = torch.zeros(len(samples), length + longest, dtype=torch.long)
+    mask = torch.zeros_like(ids, dtype=torch.bool)
+    for r, (s, a) in enumerate(zip(samples, answers)):
+        ids[r, :length], ids[r, length : length + a.numel()] = s.ids, a
+        mask[r, length - 1 : length - 1 + a.numel()] = True  # position j predicts token j + 1
+    ids, mask = ids.to(device), mask.to(device)
+    logits = model(ids, simba=None, last_logits=longest + 1).logits.float()
+    targets = ids[:, -longest - 1 :].roll(-1, dims=1)
+    return F.cross_entropy(logits[mask[:, -longest - 1 :]], targets[mask[:, -longest - 1 :]])
+
+
+def held_out(model, task: PasskeyTask, valid_windows: torch.Tensor, cfg: ProxyConfig, device, facts=None) -> dict:
+    """Passkey accuracy on held-out text at the longest training length, and next-token loss on valid windows;
+    with a FactTask `facts` (held-out text, held-out templates), fact-recall accuracy at that length too."""
     model.eval()
     with _autocast(device):
         pk = evaluate_passkey(model, task.samples(max(cfg.lengths), EVAL_DEPTHS, cfg.eval_samples, seed=0))
         lm = evaluate(model, valid_windows, protect=128, batch_size=8, simba=None, progress=False)
+        fr = None if facts is None else evaluate_facts(model, facts.samples(max(cfg.lengths), EVAL_DEPTHS, cfg.eval_samples))
     model.train()
-    return {"passkey_accuracy": round(pk.accuracy, 4), "valid_loss": round(lm.all_position_loss, 4),
-            "valid_loss_last128": round(lm.loss, 4)}
+    out = {"passkey_accuracy": round(pk.accuracy, 4), "valid_loss": round(lm.all_position_loss, 4),
+           "valid_loss_last128": round(lm.loss, 4)}
+    if fr is not None:
+        out["fact_accuracy"] = round(fr.accuracy, 4)
+    return out
 
 
 def build(base: str, out: Path, cfg: ProxyConfig, train_pieces: list[torch.Tensor], valid: torch.Tensor, tokenizer,
@@ -130,6 +153,9 @@ def build(base: str, out: Path, cfg: ProxyConfig, train_pieces: list[torch.Tenso
     rng = random.Random(cfg.seed)
     train_task = PasskeyTask(tokenizer, torch.cat(train_pieces))
     valid_task = PasskeyTask(tokenizer, valid)
+    # fact recall: training templates on training text; the held-out check on held-out text with held-out templates
+    train_facts = FactTask(tokenizer, torch.cat(train_pieces), templates=TRAIN_TEMPLATES) if cfg.facts else None
+    valid_facts = FactTask(tokenizer, valid) if cfg.facts else None
     valid_windows = windows(valid, cfg.lm_len + 1, 32)
     lm_pieces = [p for p in train_pieces if p.numel() > cfg.lm_len + 1]
     model = load(base, device=device)  # float32 master weights; bf16 inside autocast on CUDA
@@ -139,7 +165,7 @@ def build(base: str, out: Path, cfg: ProxyConfig, train_pieces: list[torch.Tenso
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay}, {"params": rest, "weight_decay": 0.0}],
                             lr=cfg.lr, betas=(0.9, 0.95))
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: _lr(cfg, s))
-    history = [{"step": 0, **held_out(model, valid_task, valid_windows, cfg, device)}]
+    history = [{"step": 0, **held_out(model, valid_task, valid_windows, cfg, device, valid_facts)}]
     log(f"passkey proxy {Path(base).name}: before {history[0]}")
     for step in range(1, cfg.steps + 1):
         length = rng.choice(cfg.lengths)
@@ -155,6 +181,9 @@ def build(base: str, out: Path, cfg: ProxyConfig, train_pieces: list[torch.Tenso
             logits = model(lm[:, :-1], simba=None).logits.float()
             lm_loss = F.cross_entropy(logits.flatten(0, 1), lm[:, 1:].flatten())
             loss = pk_loss + cfg.lm_weight * lm_loss
+            if train_facts is not None:
+                recall = [train_facts.sample(length, rng.random(), f"train:{cfg.seed}:{step}:{i}") for i in range(cfg.facts)]
+                loss = loss + fact_loss(model, recall, device)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
         opt.step()
@@ -163,13 +192,14 @@ def build(base: str, out: Path, cfg: ProxyConfig, train_pieces: list[torch.Tenso
         out_of_time = max_seconds is not None and time.time() - t0 > max_seconds
         if step % cfg.eval_every == 0 or step == cfg.steps or out_of_time:
             history.append({"step": step, "passkey_loss": round(pk_loss.item(), 4), "lm_loss": round(lm_loss.item(), 4),
-                            **held_out(model, valid_task, valid_windows, cfg, device), "seconds": round(time.time() - t0, 1)})
+                            **held_out(model, valid_task, valid_windows, cfg, device, valid_facts),
+                            "seconds": round(time.time() - t0, 1)})
             log(f"  step {step}: {history[-1]}")
         if out_of_time:
             log(f"  stopped after step {step} of {cfg.steps}: past {max_seconds} s")
             break
     model.eval()
-    summary = {"base": str(base), "config": asdict(cfg), "device": device_name(device), "versions": versions(),
+    summary = {"name": out.name, "base": str(base), "config": asdict(cfg), "device": device_name(device), "versions": versions(),
                "command": command, "seconds": round(time.time() - t0, 1), "steps_done": history[-1]["step"],
                "before": history[0], "after": history[-1],
                "history": history, "train_tokens": int(sum(p.numel() for p in train_pieces)),
@@ -184,7 +214,7 @@ def model_card(s: dict) -> str:
     c, b, a = s["config"], s["before"], s["after"]
     name = Path(s["base"]).name
     return "\n".join([
-        f"# {name}-passkey",
+        f"# {s.get('name', name + '-passkey')}",
         "",
         f"{name} (../shared/models, pretrained at 1024 tokens) fine-tuned densely to retrieve a passkey, by "
         "`benchmarks/passkey_proxy.py` (issue 14: long context). Not committed (tens of MB): the command below rebuilds it.",
@@ -197,6 +227,10 @@ def model_card(s: dict) -> str:
         "line starts (its sources follow one another, so every source is in them), serve as haystacks and as the "
         "plain windows; the held-out checks use `valid.txt.xz` only.",
         "",
+        *([f"**Fact recall** (`simba_compress/facts.py`, `--facts`): each step also {c['facts']} samples of a fact "
+           "stated once in training text and asked about at the end, from TRAIN_TEMPLATES (relations, wordings and "
+           "answers the evaluation's TEMPLATES do not use); loss on the true answer's tokens.", ""]
+          if c.get("facts") else []),
         f"**Training**: {s['steps_done']} steps (of {c['steps']} planned); each step {c['batch']} passkey samples of one length drawn from "
         f"{list(c['lengths'])} tokens (never past the training length) plus {c['lm_batch']} plain windows of "
         f"{c['lm_len']} tokens (next-token loss on every position, weight {c['lm_weight']}); AdamW lr {c['lr']} "
@@ -208,6 +242,8 @@ def model_card(s: dict) -> str:
         "|---|---:|---:|",
         f"| passkey exact match, {max(c['lengths'])} tokens, depths 0.1-0.9 x {c['eval_samples']} | "
         f"{b['passkey_accuracy']:.3f} | {a['passkey_accuracy']:.3f} |",
+        *([f"| fact recall (held-out templates), {max(c['lengths'])} tokens, 4 choices, depths 0.1-0.9 x "
+           f"{c['eval_samples']} | {b['fact_accuracy']:.3f} | {a['fact_accuracy']:.3f} |"] if "fact_accuracy" in a else []),
         f"| next-token loss, 32 windows of {c['lm_len']}, every position | {b['valid_loss']:.4f} | {a['valid_loss']:.4f} |",
         f"| the same, last 128 positions | {b['valid_loss_last128']:.4f} | {a['valid_loss_last128']:.4f} |",
         "",
@@ -230,15 +266,16 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=ProxyConfig.steps)
     ap.add_argument("--lr", type=float, default=ProxyConfig.lr)
     ap.add_argument("--seed", type=int, default=ProxyConfig.seed)
+    ap.add_argument("--facts", type=int, default=0, help="fact-recall samples per step (the recall proxy: 8)")
     ap.add_argument("--train-pieces", type=int, default=128, help="pieces of 64K characters of --train")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--smoke", action="store_true", help="a few tiny steps, to test the script on a CPU")
     args = ap.parse_args()
-    cfg = ProxyConfig(steps=args.steps, lr=args.lr, seed=args.seed)
+    cfg = ProxyConfig(steps=args.steps, lr=args.lr, seed=args.seed, facts=args.facts)
     pieces, chars = args.train_pieces, 1 << 16
     if args.smoke:
         cfg = ProxyConfig(steps=2, batch=2, lm_batch=2, lengths=(128, 160), lm_len=128, eval_every=1, eval_samples=1,
-                          seed=args.seed)
+                          seed=args.seed, facts=min(args.facts, 2))
         pieces, chars = 4, 4096
     tok = load_tokenizer(args.base)
     train = spread_text(args.train, tok, pieces, chars)

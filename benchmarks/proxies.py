@@ -25,7 +25,13 @@ CACHE = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "simba-
 REBUILD = {
     "mamba2-proxy-d320-l16": "benchmarks/train_proxy.py --kind mamba2 (benchmarks/gpu_proxies.sh)",
     "hybrid-proxy-d320-l16": "benchmarks/train_proxy.py --kind hybrid (benchmarks/gpu_proxies.sh)",
-    "mamba-proxy-d320-l16-passkey": "benchmarks/passkey_proxy.py --base ../shared/models/mamba-proxy-d320-l16",
+    "mamba-proxy-d320-l16-passkey": "benchmarks/passkey_proxy.py --base ../shared/models/mamba-proxy-d320-l16 --train "
+                                    "../shared/corpus/train.txt.xz --valid ../shared/corpus/valid.txt.xz --out "
+                                    "OUT/mamba-proxy-d320-l16-passkey (benchmarks/gpu_proxies.sh, PASSKEY_OUT=1)",
+    # the passkey proxy that also recalls facts (simba_compress/facts.py: the second long-context probe, issue 23)
+    "mamba-proxy-d320-l16-recall": "benchmarks/passkey_proxy.py --base ../shared/models/mamba-proxy-d320-l16 --train "
+                                   "../shared/corpus/train.txt.xz --valid ../shared/corpus/valid.txt.xz --facts 8 "
+                                   "--out OUT/mamba-proxy-d320-l16-recall",
 }
 
 

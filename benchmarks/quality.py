@@ -71,6 +71,7 @@ def main() -> None:
     ap.add_argument("--forms", nargs="+", default=["exact"], choices=["exact", "fast"],
                     help="schedule forms of the linear and calibrated rows (schedules.py: fast = a staircase of 1, 3/4, 1/2 ... 1/16)")
     ap.add_argument("--batch-size", type=int, default=8)
+    ap.add_argument("--headline-only", action="store_true", help="no all-position pass (half the forwards: long windows on a CPU)")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--shallow", nargs="*", default=SHALLOW, help="dense shallower models to compare with")
     ap.add_argument("--dense-only", action="store_true", help="only the dense shallow models (to --merge elsewhere)")
@@ -113,7 +114,8 @@ def main() -> None:
         print({k: v for k, v in rows[-1].items() if k != "position_buckets"}, flush=True)
 
     def run(model, **kw):
-        return evaluate(model, win, protect=args.protect, batch_size=args.batch_size, progress=False, **kw)
+        return evaluate(model, win, protect=args.protect, batch_size=args.batch_size, progress=False,
+                        all_positions=not args.headline_only, **kw)
 
     if not (args.dense_only or args.no_base):
         add(name, "dense", 1.0, run(base, simba=None))

@@ -40,6 +40,8 @@ class _Defaults(argparse.ArgumentDefaultsHelpFormatter):
 
 
 def _parser() -> argparse.ArgumentParser:
+    from .pruning import CRITERIA, DEFAULT_CRITERION
+
     ap = argparse.ArgumentParser(prog="simba-compress", description="Token pruning (Simba) for Mamba language models.")
     sub = ap.add_subparsers(dest="command")
 
@@ -53,7 +55,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     c.add_argument("--keep", type=_keep_list, help="explicit per-layer keep ratios, e.g. 1,0.9,0.8")
     c.add_argument("--final-keep", type=float, help="linear schedule down to this keep ratio at the top layer")
-    c.add_argument("--criterion", help="simba (default), share, deci, snapkv (hybrids), utr, l2norm, random, stride")
+    c.add_argument("--criterion", help=", ".join(c + " (default)" * (c == DEFAULT_CRITERION) for c in CRITERIA))
     c.add_argument("--attention-score", help="hybrids: what an attention layer that prunes ranks by: snapkv (default: its "
                    "own attention's, SnapKV's) or carry (the score of the Mamba layer below it)")
     c.add_argument("--protect-last", type=int, help="last tokens never pruned (default 1)")

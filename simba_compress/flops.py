@@ -26,7 +26,7 @@ import torch
 
 from .attention import SNAPKV_WINDOW
 from .layers import ModelConfig
-from .pruning import IN_LAYER, SimbaConfig, scorers
+from .pruning import IN_LAYER, QUERY_POOL, QUERY_WINDOW, SimbaConfig, scorers
 
 SILU, SOFTPLUS = 4, 4  # x * sigmoid(x): neg, exp, add, div (+ the mul counted separately); log(1 + exp(x))
 SCAN_PER_STATE = 9  # mamba_ssm: 9 * L * D * N for the discretisation, the state update and C . h
@@ -183,6 +183,10 @@ def score_flops(cfg: ModelConfig, criterion: str) -> int:
         # not fused: exp(A (S_T - S_t)) per (channel, state) (2en), contraction with C_T B_t (2en), |dt x| (2e),
         # the channel's sum over the row, the division and the max over channels (3e)
         "share": 4 * e * n + 5 * e,
+        # pruning.query_attention: normalise the stream (3d), cosine with each of the QUERY_WINDOW queries (2d each),
+        # scale, exp, sum and divide per query (4 each), the sum over the queries (1 each), the pool's comparisons
+        "query": 2 * QUERY_WINDOW * d + 3 * d + 5 * QUERY_WINDOW + 2 * QUERY_POOL,
+        "recent-query": 2 * QUERY_WINDOW * d + 3 * d + 5 * QUERY_WINDOW + 2 * QUERY_POOL + 2,  # + the recency mask
         "deci": 2 * e,  # square and sum of the step sizes the layer already computed
         "utr": 2 * d,  # clamp, sum
         "l2norm": 2 * d,  # square, sum

@@ -27,7 +27,7 @@ from .layers import Mixer, MixerContext, MixerOutput, ModelConfig, add_norm, mak
 from .mamba1 import Mamba1Mixer
 from .mamba2 import Mamba2Mixer
 from .mlp import MLPMixer, make_mlp
-from .pruning import CRITERION_FNS, IN_LAYER, SimbaConfig, TokenPlan, score_source, scorers
+from .pruning import CRITERION_FNS, DEFAULT_CRITERION, IN_LAYER, SimbaConfig, TokenPlan, score_source, scorers
 
 # ModelConfig.kind(i) -> class
 MIXERS: dict[str, type[Mixer]] = {"mamba1": Mamba1Mixer, "mamba2": Mamba2Mixer, "attention": AttentionMixer,
@@ -98,7 +98,7 @@ class Prefix:
     hidden: torch.Tensor  # (b, l, d_model) residual stream, stream dtype
     impact: torch.Tensor | None  # (b, l) the in-layer scores (criterion's) of layer impact_layer, None if none
     layers: int
-    criterion: str = "simba"
+    criterion: str = DEFAULT_CRITERION
     impact_layer: int = -1
 
 
@@ -149,7 +149,7 @@ class MambaLM(nn.Module):
     @torch.no_grad()
     def prefix(
         self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, layers: int = 1,
-        criterion: str = "simba", simba: SimbaConfig | None = None,
+        criterion: str = DEFAULT_CRITERION, simba: SimbaConfig | None = None,
     ) -> Prefix:  # fmt: skip
         """Run the first `layers` layers densely; forward(same inputs, prefix=...) continues from there (with a
         schedule of the same criterion: the in-layer scores that rank the tokens after the last prefix layer are kept

@@ -116,6 +116,21 @@ class PasskeyResult:
         return sum(self.correct) / len(self.correct)
 
 
+def protected_prompt(samples: list, simba: SimbaConfig | None, recent: int | None, tail: str):
+    """What a probe over samples of one length (each with its .length and its protected .tail) runs: (length, the
+    protected tail, simba with that tail protected, the first token read: length - recent for truncation)."""
+    length = samples[0].length
+    if any(s.length != length for s in samples):
+        raise ValueError("samples: evaluate one length at a time")
+    protect = max(s.tail for s in samples)
+    if simba is not None:
+        simba = replace(simba, protect_last=max(simba.protect_last, protect))
+    start = 0 if recent is None else length - recent
+    if not 0 <= start <= length - protect:
+        raise ValueError(f"recent: must keep at least the {protect}-token {tail}, got {recent}")
+    return length, protect, simba, start
+
+
 @torch.no_grad()
 def evaluate_passkey(
     model: MambaLM,
@@ -126,15 +141,7 @@ def evaluate_passkey(
 ) -> PasskeyResult:
     """Exact-match accuracy of `model` on samples of one length, dense (simba None) or pruned by `simba` with
     the longest tail protected; recent=N is the truncation baseline: the dense model reads the last N tokens."""
-    length = samples[0].length
-    if any(s.length != length for s in samples):
-        raise ValueError("samples: evaluate one length at a time")
-    protect = max(s.tail for s in samples)
-    if simba is not None:
-        simba = replace(simba, protect_last=max(simba.protect_last, protect))
-    start = 0 if recent is None else length - recent
-    if not 0 <= start <= length - protect:
-        raise ValueError(f"recent: must keep at least the {protect}-token tail, got {recent}")
+    length, protect, simba, start = protected_prompt(samples, simba, recent, "tail")
     k = max(s.answer for s in samples) + 1
     correct, key_kept = [], []
     per_batch = max(1, batch_tokens // length)

@@ -17,11 +17,13 @@ from dataclasses import asdict, dataclass, field
 from typing import Callable
 
 import torch
+import torch.nn.functional as F
 
 from .errors import SimbaError
 from .layers import SCAN_CHUNKS, ScanChunks
 
-CRITERIA = ("simba", "share", "deci", "snapkv", "utr", "l2norm", "random", "stride")
+CRITERIA = ("simba", "query", "recent-query", "share", "deci", "snapkv", "utr", "l2norm", "random", "stride")
+DEFAULT_CRITERION = "simba"  # what --flops, compress(), recipes and SimbaConfig use unless told (README, What to expect)
 # criteria whose scores a layer computes from its own quantities while it runs (LayerView.impact): the SSM layers'
 # (from their SSM inputs) and the attention layers' (snapkv: from their attention probabilities)
 SSM_SCORES = ("simba", "share", "deci")
@@ -36,7 +38,9 @@ class SimbaConfig:
 
     keep: per-layer fraction of the input's real tokens that each layer runs on; keep[0] = 1.0 and it
         never increases with depth.
-    criterion: how tokens are ranked: "simba" (global impact through the layer's own recurrence), "share" (the
+    criterion: how tokens are ranked: "simba" (global impact through the layer's own recurrence), "query" (the
+        attention the prompt's end pays each token, through the layer's own residual stream: query_attention),
+        "recent-query" (half of each layer's budget to the most recent tokens, the rest by query), "share" (the
         same impacts as shares of each channel's total: the largest share a token holds of any channel), "deci"
         (DeciMamba's: the L2 norm over channels of the step size softplus(dt)), "snapkv" (hybrids: SnapKV's, the
         attention the last queries pay each key, attention.py), "utr" (clipped-activation sum of the block output),
@@ -65,7 +69,7 @@ class SimbaConfig:
     """
 
     keep: list[float]
-    criterion: str = "simba"
+    criterion: str = DEFAULT_CRITERION
     protect_last: int = 1
     seed: int = 0
     granularity: int = 1
@@ -135,6 +139,9 @@ class SimbaConfig:
     def from_dict(cls, d: dict) -> "SimbaConfig":
         d = dict(d)
         d.pop("version", None)
+        # a folder states its criterion; one that does not was saved when "simba" was every schedule's default, and
+        # keeps it whatever DEFAULT_CRITERION says now
+        d.setdefault("criterion", "simba")
         return cls(**d)
 
 
@@ -211,6 +218,60 @@ class LayerView:
     last: torch.Tensor  # (b,) slot of each row's last real token
     real: torch.Tensor  # (b, w) bool: slot holds a real token
     target: torch.Tensor | int  # (b, 1) how many tokens the next layer keeps, or one int for every row
+    positions: torch.Tensor  # (b, w) each slot's position in the input row (padding slots: the row length)
+    end: torch.Tensor  # (b,) one past each row's last real position
+
+
+# The "query" criterion (query_attention). SnapKV ranks an attention layer's keys by the attention that the last 32
+# prompt tokens (its observation window) pay them, pooled so that a kept key keeps its neighbours; the same here
+# with the layer's own residual stream as queries and keys, since an SSM layer has no attention of its own to read.
+QUERY_WINDOW = 32  # the prompt's end: its last 32 tokens (SnapKV's window), the question a prompt ends with
+QUERY_TEMPERATURE = 0.05  # softmax over cosine similarities: 0.05 apart in cosine is a factor e in attention
+QUERY_POOL = 8  # max-pooled over +-8 tokens: a sentence around a token the question attends to
+
+
+def query_attention(
+    hidden: torch.Tensor,
+    real: torch.Tensor,
+    query: torch.Tensor,
+    window: int = QUERY_WINDOW,
+    temperature: float = QUERY_TEMPERATURE,
+    pool: int = QUERY_POOL,
+) -> torch.Tensor:
+    """Scores (b, w) float32 of the slots of hidden (b, w, d_model): the attention the query slots (b, w) bool pay
+    each real slot, summed over the queries and max-pooled over +-pool slots; -inf on padding.
+
+        a_q(t) = softmax_t(cos(h_q, h_t) / temperature) over the real slots t,   s(t) = max_{|t' - t| <= pool} sum_q a_q(t')
+
+    The query slots are each row's last real slots (at most `window` of them: the model protects the prompt's end,
+    so they are the row's last ones in every layer). What the prompt's end resembles, in the representation the
+    layer built (its tokens at the bottom, their context higher up), is what it will read: a needle that a question
+    names ranks high wherever it sits, where Simba's impact decays with its distance from the end.
+    """
+    b, w, d = hidden.shape
+    h = F.normalize(hidden.float(), dim=-1)
+    last = torch.where(real, torch.arange(w, device=real.device), -1).amax(1)  # (b,) each row's last real slot
+    slots = last[:, None] - window + 1 + torch.arange(window, device=real.device)  # (b, window)
+    valid = (slots >= 0) & query.gather(1, slots.clamp_min(0))
+    q = h.gather(1, slots.clamp_min(0)[..., None].expand(-1, -1, d))  # (b, window, d)
+    logits = torch.einsum("bqd,bwd->bqw", q, h).div_(temperature).masked_fill_(~real[:, None, :], float("-inf"))
+    attention = logits.softmax(-1).mul_(valid[..., None]).sum(1)  # (b, w)
+    scores = attention.masked_fill_(~real, float("-inf"))
+    return F.max_pool1d(scores[:, None], 2 * pool + 1, stride=1, padding=pool)[:, 0].masked_fill_(~real, float("-inf"))
+
+
+def _query(view: LayerView, seed: int) -> torch.Tensor:
+    query = view.real & (view.positions >= (view.end - QUERY_WINDOW)[:, None])  # the row's last QUERY_WINDOW tokens
+    return query_attention(view.hidden, view.real, query)
+
+
+def _recent_query(view: LayerView, seed: int) -> torch.Tensor:
+    # Half of the next layer's budget to the most recent tokens (what a continuation reads: truncation's choice, the
+    # best plain-text ranking measured, benchmarks/RESULTS.md), the other half by the query's attention (what the
+    # question reads, wherever it sits): query alone keeps the needle but costs plain text (issue 23).
+    from_end = view.real.flip(1).cumsum(1).flip(1)  # real slots at or after each slot
+    half = torch.div(torch.as_tensor(view.target, device=view.real.device) + 1, 2, rounding_mode="floor")  # ceil(k/2)
+    return _query(view, seed).masked_fill(view.real & (from_end <= half), float("inf"))
 
 
 def _in_layer(view: LayerView, seed: int) -> torch.Tensor:
@@ -243,6 +304,8 @@ def _stride(view: LayerView, seed: int) -> torch.Tensor:
 
 CRITERION_FNS: dict[str, Callable[[LayerView, int], torch.Tensor]] = {
     "simba": _in_layer,
+    "query": _query,
+    "recent-query": _recent_query,
     "share": _in_layer,
     "deci": _in_layer,
     "snapkv": _in_layer,  # attention.snapkv_score
@@ -346,7 +409,7 @@ class TokenPlan:
         return self.counts[layer][:, None]
 
     def view(self, layer: int, hidden: torch.Tensor, impact: torch.Tensor | None) -> LayerView:
-        return LayerView(layer, hidden, impact, self.last, self.real, self.target(layer + 1))
+        return LayerView(layer, hidden, impact, self.last, self.real, self.target(layer + 1), self.idx, self.end)
 
     def select(self, scores: torch.Tensor, layer: int) -> torch.Tensor:
         """Keep the top-scoring tokens for `layer`; returns the kept slots (b, w') to gather with."""

@@ -18,11 +18,11 @@ from dataclasses import dataclass, fields
 from typing import ClassVar, Literal
 
 from .errors import SimbaError
-from .pruning import ATTENTION_SCORES, CRITERIA, SimbaConfig
+from .pruning import ATTENTION_SCORES, CRITERIA, DEFAULT_CRITERION, SimbaConfig
 
 Form = Literal["fast", "exact"]
 FORMS = ("fast", "exact")
-Criterion = Literal["simba", "share", "deci", "snapkv", "utr", "l2norm", "random", "stride"]
+Criterion = Literal["simba", "query", "recent-query", "share", "deci", "snapkv", "utr", "l2norm", "random", "stride"]
 assert set(Criterion.__args__) == set(CRITERIA)
 AttentionScore = Literal["carry", "snapkv"]
 assert set(AttentionScore.__args__) == set(ATTENTION_SCORES)
@@ -55,7 +55,7 @@ class PruningSettings:
     """What every kind of schedule shares: how the schedule prunes (SimbaConfig's fields), and the input length
     its FLOP ratio is counted at."""
 
-    criterion: Criterion = "simba"  # how tokens are ranked (pruning.SimbaConfig)
+    criterion: Criterion = DEFAULT_CRITERION  # how tokens are ranked (pruning.SimbaConfig)
     # hybrids: what an attention layer that prunes ranks by, its own attention's (SnapKV's) or the score of the SSM
     # layer below it carried up (SimbaConfig.attention_score: why "snapkv" is the default); no effect on pure Mamba
     attention_score: AttentionScore = "snapkv"

@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import sys
 from pathlib import Path
 
 import pytest
@@ -19,6 +20,7 @@ REPO = Path(__file__).resolve().parents[1]
 # installed copy of another one
 os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+sys.path.insert(0, str(REPO / "benchmarks"))  # benchmarks/proxies.py: where the trained proxies are found
 # Triton's float32 dots in IEEE float32 (mamba_ssm's SSD and the project's): the GPU's default, TF32, keeps 10 mantissa
 # bits, and the tests compare float32 paths at 1e-4. Read when a kernel compiles, so it is set before any does.
 os.environ.setdefault("TRITON_F32_DEFAULT", "ieee")
@@ -40,6 +42,19 @@ def shared(path: Path) -> Path:
         pytest.skip(f"needs {path}: the pretrained proxies and corpus of ../shared are not part of the repository "
                     "(README, Pretrained proxies)")
     return path
+
+
+def trained_proxy(name: str) -> Path:
+    """The folder of a proxy the project trains on the GPU machine (benchmarks/proxies.py finds it: $SIMBA_PROXIES,
+    ../shared/models, ~/.cache/simba-compress/proxies), or a skip that says how to get it."""
+    import proxies  # benchmarks/proxies.py
+
+    folder = proxies.find(name)
+    if folder is None:
+        pytest.skip(f"needs the {name} proxy, found in none of {', '.join(map(str, proxies.search_path()))}: build it "
+                    f"on a GPU with {proxies.REBUILD.get(name, 'its training script')} and unpack it there with "
+                    "`python benchmarks/proxies.py PART...` (README, Pretrained proxies)")
+    return folder
 
 
 def random_model(

@@ -66,6 +66,16 @@ def test_saved_folder_round_trips_and_transformers_reads_it_dense(tmp_path):
         assert back.generate(ids[:1, :10], max_new_tokens=3).shape == (1, 13)
 
 
+def test_a_saved_folder_keeps_its_criterion_whatever_the_default(monkeypatch):
+    """Folders state their criterion; one that does not (written by hand, or by a tool that left it out) was made
+    when simba was the only default, and keeps it after DEFAULT_CRITERION changes (issue 23)."""
+    import simba_compress.pruning as pruning
+
+    monkeypatch.setattr(pruning, "DEFAULT_CRITERION", "query")
+    assert SimbaConfig.from_dict({"keep": [1.0, 0.5], "version": 1}).criterion == "simba"
+    assert SimbaConfig.from_dict({"keep": [1.0, 0.5], "criterion": "utr"}).criterion == "utr"
+
+
 def test_save_refuses_to_overwrite_and_replaces_only_when_asked(tmp_path):
     m = random_model()
     target = tmp_path / "out"

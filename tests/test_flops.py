@@ -58,6 +58,26 @@ def test_score_cost_is_counted_only_where_a_layer_prunes():
     assert count(cfg, SimbaConfig([1.0] * 4), 100).ratio == 1.0
 
 
+def test_query_score_counts_the_matmul_it_runs():
+    """The query criterion's similarities are the one matmul of its score: flop_counter's count of it is the
+    2 QUERY_WINDOW d_model per scored token inside score_flops; the rest is elementwise (counted 1 an op)."""
+    from simba_compress.pruning import CRITERION_FNS, QUERY_POOL, QUERY_WINDOW, LayerView
+
+    cfg = random_model(n_layer=2, d_model=24).config
+    b, w = 2, 90
+    view = LayerView(0, torch.randn(b, w, 24), None, torch.full((b,), w - 1), torch.ones(b, w, dtype=torch.bool), 40,
+                     torch.arange(w).expand(b, w), torch.full((b,), w))
+    with FlopCounterMode(display=False) as fc:
+        CRITERION_FNS["query"](view, 0)
+    assert fc.get_total_flops() == b * w * 2 * QUERY_WINDOW * 24
+    assert score_flops(cfg, "query") == 2 * QUERY_WINDOW * 24 + 3 * 24 + 5 * QUERY_WINDOW + 2 * QUERY_POOL
+    for shape in (dict(d_model=320, d_state=16), dict(d_model=2048, d_state=16)):  # the proxies, mamba-1.4b
+        big = ModelConfig(n_layer=16, vocab_size=8192, **shape)
+        assert score_flops(big, "query") < score_flops(big, "simba")  # cheaper than the impact it replaces
+    simba = SimbaConfig([1.0, 0.5], "query")
+    assert count(cfg, simba, w).score == w * score_flops(cfg, "query")  # layer 0 scores its 90 tokens
+
+
 @pytest.mark.parametrize("target", [0.95, 0.8, 0.7, 0.6, 0.55])
 @pytest.mark.parametrize("seq_len", [256, 1024, 4096])
 def test_linear_schedule_meets_the_target_within_half_a_percent(target, seq_len):

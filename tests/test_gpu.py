@@ -69,6 +69,8 @@ PRUNE = SimbaConfig(linear(4, 0.25))
 STRIDE = SimbaConfig(linear(4, 0.25), criterion="stride")
 DECI = SimbaConfig(linear(4, 0.25), criterion="deci")
 SHARE = SimbaConfig(linear(4, 0.25), criterion="share")
+QUERY = SimbaConfig(linear(4, 0.25), criterion="query")
+RECENT_QUERY = SimbaConfig(linear(4, 0.25), criterion="recent-query")
 
 
 def scan_reference(u, delta, A, B, C, D, z, delta_bias) -> tuple[torch.Tensor, torch.Tensor]:
@@ -121,6 +123,8 @@ def test_kernel_layout_matches_reference_on_cpu(kernel_path_on_cpu, monkeypatch,
                 m(ids, mask, simba=PRUNE, return_kept=True),
                 m(ids, mask, simba=DECI, return_kept=True),
                 m(ids, mask, simba=SHARE, return_kept=True),
+                m(ids, mask, simba=QUERY, return_kept=True),
+                m(ids, mask, simba=RECENT_QUERY, return_kept=True),
                 m(ids[:, :2], simba=None, return_states=True),  # shorter than the conv window
             ]
     for k, r in zip(outs["kernel"], outs["reference"]):
@@ -307,6 +311,24 @@ def test_random_model_matches_cpu(dtype, scan, monkeypatch):
         _compare(gpu_m, cpu_m, ids, mask, PRUNE, dtype, True)
         _compare(gpu_m, cpu_m, ids, mask, DECI, dtype, True)
         _compare(gpu_m, cpu_m, ids, mask, SHARE, dtype, True)
+        _compare(gpu_m, cpu_m, ids, mask, QUERY, dtype, True)
+        _compare(gpu_m, cpu_m, ids, mask, RECENT_QUERY, dtype, True)
+
+
+@needs_cuda
+def test_query_attention_on_cuda_matches_the_reference():
+    """The query criterion's scores on CUDA (bf16 stream, as a bf16 model's) equal the CPU's from the same stream."""
+    from simba_compress.pruning import query_attention
+
+    torch.manual_seed(0)
+    b, w, d = 3, 5000, 256
+    hidden = (torch.randn(b, w, d) + torch.randn(d)).bfloat16()
+    real = torch.ones(b, w, dtype=torch.bool)
+    real[1, :700] = False  # left padding
+    query = real & (torch.arange(w) >= w - 20)
+    got = query_attention(hidden.cuda(), real.cuda(), query.cuda())
+    ref = query_attention(hidden, real, query)
+    assert torch.equal(torch.isinf(got).cpu(), torch.isinf(ref)) and rel(got[real].cpu(), ref[real]) < 1e-4
 
 
 @needs_cuda
@@ -423,6 +445,8 @@ def test_mamba2_fast_path_matches_cpu(dtype, path):
         _compare(gpu_m, cpu_m, ids, None, PRUNE, dtype, True)
         _compare(gpu_m, cpu_m, ids, mask, SHARE, dtype, True)
         _compare(gpu_m, cpu_m, ids, mask, DECI, dtype, True)
+        _compare(gpu_m, cpu_m, ids, mask, QUERY, dtype, True)
+        _compare(gpu_m, cpu_m, ids, mask, RECENT_QUERY, dtype, True)
         with torch.no_grad():
             g = gpu_m(ids.cuda(), mask.cuda(), simba=PRUNE, return_states=True)
             r = cpu_m(ids, mask, simba=PRUNE, return_states=True)

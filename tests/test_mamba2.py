@@ -134,7 +134,7 @@ def test_dense_equals_transformers_mamba2():
 
 
 @torch.no_grad()
-@pytest.mark.parametrize("criterion", ["simba", "share", "deci"])
+@pytest.mark.parametrize("criterion", ["simba", "query", "share", "deci"])
 def test_mamba2_pruned_forward_padding_and_generate(criterion):
     m = random_mamba2(n_layer=4, seed=1)
     simba = SimbaConfig(linear(4, 0.3), criterion, 2)

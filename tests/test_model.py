@@ -1,12 +1,14 @@
 """The Simba forward: dense equality with transformers, a naive per-row reference, padding, generation."""
 
+import math
+
 import pytest
 import torch
 import torch.nn.functional as F
 
 from conftest import random_hybrid, random_model, to_transformers
 from simba_compress import SimbaConfig
-from simba_compress.pruning import CRITERIA
+from simba_compress.pruning import CRITERIA, QUERY_POOL, QUERY_TEMPERATURE, QUERY_WINDOW, query_attention
 from simba_compress.schedules import linear
 from test_ssm import loop_impact, loop_scan, loop_share
 
@@ -69,6 +71,11 @@ def naive_sparse_forward(model, ids, simba):
                 score = dt.norm(dim=-1)
             elif simba.criterion == "utr":
                 score = sub.clamp(min=0).sum(-1)
+            elif simba.criterion in ("query", "recent-query"):  # its math: test_query_attention_equals_its_loop_definition
+                query = torch.tensor([[p >= T - QUERY_WINDOW for p in positions]])
+                score = query_attention(sub[None], torch.ones_like(query), query)[0]
+                if simba.criterion == "recent-query":  # the most recent ceil(k / 2) tokens first
+                    score[len(positions) - (counts[i + 1] + 1) // 2 :] = float("inf")
             else:
                 score = sub.norm(dim=-1)
             protected = set(positions[-simba.protect_last :])
@@ -77,7 +84,57 @@ def naive_sparse_forward(model, ids, simba):
     return model.lm_head(model.backbone.norm_f(stream))
 
 
-@pytest.mark.parametrize("criterion", ["simba", "share", "deci", "utr", "l2norm"])
+def loop_query(hidden, is_query, window=QUERY_WINDOW, tau=QUERY_TEMPERATURE, pool=QUERY_POOL):
+    """pruning.query_attention's definition for one row of w real slots, in loops (float64): each of the last
+    `window` query slots spreads a softmax of cosine similarities / tau over the slots; sum; max over +-pool."""
+    h = [v / v.norm() for v in hidden.double()]
+    w = len(h)
+    queries = [j for j in range(w) if is_query[j]][-window:]
+    attention = [0.0] * w
+    for q in queries:
+        e = [math.exp(float(h[q] @ h[t]) / tau) for t in range(w)]
+        for t in range(w):
+            attention[t] += e[t] / sum(e)
+    return torch.tensor([max(attention[max(0, t - pool) : t + pool + 1]) for t in range(w)], dtype=torch.float64)
+
+
+@pytest.mark.parametrize("side", ["none", "left", "right"])
+@pytest.mark.parametrize("window,pool,tau", [(32, 8, 0.05), (4, 2, 1.0), (6, 0, 0.3)])
+def test_query_attention_equals_its_loop_definition(side, window, pool, tau):
+    g = torch.Generator().manual_seed(window)
+    lengths = [40, 23, 9] if side != "none" else [40, 40, 40]
+    w = max(lengths)
+    hidden = torch.randn(3, w, 16, generator=g) + 0.8 * torch.randn(16, generator=g)  # a shared direction, as streams have
+    real = torch.zeros(3, w, dtype=torch.bool)
+    for r, n in enumerate(lengths):
+        real[r, w - n :] = True if side != "right" else False
+        real[r, :n] = True if side == "right" else real[r, :n]
+    query = torch.zeros_like(real)  # each row's last k real slots (the protected end): k below and above the window
+    for r, k in enumerate([3, 12, 40]):
+        slots = real[r].nonzero().flatten()
+        query[r, slots[-k:]] = True
+    got = query_attention(hidden, real, query, window, tau, pool)
+    for r in range(3):
+        slots = real[r].nonzero().flatten()
+        ref = loop_query(hidden[r, slots], query[r, slots].tolist(), window, tau, pool)
+        assert torch.allclose(got[r, slots].double(), ref, rtol=1e-5, atol=1e-6)
+        assert torch.isinf(got[r, ~real[r]]).all()
+
+
+def test_query_ranks_what_the_end_resembles_first():
+    """A token far back that the prompt's end matches outranks every token near the end that it does not."""
+    g = torch.Generator().manual_seed(0)
+    hidden = torch.randn(1, 200, 32, generator=g)
+    hidden[0, 20] = hidden[0, 195] * 2  # the needle: the question (last slots) resembles it
+    query = torch.zeros(1, 200, dtype=torch.bool)
+    query[0, 190:] = True
+    scores = query_attention(hidden, torch.ones(1, 200, dtype=torch.bool), query)
+    before = 190 - QUERY_POOL  # (the pool carries the queries' attention to themselves onto the 8 slots before them)
+    top = scores[0, :before].argsort(descending=True, stable=True)[: 2 * QUERY_POOL + 1]
+    assert sorted(top.tolist()) == list(range(20 - QUERY_POOL, 20 + QUERY_POOL + 1))  # the needle and its neighbours
+
+
+@pytest.mark.parametrize("criterion", ["simba", "query", "recent-query", "share", "deci", "utr", "l2norm"])
 @pytest.mark.parametrize("protect", [1, 5])
 def test_sparse_forward_equals_naive_reference(criterion, protect):
     m = random_model(n_layer=4, d_model=16, vocab=64, seed=3)
@@ -94,7 +151,7 @@ def test_sparse_forward_equals_naive_reference(criterion, protect):
 
 
 @pytest.mark.parametrize("side", ["left", "right"])
-@pytest.mark.parametrize("criterion", ["simba", "share", "deci", "utr", "stride"])
+@pytest.mark.parametrize("criterion", ["simba", "query", "recent-query", "share", "deci", "utr", "stride"])
 def test_padded_batch_equals_rows_alone(side, criterion):
     m = random_model(n_layer=4, d_model=16, vocab=64, seed=5)
     simba = SimbaConfig(linear(4, 0.2), criterion, 2)
@@ -155,7 +212,8 @@ def test_utr_scores_clipped_activation_sum():
     from simba_compress.pruning import CRITERION_FNS, LayerView
 
     hidden = torch.tensor([[[1.0, -2.0, 3.0], [-1.0, -1.0, 0.5]]])
-    view = LayerView(0, hidden, None, torch.tensor([1]), torch.ones(1, 2, dtype=torch.bool), torch.tensor([1]))
+    view = LayerView(0, hidden, None, torch.tensor([1]), torch.ones(1, 2, dtype=torch.bool), torch.tensor([1]),
+                     torch.arange(2)[None], torch.tensor([2]))
     assert CRITERION_FNS["utr"](view, 0).tolist() == [[4.0, 0.5]]
 
 

@@ -5,7 +5,7 @@ import lzma
 import pytest
 import torch
 
-from conftest import CORPUS, random_model, shared
+from conftest import CORPUS, random_model, shared, trained_proxy
 from simba_compress import SimbaConfig
 from simba_compress.passkey import NEEDLE, QUESTION, PasskeyTask, evaluate_passkey, exact_match
 from simba_compress.schedules import linear
@@ -79,3 +79,20 @@ def test_evaluate_passkey_dense_pruned_and_truncated(task):
     assert cut.key_kept == [False, False, True, True] and cut.flop_ratio == 60 / 160
     with pytest.raises(ValueError, match="tail"):
         evaluate_passkey(m, samples, recent=5)
+
+
+def test_the_cached_passkey_proxy_retrieves_and_truncation_loses_the_early_key(corpus_tokenizer):
+    """The fine-tuned l16 passkey proxy (issue 23's CPU criterion work reads it from the cache, not a GPU rebuild):
+    dense, it reads back keys early and late in a 512-token prompt; the prompt truncated to its last 30% has lost
+    the early key, and with it the answer."""
+    from simba_compress import load
+    from simba_compress.data import read_documents, tokenize
+
+    model = load(trained_proxy("mamba-proxy-d320-l16-passkey"))
+    text = read_documents(str(shared(CORPUS / "valid.txt.xz")))[0][:40_000]  # held-out haystacks, ~10K tokens
+    valid = tokenize([text], corpus_tokenizer)
+    samples = PasskeyTask(corpus_tokenizer, valid).samples(512, [0.1, 0.9], per_depth=1, seed=0)
+    dense = evaluate_passkey(model, samples)
+    assert dense.correct == [True, True]
+    cut = evaluate_passkey(model, samples, recent=150)
+    assert cut.key_kept == [False, True] and cut.correct[0] is False

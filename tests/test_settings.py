@@ -33,7 +33,7 @@ def model():
         (lambda: CalibratedSchedule(flops=0.6, knots=2.5), "knots: expected an integer, got 2.5"),
         (lambda: ExplicitSchedule(keep=[0.9, 0.5]), "keep: the first layer must keep 1.0, got 0.9"),
         (lambda: ExplicitSchedule(keep=[1.0, 0.5, 0.7]), "keep: layer 2 has 0.7; ratios must be in (0, 1] and never increase"),
-        (lambda: ExplicitSchedule(keep=[1.0], criterion="best"), "criterion: 'best' is not one of simba, share"),
+        (lambda: ExplicitSchedule(keep=[1.0], criterion="best"), "criterion: 'best' is not one of simba, query, recent-query, share"),
         (lambda: ExplicitSchedule(keep=[1.0], protect_last=0), "protect_last: must be >= 1, got 0"),
         (lambda: FinetuneConfig(distill_weight=2), "distill_weight: must be in [0, 1], got 2"),
         (lambda: FinetuneConfig(lr=0), "lr: must be > 0, got 0"),
