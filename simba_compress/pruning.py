@@ -47,9 +47,9 @@ class SimbaConfig:
         "l2norm" (block output norm), "random", "stride". In a hybrid, a layer that cannot compute the criterion
         itself ranks by the scores of the nearest layer below that can, carried up (score_source).
     attention_score: with an SSM criterion, what an attention layer that prunes ranks by: "snapkv" (its own
-        attention's, SnapKV's; the default: 0.016-0.017 nats better than "carry" on the hybrid proxy at F = 0.6, on
-        training and on held-out text, benchmarks/results/cpu/hybrid_quality.md) or "carry" (the SSM score of the
-        nearest SSM layer below it, carried up).
+        attention's, SnapKV's; the default: 0.0275 ± 0.0040 nats better than "carry" on the hybrid proxy at
+        F = 0.6, paired over 24 windows of training text, benchmarks/results/cpu/hybrid_quality.md) or "carry" (the
+        SSM score of the nearest SSM layer below it, carried up).
     protect_last: the last real tokens of every row that are always kept (at least 1).
     seed: seeds the "random" criterion.
     granularity: each pruned layer's token count is rounded to the nearest multiple of this (1: exact). With
