@@ -54,7 +54,7 @@ import env  # noqa: E402  (benchmarks/env.py)
 
 from simba_compress import MambaLM, ModelConfig  # noqa: E402
 from simba_compress.backends import Backends  # noqa: E402
-from simba_compress.bench import BenchConfig, mamba_ssm_twin, time_generation, transformers_twin  # noqa: E402
+from simba_compress.bench import BenchConfig, mamba_ssm_twin, median_ms, time_generation, transformers_twin  # noqa: E402
 from simba_compress.flops import count, kv_cache_bytes  # noqa: E402
 from simba_compress.generation import GenerationConfig, generate  # noqa: E402
 from simba_compress.layers import KVState  # noqa: E402
@@ -113,25 +113,6 @@ def free_memory() -> None:
         torch.cuda.empty_cache()
 
 
-def timed_ms(fn, device: torch.device, reps: int) -> float:
-    """Median milliseconds of fn() (CUDA events on a GPU), after one warm-up call."""
-    fn()
-    times = []
-    for _ in range(reps):
-        if device.type == "cuda":
-            s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            s.record()
-            fn()
-            e.record()
-            e.synchronize()
-            times.append(s.elapsed_time(e))
-        else:
-            t0 = time.perf_counter()
-            fn()
-            times.append(1000 * (time.perf_counter() - t0))
-    return statistics.median(times)
-
-
 def decoder_kv_gb(model: MambaLM) -> float:
     """GB of the KV-cache buffers the model's decoders hold (what generate allocated)."""
     caches = model._graphs
@@ -167,7 +148,7 @@ def ours(model: MambaLM, simba, ids: torch.Tensor, reps: int, decode: str) -> di
         model._graphs = None
         free_memory()
         with torch.no_grad():
-            prefill = timed_ms(lambda: model(ids, return_states=True, last_logits=1), device, reps)
+            prefill = median_ms(lambda: model(ids, return_states=True, last_logits=1), device, reps)
     finally:
         model.simba, model.backends = old, old_backends
     report = count(model.config, simba, ids.shape[1])
@@ -238,7 +219,7 @@ def main() -> None:
                     if twin is None:
                         continue
                     with torch.no_grad():
-                        ms = timed_ms(lambda: twin(ids, num_last_tokens=1), device, reps)
+                        ms = median_ms(lambda: twin(ids, num_last_tokens=1), device, reps)
                     row = {"prefill_ms": round(ms, 2), "flops": 1.0,
                            "note": "prefill only: its decode needs flash_attn (absent)"}  # fmt: skip
                 elif impl == "transformers" and model.config.arch == "granitemoehybrid" and prompt <= 8192 and (batch == 1 or args.smoke):

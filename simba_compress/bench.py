@@ -176,6 +176,26 @@ def implementations(model: MambaLM, twins: tuple[str, ...] = ("mamba_ssm",)) -> 
     return impls
 
 
+def median_ms(fn: Callable[[], object], device: torch.device, reps: int) -> float:
+    """Median milliseconds of fn() over `reps` calls after one warm-up: CUDA events on a GPU (the kernels' time,
+    not the host's launch), the wall clock elsewhere."""
+    fn()
+    times = []
+    for _ in range(reps):
+        if device.type == "cuda":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end))
+        else:
+            t0 = time.perf_counter()
+            fn()
+            times.append(1000 * (time.perf_counter() - t0))
+    return statistics.median(times)
+
+
 def time_generation(run: Generate, ids: torch.Tensor, cfg: BenchConfig, weights: object,
                     tick: Callable[[], object] = lambda: None) -> dict:
     """first_token_ms, total_ms (medians), decode_ms_per_token, peak_mem_gb and spread for one implementation;

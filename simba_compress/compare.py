@@ -14,6 +14,7 @@ from pathlib import Path
 
 import torch
 
+from .bench import median_ms
 from .checkpoints import load, load_tokenizer
 from .compress import compress, resolve_device
 from .data import load_windows
@@ -43,17 +44,8 @@ def _latency_ms(model, windows: torch.Tensor) -> float | None:
     if model.device.type != "cuda":
         return None
     x = windows[:, :-1].to(model.device)
-    times = []
     with torch.no_grad():
-        model(x)
-        for _ in range(3):
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            model(x)
-            end.record()
-            torch.cuda.synchronize()
-            times.append(start.elapsed_time(end))
-    return sorted(times)[1]
+        return median_ms(lambda: model(x), model.device, 3)
 
 
 def _tasks(model, tokenizer, cfg: CompareConfig) -> dict[str, float]:

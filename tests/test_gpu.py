@@ -478,6 +478,8 @@ def test_mamba2_bf16_step_within_rounding_of_the_cpu_reference(path):
         out = gpu_m(ids.cuda(), return_states=True, last_logits=1)
         logits = fused_step_logits(gpu_m, out.states, ids[:, -1].cuda())
     assert rel_norm(logits, ref_logits) < 1e-2
+
+
 @needs_cuda
 @needs_ssd
 @pytest.mark.parametrize("criterion", ["simba", "share", "deci"])
