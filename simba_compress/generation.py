@@ -35,7 +35,7 @@ from typing import Callable
 
 import torch
 
-from .layers import KVState, add_norm
+from .layers import KVState, ParallelState, add_norm
 from .model import LMOutput, MambaLM
 from .pruning import padding_side
 
@@ -270,7 +270,8 @@ def prefill(model: MambaLM, input_ids: torch.Tensor, attention_mask: torch.Tenso
 def cache_capacities(states: list, new_tokens: int) -> list[int]:
     """Per layer, the KV-cache tokens decoding after a prefill whose states are `states` needs (0 for a recurrent
     layer): the prompt tokens the layer kept plus new_tokens, rounded up to CACHE_BLOCK."""
-    return [-(-(st.capacity + new_tokens) // CACHE_BLOCK) * CACHE_BLOCK if isinstance(st, KVState) else 0 for st in states]
+    cached = (KVState, ParallelState)  # the layers with an attention's KV cache
+    return [-(-(st.capacity + new_tokens) // CACHE_BLOCK) * CACHE_BLOCK if isinstance(st, cached) else 0 for st in states]
 
 
 def _decoder(model: MambaLM, batch: int, cfg: GenerationConfig, capacities: list[int]) -> Decoder:
