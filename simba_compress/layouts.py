@@ -260,17 +260,21 @@ def _silu(cfg: dict, key: str, file: Path) -> None:
     _expect(cfg, key, "silu", file, "silu")
 
 
+def _dims(cfg: dict, file: Path) -> tuple[int, int, int, int]:
+    """hidden_size, num_hidden_layers, num_attention_heads and the attention's head dim of a transformers hybrid
+    (GraniteMoeHybrid, Bamba, Jamba, Falcon-H1), whose hidden_act must be SiLU."""
+    d, heads = _int(cfg, "hidden_size", file), _int(cfg, "num_attention_heads", file)
+    _silu(cfg, "hidden_act", file)
+    return d, _int(cfg, "num_hidden_layers", file), heads, cfg.get("head_dim") or d // heads
+
+
 def _granite(cfg: dict, file: Path) -> dict:
-    d = _int(cfg, "hidden_size", file)
-    n = _int(cfg, "num_hidden_layers", file)
+    d, n, heads, head_dim = _dims(cfg, file)
     types = cfg.get("layer_types", cfg.get("layers_block_type")) or [SSM_TYPES[0]] * n
     if len(types) != n or not all(t in SSM_TYPES + ATTN_TYPES for t in types):
         raise SimbaError(f"{file}: 'layer_types' must name {n} layers, each mamba or attention, got {types!r}")
-    heads = _int(cfg, "num_attention_heads", file)
-    _silu(cfg, "hidden_act", file)
     rope = cfg.get("position_embedding_type") == "rope"
     theta, _ = _rope(cfg, file) if rope else (10000.0, {})
-    head_dim = cfg.get("head_dim") or d // heads
     experts = cfg.get("num_local_experts", 0) or 0
     return dict(
         d_model=d, n_layer=n, vocab_size=_int(cfg, "vocab_size", file), norm_eps=cfg.get("rms_norm_eps", 1e-6),
@@ -290,12 +294,8 @@ def _granite(cfg: dict, file: Path) -> dict:
 
 
 def _bamba(cfg: dict, file: Path) -> dict:
-    d = _int(cfg, "hidden_size", file)
-    n = _int(cfg, "num_hidden_layers", file)
-    heads = _int(cfg, "num_attention_heads", file)
-    _silu(cfg, "hidden_act", file)
+    d, n, heads, head_dim = _dims(cfg, file)
     theta, params = _rope(cfg, file)
-    head_dim = cfg.get("head_dim") or d // heads
     attn = cfg.get("attn_layer_indices") or []
     return dict(
         d_model=d, n_layer=n, vocab_size=_int(cfg, "vocab_size", file), norm_eps=cfg.get("rms_norm_eps", 1e-5),
@@ -361,10 +361,7 @@ def _period(cfg: dict, prefix: str, file: Path, period: int, offset: int) -> tup
 
 
 def _jamba(cfg: dict, file: Path) -> dict:
-    d = _int(cfg, "hidden_size", file)
-    n = _int(cfg, "num_hidden_layers", file)
-    heads = _int(cfg, "num_attention_heads", file)
-    _silu(cfg, "hidden_act", file)
+    d, n, heads, head_dim = _dims(cfg, file)
     inter = _int(cfg, "intermediate_size", file)
     experts = _int(cfg, "num_experts", file, 16)
     moe = _periodic(n, *_period(cfg, "expert_layer", file, 2, 1)) if experts > 1 else []  # 1 expert: dense MLPs
@@ -375,7 +372,7 @@ def _jamba(cfg: dict, file: Path) -> dict:
         expand=_int(cfg, "mamba_expand", file, 2), dt_rank=cfg.get("mamba_dt_rank", "auto"),
         conv_bias=cfg.get("mamba_conv_bias", True), bias=cfg.get("mamba_proj_bias", False), bcdt_norm=True,
         attn_layers=_periodic(n, *_period(cfg, "attn_layer", file, 8, 4)), attn_heads=heads,
-        attn_kv_heads=cfg.get("num_key_value_heads") or heads, attn_head_dim=cfg.get("head_dim") or d // heads,
+        attn_kv_heads=cfg.get("num_key_value_heads") or heads, attn_head_dim=head_dim,
         d_intermediate=inter, block_mlp=True, n_experts=experts if moe else 0, moe_layers=moe,
         experts_per_token=_int(cfg, "num_experts_per_tok", file, 2) if moe else 0, expert_intermediate=inter if moe else 0,
         moe_shared=False, moe_renormalize=False, arch="jamba",
@@ -391,12 +388,8 @@ def _multipliers(cfg: dict, key: str, n: int, file: Path) -> list[float]:
 
 
 def _falcon_h1(cfg: dict, file: Path) -> dict:
-    d = _int(cfg, "hidden_size", file)
-    n = _int(cfg, "num_hidden_layers", file)
-    heads = _int(cfg, "num_attention_heads", file)
-    _silu(cfg, "hidden_act", file)
+    d, n, heads, head_dim = _dims(cfg, file)
     theta, _ = _rope(cfg, file)
-    head_dim = cfg.get("head_dim") or d // heads
     inner = cfg.get("mamba_d_ssm") or _int(cfg, "mamba_expand", file, 2) * d
     m_heads = _int(cfg, "mamba_n_heads", file, 128)
     m_head = cfg.get("mamba_d_head", "auto")

@@ -70,7 +70,7 @@ class Mamba2Mixer(Mixer):
 
     def _in_proj(self, hidden: torch.Tensor) -> torch.Tensor:
         """in_proj's output (z, xBC, dt), times Falcon-H1's multipliers."""
-        zxbcdt = F.linear(hidden, self.in_proj.weight, self.in_proj.bias)
+        zxbcdt = self.in_proj(hidden)
         if not self.proj_multipliers:
             return zxbcdt
         key = (zxbcdt.device, zxbcdt.dtype)
