@@ -81,6 +81,8 @@ def test_remote_code_prunes_as_simba_load_and_the_explicit_class_runs_dense(kind
     folder = sc.save(m, tmp_path / "out")
     cfg = json.loads((folder / "config.json").read_text())
     assert cfg["auto_map"]["AutoModelForCausalLM"] == "modeling_simba." + REMOTE_CLASSES[cfg["model_type"]]
+    card = (folder / "README.md").read_text()  # the model card says how to load it either way
+    assert "trust_remote_code=True" in card and f"`{dense_class.__name__}.from_pretrained(" in card
     ours = sc.load(folder)
     hf, info = AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True, dtype=torch.float32,
                                                     output_loading_info=True)  # fmt: skip
@@ -269,7 +271,7 @@ def lm_eval_responses(model: str, model_args: str, tasks: list[str], folder) -> 
     import simba_compress.harness  # noqa: F401  registers "simba"
 
     res = lm_eval.simple_evaluate(model=model, model_args=model_args, tasks=tasks, log_samples=True,
-                                  task_manager=TaskManager(include_path=str(folder)))  # fmt: skip
+                                  task_manager=TaskManager(include_path=str(folder), include_defaults=False))  # fmt: skip
     out = {}
     for task in tasks:
         samples = sorted(res["samples"][task], key=lambda s: s["doc_id"])
@@ -277,18 +279,20 @@ def lm_eval_responses(model: str, model_args: str, tasks: list[str], folder) -> 
     return out
 
 
-def test_lm_eval_hf_model_scores_as_the_simba_model(demo_folder, lm_eval_tasks):
+@pytest.mark.parametrize("text_folder", ["demo", "granite_moe_rope_multipliers"], indirect=True)
+def test_lm_eval_hf_model_scores_as_the_simba_model(text_folder, lm_eval_tasks):
     """lm_eval --model hf with trust_remote_code against --model simba: the same loglikelihoods where lm-eval's hf
     model can express the simba model's request (one-token continuations, rolling windows) and the same generations.
-    A longer continuation is scored as the forward prunes it (lm-eval's hf model never says where it starts)."""
+    A longer continuation is scored as the forward prunes it (lm-eval's hf model never says where it starts). On the
+    demo model and on a hybrid (MoE MLPs, RoPE attention, Granite's multipliers)."""
     pytest.importorskip("lm_eval", reason="the eval extra (lm-eval) is not installed")
-    tok = sc.load_tokenizer(demo_folder)
+    tok = sc.load_tokenizer(text_folder)
     assert all(len(tok(c, add_special_tokens=False).input_ids) == 1 for _, cs in LM_EVAL_DOCS for c in cs)
     tasks = ["simba_hf_one", "simba_hf_rolling", "simba_hf_gen", "simba_hf_long"]
-    hf = lm_eval_responses("hf", f"pretrained={demo_folder},trust_remote_code=True,device=cpu,dtype=float32",
+    hf = lm_eval_responses("hf", f"pretrained={text_folder},trust_remote_code=True,device=cpu,dtype=float32",
                            tasks, lm_eval_tasks)  # fmt: skip
-    ours = lm_eval_responses("simba", f"pretrained={demo_folder},device=cpu", tasks, lm_eval_tasks)
-    dense = lm_eval_responses("simba", f"pretrained={demo_folder},device=cpu,dense=true", tasks[:1], lm_eval_tasks)
+    ours = lm_eval_responses("simba", f"pretrained={text_folder},device=cpu", tasks, lm_eval_tasks)
+    dense = lm_eval_responses("simba", f"pretrained={text_folder},device=cpu,dense=true", tasks[:1], lm_eval_tasks)
     for task in ("simba_hf_one", "simba_hf_rolling"):
         got = [r[0] if isinstance(r, (list, tuple)) else r for r in hf[task]]
         want = [r[0] if isinstance(r, (list, tuple)) else r for r in ours[task]]
@@ -296,7 +300,7 @@ def test_lm_eval_hf_model_scores_as_the_simba_model(demo_folder, lm_eval_tasks):
     assert hf["simba_hf_gen"] == ours["simba_hf_gen"]
     assert [r[0] for r in ours["simba_hf_one"]] != pytest.approx([r[0] for r in dense["simba_hf_one"]], abs=1e-3)
     # multi-token continuations: the hf model's request is the plain pruned forward over context + continuation
-    model, long = sc.load(demo_folder), []
+    model, long = sc.load(text_folder), []
     for q, choices in LM_EVAL_DOCS:
         for a, b in zip(choices, choices[1:] + choices[:1]):
             whole, n_ctx = tok(q + a + " and the" + b).input_ids, len(tok(q).input_ids)
