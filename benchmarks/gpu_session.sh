@@ -3,8 +3,9 @@
 # a session: the calls follow each other at once so the machine, its build and the proxies in $KEEP stay):
 #   PHASE=1  build mamba_ssm and causal_conv1d (gpu_run.sh's setup; the wheels come back in pieces for later
 #            machines) while the Mamba-2 and hybrid proxies train (train_proxy.py, mamba_ssm's Triton kernels, from
-#            source, TRAIN_SECONDS); once built, the recall proxy (passkey_proxy.py --facts 8) and the CUDA tests
-#            (tests/test_gpu.py, test_generation.py, test_hybrid.py; not timed: the GPU is shared)
+#            source, TRAIN_SECONDS); once built, the recall proxy (passkey_proxy.py --facts 8) and the fact-recall
+#            probe on it (long_context.py --stages facts), beside the CUDA tests (tests/test_gpu.py,
+#            test_generation.py, test_hybrid.py; not timed: the GPU is shared)
 #   PHASE=2  timings alone on the GPU: gpu_mamba2.sh's m2prefill, m2generate and m1rows, then gpu_hybrid.sh's check
 #            and bench; the Mamba-2 and hybrid proxies come back in pieces (benchmarks/proxies.py unpacks them)
 #   PHASE=3  quality, side by side (small models; not timed): quality.py's Mamba-2 table at T = 1024 and 4096,
@@ -29,7 +30,7 @@ stage() { echo "=== [$((SECONDS - t0)) s] $*"; }
 left() { echo $((TOTAL - (SECONDS - t0))); }
 pack() { tar czf "$OUT/results.tgz.part" -C "$RES" . && mv "$OUT/results.tgz.part" "$OUT/results.tgz"; }
 pieces() {  # pieces NAME DEST: the model folder $KEEP/NAME as tar pieces under 16 MB
-  [ -d "$KEEP/$1" ] && tar cf - -C "$KEEP" "$1" | split -b 15m -a 1 - "$2/$1.tar.part-" || echo "$1 missing"
+  [ -d "$KEEP/$1" ] && tar cf - -C "$KEEP" "$1" | split -b 15m -a 2 - "$2/$1.tar.part-" || echo "$1 missing"
 }
 if [ ! -d /tmp/site ]; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .whl/*.whl 2>&1 | tail -1
@@ -50,14 +51,18 @@ if [ "$PHASE" = 1 ]; then
   done
   wait $build; cat "$RES/setup/run.log"
   stage "recall proxy (background) and the CUDA tests"
-  timeout 240 python3 benchmarks/passkey_proxy.py --base .carry/models/mamba-proxy-d320-l16 --facts 8 \
+  (timeout 200 python3 benchmarks/passkey_proxy.py --base .carry/models/mamba-proxy-d320-l16 --facts 8 \
     --train $CORPUS/train.txt.xz --valid $CORPUS/valid.txt.xz --out "$KEEP/mamba-proxy-d320-l16-recall" \
-    > "$RES/recall_proxy.log" 2>&1 &
+    > "$RES/recall_proxy.log" 2>&1
+   timeout $(($(left) - 45)) python3 benchmarks/long_context.py --corpus $CORPUS --models .carry/models \
+    --out "$RES/facts" --stages facts --facts-model "$KEEP/mamba-proxy-d320-l16-recall" --methods dense truncate \
+    simba recent-query oracle --budgets 0.6 --lengths 1024 2048 --max-seconds $(($(left) - 80)) \
+    > "$RES/facts.log" 2>&1) &
   recall=$!
   timeout $(($(left) - 40)) python3 -m pytest -q -rs --durations 15 -p no:cacheprovider tests/test_gpu.py \
     tests/test_generation.py tests/test_hybrid.py -k 'not interpreter' > "$RES/test_gpu.log" 2>&1
   tail -n 40 "$RES/test_gpu.log"
-  wait $recall; tail -n 3 "$RES/recall_proxy.log"; cp "$KEEP"/mamba-proxy-d320-l16-recall/*.json "$RES"/ 2>/dev/null
+  wait $recall; tail -n 3 "$RES/recall_proxy.log"; tail -n 12 "$RES/facts.log"; cp "$KEEP"/mamba-proxy-d320-l16-recall/*.json "$RES"/ 2>/dev/null
   for p in "${trains[@]}"; do wait "$p"; done
   for kind in mamba2 hybrid; do stage "train_proxy $kind"; tail -n 4 "$RES/train_$kind.log"; done
   for f in mamba2 hybrid; do cp "$KEEP/$f-proxy-d320-l16/train_proxy.json" "$RES/train_proxy_$f.json" 2>/dev/null; done
