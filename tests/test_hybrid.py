@@ -86,9 +86,9 @@ CASES = {
 }  # fmt: skip
 
 
-def transformers_model(case: str):
+def transformers_model(case: str, **overrides):
     family, kwargs = CASES[case]
-    config = getattr(transformers, f"{family}Config")(**kwargs)
+    config = getattr(transformers, f"{family}Config")(**kwargs | overrides)
     config._attn_implementation = "eager"
     torch.manual_seed(0)
     return randomize(getattr(transformers, f"{family}ForCausalLM")(config))
@@ -372,10 +372,11 @@ def test_moe_gather_and_loop_paths_agree():
     torch.testing.assert_close(gathered, looped, rtol=1e-5, atol=1e-6)
 
 
-def load_case_model(case: str, tmp=None):
+def load_case_model(case: str, **overrides):
+    """simba_compress's model of a CASES model, read from the folder transformers writes (config overrides: vocab_size)."""
     import tempfile
 
-    ref = transformers_model(case)
+    ref = transformers_model(case, **overrides)
     with tempfile.TemporaryDirectory() as d:
         ref.save_pretrained(d)
         return load(d)

@@ -3,8 +3,9 @@
     AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True)   # pruned, as simba_compress.load runs it
     MambaForCausalLM.from_pretrained(folder)                               # the same weights, dense
 
-The model lives in the simba-compress package (simba_compress/hf.py); this file makes one class per model
-type it supports, the one config.json's auto_map names.
+(the dense class is the folder's model_type's own: Mamba2ForCausalLM, GraniteMoeHybridForCausalLM, BambaForCausalLM,
+NemotronHForCausalLM, JambaForCausalLM, FalconH1ForCausalLM). The model lives in the simba-compress package (simba_compress/hf.py); this file makes one
+class per model type it supports, the one config.json's auto_map names.
 """
 
 try:
@@ -15,7 +16,7 @@ except ImportError as e:  # transformers skips imports inside try blocks in its 
     raise ImportError(
         f"This model prunes its prompt with the simba-compress package, which could not be imported ({e}): pip "
         "install simba-compress (or pip install . from its source; a version that has simba_compress.hf). Without "
-        "it, MambaForCausalLM / Mamba2ForCausalLM load the same weights dense."
+        "it, the model type's own transformers class (MambaForCausalLM, BambaForCausalLM, ...) loads the same weights dense."
     ) from None
 
 from transformers.models.auto.configuration_auto import CONFIG_MAPPING
