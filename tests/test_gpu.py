@@ -669,7 +669,7 @@ def family_backends(name: str, path: str) -> probes.Backends:
 @needs_cuda
 @pytest.mark.parametrize("path", ["mamba_ssm", "triton"])
 @pytest.mark.parametrize("name", ["jamba", "falcon_h1"])
-def test_family_fast_path_matches_cpu(name, path):
+def test_hybrid_family_fast_path_matches_cpu(name, path):
     """float32: dense, left-padded and pruned logits (kept sets equal) and a pruned left-padded batch generated from the
     CUDA graph (greedy tokens equal the CPU's) through each path's scan and fused step; bf16 dense norm-wise."""
     cpu_m, gpu_m = family_pair(name, torch.float32)
