@@ -297,3 +297,19 @@ def test_info_describes_both_families(models, tmp_path, capsys):
         assert main(["info", str(folder)]) == 0
         text = capsys.readouterr().out
         assert all(line in text for line in expected), text
+
+
+@pytest.mark.parametrize("case", ["jamba_moe", "falcon_h1"])
+def test_linear_schedule_meets_the_target(models, case):
+    """The paper's linear schedule fitted to a budget with these families' per-layer costs (Jamba's dense and MoE
+    blocks differ; every Falcon-H1 layer has an attention's quadratic part beside its Mamba-2) lands on it, and the
+    KV cache shrinks with it. (The fast form's few staircases of 3-4 layers may not reach a given budget.)"""
+    from simba_compress.compress import compress
+    from simba_compress.schedules import flop_tolerance
+    from simba_compress.settings import LinearSchedule
+
+    m = load_case_model(case)
+    simba = compress(m, LinearSchedule(flops=0.6, seq_len=512, form="exact"))
+    report = count(m.config, simba, 512)
+    assert abs(report.ratio - 0.6) <= flop_tolerance(m.config, 0.6, 512)
+    assert 0 < report.kv_cache_bytes < report.kv_cache_dense_bytes
