@@ -44,10 +44,10 @@ def mlp_flops(cfg: ModelConfig, moe: bool = False) -> int:
     act = SILU if cfg.mlp_act == "silu" else 2  # relu then the square
     if cfg.mlp_gated:
         flops = 2 * d * 2 * i + (act + 1) * i + 2 * i * d + ((2 * i + d) if cfg.mlp_bias else 0)
-        flops += (i if cfg.mlp_multipliers[:1] not in ([], [1.0]) else 0)  # Falcon-H1's gate multiplier
     else:
         flops = 2 * d * i + act * i + 2 * i * d + ((i + d) if cfg.mlp_bias else 0)
-    flops += d if cfg.mlp_multipliers[1:] not in ([], [1.0]) else 0  # Falcon-H1's down multiplier
+    gate, down = cfg.mlp_multipliers or (1.0, 1.0)  # Falcon-H1's: the gate before the activation, the output
+    flops += (i if gate != 1.0 else 0) + (d if down != 1.0 else 0)
     if not moe:
         return flops
     k, ie, e = cfg.experts_per_token, cfg.expert_intermediate, cfg.n_experts

@@ -2,9 +2,8 @@
 
 A block is `x = x + mixer(norm(x))`, and in hybrids that have one, `x = x + mlp(norm2(x))` after it. Each mixer
 type (mamba1.py, mamba2.py, attention.py, mlp.py's MLP layer of NemotronH, and parallel.py's attention beside an SSM
-mixer of Falcon-H1) implements one interface, so the
-model (model.py) and the decode runtime (generation.py) know mixers only through it, as mamba_ssm's modules
-share `forward` / `step` / `allocate_inference_cache`:
+mixer, Falcon-H1's) implements one interface, so the model (model.py) and the decode runtime (generation.py) know
+mixers only through it, as mamba_ssm's modules share `forward` / `step` / `allocate_inference_cache`:
 
     forward(hidden (b, w, d_model), ctx: MixerContext) -> MixerOutput(out, score, state)
         runs on the w tokens it is given (the kept ones: the model prunes between layers), computes the
@@ -185,8 +184,8 @@ class ModelConfig:
             raise ValueError(f"mlp_act: one of {', '.join(MLP_ACTS)}, got {self.mlp_act!r}")
         if self.n_experts and not (self.block_mlp and 1 <= self.experts_per_token <= self.n_experts
                                    and self.expert_intermediate >= 1):  # fmt: skip
-            raise ValueError("n_experts: experts sit beside a block MLP, with 1 <= experts_per_token <= n_experts "
-                             "and expert_intermediate >= 1")
+            raise ValueError("n_experts: experts sit in the block MLPs (block_mlp), with 1 <= experts_per_token <= "
+                             "n_experts and expert_intermediate >= 1")
         if self.moe_layers and not self.n_experts:
             raise ValueError("moe_layers: MoE blocks need n_experts >= 1")
         if self.bcdt_norm and self.layer != "mamba1":

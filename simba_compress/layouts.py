@@ -365,6 +365,9 @@ def _jamba(cfg: dict, file: Path) -> dict:
     inter = _int(cfg, "intermediate_size", file)
     experts = _int(cfg, "num_experts", file, 16)
     moe = _periodic(n, *_period(cfg, "expert_layer", file, 2, 1)) if experts > 1 else []  # 1 expert: dense MLPs
+    top = _int(cfg, "num_experts_per_tok", file, 2)
+    if moe and top > experts:
+        raise SimbaError(f"{file}: 'num_experts_per_tok' {top} is more than 'num_experts' {experts}")
     return dict(
         d_model=d, n_layer=n, vocab_size=_int(cfg, "vocab_size", file), norm_eps=cfg.get("rms_norm_eps", 1e-6),
         rms_norm=True, residual_in_fp32=False, tie_embeddings=cfg.get("tie_word_embeddings", False),
@@ -374,7 +377,7 @@ def _jamba(cfg: dict, file: Path) -> dict:
         attn_layers=_periodic(n, *_period(cfg, "attn_layer", file, 8, 4)), attn_heads=heads,
         attn_kv_heads=cfg.get("num_key_value_heads") or heads, attn_head_dim=head_dim,
         d_intermediate=inter, block_mlp=True, n_experts=experts if moe else 0, moe_layers=moe,
-        experts_per_token=_int(cfg, "num_experts_per_tok", file, 2) if moe else 0, expert_intermediate=inter if moe else 0,
+        experts_per_token=top if moe else 0, expert_intermediate=inter if moe else 0,
         moe_shared=False, moe_renormalize=False, arch="jamba",
     )  # fmt: skip
 
