@@ -10,7 +10,7 @@ control) and the accuracy with and without the span.
     python benchmarks/copy_probe.py --models ../shared/models/mamba-proxy-d320-l16 \
         ~/.cache/simba-compress/proxies/mamba-proxy-d320-l16-passkey --data ../shared/corpus/valid.txt.xz \
         --length 1024 --samples 24 --out benchmarks/results/cpu/copy_probe
-Writes OUT.json and OUT.md.
+Writes the --out path with .json and .md appended.
 """
 
 from __future__ import annotations

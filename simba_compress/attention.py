@@ -68,7 +68,8 @@ class AttentionMixer(Mixer):
         h, c, e = cfg.attn_heads, cfg.attn_kv_heads, cfg.attn_head_dim
         self.heads, self.kv_heads, self.head_dim = h, c, e
         self.qkv_dim = (h + 2 * c) * e
-        self.scale = cfg.attn_scale or e**-0.5
+        # the softmax scale; Falcon-H1 scales the keys (key_multiplier), which is the same as scaling q.k
+        self.scale = (cfg.attn_scale or e**-0.5) * cfg.key_multiplier
         self.d_conv = cfg.attn_conv
         self.in_proj = nn.Linear(cfg.d_model, self.qkv_dim, bias=cfg.attn_qkv_bias)
         # mamba_ssm's MHA conv: nn.Conv1d's default bias

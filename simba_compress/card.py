@@ -139,11 +139,14 @@ def _architecture(cfg) -> str:
     ssm = "Mamba-2" if cfg.layer == "mamba2" else "Mamba-1"
     if not cfg.hybrid:
         return ssm
+    if cfg.attn_parallel:
+        return f"a {ssm} hybrid with attention beside the {ssm} mixer in every layer"
     return f"a {ssm} hybrid with attention at layers {', '.join(map(str, cfg.attn_layers)) or 'none'}"
 
 
 DENSE_CLASSES = {"granitemoehybrid": "GraniteMoeHybridForCausalLM", "bamba": "BambaForCausalLM",
-                 "nemotron_h": "NemotronHForCausalLM"}  # fmt: skip
+                 "nemotron_h": "NemotronHForCausalLM", "jamba": "JambaForCausalLM",
+                 "falcon_h1": "FalconH1ForCausalLM"}  # fmt: skip
 
 
 def _loading(cfg, name: str, pruned: bool) -> list[str]:

@@ -385,17 +385,21 @@ def _kv_line(flops: dict) -> str:
 def _describe(c) -> list[str]:
     """What the model is, in a few lines (info)."""
     kind = "Mamba-1" if c.layer == "mamba1" else f"Mamba-2 (headdim {c.headdim}, {c.ngroups} groups)"
+    kind += " with dt, B and C normalised" if c.bcdt_norm else ""
     lines = [f"  {kind}: d_model {c.d_model}, {c.n_layer} layers, d_state {c.d_state}, vocab {c.vocab_size}"
              + (f" ({c.arch})" if c.arch else "")]  # fmt: skip
     if c.attn_layers:
         pos = f"RoPE on {c.rotary_dim} of {c.attn_head_dim} dims" if c.rotary_dim else "no positional encoding"
         conv = f", conv {c.attn_conv} over qkv" if c.attn_conv else ""
-        lines.append(f"  attention at layers {', '.join(map(str, c.attn_layers))}: {c.attn_heads} heads, "
+        where = "beside the SSM mixer in" if c.attn_parallel else "at"
+        lines.append(f"  attention {where} layers {', '.join(map(str, c.attn_layers))}: {c.attn_heads} heads, "
                      f"{c.attn_kv_heads} kv heads of {c.attn_head_dim}, {pos}{conv}")  # fmt: skip
     if c.mlp_layers:
         lines.append(f"  MLP layers {', '.join(map(str, c.mlp_layers))}: {c.d_intermediate} hidden, {c.mlp_act}")
     if c.block_mlp:
         moe = f", MoE of {c.n_experts} experts (top {c.experts_per_token}) of {c.expert_intermediate}" if c.n_experts else ""
+        if c.n_experts and len(c.moe_layers) < c.n_layer:
+            moe += f" at layers {', '.join(map(str, c.moe_layers))}" + ("" if c.moe_shared else " instead of the MLP")
         lines.append(f"  an MLP after every mixer: {c.d_intermediate} hidden{moe}")
     return lines
 

@@ -12,8 +12,10 @@ The matmul terms are checked against torch.utils.flop_counter in tests/test_flop
 Hybrids. An attention layer on k tokens costs its projections, the conv over qkv (mamba_ssm's d_conv) and RoPE per
 token, and the k(k+1)/2 causal (query, key) pairs of its kept tokens: per pair and query head, q.k (2e), the
 softmax (SOFTMAX) and the weighted sum of v (2e); grouped kv heads (GQA) cost the same products, fewer projections.
-MLPs cost their two (or, gated, three) projections per token; Granite's MoE its router, the top-k experts a token
-runs and its shared MLP. An in-layer score that an attention or MLP layer ranks by is computed by the layer
+MLPs cost their two (or, gated, three) projections per token; a MoE its router, the top-k experts a token runs and
+(Granite) its shared MLP. A parallel layer (Falcon-H1) costs its SSM mixer and its attention on the same tokens, their
+sum and multipliers. Jamba's dt, B and C norms, Falcon-H1's multipliers and its ungated norm are counted where the
+model has them. An in-layer score that an attention or MLP layer ranks by is computed by the layer
 pruning.score_source names (carried up), and counted there. KV-cache bytes (attention layers, kept tokens) are
 reported beside the FLOP ratio (kv_cache_bytes).
 """
@@ -25,7 +27,7 @@ from dataclasses import asdict, dataclass
 import torch
 
 from .attention import SNAPKV_WINDOW
-from .layers import ModelConfig
+from .layers import ATTENTION_KINDS, ModelConfig
 from .pruning import IN_LAYER, QUERY_POOL, QUERY_WINDOW, SimbaConfig, scorers
 
 SILU, SOFTPLUS = 4, 4  # x * sigmoid(x): neg, exp, add, div (+ the mul counted separately); log(1 + exp(x))
@@ -35,19 +37,24 @@ ROPE = 3  # per rotated element: two products and a sum
 SNAPKV_POOL_FLOPS = 5  # per vote: the max over SNAPKV_POOL neighbours
 
 
-def mlp_flops(cfg: ModelConfig) -> int:
-    """FLOPs per token of one MLP (mlp.MLP) of the model's shape, or of Granite's MoE with its shared MLP."""
+def mlp_flops(cfg: ModelConfig, moe: bool = False) -> int:
+    """FLOPs per token of one MLP (mlp.MLP) of the model's shape, or (moe) of its MoE: the experts, and Granite's
+    shared MLP beside them."""
     d, i = cfg.d_model, cfg.d_intermediate
     act = SILU if cfg.mlp_act == "silu" else 2  # relu then the square
     if cfg.mlp_gated:
         flops = 2 * d * 2 * i + (act + 1) * i + 2 * i * d + ((2 * i + d) if cfg.mlp_bias else 0)
     else:
         flops = 2 * d * i + act * i + 2 * i * d + ((i + d) if cfg.mlp_bias else 0)
-    if cfg.n_experts:
-        k, ie = cfg.experts_per_token, cfg.expert_intermediate
-        # router logits, the softmax over the top k, each expert's gated MLP, the weighted sum
-        flops += 2 * d * cfg.n_experts + SOFTMAX * k + k * (2 * d * 2 * ie + (SILU + 1) * ie + 2 * ie * d) + 2 * k * d
-    return flops
+    gate, down = cfg.mlp_multipliers or (1.0, 1.0)  # Falcon-H1's: the gate before the activation, the output
+    flops += (i if gate != 1.0 else 0) + (d if down != 1.0 else 0)
+    if not moe:
+        return flops
+    k, ie, e = cfg.experts_per_token, cfg.expert_intermediate, cfg.n_experts
+    # router logits, the softmax (over the top k: Granite; over every expert: Jamba), each expert's gated MLP, the
+    # weighted sum
+    routed = 2 * d * e + SOFTMAX * (k if cfg.moe_renormalize else e) + k * (2 * d * 2 * ie + (SILU + 1) * ie + 2 * ie * d)
+    return (flops if cfg.moe_shared else 0) + routed + 2 * k * d
 
 
 def attention_flops(cfg: ModelConfig) -> dict[str, int]:
@@ -84,10 +91,15 @@ def block_flops(cfg: ModelConfig, layer: int | None = None) -> dict[str, int]:
         parts = {"norm": 4 * d, "mlp": mlp_flops(cfg), "residual": d}
     else:
         parts = _ssm_flops(cfg)
+    if kind == "parallel":  # the attention beside the SSM mixer, the four multipliers where they are not 1, the sum
+        multipliers = (cfg.ssm_in_multiplier, cfg.ssm_out_multiplier, cfg.attn_in_multiplier, cfg.attn_out_multiplier)
+        parts |= {"attn_" + k: v for k, v in attention_flops(cfg).items() if k not in ("norm", "residual")}
+        parts["parallel"] = d + d * sum(m != 1.0 for m in multipliers)
     if cfg.residual_multiplier != 1.0:
         parts["residual"] += d
     if cfg.block_mlp:
-        parts |= {"norm2": 4 * d, "mlp": mlp_flops(cfg), "residual2": d * (2 if cfg.residual_multiplier != 1.0 else 1)}
+        parts |= {"norm2": 4 * d, "mlp": mlp_flops(cfg, cfg.moe(layer)),
+                  "residual2": d * (2 if cfg.residual_multiplier != 1.0 else 1)}  # fmt: skip
     return parts
 
 
@@ -97,15 +109,18 @@ def _ssm_flops(cfg: ModelConfig) -> dict[str, int]:
     if cfg.layer == "mamba2":
         h, gn = e // cfg.headdim, cfg.ngroups * cfg.d_state
         conv_dim = e + 2 * gn
+        proj = 2 * e + 2 * gn + h
         return {
             "norm": 4 * d,
-            "in_proj": 2 * d * (2 * e + 2 * gn + h) + ((2 * e + 2 * gn + h) if cfg.bias else 0),
+            # + Falcon-H1's multipliers of the projection's parts
+            "in_proj": 2 * d * proj + (proj if cfg.bias else 0) + (proj if cfg.ssm_proj_multipliers else 0),
             "conv": 2 * conv_dim * k + (conv_dim if cfg.conv_bias else 0) + SILU * conv_dim,
             "dt": h + SOFTPLUS * h,
             # scalar decay per head: exp(dt A) per head, dt x per channel, then per (channel, state) the
             # outer product with B (1), the state update (2) and C . h (2)
             "scan": 5 * e * n + e + 2 * h,
-            "gate_skip": 2 * e + (SILU + 1) * e + 4 * e,  # y + D x, * silu(z), grouped RMS norm
+            # y + D x, * silu(z), the grouped RMS norm (Falcon-H1 without mamba_rms_norm: none)
+            "gate_skip": 2 * e + (SILU + 1) * e + (4 * e if cfg.ssm_norm else 0),
             "out_proj": 2 * e * d + (d if cfg.bias else 0),
             "residual": d,
         }
@@ -113,7 +128,7 @@ def _ssm_flops(cfg: ModelConfig) -> dict[str, int]:
         "norm": 4 * d,
         "in_proj": 2 * d * 2 * e + (2 * e if cfg.bias else 0),
         "conv": 2 * e * k + (e if cfg.conv_bias else 0) + SILU * e,
-        "x_proj": 2 * e * (r + 2 * n),
+        "x_proj": 2 * e * (r + 2 * n) + (4 * (r + 2 * n) if cfg.bcdt_norm else 0),  # + Jamba's dt, B and C norms
         "dt_proj": 2 * r * e + e + SOFTPLUS * e,
         "scan": SCAN_PER_STATE * e * n,
         "gate_skip": 2 * e + (SILU + 1) * e,  # y + D x, then * silu(z)
@@ -132,17 +147,21 @@ def matmul_flops(cfg: ModelConfig, layer: int | None = None) -> dict[str, int]:
     mlp = {}
     if cfg.block_mlp or kind == "mlp":
         i = cfg.d_intermediate
-        mlp = {"mlp": 2 * d * (2 if cfg.mlp_gated else 1) * i + 2 * i * d}
-        if cfg.n_experts:
+        dense = 2 * d * (2 if cfg.mlp_gated else 1) * i + 2 * i * d
+        mlp = {"mlp": dense} if kind == "mlp" or not cfg.moe(layer) or cfg.moe_shared else {}
+        if kind != "mlp" and cfg.moe(layer):
             ie = cfg.expert_intermediate
             mlp["router"] = 2 * d * cfg.n_experts
             mlp["experts"] = cfg.experts_per_token * (2 * d * 2 * ie + 2 * ie * d)
     if kind == "mlp":
         return mlp
+    h = cfg.attn_heads * cfg.attn_head_dim
+    qkv = h + 2 * cfg.attn_kv_heads * cfg.attn_head_dim
+    attention = {"in_proj": 2 * d * qkv, "conv": 2 * qkv * cfg.attn_conv, "out_proj": 2 * h * d}
     if kind == "attention":
-        h = cfg.attn_heads * cfg.attn_head_dim
-        qkv = h + 2 * cfg.attn_kv_heads * cfg.attn_head_dim
-        return {"in_proj": 2 * d * qkv, "conv": 2 * qkv * cfg.attn_conv, "out_proj": 2 * h * d} | mlp
+        return attention | mlp
+    if kind == "parallel":  # the SSM mixer's (below) and the attention's, named attn_*
+        mlp = {"attn_" + key: v for key, v in attention.items()} | mlp
     if cfg.layer == "mamba2":
         h, gn = e // cfg.headdim, cfg.ngroups * cfg.d_state
         return {"in_proj": 2 * d * (2 * e + 2 * gn + h), "conv": 2 * (e + 2 * gn) * k, "out_proj": 2 * e * d} | mlp
@@ -236,15 +255,14 @@ def layer_flops(cfg: ModelConfig, tokens: int, score: str | None = None, layer: 
     kind = cfg.layer if layer is None else cfg.kind(layer)
     block = block_flops(cfg, layer)
     flops = tokens * sum(block.values())
-    if kind == "attention":
+    if kind in ATTENTION_KINDS:
         flops += causal_pairs(tokens) * attention_pair_flops(cfg)
         if score == "snapkv":
-            flops += snapkv_flops(cfg, tokens, window)
-        elif score is not None and score in IN_LAYER:
+            return flops + snapkv_flops(cfg, tokens, window)
+    if kind == "attention":
+        if score is not None and score in IN_LAYER:
             raise ValueError(f"an attention layer does not compute {score!r}")
-        elif score is not None:
-            flops += tokens * score_flops(cfg, score)
-        return flops
+        return flops + (tokens * score_flops(cfg, score) if score is not None else 0)
     steps = scan_steps(cfg, tokens) if kind != "mlp" else tokens
     flops += (steps - tokens) * block.get("scan", 0)
     if score is not None:

@@ -14,7 +14,8 @@ step is ~350 launches): so on CUDA the whole step, sampling included, is capture
 mode into a CUDA graph over static buffers (Decoder) and replayed, as mamba_ssm's generate(cg=True) does.
 Generation knows the layers only through the mixer interface (layers.py): each mixer allocates its decode state
 (zero_state) and advances it in place (step), through its fused kernels on CUDA (mamba1.py, mamba2.py) and its
-reference step elsewhere. An attention layer's state is its KV cache (layers.KVState): a static buffer sized when
+reference step elsewhere. An attention layer's state is its KV cache (layers.KVState; a parallel layer's holds one beside
+its SSM state, layers.ParallelState): a static buffer sized when
 the decoder is made, for the tokens the layer kept of the prompt plus the new ones (rounded up to CACHE_BLOCK so
 that prompts of similar lengths share a captured step), with per-row lengths the step advances in place. The graphs a model has captured are typed caches (GraphCaches) kept on the model and
 dropped when what they were captured for (the weights' placement, the schedule, the backends) changes.
@@ -35,7 +36,7 @@ from typing import Callable
 
 import torch
 
-from .layers import KVState, add_norm
+from .layers import KVState, ParallelState, add_norm
 from .model import LMOutput, MambaLM
 from .pruning import padding_side
 
@@ -270,7 +271,8 @@ def prefill(model: MambaLM, input_ids: torch.Tensor, attention_mask: torch.Tenso
 def cache_capacities(states: list, new_tokens: int) -> list[int]:
     """Per layer, the KV-cache tokens decoding after a prefill whose states are `states` needs (0 for a recurrent
     layer): the prompt tokens the layer kept plus new_tokens, rounded up to CACHE_BLOCK."""
-    return [-(-(st.capacity + new_tokens) // CACHE_BLOCK) * CACHE_BLOCK if isinstance(st, KVState) else 0 for st in states]
+    cached = (KVState, ParallelState)  # the layers with an attention's KV cache
+    return [-(-(st.capacity + new_tokens) // CACHE_BLOCK) * CACHE_BLOCK if isinstance(st, cached) else 0 for st in states]
 
 
 def _decoder(model: MambaLM, batch: int, cfg: GenerationConfig, capacities: list[int]) -> Decoder:

@@ -4,10 +4,10 @@
     model.generate(**tok(prompts, return_tensors="pt", padding=True), max_new_tokens=32)
     MambaForCausalLM.from_pretrained("out/")                                        # the same weights, dense
 
-The folder's config.json keeps transformers' own model_type (mamba, mamba2, granitemoehybrid, bamba, nemotron_h),
-so the explicit classes and every tool that reads a standard checkpoint still load it dense, and adds an `auto_map`
-naming a class of the folder's `modeling_simba.py` (a copy of REMOTE_CODE), which subclasses SimbaForCausalLM here
-once per model type in REMOTE_CLASSES. A new architecture plugs in by adding its model_type there, once MambaLM and
+The folder's config.json keeps transformers' own model_type (mamba, mamba2, granitemoehybrid, bamba, nemotron_h,
+jamba, falcon_h1), so the explicit classes and every tool that reads a standard checkpoint still load it dense, and
+adds an `auto_map` naming a class of the folder's `modeling_simba.py` (a copy of REMOTE_CODE), which subclasses
+SimbaForCausalLM here once per model type in REMOTE_CLASSES. A new architecture plugs in by adding its model_type there, once MambaLM and
 checkpoints.parse_config know it; folders saved earlier pick it up from the installed package. The state-spaces
 hybrid (mamba_ssm's attn_layer_idx layout) has none: no transformers class reads it, and mamba_ssm builds
 MambaConfig(**config.json), which an auto_map (or model_type) would break; simba_compress.load prunes it.
@@ -22,13 +22,14 @@ Generation: transformers' generate drives the loop and this forward serves it. T
 prefill (MambaLM's forward, the last position's logits and every layer's state of the tokens it kept, as
 simba_compress's generate prefills); each later call runs the new token through every layer from those states
 (MambaLM.step): a Mamba layer's recurrent state, an attention layer's KV cache of the tokens it kept (layers.KVState,
-at their original RoPE positions), nothing for an MLP layer. Why not hand generate() to simba_compress's own (CUDA
-graphs, 12-17x faster decode on a GPU, benchmarks/RESULTS.md): transformers' generate is what a caller of this class
-asks for, with its logits processors, stopping criteria, streamers, generation_config and sampling stream, and a
-second loop that honours a subset of them would answer the same call two ways. The fast path stays
-sc.load(folder).generate(...). The states travel in model_kwargs under a name of our own ("simba_states"), outside
-transformers' cache machinery, whose names and classes changed between 5.17 and 5.25; so beam search and assisted
-decoding, which reorder or crop a cache, are refused rather than run on states they would not update.
+at their original RoPE positions), both for a parallel layer (Falcon-H1: layers.ParallelState), nothing for an MLP
+layer. Why not hand generate() to simba_compress's own (CUDA graphs, 12-17x faster decode on a GPU,
+benchmarks/RESULTS.md): transformers' generate is what a caller of this class asks for, with its logits
+processors, stopping criteria, streamers, generation_config and sampling stream, and a second loop that honours a
+subset of them would answer the same call two ways. The fast path stays sc.load(folder).generate(...). The states
+travel in model_kwargs under a name of our own ("simba_states"), outside transformers' cache machinery, whose names
+and classes changed between 5.17 and 5.25; so beam search and assisted decoding, which reorder or crop a cache, are
+refused rather than run on states they would not update.
 """
 
 from __future__ import annotations
@@ -53,7 +54,8 @@ REMOTE_CODE = Path(__file__).parent / "data" / "modeling_simba.py"  # copied int
 # a folder's model_type -> the class its auto_map names (modeling_simba.py makes one per entry)
 REMOTE_CLASSES = {"mamba": "SimbaMambaForCausalLM", "mamba2": "SimbaMamba2ForCausalLM",
                   "granitemoehybrid": "SimbaGraniteMoeHybridForCausalLM", "bamba": "SimbaBambaForCausalLM",
-                  "nemotron_h": "SimbaNemotronHForCausalLM"}  # fmt: skip
+                  "nemotron_h": "SimbaNemotronHForCausalLM", "jamba": "SimbaJambaForCausalLM",
+                  "falcon_h1": "SimbaFalconH1ForCausalLM"}  # fmt: skip
 
 
 def auto_map(model_type: str) -> dict[str, str]:
@@ -65,7 +67,8 @@ def auto_map(model_type: str) -> dict[str, str]:
 class SimbaStates:
     """Every layer's decoding state after the tokens seen so far (the pruned prefill's kept tokens, then each new one)."""
 
-    layers: list  # per layer: layers.SSMState (Mamba), layers.KVState (attention: its kept tokens' keys and values), None (MLP)
+    layers: list  # per layer: layers.SSMState (Mamba), layers.KVState (attention: its kept tokens' keys and values),
+    # layers.ParallelState (Falcon-H1's attention beside Mamba-2: both), None (MLP)
 
 
 @dataclass

@@ -1,9 +1,9 @@
 """What every layer of the model shares: the model's shape (ModelConfig), the norms, and the mixer interface.
 
 A block is `x = x + mixer(norm(x))`, and in hybrids that have one, `x = x + mlp(norm2(x))` after it. Each mixer
-type (mamba1.py, mamba2.py, attention.py, and mlp.py's MLP layer of NemotronH) implements one interface, so the
-model (model.py) and the decode runtime (generation.py) know mixers only through it, as mamba_ssm's modules
-share `forward` / `step` / `allocate_inference_cache`:
+type (mamba1.py, mamba2.py, attention.py, mlp.py's MLP layer of NemotronH, and parallel.py's attention beside an SSM
+mixer, Falcon-H1's) implements one interface, so the model (model.py) and the decode runtime (generation.py) know
+mixers only through it, as mamba_ssm's modules share `forward` / `step` / `allocate_inference_cache`:
 
     forward(hidden (b, w, d_model), ctx: MixerContext) -> MixerOutput(out, score, state)
         runs on the w tokens it is given (the kept ones: the model prunes between layers), computes the
@@ -33,8 +33,9 @@ from .backends import Backends
 from .kernels import rms_norm
 
 LAYER_KINDS = ("mamba1", "mamba2")  # the SSM layers' kind (ModelConfig.layer)
-MIXER_KINDS = LAYER_KINDS + ("attention", "mlp")  # what ModelConfig.kind(i) returns
-ARCHS = ("", "mamba_ssm", "granitemoehybrid", "bamba", "nemotron_h")  # checkpoint families (ModelConfig.arch)
+MIXER_KINDS = LAYER_KINDS + ("attention", "mlp", "parallel")  # what ModelConfig.kind(i) returns
+ATTENTION_KINDS = ("attention", "parallel")  # the kinds with an attention (a KV cache, SnapKV's score)
+ARCHS = ("", "mamba_ssm", "granitemoehybrid", "bamba", "nemotron_h", "jamba", "falcon_h1")  # checkpoint families
 MLP_ACTS = ("silu", "relu2")
 
 
@@ -94,6 +95,8 @@ class ModelConfig:
     headdim: int = 64  # Mamba-2: channels per head
     ngroups: int = 1  # Mamba-2: groups sharing B and C
     d_inner_size: int = 0  # the SSM's d_inner where it is not expand * d_model (NemotronH: heads x head dim); 0: that
+    bcdt_norm: bool = False  # Mamba-1: RMSNorms on dt (before dt_proj), B and C, eps norm_eps (Jamba)
+    ssm_norm: bool = True  # Mamba-2: the gated RMSNorm before out_proj; False: y * silu(z) alone (Falcon-H1's default)
     # Hybrids (all off by default: a pure Mamba model). Attention layers (attention.py): mamba_ssm's MHA and
     # transformers' GQA attention in one form: a fused qkv in_proj, an optional causal depthwise conv over qkv
     # (mamba_ssm's d_conv), partial or full RoPE (rotate-half convention) or none, out_proj.
@@ -107,6 +110,7 @@ class ModelConfig:
     attn_qkv_bias: bool = False
     attn_out_bias: bool = False
     attn_scale: float = 0.0  # softmax scale (0: attn_head_dim ** -0.5; Granite: attention_multiplier)
+    attn_parallel: bool = False  # the attention layers run beside an SSM mixer on the same input, summed (Falcon-H1)
     # MLPs (mlp.py): after every block's mixer (block_mlp: mamba_ssm's d_intermediate, Granite's shared MLP, Bamba's
     # feed-forward), or as layers of their own (mlp_layers: NemotronH's '-' layers)
     d_intermediate: int = 0
@@ -115,14 +119,29 @@ class ModelConfig:
     mlp_gated: bool = True  # act(gate) * up (gate the first half of fc1), or act(fc1 x)
     mlp_act: str = "silu"  # "silu" or "relu2" (NemotronH)
     mlp_bias: bool = False
-    n_experts: int = 0  # Granite's MoE beside the shared MLP (routed top-k of n_experts gated MLPs); 0: none
+    n_experts: int = 0  # a mixture of n_experts gated MLPs, each token routed to its top experts_per_token; 0: none
     experts_per_token: int = 0
     expert_intermediate: int = 0
+    moe_layers: list[int] = field(default_factory=list)  # the blocks whose MLP is the MoE (default: every block)
+    moe_shared: bool = True  # Granite: a shared MLP beside the experts; Jamba: the experts alone
+    moe_renormalize: bool = True  # Granite: softmax over the top-k logits; Jamba: the top-k of the softmax over all
     # Granite's scalings: the embedding times embedding_multiplier, each block output times residual_multiplier
     # before it joins the stream, the logits divided by logits_scaling
     embedding_multiplier: float = 1.0
     residual_multiplier: float = 1.0
     logits_scaling: float = 1.0
+    # Falcon-H1's muP multipliers: the logits times lm_head_multiplier; a parallel layer's SSM and attention inputs
+    # and outputs times ssm_in/out_multiplier and attn_in/out_multiplier; the SSM's in_proj output times one
+    # multiplier per part (z, x, B, C, dt: ssm_proj_multipliers, [] for none); the keys times key_multiplier; a
+    # gated MLP's gate times mlp_multipliers[0] before the activation and its output times mlp_multipliers[1]
+    lm_head_multiplier: float = 1.0
+    ssm_in_multiplier: float = 1.0
+    ssm_out_multiplier: float = 1.0
+    attn_in_multiplier: float = 1.0
+    attn_out_multiplier: float = 1.0
+    key_multiplier: float = 1.0
+    ssm_proj_multipliers: list[float] = field(default_factory=list)
+    mlp_multipliers: list[float] = field(default_factory=list)
     arch: str = ""  # the checkpoint family the weights are written back in ("": transformers' Mamba / Mamba2)
 
     def __post_init__(self) -> None:
@@ -142,7 +161,8 @@ class ModelConfig:
         if self.layer == "mamba2" and (self.d_inner % self.headdim or (self.d_inner // self.headdim) % self.ngroups):
             raise ValueError(f"headdim {self.headdim} and ngroups {self.ngroups} must divide d_inner {self.d_inner} into heads")
         self.attn_layers, self.mlp_layers = sorted(int(i) for i in self.attn_layers), sorted(int(i) for i in self.mlp_layers)
-        for name, idx in (("attn_layers", self.attn_layers), ("mlp_layers", self.mlp_layers)):
+        self.moe_layers = sorted(int(i) for i in self.moe_layers) or (list(range(self.n_layer)) if self.n_experts else [])
+        for name, idx in (("attn_layers", self.attn_layers), ("mlp_layers", self.mlp_layers), ("moe_layers", self.moe_layers)):
             if len(set(idx)) != len(idx) or any(not 0 <= i < self.n_layer for i in idx):
                 raise ValueError(f"{name}: distinct layer indices in [0, {self.n_layer}), got {idx}")
         if set(self.attn_layers) & set(self.mlp_layers):
@@ -164,8 +184,19 @@ class ModelConfig:
             raise ValueError(f"mlp_act: one of {', '.join(MLP_ACTS)}, got {self.mlp_act!r}")
         if self.n_experts and not (self.block_mlp and 1 <= self.experts_per_token <= self.n_experts
                                    and self.expert_intermediate >= 1):  # fmt: skip
-            raise ValueError("n_experts: experts sit beside a block MLP, with 1 <= experts_per_token <= n_experts "
-                             "and expert_intermediate >= 1")
+            raise ValueError("n_experts: experts sit in the block MLPs (block_mlp), with 1 <= experts_per_token <= "
+                             "n_experts and expert_intermediate >= 1")
+        if self.moe_layers and not self.n_experts:
+            raise ValueError("moe_layers: MoE blocks need n_experts >= 1")
+        if self.bcdt_norm and self.layer != "mamba1":
+            raise ValueError("bcdt_norm: the dt, B and C norms are Mamba-1's (Jamba)")
+        if self.attn_parallel and not self.attn_layers:
+            raise ValueError("attn_parallel: needs attention layers to run beside the SSM mixers")
+        for name, n in (("ssm_proj_multipliers", 5), ("mlp_multipliers", 2)):
+            if len(getattr(self, name)) not in (0, n):
+                raise ValueError(f"{name}: {n} multipliers or none, got {getattr(self, name)!r}")
+        if self.mlp_multipliers and not self.mlp_gated:
+            raise ValueError("mlp_multipliers: the gate multiplier needs a gated MLP")
         if self.arch not in ARCHS:
             raise ValueError(f"arch: one of {ARCHS}, got {self.arch!r}")
 
@@ -179,12 +210,17 @@ class ModelConfig:
         return bool(self.attn_layers or self.mlp_layers or self.block_mlp)
 
     def kind(self, layer: int) -> str:
-        """The mixer kind of layer `layer`: the SSM kind (`layer`), "attention" or "mlp"."""
+        """The mixer kind of layer `layer`: the SSM kind (`layer`), "attention", "mlp" or "parallel" (attention beside
+        the SSM mixer)."""
         if layer in self.attn_layers:
-            return "attention"
+            return "parallel" if self.attn_parallel else "attention"
         if layer in self.mlp_layers:
             return "mlp"
         return self.layer
+
+    def moe(self, layer: int | None) -> bool:
+        """Whether block `layer`'s MLP is the MoE (None: a block of the model, the MoE where every block has it)."""
+        return bool(self.n_experts) and (len(self.moe_layers) == self.n_layer if layer is None else layer in self.moe_layers)
 
     @property
     def kinds(self) -> list[str]:
@@ -275,6 +311,25 @@ class KVState:
     def clone(self) -> "KVState":
         return KVState(self.k.clone(), self.v.clone(), self.length.clone(), self.position.clone(),
                        None if self.conv is None else self.conv.clone())  # fmt: skip
+
+
+@dataclass
+class ParallelState:
+    """Decode state of a parallel layer (parallel.py): its SSM mixer's and its attention's."""
+
+    ssm: SSMState
+    kv: KVState
+
+    @property
+    def capacity(self) -> int:
+        return self.kv.capacity
+
+    def copy_(self, other: "ParallelState") -> None:
+        self.ssm.copy_(other.ssm)
+        self.kv.copy_(other.kv)
+
+    def clone(self) -> "ParallelState":
+        return ParallelState(self.ssm.clone(), self.kv.clone())
 
 
 class Mixer(nn.Module):

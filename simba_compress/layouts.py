@@ -10,6 +10,12 @@ Layouts read (Checkpoint.layout):
   multipliers, NoPE or RoPE), BambaForCausalLM, NemotronHForCausalLM (Mamba-2 'M', attention '*' and MLP '-'
   layers), in the names their checkpoints have on disk (transformers 5 renames some when it loads them and
   writes the disk names back when it saves; both are read).
+- "jamba": transformers' JambaForCausalLM (AI21's Jamba, Jamba-1.5): Mamba-1 layers with RMSNorms on dt, B and C,
+  GQA attention without positional encoding every attn_layer_period layers, a gated MLP after every mixer, a MoE
+  (no shared MLP, top-k of the softmax) every expert_layer_period layers; experts one tensor per expert on disk,
+  stacked in memory (both read).
+- "falcon_h1": transformers' FalconH1ForCausalLM: every layer attention (RoPE) and Mamba-2 side by side
+  (parallel.py), its muP multipliers, the Mamba-2 with or without its gated norm, d_ssm channels.
 
 Written back (ModelConfig.arch, the family a model was read from): pure Mamba models in transformers' Mamba /
 Mamba2 layout (as before); the transformers hybrids in their own layout, so transformers loads the output dense;
@@ -19,7 +25,7 @@ it; pytorch_model.bin, the file mamba_ssm loads). A bad or unsupported config is
 
 In memory, attention is one form (attention.py): q, k and v of transformers' layouts are concatenated into one
 in_proj (out_proj is o_proj); MLPs are one form (mlp.py): fc1 = [gate; up] (mamba_ssm's GatedMLP stores [up; gate],
-Bamba's gate_proj and up_proj are two matrices).
+Bamba's, Jamba's and Falcon-H1's gate_proj and up_proj are two matrices); experts (E, 2i, d) [gate; up] and (E, d, i).
 """
 
 from __future__ import annotations
@@ -31,8 +37,8 @@ import torch
 from .errors import SimbaError
 from .layers import ModelConfig
 
-LAYOUTS = ("original", "transformers", "granitemoehybrid", "bamba", "nemotron_h")
-HYBRID_TYPES = {"granitemoehybrid": "granitemoehybrid", "bamba": "bamba", "nemotron_h": "nemotron_h"}  # model_type
+LAYOUTS = ("original", "transformers", "granitemoehybrid", "bamba", "nemotron_h", "jamba", "falcon_h1")
+HYBRID_TYPES = ("granitemoehybrid", "bamba", "nemotron_h", "jamba", "falcon_h1")  # model_type, each its layout
 GATED_MLP_MULTIPLE = 128  # mamba_ssm's GatedMLP rounds its hidden size up to a multiple of this
 SSM_TYPES = ("mamba", "linear_attention")  # transformers' names of a Mamba layer in layer_types (old, new)
 ATTN_TYPES = ("attention", "full_attention")
@@ -93,7 +99,9 @@ def read_config(cfg: dict, file: Path) -> tuple[str, dict]:
         return "original", _original(cfg, file)
     model_type = cfg.get("model_type")
     if model_type in HYBRID_TYPES:
-        return model_type, {"granitemoehybrid": _granite, "bamba": _bamba, "nemotron_h": _nemotron}[model_type](cfg, file)
+        readers = {"granitemoehybrid": _granite, "bamba": _bamba, "nemotron_h": _nemotron, "jamba": _jamba,
+                   "falcon_h1": _falcon_h1}  # fmt: skip
+        return model_type, readers[model_type](cfg, file)
     if model_type == "mamba2":
         _no_time_step_limit(cfg, "time_step_limit", file)
         mc = _transformers_fields(cfg, file, d_state=128)
@@ -214,9 +222,8 @@ def original_config(c: ModelConfig) -> dict:
 def _check_original_writable(c: ModelConfig) -> None:
     bad = [name for name, v in (("mlp_layers", c.mlp_layers), ("n_experts", c.n_experts), ("mlp_act", c.mlp_act != "silu"),
                                 ("mlp_gated", not c.mlp_gated), ("mlp_bias", c.mlp_bias),
-                                ("embedding_multiplier", c.embedding_multiplier != 1.0),
-                                ("residual_multiplier", c.residual_multiplier != 1.0),
-                                ("logits_scaling", c.logits_scaling != 1.0), ("d_inner_size", c.d_inner_size)) if v]  # fmt: skip
+                                ("d_inner_size", c.d_inner_size)) if v]  # fmt: skip
+    bad += _foreign(c, "mamba_ssm")  # the multipliers, Jamba's norms, Falcon-H1's parallel layers
     if bad:
         raise SimbaError(f"save: the state-spaces layout has no {bad[0]}; this model cannot be written in it")
 
@@ -253,17 +260,21 @@ def _silu(cfg: dict, key: str, file: Path) -> None:
     _expect(cfg, key, "silu", file, "silu")
 
 
+def _dims(cfg: dict, file: Path) -> tuple[int, int, int, int]:
+    """hidden_size, num_hidden_layers, num_attention_heads and the attention's head dim of a transformers hybrid
+    (GraniteMoeHybrid, Bamba, Jamba, Falcon-H1), whose hidden_act must be SiLU."""
+    d, heads = _int(cfg, "hidden_size", file), _int(cfg, "num_attention_heads", file)
+    _silu(cfg, "hidden_act", file)
+    return d, _int(cfg, "num_hidden_layers", file), heads, cfg.get("head_dim") or d // heads
+
+
 def _granite(cfg: dict, file: Path) -> dict:
-    d = _int(cfg, "hidden_size", file)
-    n = _int(cfg, "num_hidden_layers", file)
+    d, n, heads, head_dim = _dims(cfg, file)
     types = cfg.get("layer_types", cfg.get("layers_block_type")) or [SSM_TYPES[0]] * n
     if len(types) != n or not all(t in SSM_TYPES + ATTN_TYPES for t in types):
         raise SimbaError(f"{file}: 'layer_types' must name {n} layers, each mamba or attention, got {types!r}")
-    heads = _int(cfg, "num_attention_heads", file)
-    _silu(cfg, "hidden_act", file)
     rope = cfg.get("position_embedding_type") == "rope"
     theta, _ = _rope(cfg, file) if rope else (10000.0, {})
-    head_dim = cfg.get("head_dim") or d // heads
     experts = cfg.get("num_local_experts", 0) or 0
     return dict(
         d_model=d, n_layer=n, vocab_size=_int(cfg, "vocab_size", file), norm_eps=cfg.get("rms_norm_eps", 1e-6),
@@ -283,12 +294,8 @@ def _granite(cfg: dict, file: Path) -> dict:
 
 
 def _bamba(cfg: dict, file: Path) -> dict:
-    d = _int(cfg, "hidden_size", file)
-    n = _int(cfg, "num_hidden_layers", file)
-    heads = _int(cfg, "num_attention_heads", file)
-    _silu(cfg, "hidden_act", file)
+    d, n, heads, head_dim = _dims(cfg, file)
     theta, params = _rope(cfg, file)
-    head_dim = cfg.get("head_dim") or d // heads
     attn = cfg.get("attn_layer_indices") or []
     return dict(
         d_model=d, n_layer=n, vocab_size=_int(cfg, "vocab_size", file), norm_eps=cfg.get("rms_norm_eps", 1e-5),
@@ -340,6 +347,91 @@ def _nemotron(cfg: dict, file: Path) -> dict:
     )  # fmt: skip
 
 
+def _periodic(n: int, period: int, offset: int) -> list[int]:
+    return [i for i in range(n) if i % period == offset]
+
+
+def _period(cfg: dict, prefix: str, file: Path, period: int, offset: int) -> tuple[int, int]:
+    """Jamba's {prefix}_period and {prefix}_offset (offset < period)."""
+    p = _int(cfg, f"{prefix}_period", file, period)
+    o = _int(cfg, f"{prefix}_offset", file, offset, minimum=0)
+    if o >= p:
+        raise SimbaError(f"{file}: '{prefix}_offset' {o} must be smaller than '{prefix}_period' {p}")
+    return p, o
+
+
+def _jamba(cfg: dict, file: Path) -> dict:
+    d, n, heads, head_dim = _dims(cfg, file)
+    inter = _int(cfg, "intermediate_size", file)
+    experts = _int(cfg, "num_experts", file, 16)
+    moe = _periodic(n, *_period(cfg, "expert_layer", file, 2, 1)) if experts > 1 else []  # 1 expert: dense MLPs
+    top = _int(cfg, "num_experts_per_tok", file, 2)
+    if moe and top > experts:
+        raise SimbaError(f"{file}: 'num_experts_per_tok' {top} is more than 'num_experts' {experts}")
+    return dict(
+        d_model=d, n_layer=n, vocab_size=_int(cfg, "vocab_size", file), norm_eps=cfg.get("rms_norm_eps", 1e-6),
+        rms_norm=True, residual_in_fp32=False, tie_embeddings=cfg.get("tie_word_embeddings", False),
+        d_state=_int(cfg, "mamba_d_state", file, 16), d_conv=_int(cfg, "mamba_d_conv", file, 4),
+        expand=_int(cfg, "mamba_expand", file, 2), dt_rank=cfg.get("mamba_dt_rank", "auto"),
+        conv_bias=cfg.get("mamba_conv_bias", True), bias=cfg.get("mamba_proj_bias", False), bcdt_norm=True,
+        attn_layers=_periodic(n, *_period(cfg, "attn_layer", file, 8, 4)), attn_heads=heads,
+        attn_kv_heads=cfg.get("num_key_value_heads") or heads, attn_head_dim=head_dim,
+        d_intermediate=inter, block_mlp=True, n_experts=experts if moe else 0, moe_layers=moe,
+        experts_per_token=top if moe else 0, expert_intermediate=inter if moe else 0,
+        moe_shared=False, moe_renormalize=False, arch="jamba",
+    )  # fmt: skip
+
+
+def _multipliers(cfg: dict, key: str, n: int, file: Path) -> list[float]:
+    """A list of n multipliers ([] where every one is 1, as absent)."""
+    v = cfg.get(key) or [1.0] * n
+    if not isinstance(v, (list, tuple)) or len(v) != n or not all(isinstance(m, (int, float)) for m in v):
+        raise SimbaError(f"{file}: '{key}' must be a list of {n} numbers, got {v!r}")
+    return [] if all(m == 1.0 for m in v) else [float(m) for m in v]
+
+
+def _falcon_h1(cfg: dict, file: Path) -> dict:
+    d, n, heads, head_dim = _dims(cfg, file)
+    theta, _ = _rope(cfg, file)
+    inner = cfg.get("mamba_d_ssm") or _int(cfg, "mamba_expand", file, 2) * d
+    m_heads = _int(cfg, "mamba_n_heads", file, 128)
+    m_head = cfg.get("mamba_d_head", "auto")
+    m_head = inner // m_heads if m_head in ("auto", None) else m_head
+    if m_heads * m_head != inner:
+        raise SimbaError(f"{file}: mamba_n_heads {m_heads} x mamba_d_head {m_head} != mamba_d_ssm {inner}")
+    _no_time_step_limit(cfg, "time_step_limit", file)
+    norm = cfg.get("mamba_rms_norm", False)
+    if norm and cfg.get("mamba_norm_before_gate", True):
+        raise SimbaError(f"{file}: 'mamba_norm_before_gate' true with 'mamba_rms_norm' is not supported (the norm "
+                         "after the gate only)")  # fmt: skip
+    if cfg.get("projectors_bias", False) != cfg.get("mamba_proj_bias", False):
+        raise SimbaError(f"{file}: 'projectors_bias' {cfg.get('projectors_bias')!r} differs from 'mamba_proj_bias' "
+                         f"{cfg.get('mamba_proj_bias')!r}, which is not supported (one bias setting for in_proj and "
+                         "out_proj)")  # fmt: skip
+    expand = max(1, inner // d)
+    bias = cfg.get("attention_bias", False)
+    return dict(
+        d_model=d, n_layer=n, vocab_size=_int(cfg, "vocab_size", file), norm_eps=cfg.get("rms_norm_eps", 1e-5),
+        rms_norm=True, residual_in_fp32=False, tie_embeddings=cfg.get("tie_word_embeddings", False), layer="mamba2",
+        d_state=_int(cfg, "mamba_d_state", file, 256), d_conv=_int(cfg, "mamba_d_conv", file, 4), expand=expand,
+        d_inner_size=inner if inner != expand * d else 0, headdim=m_head, ngroups=_int(cfg, "mamba_n_groups", file, 1),
+        dt_rank=1, conv_bias=cfg.get("mamba_conv_bias", True), bias=cfg.get("mamba_proj_bias", False), ssm_norm=norm,
+        attn_layers=list(range(n)), attn_parallel=True, attn_heads=heads,
+        attn_kv_heads=cfg.get("num_key_value_heads") or heads, attn_head_dim=head_dim, rotary_dim=head_dim,
+        rope_theta=theta, attn_qkv_bias=bias, attn_out_bias=bias,
+        d_intermediate=_int(cfg, "intermediate_size", file), block_mlp=True, mlp_bias=cfg.get("mlp_bias", False),
+        embedding_multiplier=float(cfg.get("embedding_multiplier", 1.0)),
+        lm_head_multiplier=float(cfg.get("lm_head_multiplier", 1.0)),
+        ssm_in_multiplier=float(cfg.get("ssm_in_multiplier", 1.0)),
+        ssm_out_multiplier=float(cfg.get("ssm_out_multiplier", 1.0)),
+        attn_in_multiplier=float(cfg.get("attention_in_multiplier", 1.0)),
+        attn_out_multiplier=float(cfg.get("attention_out_multiplier", 1.0)),
+        key_multiplier=float(cfg.get("key_multiplier", 1.0)),
+        ssm_proj_multipliers=_multipliers(cfg, "ssm_multipliers", 5, file),
+        mlp_multipliers=_multipliers(cfg, "mlp_multipliers", 2, file), arch="falcon_h1",
+    )  # fmt: skip
+
+
 def hybrid_config(c: ModelConfig) -> dict:
     """config.json in the transformers layout of c.arch (GraniteMoeHybrid, Bamba, NemotronH), as their hub
     checkpoints write it (the names older transformers versions read too: layer_types of mamba / attention,
@@ -370,6 +462,32 @@ def hybrid_config(c: ModelConfig) -> dict:
             "rope_parameters": {"rope_type": "default", "rope_theta": c.rope_theta,
                                 "partial_rotary_factor": c.rotary_dim / c.attn_head_dim},
         }  # fmt: skip
+    if c.arch == "jamba":
+        attn, moe = _period_of(c.attn_layers, c.n_layer, "attn_layers"), _period_of(c.moe_layers, c.n_layer, "moe_layers")
+        return common | {
+            "architectures": ["JambaForCausalLM"], "model_type": "jamba", "head_dim": c.attn_head_dim,
+            "intermediate_size": c.d_intermediate, "hidden_act": "silu", "rms_norm_eps": c.norm_eps,
+            "attn_layer_period": attn[0], "attn_layer_offset": attn[1], "num_experts": c.n_experts or 1,
+            "num_experts_per_tok": c.experts_per_token or 1, "expert_layer_period": moe[0], "expert_layer_offset": moe[1],
+            "mamba_d_state": c.d_state, "mamba_d_conv": c.d_conv, "mamba_expand": c.expand, "mamba_dt_rank": c.dt_rank,
+            "mamba_conv_bias": c.conv_bias, "mamba_proj_bias": c.bias,
+        }  # fmt: skip
+    if c.arch == "falcon_h1":
+        return common | {
+            "architectures": ["FalconH1ForCausalLM"], "model_type": "falcon_h1", "head_dim": c.attn_head_dim,
+            "intermediate_size": c.d_intermediate, "hidden_act": "silu", "rms_norm_eps": c.norm_eps,
+            "attention_bias": c.attn_qkv_bias, "mlp_bias": c.mlp_bias,
+            "rope_parameters": {"rope_type": "default", "rope_theta": c.rope_theta},
+            "mamba_d_ssm": c.d_inner, "mamba_n_heads": c.d_inner // c.headdim, "mamba_d_head": c.headdim,
+            "mamba_n_groups": c.ngroups, "mamba_d_state": c.d_state, "mamba_d_conv": c.d_conv, "mamba_expand": c.expand,
+            "mamba_conv_bias": c.conv_bias, "mamba_proj_bias": c.bias, "projectors_bias": c.bias,
+            "mamba_rms_norm": c.ssm_norm, "mamba_norm_before_gate": False,
+            "embedding_multiplier": c.embedding_multiplier, "lm_head_multiplier": c.lm_head_multiplier,
+            "ssm_in_multiplier": c.ssm_in_multiplier, "ssm_out_multiplier": c.ssm_out_multiplier,
+            "attention_in_multiplier": c.attn_in_multiplier, "attention_out_multiplier": c.attn_out_multiplier,
+            "key_multiplier": c.key_multiplier, "ssm_multipliers": c.ssm_proj_multipliers or [1.0] * 5,
+            "mlp_multipliers": c.mlp_multipliers or [1.0, 1.0],
+        }  # fmt: skip
     codes = {"attention": "*", "mlp": "-"}
     return common | {
         "architectures": ["NemotronHForCausalLM"], "model_type": "nemotron_h",
@@ -380,6 +498,38 @@ def hybrid_config(c: ModelConfig) -> dict:
         "use_bias": c.bias, "layer_norm_epsilon": c.norm_eps, "residual_in_fp32": c.residual_in_fp32,
         "mamba_hidden_act": "silu", "attention_bias": False,
     }  # fmt: skip
+
+
+def _period_of(layers: list[int], n: int, name: str) -> tuple[int, int]:
+    """(period, offset) that place exactly `layers` among n (Jamba's attn_layer_* and expert_layer_*)."""
+    for period in range(1, n + 2):
+        for offset in range(period):
+            if _periodic(n, period, offset) == list(layers):
+                return period, offset
+    raise SimbaError(f"save: the jamba layout places layers every period from an offset; this model's {name} {layers} "
+                     "are not so placed, it cannot be written in it")  # fmt: skip
+
+
+# What only some families compute: (the families (ModelConfig.arch) whose layout can write it, its name, whether a
+# model has it)
+FAMILY_FEATURES = (
+    (("granitemoehybrid", "falcon_h1"), "embedding_multiplier", lambda c: c.embedding_multiplier != 1.0),
+    (("granitemoehybrid",), "the Granite multipliers", lambda c: (c.residual_multiplier, c.logits_scaling) != (1, 1)),
+    (("jamba",), "bcdt_norm", lambda c: c.bcdt_norm),
+    (("jamba",), "moe_layers", lambda c: c.moe_layers != list(range(c.n_layer)) * bool(c.n_experts)),
+    (("jamba",), "moe_shared", lambda c: c.n_experts and not c.moe_shared),
+    (("jamba",), "moe_renormalize", lambda c: c.n_experts and not c.moe_renormalize),
+    (("falcon_h1",), "attn_parallel", lambda c: c.attn_parallel),
+    (("falcon_h1",), "ssm_norm", lambda c: not c.ssm_norm),
+    (("falcon_h1",), "the Falcon-H1 multipliers", lambda c: c.ssm_proj_multipliers or c.mlp_multipliers or (
+        c.lm_head_multiplier, c.ssm_in_multiplier, c.ssm_out_multiplier, c.attn_in_multiplier, c.attn_out_multiplier,
+        c.key_multiplier) != (1,) * 6),
+)  # fmt: skip
+
+
+def _foreign(c: ModelConfig, arch: str) -> list[str]:
+    """The features of other families that c has (which the layout of `arch` has no setting for)."""
+    return [name for families, name, has in FAMILY_FEATURES if arch not in families and has(c)]
 
 
 def _check_hybrid_writable(c: ModelConfig) -> None:
@@ -395,9 +545,20 @@ def _check_hybrid_writable(c: ModelConfig) -> None:
         "nemotron_h": (("attn_conv", c.attn_conv), ("block_mlp", c.block_mlp), ("rotary_dim", c.rotary_dim),
                        ("attn_qkv_bias", c.attn_qkv_bias or c.attn_out_bias), ("mlp_gated", c.mlp_gated),
                        ("attn_scale", c.attn_scale not in (0.0, c.attn_head_dim**-0.5))),
+        "jamba": (("layer", c.layer != "mamba1"), ("bcdt_norm", not c.bcdt_norm), ("attn_conv", c.attn_conv),
+                  ("rotary_dim", c.rotary_dim), ("attn_qkv_bias", c.attn_qkv_bias or c.attn_out_bias),
+                  ("attn_scale", c.attn_scale not in (0.0, c.attn_head_dim**-0.5)), ("mlp_layers", c.mlp_layers),
+                  ("block_mlp", not c.block_mlp), ("mlp_act", c.mlp_act != "silu"), ("mlp_gated", not c.mlp_gated),
+                  ("mlp_bias", c.mlp_bias), ("d_inner_size", c.d_inner_size), ("residual_in_fp32", c.residual_in_fp32),
+                  ("expert_intermediate", c.n_experts and c.expert_intermediate != c.d_intermediate)),
+        "falcon_h1": (("layer", c.layer != "mamba2"), ("attn_parallel", c.attn_layers != list(range(c.n_layer))),
+                      ("attn_conv", c.attn_conv), ("rotary_dim", c.rotary_dim != c.attn_head_dim),
+                      ("attn_scale", c.attn_scale not in (0.0, c.attn_head_dim**-0.5)),
+                      ("attn_qkv_bias", c.attn_qkv_bias != c.attn_out_bias), ("mlp_layers", c.mlp_layers),
+                      ("block_mlp", not c.block_mlp), ("n_experts", c.n_experts), ("mlp_act", c.mlp_act != "silu"),
+                      ("mlp_gated", not c.mlp_gated), ("residual_in_fp32", c.residual_in_fp32)),
     }[c.arch]  # fmt: skip
-    scaled = c.arch != "granitemoehybrid" and (c.embedding_multiplier, c.residual_multiplier, c.logits_scaling) != (1, 1, 1)
-    bad = [name for name, v in checks if v] + (["the Granite multipliers"] if scaled else [])
+    bad = [name for name, v in checks if v] + _foreign(c, c.arch)
     if bad:
         raise SimbaError(f"save: the {c.arch} layout has no {bad[0]} setting like this model's; it cannot be written in it")
 
@@ -462,7 +623,10 @@ def mamba_config(config: ModelConfig) -> dict:
 
 # weights
 
-SSM_PARAMS = ("in_proj", "conv1d", "dt_bias", "A_log", "D", "norm", "out_proj", "x_proj", "dt_proj")
+SSM_PARAMS = ("in_proj", "conv1d", "dt_bias", "A_log", "D", "norm", "out_proj", "x_proj", "dt_proj", "dt_layernorm",
+              "b_layernorm", "c_layernorm")  # fmt: skip
+FEED_FORWARD = ("bamba", "jamba", "falcon_h1")  # the layouts whose block MLP is feed_forward (gate, up, down) after
+# pre_ff_layernorm, and whose final norm is final_layernorm
 
 
 def _swap_halves(t: torch.Tensor) -> torch.Tensor:
@@ -502,24 +666,25 @@ def to_model(sd: dict[str, torch.Tensor], c: ModelConfig, layout: str) -> dict[s
         dst = f"backbone.layers.{i}."
         if layout == "nemotron_h":
             _move(sd, out, src + "norm", dst + "norm")
-            mixer = src + "mixer."
+            attn = ssm = src + "mixer."
         else:
             _move(sd, out, src + "input_layernorm", dst + "norm")
-            mixer = src + ("self_attn." if kind == "attention" else "mamba.")
-        if kind == "attention":
+            attn, ssm = src + "self_attn.", src + "mamba."
+        if kind in ("attention", "parallel"):  # a parallel layer's attention is mixer.attn, its SSM mixer.ssm
+            to = dst + ("mixer.attn." if kind == "parallel" else "mixer.")
             for part in ("weight", "bias"):
-                qkv = [sd.pop(f"{mixer}{p}_proj.{part}", None) for p in "qkv"]
+                qkv = [sd.pop(f"{attn}{p}_proj.{part}", None) for p in "qkv"]
                 if all(t is not None for t in qkv):
-                    out[f"{dst}mixer.in_proj.{part}"] = torch.cat(qkv, dim=0)
+                    out[f"{to}in_proj.{part}"] = torch.cat(qkv, dim=0)
                 else:  # the loader names what is missing
-                    out.update({f"{mixer}{p}_proj.{part}": t for p, t in zip("qkv", qkv) if t is not None})
-            _move(sd, out, mixer + "o_proj", dst + "mixer.out_proj")
-        elif kind == "mlp":
-            _move(sd, out, mixer + "up_proj", dst + "mixer.mlp.fc1")
-            _move(sd, out, mixer + "down_proj", dst + "mixer.mlp.fc2")
-        else:
+                    out.update({f"{attn}{p}_proj.{part}": t for p, t in zip("qkv", qkv) if t is not None})
+            _move(sd, out, attn + "o_proj", to + "out_proj")
+        if kind == "mlp":
+            _move(sd, out, ssm + "up_proj", dst + "mixer.mlp.fc1")
+            _move(sd, out, ssm + "down_proj", dst + "mixer.mlp.fc2")
+        elif kind != "attention":
             for p in SSM_PARAMS:
-                _move(sd, out, mixer + p, dst + "mixer." + p)
+                _move(sd, out, ssm + p, dst + ("mixer.ssm." if kind == "parallel" else "mixer.") + p)
         if layout == "granitemoehybrid":
             _move(sd, out, src + "post_attention_layernorm", dst + "norm2")
             mlp = dst + ("mlp.shared." if c.n_experts else "mlp.")
@@ -531,7 +696,7 @@ def to_model(sd: dict[str, torch.Tensor], c: ModelConfig, layout: str) -> dict[s
                              ("router.layer.weight", "router.weight"), ("router.weight", "router.weight")):  # fmt: skip
                 if moe + old in sd:
                     out[dst + "mlp." + new] = sd.pop(moe + old)
-        elif layout == "bamba":
+        elif layout in FEED_FORWARD:
             _move(sd, out, src + "pre_ff_layernorm", dst + "norm2")
             ff = src + "feed_forward."
             for part in ("weight", "bias"):
@@ -539,7 +704,23 @@ def to_model(sd: dict[str, torch.Tensor], c: ModelConfig, layout: str) -> dict[s
                 if gate is not None and up is not None:
                     out[f"{dst}mlp.fc1.{part}"] = torch.cat([gate, up], dim=0)
             _move(sd, out, ff + "down_proj", dst + "mlp.fc2")
+            if c.moe(i):  # Jamba: experts.{e}.(gate|up|down)_proj on disk, experts.gate_up_proj / down_proj in memory
+                _move(sd, out, ff + "router", dst + "mlp.router")
+                _move(sd, out, ff + "experts.gate_up_proj", dst + "mlp.experts_fc1")
+                _move(sd, out, ff + "experts.down_proj", dst + "mlp.experts_fc2")
+                _stack_experts(sd, out, ff + "experts.", dst + "mlp.", c.n_experts)
     return out | sd  # what was not recognised keeps its name
+
+
+def _stack_experts(sd: dict, out: dict, src: str, dst: str, n: int) -> None:
+    """Experts stored one tensor each (src{e}.gate_proj.weight, up_proj, down_proj) as dst experts_fc1 (n, 2i, d)
+    [gate; up] and experts_fc2 (n, d, i); left as they are (the loader names them) unless all n are there."""
+    names = [f"{src}{e}.{p}_proj.weight" for e in range(n) for p in ("gate", "up", "down")]
+    if not all(k in sd for k in names):
+        return
+    gate, up, down = ([sd.pop(f"{src}{e}.{p}_proj.weight") for e in range(n)] for p in ("gate", "up", "down"))
+    out[dst + "experts_fc1"] = torch.stack([torch.cat([g, u], dim=0) for g, u in zip(gate, up)])
+    out[dst + "experts_fc2"] = torch.stack(down)
 
 
 def from_model(sd: dict[str, torch.Tensor], c: ModelConfig) -> dict[str, torch.Tensor]:
@@ -562,19 +743,20 @@ def from_model(sd: dict[str, torch.Tensor], c: ModelConfig) -> dict[str, torch.T
         src, dst = f"backbone.layers.{i}.", f"{prefix}layers.{i}."
         _move(sd, out, src + "norm2", dst + ("post_attention_layernorm" if c.arch == "granitemoehybrid" else "pre_ff_layernorm"))
         _move(sd, out, src + "norm", dst + ("norm" if nemo else "input_layernorm"))
-        mixer = dst + ("mixer." if nemo else "self_attn." if kind == "attention" else "mamba.")
-        if kind == "attention":
+        attn, ssm = (dst + "mixer.",) * 2 if nemo else (dst + "self_attn.", dst + "mamba.")
+        if kind in ("attention", "parallel"):
+            mixer = src + ("mixer.attn." if kind == "parallel" else "mixer.")
             for part in ("weight", "bias"):
-                t = sd.pop(f"{src}mixer.in_proj.{part}", None)
+                t = sd.pop(f"{mixer}in_proj.{part}", None)
                 if t is not None:
                     for p, piece in zip("qkv", t.split([h * e, kv * e, kv * e], dim=0)):
-                        out[f"{mixer}{p}_proj.{part}"] = piece
-            _move(sd, out, src + "mixer.out_proj", mixer + "o_proj")
-        elif kind == "mlp":
-            _move(sd, out, src + "mixer.mlp.fc1", mixer + "up_proj")
-            _move(sd, out, src + "mixer.mlp.fc2", mixer + "down_proj")
-        else:
-            _move(sd, out, src + "mixer", mixer.rstrip("."))
+                        out[f"{attn}{p}_proj.{part}"] = piece
+            _move(sd, out, mixer + "out_proj", attn + "o_proj")
+        if kind == "mlp":
+            _move(sd, out, src + "mixer.mlp.fc1", ssm + "up_proj")
+            _move(sd, out, src + "mixer.mlp.fc2", ssm + "down_proj")
+        elif kind != "attention":
+            _move(sd, out, src + ("mixer.ssm" if kind == "parallel" else "mixer"), ssm.rstrip("."))
         if c.arch == "granitemoehybrid":
             mlp = src + ("mlp.shared." if c.n_experts else "mlp.")
             _move(sd, out, mlp + "fc1", dst + "shared_mlp.input_linear")
@@ -584,13 +766,20 @@ def from_model(sd: dict[str, torch.Tensor], c: ModelConfig) -> dict[str, torch.T
                              ("router.layer.weight", "router.weight")):  # fmt: skip
                 if src + "mlp." + old in sd:
                     out[moe + new] = sd.pop(src + "mlp." + old)
-        elif c.arch == "bamba":
+        elif c.arch in FEED_FORWARD:
             for part in ("weight", "bias"):
                 t = sd.pop(f"{src}mlp.fc1.{part}", None)
                 if t is not None:
                     gate, up = t.chunk(2, dim=0)
                     out[f"{dst}feed_forward.gate_proj.{part}"], out[f"{dst}feed_forward.up_proj.{part}"] = gate, up
             _move(sd, out, src + "mlp.fc2", dst + "feed_forward.down_proj")
+            _move(sd, out, src + "mlp.router", dst + "feed_forward.router")
+            if src + "mlp.experts_fc1" in sd:  # Jamba's experts, one tensor each as its checkpoints store them
+                fc1, fc2 = sd.pop(src + "mlp.experts_fc1"), sd.pop(src + "mlp.experts_fc2")
+                for x, (w1, w2) in enumerate(zip(fc1, fc2)):
+                    gate, up = w1.chunk(2, dim=0)
+                    for p, w in (("gate", gate), ("up", up), ("down", w2)):
+                        out[f"{dst}feed_forward.experts.{x}.{p}_proj.weight"] = w
     if sd:
         raise RuntimeError(f"layouts.from_model: no {c.arch} name for {sorted(sd)[0]}")
     return out

@@ -6,6 +6,11 @@ Shapes: b batch, l tokens, d d_inner, n d_state, k d_conv, r dt_rank.
     x, z = in_proj(u);  x = silu(causal conv(x));  dt, B, C = x_proj(x);  dt = softplus(dt_proj(dt))
     y = scan(x, dt, A = -exp(A_log), B, C) + D x;   out = out_proj(y * silu(z))
 
+Jamba's Mamba-1 (ModelConfig.bcdt_norm) normalises dt, B and C after x_proj, each by an RMSNorm of its own
+(dt_layernorm, b_layernorm, c_layernorm: transformers' JambaMambaMixer), on every path: the reference, the fast
+prefill (on the channel-major operands) and both fused steps (the Triton step's x_proj partial sums are summed and
+normalised between its two kernels, then passed on as one block of sums).
+
 On CUDA the mixer works channel-major, (b, d, l), the layout of the scan kernels, so no activation is transposed
 or copied: in_proj is one GEMM that writes x and z as (b, d, l) views (as mamba_ssm's Mamba does), x_proj and
 dt_proj are batched GEMMs whose outputs B, C (b, n, l) and dt (b, d, l) are already the kernel's operands, and
@@ -24,7 +29,7 @@ from torch import nn
 from . import backends as probes
 from .backends import Backends
 from .kernels import ALIGN_TOKENS, batched, causal_conv_silu, causal_conv_update_silu, float32_cached, zero_left
-from .layers import SCAN_CHUNKS, Mixer, MixerContext, MixerOutput, ModelConfig, SSMState
+from .layers import SCAN_CHUNKS, Mixer, MixerContext, MixerOutput, ModelConfig, RMSNorm, SSMState
 from .ssm.scan import selective_scan, selective_step
 from .ssm.score import mamba1_score
 
@@ -43,6 +48,17 @@ class Mamba1Mixer(Mixer):
         self.A_log = nn.Parameter(torch.log(torch.arange(1, n + 1, dtype=torch.float32)).repeat(d, 1))
         self.D = nn.Parameter(torch.ones(d))
         self.out_proj = nn.Linear(d, cfg.d_model, bias=cfg.bias)
+        self.bcdt_norm = cfg.bcdt_norm
+        if cfg.bcdt_norm:  # Jamba
+            self.dt_layernorm, self.b_layernorm, self.c_layernorm = (RMSNorm(k, cfg.norm_eps) for k in (r, n, n))
+
+    def _normed(self, dt, B, C, backends: Backends = Backends()):
+        """dt (the low-rank step before dt_proj), B and C token-major (..., r) / (..., n), through Jamba's norms
+        (unchanged without them)."""
+        if not self.bcdt_norm:
+            return dt, B, C
+        return (self.dt_layernorm(dt, backends=backends), self.b_layernorm(B, backends=backends),
+                self.c_layernorm(C, backends=backends))  # fmt: skip
 
     def forward(self, hidden: torch.Tensor, ctx: MixerContext) -> MixerOutput:
         """hidden (b, l, d_model). ctx.mask zeroes padding's input (it then cannot reach real tokens)."""
@@ -57,7 +73,7 @@ class Mamba1Mixer(Mixer):
         x = F.silu(F.conv1d(xc, self.conv1d.weight, self.conv1d.bias, groups=self.d_inner)).transpose(1, 2).contiguous()
         if m is not None:
             x = x * m
-        dt, B, C = self.x_proj(x).split([self.dt_rank, self.d_state, self.d_state], dim=-1)
+        dt, B, C = self._normed(*self.x_proj(x).split([self.dt_rank, self.d_state, self.d_state], dim=-1))
         dt_raw = F.linear(dt, self.dt_proj.weight)  # the bias is added in float32, as mamba_ssm's kernel does
         dt = F.softplus(dt_raw.float() + self.dt_proj.bias.float())  # (b, l, d)
         A = -torch.exp(self.A_log.float())  # (d, n)
@@ -107,8 +123,10 @@ class Mamba1Mixer(Mixer):
         if mask is not None:
             x = x * mask.transpose(1, 2)
         x_dbl = batched(self.x_proj.weight, x)  # (b, r + 2n, L)
-        dt_raw = batched(self.dt_proj.weight, x_dbl[:, :r])  # (b, d, L), bias added in float32 by the kernels
-        B, C = x_dbl[:, r : r + n], x_dbl[:, r + n :]  # (b, n, L) views
+        dt_low, B, C = x_dbl[:, :r], x_dbl[:, r : r + n], x_dbl[:, r + n :]  # (b, r or n, L) views
+        if self.bcdt_norm:  # normalised token-major, handed back channel-major (small: r + 2n channels)
+            dt_low, B, C = (t.mT.contiguous() for t in self._normed(dt_low.mT, B.mT, C.mT, ctx.backends))
+        dt_raw = batched(self.dt_proj.weight, dt_low)  # (b, d, L), bias added in float32 by the kernels
         A, D, dt_bias = self.float_params()
         y, h = scan(x, dt_raw, A, B, C, D, z=z, delta_bias=dt_bias, delta_softplus=True, return_last_state=True)
         # y (b, d, L) = (scan + D x) * silu(z) in hidden's dtype; out_proj reads its last `length` tokens transposed,
@@ -156,13 +174,16 @@ class Mamba1Mixer(Mixer):
         A = self.float_params()[0]
         if path == "mamba_ssm":
             x = causal_conv_update_silu(x, state.conv, weight, self.conv1d.bias)
-            x_dbl = F.linear(x, self.x_proj.weight)  # (b, r + 2n)
-            dt_raw = F.linear(x_dbl[:, :r], self.dt_proj.weight)  # (b, d); the bias is added in float32 by the kernel
-            y = probes.selective_state_update()(state.ssm, x, dt_raw, A, x_dbl[:, r : r + n], x_dbl[:, r + n :], self.D,
-                                                z=z, dt_bias=self.dt_proj.bias, dt_softplus=True)  # fmt: skip
+            dt, B, C = self._normed(*F.linear(x, self.x_proj.weight).split([r, n, n], dim=-1), backends)  # (b, r + 2n)
+            dt_raw = F.linear(dt, self.dt_proj.weight)  # (b, d); the bias is added in float32 by the kernel
+            y = probes.selective_state_update()(state.ssm, x, dt_raw, A, B, C, self.D, z=z, dt_bias=self.dt_proj.bias,
+                                                dt_softplus=True)  # fmt: skip
         else:
             tk = probes.triton_kernels()
             x, parts = tk.conv_xproj_step(x, state.conv, weight, self.conv1d.bias, self.x_proj.weight)
+            if self.bcdt_norm:  # x_proj's output (in x's dtype, as ssm_step rounds it), normalised: one block of sums
+                normed = self._normed(*parts.sum(1).to(x.dtype).split([r, n, n], dim=-1), backends)
+                parts = torch.cat(normed, dim=-1).float().unsqueeze(1)
             y = tk.ssm_step(state.ssm, x, parts, self.dt_proj.weight, self.dt_proj.bias, A, self.D, z)
         return F.linear(y, self.out_proj.weight, self.out_proj.bias)
 
@@ -173,7 +194,7 @@ class Mamba1Mixer(Mixer):
         if self.conv1d.bias is not None:
             x = x + self.conv1d.bias
         x = F.silu(x)
-        dt, B, C = self.x_proj(x).split([self.dt_rank, self.d_state, self.d_state], dim=-1)
+        dt, B, C = self._normed(*self.x_proj(x).split([self.dt_rank, self.d_state, self.d_state], dim=-1))
         dt = F.softplus(F.linear(dt, self.dt_proj.weight).float() + self.dt_proj.bias.float())
         y, h = selective_step(state.ssm, x, dt, -torch.exp(self.A_log.float()), B, C)
         y = (y + x.float() * self.D.float()) * F.silu(z.float())

@@ -5,6 +5,10 @@ Shapes: b batch, l tokens, e = d_inner, h heads of p = headdim, g groups, n d_st
     in_proj -> z (e), xBC (e + 2 g n), dt (h);  xBC = silu(causal conv(xBC));  x, B, C = split(xBC)
     y = SSD(x, softplus(dt + dt_bias), A, B, C) + D x;  out = out_proj(rmsnorm_groups(y * silu(z)))
 
+Falcon-H1's Mamba-2 differs in two things, on every path: in_proj's output is scaled part by part (z, x, B, C, dt:
+ModelConfig.ssm_proj_multipliers, muP), and without mamba_rms_norm the output is out_proj(y * silu(z)), no norm
+(ModelConfig.ssm_norm False; the Triton step then skips the norm in its second kernel).
+
 On CUDA the prefill runs token-major as the reference (the GEMMs' rows are channels: no alignment padding, unlike
 Mamba-1's channel-major GEMMs), through one of two SSD scans (backends.scan_path): mamba_ssm's Triton SSD
 (mamba_chunk_scan_combined, chunks of 256 tokens; softplus, D and the final state inside it) and its gated RMSNorm
@@ -51,6 +55,7 @@ class Mamba2Mixer(Mixer):
         super().__init__()
         e, n, g = cfg.d_inner, cfg.d_state, cfg.ngroups
         self.d_inner, self.d_state, self.ngroups, self.headdim, self.d_conv = e, n, g, cfg.headdim, cfg.d_conv
+        self.eps = cfg.norm_eps
         self.nheads = e // cfg.headdim
         self.conv_dim = e + 2 * g * n
         self.in_proj = nn.Linear(cfg.d_model, 2 * e + 2 * g * n + self.nheads, bias=cfg.bias)
@@ -58,8 +63,26 @@ class Mamba2Mixer(Mixer):
         self.dt_bias = nn.Parameter(torch.zeros(self.nheads))
         self.A_log = nn.Parameter(torch.log(torch.arange(1, self.nheads + 1, dtype=torch.float32)))
         self.D = nn.Parameter(torch.ones(self.nheads))
-        self.norm = GatedRMSNorm(e, e // g, cfg.norm_eps)
+        self.norm = GatedRMSNorm(e, e // g, cfg.norm_eps) if cfg.ssm_norm else None
         self.out_proj = nn.Linear(e, cfg.d_model, bias=cfg.bias)
+        self.proj_multipliers = tuple(cfg.ssm_proj_multipliers)  # Falcon-H1's, of in_proj's z, x, B, C and dt parts
+        self._scales: dict[tuple, torch.Tensor] = {}  # their per-channel vector per device and dtype (not a buffer)
+
+    def _in_proj(self, hidden: torch.Tensor) -> torch.Tensor:
+        """in_proj's output (z, xBC, dt), times Falcon-H1's multipliers."""
+        zxbcdt = self.in_proj(hidden)
+        if not self.proj_multipliers:
+            return zxbcdt
+        key = (zxbcdt.device, zxbcdt.dtype)
+        if key not in self._scales:
+            gn = self.ngroups * self.d_state
+            sizes = (self.d_inner, self.d_inner, gn, gn, self.nheads)
+            self._scales[key] = torch.cat([torch.full((k,), m) for k, m in zip(sizes, self.proj_multipliers)]).to(*key)
+        return zxbcdt * self._scales[key]
+
+    def _gate(self, y: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+        """The reference's gate (and norm) of the scan's output y (..., e) by z."""
+        return self.norm(y, z) if self.norm is not None else y.float() * F.silu(z.float())
 
     def _split(self, xbc: torch.Tensor):
         e, gn = self.d_inner, self.ngroups * self.d_state
@@ -74,7 +97,7 @@ class Mamba2Mixer(Mixer):
         m = None if ctx.mask is None else ctx.mask.unsqueeze(-1).to(hidden.dtype)
         if m is not None:
             hidden = hidden * m
-        z, xbc, dt = self.in_proj(hidden).split([self.d_inner, self.conv_dim, self.nheads], dim=-1)
+        z, xbc, dt = self._in_proj(hidden).split([self.d_inner, self.conv_dim, self.nheads], dim=-1)
         xc = F.pad(xbc.transpose(1, 2), (self.d_conv - 1, 0))  # causal conv: k-1 zeros on the left
         xbc = F.silu(F.conv1d(xc, self.conv1d.weight, self.conv1d.bias, groups=self.conv_dim)).transpose(1, 2)
         if m is not None:
@@ -85,7 +108,7 @@ class Mamba2Mixer(Mixer):
         y, h = ssd_scan(x, dt, A, B, C)
         score = None if ctx.score is None else ssd_score(ctx.score, x, dt, A, B, C, ctx.last)
         y = (y + x.float() * self.D.float()[:, None]).flatten(-2)  # (b, l, e)
-        out = self.out_proj(self.norm(y, z).to(hidden.dtype))
+        out = self.out_proj(self._gate(y, z).to(hidden.dtype))
         state = SSMState(conv=xc[:, :, -(self.d_conv - 1) :].clone(), ssm=h) if ctx.want_state else None
         return MixerOutput(out, score, state)
 
@@ -96,7 +119,7 @@ class Mamba2Mixer(Mixer):
         m = None if ctx.mask is None else ctx.mask.unsqueeze(-1).to(hidden.dtype)
         if m is not None:
             hidden = hidden * m
-        z, xbc, dt = self.in_proj(hidden).split([self.d_inner, self.conv_dim, self.nheads], dim=-1)
+        z, xbc, dt = self._in_proj(hidden).split([self.d_inner, self.conv_dim, self.nheads], dim=-1)
         conv_state = None
         if ctx.want_state:  # the last k-1 conv inputs, zero-padded on the left as the reference's padded window
             k1 = self.d_conv - 1
@@ -111,12 +134,16 @@ class Mamba2Mixer(Mixer):
             y = chunk_scan(x, dt, A, B, C, SSD_CHUNK, D=D, dt_bias=dt_bias, dt_softplus=True,
                            return_final_states=ctx.want_state)  # fmt: skip
             y, h = y if ctx.want_state else (y, None)
-            y = gated_rmsnorm(y.flatten(-2), self.norm.weight, None, z=z, eps=self.norm.eps,
-                              group_size=self.norm.group_size, norm_before_gate=False)  # fmt: skip
+            if self.norm is not None:
+                y = gated_rmsnorm(y.flatten(-2), self.norm.weight, None, z=z, eps=self.norm.eps,
+                                  group_size=self.norm.group_size, norm_before_gate=False)  # fmt: skip
         else:
             ts = probes.triton_ssd()
             y, h = ts.ssd_scan(x, dt, dt_bias, A, B, C, D)
-            y = ts.gated_rms_norm(y.flatten(-2), z, self.norm.weight, self.norm.group_size, self.norm.eps)
+            if self.norm is not None:
+                y = ts.gated_rms_norm(y.flatten(-2), z, self.norm.weight, self.norm.group_size, self.norm.eps)
+        if self.norm is None:  # Falcon-H1 without mamba_rms_norm: the gate alone
+            y = y.flatten(-2) * F.silu(z.to(y.dtype))
         del z
         out = self.out_proj(y.to(hidden.dtype))
         del y  # the score runs in its memory
@@ -147,12 +174,14 @@ class Mamba2Mixer(Mixer):
             state.copy_(new)
             return out
         b, h, p, n = hidden.shape[0], self.nheads, self.headdim, self.d_state
-        z, xbc, dt = F.linear(hidden, self.in_proj.weight, self.in_proj.bias).split([self.d_inner, self.conv_dim, h], dim=-1)
+        z, xbc, dt = self._in_proj(hidden).split([self.d_inner, self.conv_dim, h], dim=-1)
         A, D, dt_bias = self.float_params()
         weight = self.conv1d.weight.squeeze(1)  # (conv_dim, k)
+        norm = self.norm
         if path == "triton":
             y = probes.triton_ssd().ssd_step(xbc, dt, z, state.conv, weight, self.conv1d.bias, state.ssm, A, D, dt_bias,
-                                             self.norm.weight, self.norm.group_size, self.norm.eps)  # fmt: skip
+                                             None if norm is None else norm.weight, self.d_inner // self.ngroups,
+                                             self.eps)  # fmt: skip
         else:
             xbc = causal_conv_update_silu(xbc, state.conv, weight, self.conv1d.bias)
             x, B, C = self._split(xbc)
@@ -160,13 +189,16 @@ class Mamba2Mixer(Mixer):
                 state.ssm, x, dt.unsqueeze(-1).expand(b, h, p), A[:, None, None].expand(h, p, n), B, C,
                 D[:, None].expand(h, p), z=None, dt_bias=dt_bias[:, None].expand(h, p), dt_softplus=True,
             )  # stride-0 broadcasts over the head dim: the kernel's tied-head-dim path
-            _, gated_rmsnorm = probes.ssd_kernels()
-            y = gated_rmsnorm(y.flatten(-2), self.norm.weight, None, z=z, eps=self.norm.eps,
-                              group_size=self.norm.group_size, norm_before_gate=False)  # fmt: skip
+            if norm is None:
+                y = y.flatten(-2) * F.silu(z)
+            else:
+                _, gated_rmsnorm = probes.ssd_kernels()
+                y = gated_rmsnorm(y.flatten(-2), norm.weight, None, z=z, eps=norm.eps, group_size=norm.group_size,
+                                  norm_before_gate=False)  # fmt: skip
         return F.linear(y.to(hidden.dtype), self.out_proj.weight, self.out_proj.bias)
 
     def _step_reference(self, hidden: torch.Tensor, state: SSMState) -> tuple[torch.Tensor, SSMState]:
-        z, xbc, dt = self.in_proj(hidden).split([self.d_inner, self.conv_dim, self.nheads], dim=-1)
+        z, xbc, dt = self._in_proj(hidden).split([self.d_inner, self.conv_dim, self.nheads], dim=-1)
         window = torch.cat([state.conv, xbc.unsqueeze(-1)], dim=-1)  # (b, conv_dim, k)
         xbc = (window * self.conv1d.weight.squeeze(1)).sum(-1)
         if self.conv1d.bias is not None:
@@ -175,7 +207,7 @@ class Mamba2Mixer(Mixer):
         dt = F.softplus(dt.float() + self.dt_bias.float())
         y, h = ssd_step(state.ssm, x, dt, -torch.exp(self.A_log.float()), B, C)
         y = (y + x.float() * self.D.float()[:, None]).flatten(-2)
-        return self.out_proj(self.norm(y, z).to(hidden.dtype)), SSMState(conv=window[:, :, 1:], ssm=h)
+        return self.out_proj(self._gate(y, z).to(hidden.dtype)), SSMState(conv=window[:, :, 1:], ssm=h)
 
 
 def ssd_kernel(mixer: Mamba2Mixer, hidden: torch.Tensor, backends: Backends) -> str | None:

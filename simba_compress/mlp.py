@@ -1,9 +1,11 @@
-"""The hybrids' MLPs: a gated or plain MLP, Granite's mixture of experts beside its shared MLP, and NemotronH's MLP
-layers ('-' in its hybrid_override_pattern) as a mixer of their own.
+"""The hybrids' MLPs: a gated or plain MLP, the mixtures of experts of Granite (beside its shared MLP) and Jamba, and
+NemotronH's MLP layers ('-' in its hybrid_override_pattern) as a mixer of their own.
 
-    MLP:  fc2(act(gate) * up), [gate; up] = fc1(x)    (gated: mamba_ssm's GatedMLP, Granite's shared MLP, Bamba's)
+    MLP:  fc2(act(gate) * up), [gate; up] = fc1(x)    (gated: mamba_ssm's GatedMLP, Granite's shared MLP, Bamba's,
+                                                       Jamba's, Falcon-H1's: m_down fc2(act(m_gate gate) * up))
           fc2(act(fc1(x)))                            (plain: NemotronH's, act relu2 = relu(x)^2)
-    MoE:  shared(x) + sum over the top-k experts e of x's router logits of softmax(top-k logits)_e * expert_e(x)
+    MoE:  shared(x) + sum over the top-k experts e of x's router logits of w_e * expert_e(x), w = softmax(top-k
+          logits) (Granite); Jamba: no shared MLP, w = the top-k of softmax(all logits), not renormalised
 
 Every checkpoint layout is converted to this one form when it is read (layouts.py: mamba_ssm's GatedMLP keeps the
 gate in the second half of fc1, transformers' Granite in the first; Bamba's gate_proj and up_proj are two
@@ -31,41 +33,55 @@ def activation(name: str, x: torch.Tensor) -> torch.Tensor:
 
 
 class MLP(nn.Module):
-    def __init__(self, d_model: int, hidden: int, gated: bool, act: str, bias: bool):
+    def __init__(self, d_model: int, hidden: int, gated: bool, act: str, bias: bool, multipliers=()):
         super().__init__()
         self.gated, self.act = gated, act
         self.fc1 = nn.Linear(d_model, (2 if gated else 1) * hidden, bias=bias)
         self.fc2 = nn.Linear(hidden, d_model, bias=bias)
+        self.gate_multiplier, self.down_multiplier = multipliers or (1.0, 1.0)  # Falcon-H1's mlp_multipliers
+
+    @classmethod
+    def of(cls, cfg: ModelConfig) -> "MLP":
+        """The model's MLP (a block's, a shared one, an MLP layer)."""
+        return cls(cfg.d_model, cfg.d_intermediate, cfg.mlp_gated, cfg.mlp_act, cfg.mlp_bias, cfg.mlp_multipliers)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.fc1(x)
         if self.gated:
             gate, up = y.chunk(2, dim=-1)
-            y = activation(self.act, gate) * up
+            y = activation(self.act, gate if self.gate_multiplier == 1.0 else gate * self.gate_multiplier) * up
         else:
             y = activation(self.act, y)
-        return self.fc2(y)
+        y = self.fc2(y)
+        return y if self.down_multiplier == 1.0 else y * self.down_multiplier
 
 
 class MoE(nn.Module):
-    """Granite's MoE block (GraniteMoeHybridMoE beside GraniteMoeHybridMLP): a router, n_experts gated SiLU MLPs
-    stored as (experts, out, in) tensors (transformers' layout), and the shared MLP every token also runs."""
+    """A mixture of experts: a router and n_experts gated SiLU MLPs stored as (experts, out, in) tensors (transformers'
+    layout); with Granite's block (GraniteMoeHybridMoE beside GraniteMoeHybridMLP) also the shared MLP every token
+    runs (ModelConfig.moe_shared), Jamba's (JambaSparseMoeBlock) the experts alone."""
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         d, e, i = cfg.d_model, cfg.n_experts, cfg.expert_intermediate
-        self.top_k = cfg.experts_per_token
-        self.shared = MLP(d, cfg.d_intermediate, cfg.mlp_gated, cfg.mlp_act, cfg.mlp_bias)
+        self.top_k, self.renormalize = cfg.experts_per_token, cfg.moe_renormalize
+        self.shared = MLP.of(cfg) if cfg.moe_shared else None
         self.router = nn.Linear(d, e, bias=False)
         self.experts_fc1 = nn.Parameter(torch.randn(e, 2 * i, d) * 0.02)  # [gate; up] per expert
         self.experts_fc2 = nn.Parameter(torch.randn(e, d, i) * 0.02)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         flat = x.reshape(-1, x.shape[-1])
-        top, expert = self.router(flat).float().topk(self.top_k, dim=-1)  # (n, k)
-        weight = top.softmax(-1).to(x.dtype)
+        logits = self.router(flat).float()
+        if self.renormalize:  # softmax over the top-k logits: the weights sum to 1
+            top, expert = logits.topk(self.top_k, dim=-1)  # (n, k)
+            weight = top.softmax(-1)
+        else:  # the top-k probabilities of the softmax over every expert
+            weight, expert = logits.softmax(-1).topk(self.top_k, dim=-1)
+        weight = weight.to(x.dtype)
         routed = self._gathered(flat, expert, weight) if expert.numel() <= GATHER_PAIRS else self._looped(flat, expert, weight)
-        return self.shared(x) + routed.view_as(x)
+        routed = routed.view_as(x)
+        return routed if self.shared is None else self.shared(x) + routed
 
     def _expert_mlp(self, h: torch.Tensor) -> torch.Tensor:
         gate, up = h.chunk(2, dim=-1)
@@ -85,11 +101,9 @@ class MoE(nn.Module):
         return out
 
 
-def make_mlp(cfg: ModelConfig) -> nn.Module:
-    """The MLP after a block's mixer (ModelConfig.block_mlp): Granite's MoE with its shared MLP, or one MLP."""
-    if cfg.n_experts:
-        return MoE(cfg)
-    return MLP(cfg.d_model, cfg.d_intermediate, cfg.mlp_gated, cfg.mlp_act, cfg.mlp_bias)
+def make_mlp(cfg: ModelConfig, layer: int) -> nn.Module:
+    """The MLP after block `layer`'s mixer (ModelConfig.block_mlp): the MoE where the block has it, or one MLP."""
+    return MoE(cfg) if cfg.moe(layer) else MLP.of(cfg)
 
 
 class MLPMixer(Mixer):
@@ -98,7 +112,7 @@ class MLPMixer(Mixer):
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
-        self.mlp = MLP(cfg.d_model, cfg.d_intermediate, cfg.mlp_gated, cfg.mlp_act, cfg.mlp_bias)
+        self.mlp = MLP.of(cfg)
 
     def forward(self, hidden: torch.Tensor, ctx: MixerContext) -> MixerOutput:
         if ctx.score is not None:

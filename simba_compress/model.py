@@ -24,14 +24,12 @@ from .attention import AttentionMixer
 from .backends import Backends
 from .kernels import freeze_and_gather
 from .layers import Mixer, MixerContext, MixerOutput, ModelConfig, add_norm, make_norm, norm
-from .mamba1 import Mamba1Mixer
-from .mamba2 import Mamba2Mixer
 from .mlp import MLPMixer, make_mlp
+from .parallel import SSM_MIXERS, ParallelMixer
 from .pruning import CRITERION_FNS, DEFAULT_CRITERION, IN_LAYER, SimbaConfig, TokenPlan, score_source, scorers
 
 # ModelConfig.kind(i) -> class
-MIXERS: dict[str, type[Mixer]] = {"mamba1": Mamba1Mixer, "mamba2": Mamba2Mixer, "attention": AttentionMixer,
-                                  "mlp": MLPMixer}  # fmt: skip
+MIXERS: dict[str, type[Mixer]] = SSM_MIXERS | {"attention": AttentionMixer, "mlp": MLPMixer, "parallel": ParallelMixer}
 
 
 class Block(nn.Module):
@@ -43,7 +41,7 @@ class Block(nn.Module):
         super().__init__()
         self.norm = make_norm(cfg)
         self.mixer = MIXERS[cfg.kind(layer)](cfg)
-        self.norm2, self.mlp = (make_norm(cfg), make_mlp(cfg)) if cfg.block_mlp else (None, None)
+        self.norm2, self.mlp = (make_norm(cfg), make_mlp(cfg, layer)) if cfg.block_mlp else (None, None)
         self.scale = cfg.residual_multiplier
 
     def _scaled(self, out: torch.Tensor) -> torch.Tensor:
@@ -133,9 +131,12 @@ class MambaLM(nn.Module):
         return h.to(self._stream_dtype)
 
     def head(self, h: torch.Tensor) -> torch.Tensor:
-        """Logits of the normalised stream h (divided by Granite's logits_scaling)."""
+        """Logits of the normalised stream h (divided by Granite's logits_scaling, times Falcon-H1's
+        lm_head_multiplier)."""
         logits = self.lm_head(h.to(self.lm_head.weight.dtype))
-        return logits if self.config.logits_scaling == 1.0 else logits / self.config.logits_scaling
+        if self.config.logits_scaling != 1.0:
+            logits = logits / self.config.logits_scaling
+        return logits if self.config.lm_head_multiplier == 1.0 else logits * self.config.lm_head_multiplier
 
     def _layer(self, i: int, h: torch.Tensor, pending, plan: TokenPlan, score: str | None, want_state: bool, owned: bool,
                window: int = 1):  # fmt: skip

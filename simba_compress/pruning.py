@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from .errors import SimbaError
-from .layers import SCAN_CHUNKS, ScanChunks
+from .layers import ATTENTION_KINDS, SCAN_CHUNKS, ScanChunks
 
 CRITERIA = ("simba", "query", "recent-query", "share", "deci", "snapkv", "utr", "l2norm", "random", "stride")
 DEFAULT_CRITERION = "simba"  # what --flops, compress(), recipes and SimbaConfig use unless told (README, What to expect)
@@ -49,7 +49,8 @@ class SimbaConfig:
     attention_score: with an SSM criterion, what an attention layer that prunes ranks by: "snapkv" (its own
         attention's, SnapKV's; the default: 0.0275 ± 0.0040 nats better than "carry" on the hybrid proxy at
         F = 0.6, paired over 24 windows of training text, benchmarks/results/cpu/hybrid_quality.md) or "carry" (the
-        SSM score of the nearest SSM layer below it, carried up).
+        SSM score of the nearest SSM layer below it, carried up). A parallel layer (Falcon-H1) has an SSM mixer of
+        its own and ranks by its score.
     protect_last: the last real tokens of every row that are always kept (at least 1).
     seed: seeds the "random" criterion.
     granularity: each pruned layer's token count is rounded to the nearest multiple of this (1: exact). With
@@ -152,20 +153,21 @@ def score_source(kinds: list[str], layer: int, simba: SimbaConfig) -> tuple[int,
     An SSM criterion (simba, share, deci) is computed by an SSM layer: `layer` itself, or else the nearest SSM layer
     below it, whose scores of the same tokens are carried up (an attention layer with attention_score "snapkv"
     computes SnapKV's instead; one with no SSM layer below it does too). "snapkv" is computed by an attention
-    layer: `layer` or the nearest below it. kinds: ModelConfig.kinds."""
+    layer: `layer` or the nearest below it. A parallel layer (Falcon-H1: attention beside an SSM mixer) is both: its
+    SSM mixer computes the SSM criteria, its attention "snapkv". kinds: ModelConfig.kinds."""
     c = simba.criterion
     if c not in IN_LAYER:
         return None
     ssm = tuple(k for k in kinds if k not in ("attention", "mlp"))
     if c in SSM_SCORES and kinds[layer] == "attention" and simba.attention_score == "snapkv":
         return layer, "snapkv"
-    want = ("attention",) if c == "snapkv" else ssm
+    want = ATTENTION_KINDS if c == "snapkv" else ssm
     for j in range(layer, -1, -1):
         if kinds[j] in want:
             return j, c
     if c in SSM_SCORES:  # no SSM layer at or below: the nearest attention layer's own score
         for j in range(layer, -1, -1):
-            if kinds[j] == "attention":
+            if kinds[j] in ATTENTION_KINDS:
                 return j, "snapkv"
     # a schedule the model cannot run (snapkv pruning below the first attention layer, or on a pure Mamba model)
     raise SimbaError(f"{c!r}: layer {layer} prunes, but no layer at or below it can compute that score"

@@ -103,6 +103,40 @@ def random_hybrid(
     return m.eval()
 
 
+# Jamba's and Falcon-H1's shapes in ModelConfig's terms (test_hybrid.py builds them with transformers' classes)
+FAMILIES = {
+    # Mamba-1 with dt/B/C norms, NoPE GQA at layer 1, the MoE (no shared MLP, top-2 of the softmax) at layer 1
+    "jamba": dict(d_state=8, dt_rank=4, bcdt_norm=True, attn_layers=[1], attn_heads=4, attn_kv_heads=2,
+                  d_intermediate=40, block_mlp=True, n_experts=4, experts_per_token=2, expert_intermediate=40,
+                  moe_layers=[1], moe_shared=False, moe_renormalize=False, residual_in_fp32=False, arch="jamba"),
+    # attention (RoPE) beside Mamba-2 without its gated norm in every layer, every multiplier away from 1
+    "falcon_h1": dict(d_state=8, layer="mamba2", headdim=16, d_inner_size=48, ssm_norm=False, attn_layers=[0, 1, 2],
+                      attn_parallel=True, attn_heads=4, attn_kv_heads=2, attn_head_dim=16, rotary_dim=16,
+                      d_intermediate=40, block_mlp=True, embedding_multiplier=3.0, lm_head_multiplier=0.3,
+                      key_multiplier=0.7, attn_in_multiplier=1.3, attn_out_multiplier=0.8, ssm_in_multiplier=1.25,
+                      ssm_out_multiplier=0.4, ssm_proj_multipliers=[0.5, 0.25, 0.7, 1.5, 0.6],
+                      mlp_multipliers=[0.9, 0.6], residual_in_fp32=False, arch="falcon_h1"),
+}  # fmt: skip
+
+
+def random_family(name: str, d_model: int = 32, vocab: int = 64, seed: int = 0) -> MambaLM:
+    """A random-weight 3-layer model of FAMILIES[name], scaled like a trained one (unit-variance projections,
+    trained-like A and dt ranges, norms away from 1)."""
+    torch.manual_seed(seed)
+    m = MambaLM(ModelConfig(d_model=d_model, n_layer=3, vocab_size=vocab, **FAMILIES[name]))
+    with torch.no_grad():
+        for pname, q in m.named_parameters():
+            if q.ndim >= 2:
+                q.normal_(0, 1.0 / q[0].numel() ** 0.5)
+            elif pname.endswith("A_log"):
+                q.uniform_(0, 2)
+            elif pname.endswith(("dt_bias", "dt_proj.bias")):
+                q.uniform_(-3, 0)
+            elif pname.endswith("weight"):  # the norms
+                q.uniform_(0.5, 1.5)
+    return m.eval()
+
+
 def write_original(model: MambaLM, folder: Path, vocab_size: int | None = None) -> Path:
     """Write `model` in the state-spaces layout (config.json + pytorch_model.bin, `embedding` key)."""
     folder.mkdir(parents=True, exist_ok=True)
@@ -194,10 +228,10 @@ def run_in_triton_interpreter(script: str) -> dict:
 
 def fused_step_logits(model, states: list, token: torch.Tensor) -> torch.Tensor:
     """The logits of one decode step of `model` through its Decoder (its fused step kernels, no graph) from the prefill
-    states `states`, for token (b,)."""
-    from simba_compress.generation import Decoder, GenerationConfig
+    states `states` (attention layers' KV caches sized for them), for token (b,)."""
+    from simba_compress.generation import Decoder, GenerationConfig, cache_capacities
 
-    dec = Decoder(model, token.shape[0], GenerationConfig(), graph=False)
+    dec = Decoder(model, token.shape[0], GenerationConfig(), graph=False, capacities=cache_capacities(states, 1))
     dec.prepare(states, GenerationConfig())
     dec.token.copy_(token)
     logits = []

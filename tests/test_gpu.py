@@ -412,14 +412,20 @@ def mamba2_pair(dtype, n_layer=4):
 needs_ssd = pytest.mark.skipif(not (CUDA and probes.ssd_kernels() is not None), reason="mamba_ssm's Triton SSD not importable")
 
 
-def mamba2_backends(path: str) -> probes.Backends:
-    """Route a Mamba-2 model through one set of kernels: "mamba_ssm" (its SSD, gated norm and heads-form step, with
-    causal_conv1d's where installed) or "triton" (the project's SSD, norm and step: the path without mamba_ssm)."""
-    if path == "mamba_ssm" and probes.ssd_kernels() is None:
-        pytest.skip("mamba_ssm's Triton SSD not importable")
+def kernel_backends(path: str, mamba_ssm: bool, missing: str) -> probes.Backends:
+    """Backends through one set of kernels, "mamba_ssm" (skipped unless `mamba_ssm`: `missing` says what is absent)
+    or "triton" (the project's: the path without mamba_ssm)."""
+    if path == "mamba_ssm" and not mamba_ssm:
+        pytest.skip(missing)
     if path == "triton" and not probes.triton_available():
         pytest.skip("triton not available")
     return probes.Backends(scan="triton" if path == "triton" else "auto", step=path)
+
+
+def mamba2_backends(path: str) -> probes.Backends:
+    """Route a Mamba-2 model through one set of kernels: "mamba_ssm" (its SSD, gated norm and heads-form step, with
+    causal_conv1d's where installed) or "triton" (the project's SSD, norm and step: the path without mamba_ssm)."""
+    return kernel_backends(path, probes.ssd_kernels() is not None, "mamba_ssm's Triton SSD not importable")
 
 
 @needs_cuda
@@ -638,3 +644,48 @@ def test_hybrid_dense_prefill_equals_mamba_ssm():
     ids = torch.randint(0, 256, (2, 700), device="cuda")
     with torch.no_grad():
         assert rel(gpu_m(ids, simba=None).logits, twin(ids).logits) < 1e-3
+
+
+# (7) Jamba and Falcon-H1 on CUDA: Jamba's dt/B/C norms on Mamba-1's fast prefill and both fused steps; Falcon-H1's
+# parallel layers, multipliers and Mamba-2 without its gated norm ------------------------------------------------
+
+
+def family_pair(name: str, dtype):
+    """(CPU float32 reference of the dtype-rounded weights, the same model on CUDA) of conftest.FAMILIES[name]."""
+    from conftest import random_family
+
+    m = random_family(name, d_model=64, vocab=256, seed=2)
+    return copy.deepcopy(m).to(dtype).float(), m.to("cuda", dtype)
+
+
+def family_backends(name: str, path: str) -> probes.Backends:
+    """Route Jamba (Mamba-1) or Falcon-H1 (Mamba-2) through mamba_ssm's kernels or the project's Triton ones."""
+    if name == "falcon_h1":
+        return mamba2_backends(path)
+    ready = probes.mamba_ssm_available() and None not in (probes.selective_state_update(), probes.causal_conv1d_update())
+    return kernel_backends(path, ready, "mamba_ssm's scan and step (with causal_conv1d's update) not installed")
+
+
+@needs_cuda
+@pytest.mark.parametrize("path", ["mamba_ssm", "triton"])
+@pytest.mark.parametrize("name", ["jamba", "falcon_h1"])
+def test_hybrid_family_fast_path_matches_cpu(name, path):
+    """float32: dense, left-padded and pruned logits (kept sets equal) and a pruned left-padded batch generated from the
+    CUDA graph (greedy tokens equal the CPU's) through each path's scan and fused step; bf16 dense norm-wise."""
+    cpu_m, gpu_m = family_pair(name, torch.float32)
+    gpu_m.backends = family_backends(name, path)
+    ids = torch.randint(0, 256, (2, 600))
+    mask = torch.ones(2, 600, dtype=torch.long)
+    mask[0, :45] = 0
+    _compare(gpu_m, cpu_m, ids, None, None, torch.float32, False)
+    _compare(gpu_m, cpu_m, ids, mask, None, torch.float32, False)
+    for simba in (SimbaConfig([1.0, 0.75, 0.5], protect_last=4), SimbaConfig([1.0, 0.75, 0.5], "stride", protect_last=4),
+                  SimbaConfig([1.0, 1.0, 0.5], "snapkv", protect_last=4)):  # fmt: skip
+        _compare(gpu_m, cpu_m, ids, mask, simba, torch.float32, True)
+    gpu_m.simba = cpu_m.simba = SimbaConfig([1.0, 0.75, 0.5], protect_last=4)
+    assert torch.equal(gpu_m.generate(ids[:, :300].cuda(), mask[:, :300].cuda(), max_new_tokens=16).cpu(),
+                       cpu_m.generate(ids[:, :300], mask[:, :300], max_new_tokens=16))  # fmt: skip
+    assert any(d.graph is not None for d in gpu_m._graphs.decoders.values())  # the CUDA-graph decode ran
+    cpu_b, gpu_b = family_pair(name, torch.bfloat16)
+    gpu_b.backends = gpu_m.backends
+    _compare(gpu_b, cpu_b, ids, None, None, torch.bfloat16, False)

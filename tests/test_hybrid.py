@@ -52,6 +52,14 @@ def left_padded(ids: torch.Tensor, pad: list[int]):
 GRANITE = dict(vocab_size=96, hidden_size=32, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
                mamba_n_heads=4, mamba_d_head=16, mamba_d_state=8, mamba_n_groups=2, mamba_d_conv=4, mamba_expand=2,
                shared_intermediate_size=40, layer_types=["mamba", "attention", "mamba", "attention"])  # fmt: skip
+JAMBA = dict(vocab_size=96, hidden_size=32, intermediate_size=40, num_hidden_layers=4, num_attention_heads=4,
+             num_key_value_heads=2, attn_layer_period=3, attn_layer_offset=1, mamba_d_state=8, mamba_dt_rank=4)
+FALCON_H1 = dict(vocab_size=96, hidden_size=32, num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2,
+                 head_dim=16, intermediate_size=40, mamba_d_ssm=48, mamba_n_heads=3, mamba_d_state=8, mamba_chunk_size=16,
+                 mamba_rms_norm=False, rope_parameters={"rope_type": "default", "rope_theta": 1e4},
+                 embedding_multiplier=3.0, lm_head_multiplier=0.3, key_multiplier=0.7, attention_in_multiplier=1.3,
+                 attention_out_multiplier=0.8, ssm_in_multiplier=1.25, ssm_out_multiplier=0.4,
+                 ssm_multipliers=[0.5, 0.25, 0.7, 1.5, 0.6], mlp_multipliers=[0.9, 0.6])
 CASES = {
     "granite_dense_nope": ("GraniteMoeHybrid", GRANITE | dict(num_local_experts=0, position_embedding_type="nope")),
     "granite_moe_rope_multipliers": ("GraniteMoeHybrid", GRANITE | dict(
@@ -64,6 +72,17 @@ CASES = {
     "nemotron_h": ("NemotronH", dict(vocab_size=96, hidden_size=32, hybrid_override_pattern="M*-M-*", num_attention_heads=4,
                                      num_key_value_heads=2, head_dim=8, intermediate_size=48, mamba_num_heads=4,
                                      mamba_head_dim=16, ssm_state_size=8, n_groups=2, chunk_size=16)),
+    # Jamba: Mamba-1 with dt/B/C norms, NoPE GQA at layer 1, MoE (4 experts, top 2, no shared MLP) at layers 1 and 3
+    "jamba_moe": ("Jamba", JAMBA | dict(num_experts=4, num_experts_per_tok=2, expert_layer_period=2, expert_layer_offset=1)),
+    "jamba_dense": ("Jamba", JAMBA | dict(num_experts=1, attn_layer_period=2, attn_layer_offset=0, mamba_dt_rank="auto",
+                                          tie_word_embeddings=True)),
+    # Falcon-H1: attention (RoPE, head_dim != hidden / heads) beside Mamba-2 (d_ssm != expand x hidden) in every layer,
+    # every muP multiplier away from 1; without and with the gated norm (groups, biases)
+    "falcon_h1": ("FalconH1", FALCON_H1),
+    "falcon_h1_norm": ("FalconH1", FALCON_H1 | dict(mamba_rms_norm=True, mamba_norm_before_gate=False, mamba_d_ssm=64,
+                                                   mamba_n_heads=4, mamba_n_groups=2, attention_bias=True,
+                                                   mamba_proj_bias=True, projectors_bias=True, mlp_bias=True,
+                                                   tie_word_embeddings=True)),
 }  # fmt: skip
 
 
@@ -216,6 +235,11 @@ def test_bad_hybrid_configs_name_the_file_and_key(written, tmp_path):
         "granite_moe_rope_multipliers": ({"rope_parameters": {"rope_type": "yarn", "rope_theta": 1e4}}, "rope_type 'yarn'"),
         "bamba": ({"time_step_limit": [0.0, 1.0]}, r"'time_step_limit' \[0.0, 1.0\] is not supported"),
         "nemotron_h": ({"hybrid_override_pattern": "M*E-M-"}, r"MoE \('E'\) layers, which are not supported"),
+        "jamba_moe": ({"attn_layer_offset": 3}, "'attn_layer_offset' 3 must be smaller than 'attn_layer_period' 3"),
+        "jamba_dense": ({"hidden_act": "gelu"}, "'hidden_act' = 'gelu' is not supported"),
+        "falcon_h1": ({"ssm_multipliers": [1.0, 2.0]}, r"'ssm_multipliers' must be a list of 5 numbers, got \[1.0, 2.0\]"),
+        "falcon_h1_norm": ({"mamba_norm_before_gate": True}, "'mamba_norm_before_gate' true with 'mamba_rms_norm' is "
+                                                             "not supported"),
     }[case]
     (tmp_path / "config.json").write_text(json.dumps(cfg | bad[0]))
     with pytest.raises(SimbaError, match=bad[1]) as e:
@@ -303,14 +327,29 @@ def test_generate_decodes_over_each_layers_kept_tokens():
     kv = prefill.states[1]
     assert kv.length.tolist() == [17, 14] and kv.position.tolist() == [33, 28]  # kept tokens; next position
     assert prefill.states[4].length.tolist() == [9, 7]
+    assert torch.equal(out[:, 33:], greedy_steps(m, prefill, 6))
+    alone = m.generate(ids[1:, 5:], max_new_tokens=6)
+    assert torch.equal(out[1, 33:], alone[0, 28:])
+
+
+def greedy_steps(m, prefill, n: int) -> torch.Tensor:
+    """(b, n) greedy tokens of the reference step after a prefill (m(..., return_states=True, last_logits=1))."""
     token, states, steps = prefill.logits[:, -1].argmax(-1), prefill.states, []
-    for _ in range(6):
+    for _ in range(n):
         steps.append(token)
         logits, states = m.step(token, states)
         token = logits.argmax(-1)
-    assert torch.equal(out[:, 33:], torch.stack(steps, 1))
-    alone = m.generate(ids[1:, 5:], max_new_tokens=6)
-    assert torch.equal(out[1, 33:], alone[0, 28:])
+    return torch.stack(steps, 1)
+
+
+def assert_steps_continue_the_forward(m, vocab: int) -> None:
+    """Dense: decode steps after a prefill give the logits the forward gives the same tokens in the longer prompt."""
+    ids = torch.randint(0, vocab, (2, 30), generator=torch.Generator().manual_seed(4))
+    full = m(ids, simba=None).logits
+    states = m(ids[:, :24], simba=None, return_states=True).states
+    for t in range(24, 30):
+        logits, states = m.step(ids[:, t], states)
+        assert rel_err(logits, full[:, t]) < 1e-5
 
 
 @torch.no_grad()
@@ -318,12 +357,7 @@ def test_decode_step_equals_the_forward_of_the_longer_prompt():
     """Dense: a decode step after a prefill gives the logits the forward gives the same token in a longer prompt
     (the KV cache, the conv state over qkv and RoPE positions continue exactly)."""
     m = random_hybrid(n_layer=4, attn_layers=(0, 2), d_model=32, vocab=64, rotary_dim=8, d_intermediate=40, block_mlp=True)
-    ids = torch.randint(0, 64, (2, 30), generator=torch.Generator().manual_seed(4))
-    full = m(ids, simba=None).logits
-    states = m(ids[:, :24], simba=None, return_states=True).states
-    for t in range(24, 30):
-        logits, states = m.step(ids[:, t], states)
-        assert rel_err(logits, full[:, t]) < 1e-5
+    assert_steps_continue_the_forward(m, 64)
 
 
 def test_moe_gather_and_loop_paths_agree():

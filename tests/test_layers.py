@@ -12,7 +12,7 @@ import torch
 from conftest import REPO
 from simba_compress import MambaLM, ModelConfig, SimbaConfig
 from simba_compress.backends import Backends
-from simba_compress.layers import KVState, MixerContext, SSMState
+from simba_compress.layers import KVState, MixerContext, ParallelState, SSMState
 from simba_compress.model import MIXERS
 
 PACKAGE = REPO / "simba_compress"
@@ -82,12 +82,17 @@ def one_layer_config(kind: str) -> ModelConfig:
     extra = {
         "attention": dict(attn_layers=[0], attn_heads=4, attn_kv_heads=2, attn_conv=3, rotary_dim=4, attn_qkv_bias=True),
         "mlp": dict(mlp_layers=[0], d_intermediate=24, mlp_gated=False, mlp_act="relu2"),
+        # Falcon-H1's: attention (RoPE) beside Mamba-2, its multipliers
+        "parallel": dict(attn_layers=[0], attn_parallel=True, attn_heads=4, attn_kv_heads=2, rotary_dim=4,
+                         ssm_in_multiplier=1.3, ssm_out_multiplier=0.6, attn_in_multiplier=0.8, attn_out_multiplier=1.2,
+                         key_multiplier=0.5, ssm_proj_multipliers=[0.5, 2.0, 0.7, 1.5, 0.9]),
     }.get(kind, {})
     return ModelConfig(d_model=32, n_layer=1, vocab_size=16, d_state=8, headdim=16,
                        layer=kind if kind in ("mamba1", "mamba2") else "mamba2", **extra)  # fmt: skip
 
 
-SCORES = {"mamba1": ("simba", "share", "deci"), "mamba2": ("simba", "share", "deci"), "attention": ("snapkv",), "mlp": ()}
+SCORES = {"mamba1": ("simba", "share", "deci"), "mamba2": ("simba", "share", "deci"), "attention": ("snapkv",), "mlp": (),
+          "parallel": ("simba", "share", "deci", "snapkv")}
 
 
 @pytest.mark.parametrize("kind", sorted(MIXERS))
@@ -115,14 +120,16 @@ def test_every_mixer_implements_the_interface(kind):
     mixer.prepare_step()
     out = mixer.step(u[:, 8], state, reference)
     torch.testing.assert_close(out, full.out[:, 8], rtol=1e-5, atol=1e-6)  # the scans compute in float32
-    if isinstance(state, SSMState):
-        torch.testing.assert_close(state.ssm, full.state.ssm.to(state.ssm.dtype), rtol=1e-5, atol=1e-6)
-        torch.testing.assert_close(state.conv, full.state.conv, rtol=1e-5, atol=1e-6)
-    elif isinstance(state, KVState):  # the cache holds the 9 tokens, at the positions the full forward gave them
-        assert state.capacity == 12 and state.length.tolist() == [9, 9] and state.position.tolist() == [9, 9]
-        torch.testing.assert_close(state.k[:, :, :9], full.state.k)
-        torch.testing.assert_close(state.v[:, :, :9], full.state.v)
-        torch.testing.assert_close(state.conv, full.state.conv)
+    parts = [(state.ssm, full.state.ssm), (state.kv, full.state.kv)] if isinstance(state, ParallelState) else [(state, full.state)]
+    for state, full_state in parts:
+        if isinstance(state, SSMState):
+            torch.testing.assert_close(state.ssm, full_state.ssm.to(state.ssm.dtype), rtol=1e-5, atol=1e-6)
+            torch.testing.assert_close(state.conv, full_state.conv, rtol=1e-5, atol=1e-6)
+        elif isinstance(state, KVState):  # the cache holds the 9 tokens, at the positions the full forward gave them
+            assert state.capacity == 12 and state.length.tolist() == [9, 9] and state.position.tolist() == [9, 9]
+            torch.testing.assert_close(state.k[:, :, :9], full_state.k)
+            torch.testing.assert_close(state.v[:, :, :9], full_state.v)
+            torch.testing.assert_close(state.conv, full_state.conv)
     for criterion in SCORES[kind]:
         scored = mixer(u, MixerContext(None, torch.tensor([8, 5]), score=criterion, backends=reference))
         assert scored.score.shape == (2, 9) and scored.score.dtype == torch.float32

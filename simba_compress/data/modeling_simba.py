@@ -4,7 +4,7 @@
     MambaForCausalLM.from_pretrained(folder)                               # the same weights, dense
 
 (the dense class is the folder's model_type's own: Mamba2ForCausalLM, GraniteMoeHybridForCausalLM, BambaForCausalLM,
-NemotronHForCausalLM). The model lives in the simba-compress package (simba_compress/hf.py); this file makes one
+NemotronHForCausalLM, JambaForCausalLM, FalconH1ForCausalLM). The model lives in the simba-compress package (simba_compress/hf.py); this file makes one
 class per model type it supports, the one config.json's auto_map names.
 """
 

@@ -223,16 +223,19 @@ def ssd_scan(
 
 
 @triton.jit
-def _gated_norm_rows(y_ptr, z_ptr, w_ptr, out_ptr, rows, rmask, c, cmask, s_y, s_z, s_out, group_size, eps):
-    """Rows `rows` (R,) of channels c (C,) of one group: (R, C) tiles."""
+def _gated_norm_rows(y_ptr, z_ptr, w_ptr, out_ptr, rows, rmask, c, cmask, s_y, s_z, s_out, group_size, eps,
+                     NORM: tl.constexpr):  # fmt: skip
+    """Rows `rows` (R,) of channels c (C,) of one group: (R, C) tiles. NORM False: the gate y silu(z) alone (Falcon-H1
+    without mamba_rms_norm; w_ptr is not read)."""
     m = rmask[:, None] & cmask[None, :]
     y = tl.load(y_ptr + rows[:, None] * s_y + c[None, :], mask=m, other=0.0).to(tl.float32)
     z = tl.load(z_ptr + rows[:, None] * s_z + c[None, :], mask=m, other=0.0).to(tl.float32)
     v = y * z * tl.sigmoid(z)
-    rstd = 1.0 / tl.sqrt(tl.sum(v * v, axis=1) / group_size + eps)
-    w = tl.load(w_ptr + c, mask=cmask, other=0.0)
-    out = (v * rstd[:, None]).to(w_ptr.dtype.element_ty).to(tl.float32) * w.to(tl.float32)[None, :]
-    tl.store(out_ptr + rows[:, None] * s_out + c[None, :], out.to(out_ptr.dtype.element_ty), mask=m)
+    if NORM:
+        rstd = 1.0 / tl.sqrt(tl.sum(v * v, axis=1) / group_size + eps)
+        w = tl.load(w_ptr + c, mask=cmask, other=0.0)
+        v = (v * rstd[:, None]).to(w_ptr.dtype.element_ty).to(tl.float32) * w.to(tl.float32)[None, :]
+    tl.store(out_ptr + rows[:, None] * s_out + c[None, :], v.to(out_ptr.dtype.element_ty), mask=m)
 
 
 @triton.jit
@@ -241,7 +244,7 @@ def _gated_norm(y_ptr, z_ptr, w_ptr, out_ptr, R, group_size, s_y, s_z, s_out, ep
     rows = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)  # a few rows a program where groups are small
     j = tl.arange(0, BLOCK)
     _gated_norm_rows(y_ptr, z_ptr, w_ptr, out_ptr, rows, rows < R, tl.program_id(1) * group_size + j, j < group_size,
-                     s_y, s_z, s_out, group_size, eps)  # fmt: skip
+                     s_y, s_z, s_out, group_size, eps, True)  # fmt: skip
 
 
 def _norm_warps(block: int) -> int:
@@ -330,13 +333,13 @@ def _step_heads(
 @triton.jit
 def _step_norm(
     y_ptr, z_ptr, w_ptr, out_ptr, xbc_ptr, conv_ptr, E, N, G, group_size, s_yb, s_zb, s_ob, s_xb, s_cb, s_cd, eps,
-    K: tl.constexpr, BLOCK: tl.constexpr, BLOCK_N: tl.constexpr,
+    K: tl.constexpr, BLOCK: tl.constexpr, BLOCK_N: tl.constexpr, NORM: tl.constexpr,
 ):
     b, g = tl.program_id(0).to(tl.int64), tl.program_id(1)
     j = tl.arange(0, BLOCK)
     row = b + tl.zeros((1,), tl.int64)
     _gated_norm_rows(y_ptr, z_ptr, w_ptr, out_ptr, row, row >= 0, g * group_size + j, j < group_size, s_yb, s_zb, s_ob,
-                     group_size, eps)  # fmt: skip
+                     group_size, eps, NORM)  # fmt: skip
     n = tl.arange(0, BLOCK_N)
     nmask = n < N
     xbc, conv = xbc_ptr + b * s_xb, conv_ptr + b * s_cb
@@ -356,14 +359,14 @@ def ssd_step(
     A: torch.Tensor,
     D: torch.Tensor,
     dt_bias: torch.Tensor,
-    norm_weight: torch.Tensor,
+    norm_weight: torch.Tensor | None,
     group_size: int,
     eps: float,
 ) -> torch.Tensor:
     """One Mamba-2 decode step between in_proj and out_proj: xbc (b, e + 2 g n), dt_raw (b, h) and z (b, e) (views of
     in_proj's output, unit stride along channels), conv_state (b, e + 2 g n, k - 1) and ssm_state (b, h, p, n)
     float32 contiguous, both updated in place; conv_weight (e + 2 g n, k) contiguous; A, D, dt_bias (h,) float32.
-    Returns the gated norm's output (b, e) in the norm weight's dtype."""
+    Returns the gated norm's output (b, e) in the norm weight's dtype; without a norm weight, y silu(z) in xbc's."""
     b, nh, p, n = ssm_state.shape
     e = nh * p
     g = (xbc.shape[1] - e) // (2 * n)
@@ -377,11 +380,11 @@ def ssd_step(
         dt_bias, y, e, p, n, g, nh // g, xbc.stride(0), dt_raw.stride(0), conv_state.stride(0), conv_state.stride(1),
         y.stride(0), K=k, HAS_BIAS=conv_bias is not None, BLOCK_P=STEP_BLOCK_P, BLOCK_N=bn,
     )  # fmt: skip
-    out = torch.empty(b, e, device=xbc.device, dtype=norm_weight.dtype)
+    out = torch.empty(b, e, device=xbc.device, dtype=xbc.dtype if norm_weight is None else norm_weight.dtype)
     block = triton.next_power_of_2(group_size)
     _step_norm[(b, g)](
-        y, z, norm_weight, out, xbc, conv_state, e, n, g, group_size, y.stride(0), z.stride(0), out.stride(0),
-        xbc.stride(0), conv_state.stride(0), conv_state.stride(1), eps, K=k, BLOCK=block, BLOCK_N=bn,
-        num_warps=_norm_warps(block),
+        y, z, y if norm_weight is None else norm_weight, out, xbc, conv_state, e, n, g, group_size, y.stride(0),
+        z.stride(0), out.stride(0), xbc.stride(0), conv_state.stride(0), conv_state.stride(1), eps, K=k, BLOCK=block,
+        BLOCK_N=bn, NORM=norm_weight is not None, num_warps=_norm_warps(block),
     )  # fmt: skip
     return out
