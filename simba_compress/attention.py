@@ -94,17 +94,18 @@ class AttentionMixer(Mixer):
     def _conv_weight(self) -> torch.Tensor:
         return self.conv1d.weight.squeeze(1)
 
-    def _project(self, hidden: torch.Tensor, adapter: nn.Module | None) -> torch.Tensor:
-        """qkv of hidden, plus a use's adapter term (Zamba2's LoRA on q, k and v; shared.py) where given."""
-        qkv = F.linear(hidden, self.in_proj.weight, self.in_proj.bias)
+    @staticmethod
+    def _adapted(qkv: torch.Tensor, hidden: torch.Tensor, adapter: nn.Module | None) -> torch.Tensor:
+        """qkv plus a use's adapter term of hidden (Zamba2's LoRA on q, k and v; shared.py) where given."""
         return qkv if adapter is None else qkv + adapter(hidden)
 
     def forward(self, hidden: torch.Tensor, ctx: MixerContext, adapter: nn.Module | None = None) -> MixerOutput:
         """hidden (b, w, d_model) on the layer's kept tokens; ctx.mask marks the real slots (padding on one side of
-        each row), ctx.positions their positions in the input row. adapter: _project's."""
+        each row), ctx.positions their positions in the input row. adapter: _adapted's."""
         b, w, _ = hidden.shape
         m = None if ctx.mask is None else ctx.mask.unsqueeze(-1).to(hidden.dtype)
-        qkv = self._project(hidden if m is None else hidden * m, adapter)
+        x = hidden if m is None else hidden * m
+        qkv = self._adapted(self.in_proj(x), x, adapter)
         if m is not None:  # zero inputs on the padding, as the conv's own padding of an unpadded row (qkv bias)
             qkv = qkv * m
         conv_state = None
@@ -170,7 +171,7 @@ class AttentionMixer(Mixer):
         if not backends.on(hidden) and int(state.length.max()) >= state.capacity:
             _grow(state, max(16, state.capacity))
         b = hidden.shape[0]
-        qkv = self._project(hidden, adapter)  # (b, qkv_dim)
+        qkv = self._adapted(F.linear(hidden, self.in_proj.weight, self.in_proj.bias), hidden, adapter)  # (b, qkv_dim)
         if self.conv1d is not None:
             qkv = causal_conv_update_silu(qkv, state.conv, self._conv_weight(), self.conv1d.bias, None)
         q, k, v = self._split(qkv)  # (b, h, e), (b, c, e)
