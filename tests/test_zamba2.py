@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-from torch.utils.flop_counter import FlopCounterMode
 
 from simba_compress import SimbaConfig, load, save
 from simba_compress.flops import attention_pair_flops, block_flops, causal_pairs, count, layer_flops, matmul_flops
@@ -21,6 +20,7 @@ from test_hybrid import (
     rel_err,
     transformers_model,
 )
+from test_jamba_falcon import _module_flops
 
 transformers = pytest.importorskip("transformers")
 
@@ -134,18 +134,10 @@ def test_generate_after_a_pruned_prefill(models):
 def test_flops_match_the_flop_counter(models, case):
     """A hybrid layer's matmuls (Mamba-2's projections, the shared attention's from 2 d_model, each use's adapters,
     the MLP, the linear) and conv on its kept tokens, and its attention's q.k and v products over them, per layer."""
-    from torch.nn.attention import SDPBackend, sdpa_kernel
-
     *_, m = models[case]
     cfg, b, w = m.config, 2, 40
     simba = SimbaConfig([1.0] + [0.75] * (cfg.n_layer - 2) + [0.5], protect_last=2)
-    with torch.no_grad(), sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as fc:
-        m(torch.randint(0, 96, (b, w)), simba=simba)
-    per = fc.get_flop_counts()
-
-    def op(mod, *names):
-        return sum(v for o, v in per.get(mod, {}).items() if str(o).split(".")[-1] in names)
-
+    op = _module_flops(m, torch.randint(0, 96, (b, w)), simba)
     report = count(cfg, simba, w)
     pairs = [0] * cfg.shared_blocks  # per shared block, the q.k and v products of its uses
     for i, k in enumerate(report.tokens):
