@@ -14,7 +14,9 @@ token, and the k(k+1)/2 causal (query, key) pairs of its kept tokens: per pair a
 softmax (SOFTMAX) and the weighted sum of v (2e); grouped kv heads (GQA) cost the same products, fewer projections.
 MLPs cost their two (or, gated, three) projections per token; a MoE its router, the top-k experts a token runs and
 (Granite) its shared MLP. A parallel layer (Falcon-H1) costs its SSM mixer and its attention on the same tokens, their
-sum and multipliers. Jamba's dt, B and C norms, Falcon-H1's multipliers and its ungated norm are counted where the
+sum and multipliers. A Zamba2 hybrid layer costs its Mamba-2 and its use of a shared block on the same tokens (the
+norm of [stream; embeddings], the attention's projections from 2 d_model, the use's LoRA adapters and linear, the MLP
+and the pairs: shared_flops). Jamba's dt, B and C norms, Falcon-H1's multipliers and its ungated norm are counted where the
 model has them. An in-layer score that an attention or MLP layer ranks by is computed by the layer
 pruning.score_source names (carried up), and counted there. KV-cache bytes (attention layers, kept tokens) are
 reported beside the FLOP ratio (kv_cache_bytes).

@@ -7,7 +7,9 @@ Shapes: b batch, l tokens, e = d_inner, h heads of p = headdim, g groups, n d_st
 
 Falcon-H1's Mamba-2 differs in two things, on every path: in_proj's output is scaled part by part (z, x, B, C, dt:
 ModelConfig.ssm_proj_multipliers, muP), and without mamba_rms_norm the output is out_proj(y * silu(z)), no norm
-(ModelConfig.ssm_norm False; the Triton step then skips the norm in its second kernel).
+(ModelConfig.ssm_norm False; the Triton step then skips the norm in its second kernel). Zamba2's floors the step size
+at ModelConfig.dt_min (its time_step_min) on the reference paths, which it then runs on CUDA too (the fused scans and
+steps here take no floor).
 
 On CUDA the prefill runs token-major as the reference (the GEMMs' rows are channels: no alignment padding, unlike
 Mamba-1's channel-major GEMMs), through one of two SSD scans (backends.scan_path): mamba_ssm's Triton SSD

@@ -8,7 +8,9 @@ unchanged (the hybrids' layouts are converted on reading and writing: layouts.py
 Each layer's mixer (layers.py's interface: mamba1.py, mamba2.py, attention.py, mlp.py's MLP layer) runs on the
 tokens it is given. With a SimbaConfig, layer l+1 runs only on the tokens layer l's criterion ranked highest
 (pruning.py); a dropped token's residual stream is frozen and scattered back before norm_f, so every position has
-logits. In a hybrid, an attention layer's queries and keys are its kept tokens: a token dropped below is never a
+logits. A Zamba2 hybrid layer (shared.py) reads the stream un-normalised, and the original embeddings at its tokens;
+the shared blocks it uses are held once, by the backbone. In a hybrid, an attention layer's queries and keys are its
+kept tokens: a token dropped below is never a
 key above, and its KV cache holds only them. A layer that cannot compute the criterion ranks by the scores of the
 nearest layer below that did, carried up through the selections between (pruning.score_source).
 """
