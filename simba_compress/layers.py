@@ -1,9 +1,9 @@
 """What every layer of the model shares: the model's shape (ModelConfig), the norms, and the mixer interface.
 
 A block is `x = x + mixer(norm(x))`, and in hybrids that have one, `x = x + mlp(norm2(x))` after it. Each mixer
-type (mamba1.py, mamba2.py, attention.py, mlp.py's MLP layer of NemotronH, shared.py's Zamba2 hybrid layer (a use of a
-shared transformer block, then Mamba-2; its step also takes the token's embedding), and parallel.py's attention beside an SSM
-mixer, Falcon-H1's) implements one interface, so the model (model.py) and the decode runtime (generation.py) know
+type (mamba1.py, mamba2.py, attention.py, mlp.py's MLP layer of NemotronH, shared.py's Zamba2 hybrid layer (a use of
+a shared transformer block, then Mamba-2; its step also takes the token's embedding, and its block gives it the stream
+un-normalised), and parallel.py's attention beside an SSM mixer, Falcon-H1's) implements one interface, so the model (model.py) and the decode runtime (generation.py) know
 mixers only through it, as mamba_ssm's modules share `forward` / `step` / `allocate_inference_cache`:
 
     forward(hidden (b, w, d_model), ctx: MixerContext) -> MixerOutput(out, score, state)
