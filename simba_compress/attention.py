@@ -63,7 +63,9 @@ def row_spans(real: torch.Tensor) -> list[tuple[int, int]]:
 
 
 class AttentionMixer(Mixer):
-    def __init__(self, cfg: ModelConfig):
+    """d_in: the width of its input where it is not d_model (Zamba2's shared attention reads [stream; embeddings])."""
+
+    def __init__(self, cfg: ModelConfig, d_in: int = 0):
         super().__init__()
         h, c, e = cfg.attn_heads, cfg.attn_kv_heads, cfg.attn_head_dim
         self.heads, self.kv_heads, self.head_dim = h, c, e
@@ -71,7 +73,7 @@ class AttentionMixer(Mixer):
         # the softmax scale; Falcon-H1 scales the keys (key_multiplier), which is the same as scaling q.k
         self.scale = (cfg.attn_scale or e**-0.5) * cfg.key_multiplier
         self.d_conv = cfg.attn_conv
-        self.in_proj = nn.Linear(cfg.d_model, self.qkv_dim, bias=cfg.attn_qkv_bias)
+        self.in_proj = nn.Linear(d_in or cfg.d_model, self.qkv_dim, bias=cfg.attn_qkv_bias)
         # mamba_ssm's MHA conv: nn.Conv1d's default bias
         self.conv1d = nn.Conv1d(self.qkv_dim, self.qkv_dim, self.d_conv, groups=self.qkv_dim) if self.d_conv else None
         self.out_proj = nn.Linear(h * e, cfg.d_model, bias=cfg.attn_out_bias)
@@ -92,12 +94,18 @@ class AttentionMixer(Mixer):
     def _conv_weight(self) -> torch.Tensor:
         return self.conv1d.weight.squeeze(1)
 
-    def forward(self, hidden: torch.Tensor, ctx: MixerContext) -> MixerOutput:
+    @staticmethod
+    def _adapted(qkv: torch.Tensor, hidden: torch.Tensor, adapter: nn.Module | None) -> torch.Tensor:
+        """qkv plus a use's adapter term of hidden (Zamba2's LoRA on q, k and v; shared.py) where given."""
+        return qkv if adapter is None else qkv + adapter(hidden)
+
+    def forward(self, hidden: torch.Tensor, ctx: MixerContext, adapter: nn.Module | None = None) -> MixerOutput:
         """hidden (b, w, d_model) on the layer's kept tokens; ctx.mask marks the real slots (padding on one side of
-        each row), ctx.positions their positions in the input row."""
+        each row), ctx.positions their positions in the input row. adapter: _adapted's."""
         b, w, _ = hidden.shape
         m = None if ctx.mask is None else ctx.mask.unsqueeze(-1).to(hidden.dtype)
-        qkv = self.in_proj(hidden if m is None else hidden * m)
+        x = hidden if m is None else hidden * m
+        qkv = self._adapted(self.in_proj(x), x, adapter)
         if m is not None:  # zero inputs on the padding, as the conv's own padding of an unpadded row (qkv bias)
             qkv = qkv * m
         conv_state = None
@@ -156,14 +164,14 @@ class AttentionMixer(Mixer):
                        torch.zeros(batch, dtype=torch.long, device=device), torch.zeros(batch, dtype=torch.long, device=device),
                        conv)  # fmt: skip
 
-    def step(self, hidden: torch.Tensor, state: KVState, backends: Backends) -> torch.Tensor:
+    def step(self, hidden: torch.Tensor, state: KVState, backends: Backends, adapter: nn.Module | None = None) -> torch.Tensor:
         """Decode one token, hidden (b, d_model): append its key and value at each row's length, attend over the row's
         entries. In place and without a host sync on the fast path (a CUDA graph replays it; the decode runtime sized
         the buffers); the reference path (CPU, fast path off) grows a full buffer instead."""
         if not backends.on(hidden) and int(state.length.max()) >= state.capacity:
             _grow(state, max(16, state.capacity))
         b = hidden.shape[0]
-        qkv = F.linear(hidden, self.in_proj.weight, self.in_proj.bias)  # (b, qkv_dim)
+        qkv = self._adapted(F.linear(hidden, self.in_proj.weight, self.in_proj.bias), hidden, adapter)  # (b, qkv_dim)
         if self.conv1d is not None:
             qkv = causal_conv_update_silu(qkv, state.conv, self._conv_weight(), self.conv1d.bias, None)
         q, k, v = self._split(qkv)  # (b, h, e), (b, c, e)

@@ -146,7 +146,7 @@ def _architecture(cfg) -> str:
 
 DENSE_CLASSES = {"granitemoehybrid": "GraniteMoeHybridForCausalLM", "bamba": "BambaForCausalLM",
                  "nemotron_h": "NemotronHForCausalLM", "jamba": "JambaForCausalLM",
-                 "falcon_h1": "FalconH1ForCausalLM"}  # fmt: skip
+                 "falcon_h1": "FalconH1ForCausalLM", "zamba2": "Zamba2ForCausalLM"}  # fmt: skip
 
 
 def _loading(cfg, name: str, pruned: bool) -> list[str]:

@@ -5,8 +5,8 @@ Layouts read (layouts.py translates each): the original state-spaces layout (sta
 mamba_ssm's save_pretrained: config.json with d_model / n_layer / ssm_cfg (/ attn_layer_idx, attn_cfg,
 d_intermediate), pytorch_model.bin, keys `backbone.embedding.weight`, vocab padded to pad_vocab_size_multiple);
 transformers' MambaForCausalLM and Mamba2ForCausalLM; transformers' hybrids GraniteMoeHybridForCausalLM,
-BambaForCausalLM, NemotronHForCausalLM, JambaForCausalLM and FalconH1ForCausalLM (model.safetensors, sharded or not,
-or pytorch_model.bin).
+BambaForCausalLM, NemotronHForCausalLM, JambaForCausalLM, FalconH1ForCausalLM and Zamba2ForCausalLM
+(model.safetensors, sharded or not, or pytorch_model.bin).
 The output folder is written in the transformers layout of its family plus a `simba` section in config.json, so
 transformers loads it dense and simba_compress loads it sparse; a state-spaces hybrid (no transformers class)
 is written in the state-spaces layout, its schedule in simba.json (mamba_ssm's MambaConfig takes no other key).

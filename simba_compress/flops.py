@@ -14,7 +14,9 @@ token, and the k(k+1)/2 causal (query, key) pairs of its kept tokens: per pair a
 softmax (SOFTMAX) and the weighted sum of v (2e); grouped kv heads (GQA) cost the same products, fewer projections.
 MLPs cost their two (or, gated, three) projections per token; a MoE its router, the top-k experts a token runs and
 (Granite) its shared MLP. A parallel layer (Falcon-H1) costs its SSM mixer and its attention on the same tokens, their
-sum and multipliers. Jamba's dt, B and C norms, Falcon-H1's multipliers and its ungated norm are counted where the
+sum and multipliers. A Zamba2 hybrid layer costs its Mamba-2 and its use of a shared block on the same tokens (the
+norm of [stream; embeddings], the attention's projections from 2 d_model, the use's LoRA adapters and linear, the MLP
+and the pairs: shared_flops). Jamba's dt, B and C norms, Falcon-H1's multipliers and its ungated norm are counted where the
 model has them. An in-layer score that an attention or MLP layer ranks by is computed by the layer
 pruning.score_source names (carried up), and counted there. KV-cache bytes (attention layers, kept tokens) are
 reported beside the FLOP ratio (kv_cache_bytes).
@@ -30,6 +32,7 @@ from .attention import SNAPKV_WINDOW
 from .layers import ATTENTION_KINDS, ModelConfig
 from .pruning import IN_LAYER, QUERY_POOL, QUERY_WINDOW, SimbaConfig, scorers
 
+GELU = 8  # the exact GELU: x / sqrt(2), erf (~4), + 1, * 0.5, * x (Zamba2's shared MLP)
 SILU, SOFTPLUS = 4, 4  # x * sigmoid(x): neg, exp, add, div (+ the mul counted separately); log(1 + exp(x))
 SCAN_PER_STATE = 9  # mamba_ssm: 9 * L * D * N for the discretisation, the state update and C . h
 SOFTMAX = 5  # per score: the scale, the max subtracted, exp, the sum, the division
@@ -41,7 +44,7 @@ def mlp_flops(cfg: ModelConfig, moe: bool = False) -> int:
     """FLOPs per token of one MLP (mlp.MLP) of the model's shape, or (moe) of its MoE: the experts, and Granite's
     shared MLP beside them."""
     d, i = cfg.d_model, cfg.d_intermediate
-    act = SILU if cfg.mlp_act == "silu" else 2  # relu then the square
+    act = {"silu": SILU, "gelu": GELU}.get(cfg.mlp_act, 2)  # relu2: relu then the square
     if cfg.mlp_gated:
         flops = 2 * d * 2 * i + (act + 1) * i + 2 * i * d + ((2 * i + d) if cfg.mlp_bias else 0)
     else:
@@ -71,6 +74,31 @@ def attention_flops(cfg: ModelConfig) -> dict[str, int]:
     }
 
 
+def shared_matmul_flops(cfg: ModelConfig) -> dict[str, int]:
+    """The matmuls per token of a Zamba2 hybrid layer's use of its shared block: the attention's projections (input
+    [stream; embeddings], 2 d_model), each use's LoRA adapters (A then B), the MLP and the use's linear."""
+    d, r, i = cfg.d_model, cfg.adapter_rank, cfg.d_intermediate
+    h, c, e = cfg.attn_heads, cfg.attn_kv_heads, cfg.attn_head_dim
+    qkv = (h + 2 * c) * e
+    lora = 2 * r * (3 * 2 * d + qkv) if cfg.attn_adapters else 0  # q, k, v: 2d -> r -> their widths
+    return {"in_proj": 2 * 2 * d * qkv, "qkv_adapter": lora, "out_proj": 2 * h * e * d,
+            "mlp": 2 * d * 2 * i + 2 * i * d, "mlp_adapter": 2 * r * (d + 2 * i), "linear": 2 * d * d}  # fmt: skip
+
+
+def shared_flops(cfg: ModelConfig) -> dict[str, int]:
+    """FLOPs per token of a Zamba2 hybrid layer's use of its shared block, its (query, key) pairs aside: the norm
+    of [stream; embeddings], the attention's projections and RoPE, the adapters and their sums, the MLP's norm and
+    the MLP, the linear and the term's add to Mamba-2's input."""
+    d, i, c = cfg.d_model, cfg.d_intermediate, cfg.attn_kv_heads
+    qkv = (cfg.attn_heads + 2 * c) * cfg.attn_head_dim
+    mm = shared_matmul_flops(cfg)
+    return {
+        "norm": 4 * 2 * d, "in_proj": mm["in_proj"], "qkv_adapter": mm["qkv_adapter"] + (qkv if cfg.attn_adapters else 0),
+        "rope": ROPE * cfg.rotary_dim * (cfg.attn_heads + c), "out_proj": mm["out_proj"], "norm2": 4 * d,
+        "mlp": mlp_flops(cfg), "mlp_adapter": mm["mlp_adapter"] + 2 * i, "linear": mm["linear"], "add": d,
+    }  # fmt: skip
+
+
 def attention_pair_flops(cfg: ModelConfig) -> int:
     """FLOPs per causal (query, key) pair: over the query heads, q.k, the softmax and the weighted sum of v."""
     return cfg.attn_heads * (4 * cfg.attn_head_dim + SOFTMAX)
@@ -91,6 +119,8 @@ def block_flops(cfg: ModelConfig, layer: int | None = None) -> dict[str, int]:
         parts = {"norm": 4 * d, "mlp": mlp_flops(cfg), "residual": d}
     else:
         parts = _ssm_flops(cfg)
+    if kind == "shared":  # Zamba2: the use of a shared block before the Mamba-2 (shared.py), named shared_*
+        parts |= {"shared_" + k: v for k, v in shared_flops(cfg).items()}
     if kind == "parallel":  # the attention beside the SSM mixer, the four multipliers where they are not 1, the sum
         multipliers = (cfg.ssm_in_multiplier, cfg.ssm_out_multiplier, cfg.attn_in_multiplier, cfg.attn_out_multiplier)
         parts |= {"attn_" + k: v for k, v in attention_flops(cfg).items() if k not in ("norm", "residual")}
@@ -162,6 +192,8 @@ def matmul_flops(cfg: ModelConfig, layer: int | None = None) -> dict[str, int]:
         return attention | mlp
     if kind == "parallel":  # the SSM mixer's (below) and the attention's, named attn_*
         mlp = {"attn_" + key: v for key, v in attention.items()} | mlp
+    if kind == "shared":  # the Mamba-2's (below) and the shared block's use, named shared_*
+        mlp = {"shared_" + key: v for key, v in shared_matmul_flops(cfg).items()}
     if cfg.layer == "mamba2":
         h, gn = e // cfg.headdim, cfg.ngroups * cfg.d_state
         return {"in_proj": 2 * d * (2 * e + 2 * gn + h), "conv": 2 * (e + 2 * gn) * k, "out_proj": 2 * e * d} | mlp

@@ -155,10 +155,11 @@ class Decoder:
 
     def _step(self) -> None:
         m, be = self.model, self.backends
-        h = m.embed(self.token).clone()  # the stream, added into in place (embed may return the embedding's own output)
+        emb = m.embed(self.token)  # Zamba2's hybrid layers read it as it was
+        h = emb.clone()  # the stream, added into in place (embed may return the embedding's own output)
         mixed = None
         for block, state in zip(m.backbone.layers, self.states):
-            h, mixed = block.step(h, mixed, state, be)  # h += the last output, then this block
+            h, mixed = block.step(h, mixed, state, be, emb)  # h += the last output, then this block
         self._select(m.head(add_norm(m.backbone.norm_f, h, mixed, inplace=True, backends=be)[1]))
 
 

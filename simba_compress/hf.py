@@ -55,7 +55,7 @@ REMOTE_CODE = Path(__file__).parent / "data" / "modeling_simba.py"  # copied int
 REMOTE_CLASSES = {"mamba": "SimbaMambaForCausalLM", "mamba2": "SimbaMamba2ForCausalLM",
                   "granitemoehybrid": "SimbaGraniteMoeHybridForCausalLM", "bamba": "SimbaBambaForCausalLM",
                   "nemotron_h": "SimbaNemotronHForCausalLM", "jamba": "SimbaJambaForCausalLM",
-                  "falcon_h1": "SimbaFalconH1ForCausalLM"}  # fmt: skip
+                  "falcon_h1": "SimbaFalconH1ForCausalLM", "zamba2": "SimbaZamba2ForCausalLM"}  # fmt: skip
 
 
 def auto_map(model_type: str) -> dict[str, str]:
@@ -68,7 +68,7 @@ class SimbaStates:
     """Every layer's decoding state after the tokens seen so far (the pruned prefill's kept tokens, then each new one)."""
 
     layers: list  # per layer: layers.SSMState (Mamba), layers.KVState (attention: its kept tokens' keys and values),
-    # layers.ParallelState (Falcon-H1's attention beside Mamba-2: both), None (MLP)
+    # layers.ParallelState (Falcon-H1's attention beside Mamba-2, Zamba2's hybrid layer: both), None (MLP)
 
 
 @dataclass

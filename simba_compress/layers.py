@@ -1,8 +1,9 @@
 """What every layer of the model shares: the model's shape (ModelConfig), the norms, and the mixer interface.
 
 A block is `x = x + mixer(norm(x))`, and in hybrids that have one, `x = x + mlp(norm2(x))` after it. Each mixer
-type (mamba1.py, mamba2.py, attention.py, mlp.py's MLP layer of NemotronH, and parallel.py's attention beside an SSM
-mixer, Falcon-H1's) implements one interface, so the model (model.py) and the decode runtime (generation.py) know
+type (mamba1.py, mamba2.py, attention.py, mlp.py's MLP layer of NemotronH, shared.py's Zamba2 hybrid layer (a use of
+a shared transformer block, then Mamba-2; its step also takes the token's embedding, and its block gives it the stream
+un-normalised), and parallel.py's attention beside an SSM mixer, Falcon-H1's) implements one interface, so the model (model.py) and the decode runtime (generation.py) know
 mixers only through it, as mamba_ssm's modules share `forward` / `step` / `allocate_inference_cache`:
 
     forward(hidden (b, w, d_model), ctx: MixerContext) -> MixerOutput(out, score, state)
@@ -33,10 +34,10 @@ from .backends import Backends
 from .kernels import rms_norm
 
 LAYER_KINDS = ("mamba1", "mamba2")  # the SSM layers' kind (ModelConfig.layer)
-MIXER_KINDS = LAYER_KINDS + ("attention", "mlp", "parallel")  # what ModelConfig.kind(i) returns
-ATTENTION_KINDS = ("attention", "parallel")  # the kinds with an attention (a KV cache, SnapKV's score)
-ARCHS = ("", "mamba_ssm", "granitemoehybrid", "bamba", "nemotron_h", "jamba", "falcon_h1")  # checkpoint families
-MLP_ACTS = ("silu", "relu2")
+MIXER_KINDS = LAYER_KINDS + ("attention", "mlp", "parallel", "shared")  # what ModelConfig.kind(i) returns
+ATTENTION_KINDS = ("attention", "parallel", "shared")  # the kinds with an attention (a KV cache, SnapKV's score)
+ARCHS = ("", "mamba_ssm", "granitemoehybrid", "bamba", "nemotron_h", "jamba", "falcon_h1", "zamba2")  # checkpoint families
+MLP_ACTS = ("silu", "relu2", "gelu")
 
 
 @dataclass(frozen=True)
@@ -97,6 +98,8 @@ class ModelConfig:
     d_inner_size: int = 0  # the SSM's d_inner where it is not expand * d_model (NemotronH: heads x head dim); 0: that
     bcdt_norm: bool = False  # Mamba-1: RMSNorms on dt (before dt_proj), B and C, eps norm_eps (Jamba)
     ssm_norm: bool = True  # Mamba-2: the gated RMSNorm before out_proj; False: y * silu(z) alone (Falcon-H1's default)
+    dt_min: float = 0.0  # Mamba-2: softplus(dt + dt_bias) clamped from below in the prefill and the step (Zamba2's
+    # time_step_min; its transformers decode step does not clamp, its prefill does: the prefill is the reference)
     # Hybrids (all off by default: a pure Mamba model). Attention layers (attention.py): mamba_ssm's MHA and
     # transformers' GQA attention in one form: a fused qkv in_proj, an optional causal depthwise conv over qkv
     # (mamba_ssm's d_conv), partial or full RoPE (rotate-half convention) or none, out_proj.
@@ -111,6 +114,12 @@ class ModelConfig:
     attn_out_bias: bool = False
     attn_scale: float = 0.0  # softmax scale (0: attn_head_dim ** -0.5; Granite: attention_multiplier)
     attn_parallel: bool = False  # the attention layers run beside an SSM mixer on the same input, summed (Falcon-H1)
+    # Zamba2 (shared.py): the attention layers are hybrid layers, each a use of one of shared_blocks transformer blocks
+    # (use u: block u % shared_blocks) whose attention reads [stream; original embeddings] (2 d_model), each use with
+    # LoRA adapters of rank adapter_rank on the MLP's fc1 (and on q, k, v with attn_adapters) and a d x d linear
+    shared_blocks: int = 0
+    adapter_rank: int = 0
+    attn_adapters: bool = False
     # MLPs (mlp.py): after every block's mixer (block_mlp: mamba_ssm's d_intermediate, Granite's shared MLP, Bamba's
     # feed-forward), or as layers of their own (mlp_layers: NemotronH's '-' layers)
     d_intermediate: int = 0
@@ -154,7 +163,8 @@ class ModelConfig:
             if not isinstance(v, int) or isinstance(v, bool) or v < 1:
                 raise ValueError(f"{f}: must be a positive integer, got {v!r}")
         for f in ("d_inner_size", "attn_heads", "attn_kv_heads", "attn_head_dim", "attn_conv", "rotary_dim",
-                  "d_intermediate", "n_experts", "experts_per_token", "expert_intermediate"):  # fmt: skip
+                  "d_intermediate", "n_experts", "experts_per_token", "expert_intermediate", "shared_blocks",
+                  "adapter_rank"):  # fmt: skip
             v = getattr(self, f)
             if not isinstance(v, int) or isinstance(v, bool) or v < 0:
                 raise ValueError(f"{f}: must be an integer >= 0, got {v!r}")
@@ -197,6 +207,15 @@ class ModelConfig:
                 raise ValueError(f"{name}: {n} multipliers or none, got {getattr(self, name)!r}")
         if self.mlp_multipliers and not self.mlp_gated:
             raise ValueError("mlp_multipliers: the gate multiplier needs a gated MLP")
+        if self.shared_blocks and not (self.attn_layers and self.layer == "mamba2" and not self.attn_parallel
+                                       and self.d_intermediate >= 1 and self.adapter_rank >= 1
+                                       and not self.block_mlp and not self.mlp_layers):  # fmt: skip
+            raise ValueError("shared_blocks: Zamba2's shared blocks need attention layers (their uses), Mamba-2, "
+                             "d_intermediate >= 1, adapter_rank >= 1, and no other MLPs")
+        if self.attn_adapters and self.attn_kv_heads != self.attn_heads:
+            raise ValueError("attn_adapters: the q, k and v adapters need attn_kv_heads == attn_heads")
+        if self.dt_min < 0 or (self.dt_min and self.layer != "mamba2"):
+            raise ValueError(f"dt_min: a Mamba-2 step-size floor >= 0, got {self.dt_min!r}")
         if self.arch not in ARCHS:
             raise ValueError(f"arch: one of {ARCHS}, got {self.arch!r}")
 
@@ -210,13 +229,19 @@ class ModelConfig:
         return bool(self.attn_layers or self.mlp_layers or self.block_mlp)
 
     def kind(self, layer: int) -> str:
-        """The mixer kind of layer `layer`: the SSM kind (`layer`), "attention", "mlp" or "parallel" (attention beside
-        the SSM mixer)."""
+        """The mixer kind of layer `layer`: the SSM kind (`layer`), "attention", "mlp", "parallel" (attention beside
+        the SSM mixer) or "shared" (Zamba2's hybrid layer: a shared transformer block's use, then Mamba-2)."""
         if layer in self.attn_layers:
-            return "parallel" if self.attn_parallel else "attention"
+            return "shared" if self.shared_blocks else "parallel" if self.attn_parallel else "attention"
         if layer in self.mlp_layers:
             return "mlp"
         return self.layer
+
+    def shared_use(self, layer: int) -> tuple[int, int]:
+        """Zamba2: (u, block) of hybrid layer `layer`: its use's index among the hybrid layers and the shared block
+        it uses (u % shared_blocks)."""
+        u = self.attn_layers.index(layer)
+        return u, u % self.shared_blocks
 
     def moe(self, layer: int | None) -> bool:
         """Whether block `layer`'s MLP is the MoE (None: a block of the model, the MoE where every block has it)."""
@@ -256,6 +281,7 @@ class MixerContext:
     # protected tail, pruning.SimbaConfig.protect_last)
     offset: torch.Tensor | None = None
     window: int = 1
+    embeddings: torch.Tensor | None = None  # (b, w, d_model) Zamba2's shared blocks: the original embeddings of the slots
 
 
 @dataclass
@@ -374,7 +400,7 @@ def norm(module: nn.Module, h: torch.Tensor, backends: Backends = Backends()) ->
 
 
 def add_norm(
-    module: nn.Module, h: torch.Tensor, add: torch.Tensor | None, inplace: bool, backends: Backends = Backends()
+    module: nn.Module | None, h: torch.Tensor, add: torch.Tensor | None, inplace: bool, backends: Backends = Backends()
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(h + add, its norm): the previous block's output joins the stream as this block normalises it. In place
     in h when `inplace` (h is the caller's to change) and no autograd runs: for RMSNorm one Triton pass on CUDA
@@ -384,4 +410,5 @@ def add_norm(
         if inplace and not grad and isinstance(module, RMSNorm) and h.is_contiguous():
             return h, module(h, add, backends)
         h = h + add  # one kernel: the add promotes add to the stream's dtype
-    return h, norm(module, h, backends)
+    # module None: a block whose mixer normalises what it reads itself (Zamba2's hybrid layer) gets the stream
+    return h, h if module is None else norm(module, h, backends)

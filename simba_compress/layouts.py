@@ -16,6 +16,12 @@ Layouts read (Checkpoint.layout):
   stacked in memory (both read).
 - "falcon_h1": transformers' FalconH1ForCausalLM: every layer attention (RoPE) and Mamba-2 side by side
   (parallel.py), its muP multipliers, the Mamba-2 with or without its gated norm, d_ssm channels.
+- "zamba2": transformers' Zamba2ForCausalLM: Mamba-2 layers and hybrid layers, each a use of one of num_mem_blocks
+  shared transformer blocks (shared.py). On disk a block's tensors sit under its first use's layer
+  (model.layers.{i}.shared_transformer.*, the later uses tied to it), with every use's adapters in that block's
+  adapter lists (..._adapter_list.{u}, u the use's index among the hybrid layers); in memory the block is
+  backbone.shared.{j} and use u's adapters are its layer's mixer's own. Tied copies under later uses are read
+  once (the first use's) and not written.
 
 Written back (ModelConfig.arch, the family a model was read from): pure Mamba models in transformers' Mamba /
 Mamba2 layout (as before); the transformers hybrids in their own layout, so transformers loads the output dense;
@@ -37,8 +43,8 @@ import torch
 from .errors import SimbaError
 from .layers import ModelConfig
 
-LAYOUTS = ("original", "transformers", "granitemoehybrid", "bamba", "nemotron_h", "jamba", "falcon_h1")
-HYBRID_TYPES = ("granitemoehybrid", "bamba", "nemotron_h", "jamba", "falcon_h1")  # model_type, each its layout
+LAYOUTS = ("original", "transformers", "granitemoehybrid", "bamba", "nemotron_h", "jamba", "falcon_h1", "zamba2")
+HYBRID_TYPES = ("granitemoehybrid", "bamba", "nemotron_h", "jamba", "falcon_h1", "zamba2")  # model_type, each its layout
 GATED_MLP_MULTIPLE = 128  # mamba_ssm's GatedMLP rounds its hidden size up to a multiple of this
 SSM_TYPES = ("mamba", "linear_attention")  # transformers' names of a Mamba layer in layer_types (old, new)
 ATTN_TYPES = ("attention", "full_attention")
@@ -100,7 +106,7 @@ def read_config(cfg: dict, file: Path) -> tuple[str, dict]:
     model_type = cfg.get("model_type")
     if model_type in HYBRID_TYPES:
         readers = {"granitemoehybrid": _granite, "bamba": _bamba, "nemotron_h": _nemotron, "jamba": _jamba,
-                   "falcon_h1": _falcon_h1}  # fmt: skip
+                   "falcon_h1": _falcon_h1, "zamba2": _zamba2}  # fmt: skip
         return model_type, readers[model_type](cfg, file)
     if model_type == "mamba2":
         _no_time_step_limit(cfg, "time_step_limit", file)
@@ -432,6 +438,56 @@ def _falcon_h1(cfg: dict, file: Path) -> dict:
     )  # fmt: skip
 
 
+ZAMBA2_TYPES = {"mamba": "mamba", "linear_attention": "mamba", "hybrid": "hybrid"}  # layers_block_type (old, new)
+
+
+def _zamba2(cfg: dict, file: Path) -> dict:
+    d, n, heads = _int(cfg, "hidden_size", file), _int(cfg, "num_hidden_layers", file), _int(cfg, "num_attention_heads", file)
+    key = "layers_block_type" if "layers_block_type" in cfg else "layer_types"
+    types = cfg.get(key)
+    if not isinstance(types, list) or len(types) != n or not all(t in ZAMBA2_TYPES for t in types):
+        raise SimbaError(f"{file}: '{key}' must name {n} layers, each mamba or hybrid, got {types!r}")
+    hybrid = [i for i, t in enumerate(types) if ZAMBA2_TYPES[t] == "hybrid"]
+    if not hybrid:
+        raise SimbaError(f"{file}: '{key}' has no hybrid layer (a Zamba2 without attention is not supported)")
+    if (2 * d) % heads:
+        raise SimbaError(f"{file}: 'num_attention_heads' {heads} must divide 2 x hidden_size {2 * d}")
+    head_dim = 2 * d // heads  # the attention reads [stream; embeddings]: 2 hidden_size wide
+    kv = cfg.get("num_key_value_heads") or heads
+    adapters = bool(cfg.get("use_shared_attention_adapter", False))
+    if adapters and kv != heads:
+        raise SimbaError(f"{file}: 'num_key_value_heads' {kv} with 'use_shared_attention_adapter' is not supported "
+                         f"(the adapters need num_attention_heads, {heads})")  # fmt: skip
+    expand, m_heads = _int(cfg, "mamba_expand", file, 2), _int(cfg, "n_mamba_heads", file, 8)
+    if (expand * d) % m_heads:
+        raise SimbaError(f"{file}: 'n_mamba_heads' {m_heads} must divide mamba_expand x hidden_size {expand * d}")
+    _expect(cfg, "hidden_act", ("gelu", "silu"), file, "gelu")
+    _expect(cfg, "use_long_context", False, file, False)
+    if not cfg.get("tie_word_embeddings", True):  # transformers unties every _tied_weights_keys then, blocks included
+        raise SimbaError(f"{file}: 'tie_word_embeddings' false is not supported (transformers then gives each hybrid "
+                         "layer its own copy of its shared block: nothing is shared)")  # fmt: skip
+    # Mamba-2's gated norm has eps 1e-5 in Zamba2 whatever rms_norm_eps says; the project's uses the model's norm_eps
+    _expect(cfg, "rms_norm_eps", 1e-5, file, 1e-5)
+    rope = bool(cfg.get("use_mem_rope", False))
+    theta, _ = _rope(cfg, file) if rope else (10000.0, {})
+    dt_min = cfg.get("time_step_min", 0.001)
+    if not isinstance(dt_min, (int, float)) or dt_min < 0:
+        raise SimbaError(f"{file}: 'time_step_min' must be a number >= 0, got {dt_min!r}")
+    bias = cfg.get("add_bias_linear", False)
+    inter = cfg.get("intermediate_size") or 4 * d
+    return dict(
+        d_model=d, n_layer=n, vocab_size=_int(cfg, "vocab_size", file), norm_eps=1e-5, rms_norm=True,
+        residual_in_fp32=False, tie_embeddings=True, layer="mamba2", d_state=_int(cfg, "mamba_d_state", file, 64), d_conv=_int(cfg, "mamba_d_conv", file, 4), expand=expand,
+        headdim=expand * d // m_heads, ngroups=_int(cfg, "mamba_ngroups", file, 1), dt_rank=1, dt_min=float(dt_min),
+        conv_bias=cfg.get("use_conv_bias", True), bias=bias,
+        attn_layers=hybrid, attn_heads=heads, attn_kv_heads=kv, attn_head_dim=head_dim,
+        rotary_dim=head_dim if rope else 0, rope_theta=theta, attn_scale=(head_dim / 2) ** -0.5,
+        d_intermediate=_int({"intermediate_size": inter}, "intermediate_size", file), mlp_act=cfg.get("hidden_act", "gelu"),
+        mlp_bias=bias, shared_blocks=_int(cfg, "num_mem_blocks", file, 1),
+        adapter_rank=_int(cfg, "adapter_rank", file, 128), attn_adapters=adapters, arch="zamba2",
+    )  # fmt: skip
+
+
 def hybrid_config(c: ModelConfig) -> dict:
     """config.json in the transformers layout of c.arch (GraniteMoeHybrid, Bamba, NemotronH), as their hub
     checkpoints write it (the names older transformers versions read too: layer_types of mamba / attention,
@@ -488,6 +544,17 @@ def hybrid_config(c: ModelConfig) -> dict:
             "key_multiplier": c.key_multiplier, "ssm_multipliers": c.ssm_proj_multipliers or [1.0] * 5,
             "mlp_multipliers": c.mlp_multipliers or [1.0, 1.0],
         }  # fmt: skip
+    if c.arch == "zamba2":
+        return common | {
+            "architectures": ["Zamba2ForCausalLM"], "model_type": "zamba2",
+            "layers_block_type": ["hybrid" if k == "shared" else "mamba" for k in c.kinds],
+            "mamba_d_state": c.d_state, "mamba_d_conv": c.d_conv, "mamba_expand": c.expand, "mamba_ngroups": c.ngroups,
+            "n_mamba_heads": c.d_inner // c.headdim, "use_conv_bias": c.conv_bias, "add_bias_linear": c.bias,
+            "time_step_min": c.dt_min, "intermediate_size": c.d_intermediate, "hidden_act": c.mlp_act,
+            "num_mem_blocks": c.shared_blocks, "adapter_rank": c.adapter_rank,
+            "use_shared_attention_adapter": c.attn_adapters, "use_mem_rope": bool(c.rotary_dim),
+            "rope_parameters": {"rope_type": "default", "rope_theta": c.rope_theta}, "rms_norm_eps": c.norm_eps,
+        }  # fmt: skip
     codes = {"attention": "*", "mlp": "-"}
     return common | {
         "architectures": ["NemotronHForCausalLM"], "model_type": "nemotron_h",
@@ -520,6 +587,8 @@ FAMILY_FEATURES = (
     (("jamba",), "moe_shared", lambda c: c.n_experts and not c.moe_shared),
     (("jamba",), "moe_renormalize", lambda c: c.n_experts and not c.moe_renormalize),
     (("falcon_h1",), "attn_parallel", lambda c: c.attn_parallel),
+    (("zamba2",), "shared_blocks", lambda c: c.shared_blocks),
+    (("zamba2",), "dt_min", lambda c: c.dt_min),
     (("falcon_h1",), "ssm_norm", lambda c: not c.ssm_norm),
     (("falcon_h1",), "the Falcon-H1 multipliers", lambda c: c.ssm_proj_multipliers or c.mlp_multipliers or (
         c.lm_head_multiplier, c.ssm_in_multiplier, c.ssm_out_multiplier, c.attn_in_multiplier, c.attn_out_multiplier,
@@ -557,6 +626,14 @@ def _check_hybrid_writable(c: ModelConfig) -> None:
                       ("attn_qkv_bias", c.attn_qkv_bias != c.attn_out_bias), ("mlp_layers", c.mlp_layers),
                       ("block_mlp", not c.block_mlp), ("n_experts", c.n_experts), ("mlp_act", c.mlp_act != "silu"),
                       ("mlp_gated", not c.mlp_gated), ("residual_in_fp32", c.residual_in_fp32)),
+        "zamba2": (("shared_blocks", not c.shared_blocks), ("attn_conv", c.attn_conv),
+                   ("rotary_dim", c.rotary_dim not in (0, c.attn_head_dim)),
+                   ("attn_head_dim", c.attn_head_dim * c.attn_heads != 2 * c.d_model),
+                   ("attn_scale", c.attn_scale != (c.attn_head_dim / 2) ** -0.5),
+                   ("attn_qkv_bias", c.attn_qkv_bias or c.attn_out_bias), ("mlp_bias", c.mlp_bias != c.bias),
+                   ("mlp_act", c.mlp_act not in ("gelu", "silu")), ("d_inner_size", c.d_inner_size),
+                   ("norm_eps", c.norm_eps != 1e-5), ("residual_in_fp32", c.residual_in_fp32),
+                   ("tie_embeddings", not c.tie_embeddings)),
     }[c.arch]  # fmt: skip
     bad = [name for name, v in checks if v] + _foreign(c, c.arch)
     if bad:
@@ -652,6 +729,8 @@ def to_model(sd: dict[str, torch.Tensor], c: ModelConfig, layout: str) -> dict[s
                 if k in out:
                     out[k] = _swap_halves(out[k])
         return out
+    if layout == "zamba2":
+        return _zamba2_to_model(sd, c)
     out: dict[str, torch.Tensor] = {}
     if layout == "nemotron_h":
         sd = {("backbone." + k[len("model."):] if k.startswith("model.") else k): v for k, v in sd.items()}
@@ -712,6 +791,83 @@ def to_model(sd: dict[str, torch.Tensor], c: ModelConfig, layout: str) -> dict[s
     return out | sd  # what was not recognised keeps its name
 
 
+# Zamba2: a shared block's tensors under model.layers.{i}.shared_transformer. (-> backbone.shared.{j}.), and the
+# names of use u's adapters there (-> the hybrid layer's mixer.)
+ZAMBA2_BLOCK = (("input_layernorm", "norm"), ("self_attn.o_proj", "attn.out_proj"), ("pre_ff_layernorm", "norm2"),
+                ("feed_forward.gate_up_proj", "mlp.fc1"), ("feed_forward.down_proj", "mlp.fc2"))  # fmt: skip
+ZAMBA2_ADAPTERS = (("feed_forward.gate_up_proj_adapter_list.{u}", "mlp_adapter"),
+                   ("self_attn.linear_q_adapter_list.{u}", "qkv_adapter.q"),
+                   ("self_attn.linear_k_adapter_list.{u}", "qkv_adapter.k"),
+                   ("self_attn.linear_v_adapter_list.{u}", "qkv_adapter.v"))  # fmt: skip
+
+
+def _zamba2_uses(c: ModelConfig) -> list[tuple[int, int, int, int]]:
+    """(layer, use u, block j, the layer of block j's first use) of each hybrid layer."""
+    return [(i, u, u % c.shared_blocks, c.attn_layers[u % c.shared_blocks]) for u, i in enumerate(c.attn_layers)]
+
+
+def _zamba2_to_model(sd: dict, c: ModelConfig) -> dict:
+    out: dict[str, torch.Tensor] = {}
+    _move(sd, out, "model.embed_tokens", "backbone.embeddings")
+    _move(sd, out, "model.final_layernorm", "backbone.norm_f")
+    _move(sd, out, "lm_head", "lm_head")
+    uses = _zamba2_uses(c)
+    for i, u, j, first in uses:
+        src, dst = f"model.layers.{i}.", f"backbone.layers.{i}.mixer."
+        _move(sd, out, src + "mamba_decoder.input_layernorm", dst + "norm")
+        _move(sd, out, src + "mamba_decoder.mamba", dst + "ssm")
+        _move(sd, out, src + "linear", dst + "linear")
+        st = f"model.layers.{first}.shared_transformer."  # the block's own copy (later uses' are tied to it)
+        for old, new in ZAMBA2_ADAPTERS:
+            _move(sd, out, st + old.format(u=u), dst + new)
+        if i == first:
+            blk = f"backbone.shared.{j}."
+            for old, new in ZAMBA2_BLOCK:
+                _move(sd, out, st + old, blk + new)
+            qkv = [sd.pop(f"{st}self_attn.{p}_proj.weight", None) for p in "qkv"]
+            if all(t is not None for t in qkv):
+                out[blk + "attn.in_proj.weight"] = torch.cat(qkv, dim=0)
+            else:  # the loader names what is missing
+                out.update({f"{st}self_attn.{p}_proj.weight": t for p, t in zip("qkv", qkv) if t is not None})
+    for i, *_ in uses:  # a later use's tied copy of its block (saved by some versions): the same tensors, read once
+        for k in [k for k in sd if k.startswith(f"model.layers.{i}.shared_transformer.")]:
+            del sd[k]
+    for i, kind in enumerate(c.kinds):
+        if kind != "shared":
+            _move(sd, out, f"model.layers.{i}.input_layernorm", f"backbone.layers.{i}.norm")
+            _move(sd, out, f"model.layers.{i}.mamba", f"backbone.layers.{i}.mixer")
+    return out | sd
+
+
+def _zamba2_from_model(sd: dict, c: ModelConfig) -> dict:
+    out: dict[str, torch.Tensor] = {}
+    _move(sd, out, "backbone.embeddings", "model.embed_tokens")
+    _move(sd, out, "backbone.norm_f", "model.final_layernorm")
+    _move(sd, out, "lm_head", "lm_head")
+    h, kv, e = c.attn_heads, c.attn_kv_heads, c.attn_head_dim
+    for i, u, j, first in _zamba2_uses(c):
+        src, dst = f"backbone.layers.{i}.mixer.", f"model.layers.{i}."
+        _move(sd, out, src + "norm", dst + "mamba_decoder.input_layernorm")
+        _move(sd, out, src + "ssm", dst + "mamba_decoder.mamba")
+        _move(sd, out, src + "linear", dst + "linear")
+        st = f"model.layers.{first}.shared_transformer."
+        for old, new in ZAMBA2_ADAPTERS:
+            _move(sd, out, src + new, st + old.format(u=u))
+        if i == first:
+            blk = f"backbone.shared.{j}."
+            for old, new in ZAMBA2_BLOCK:
+                _move(sd, out, blk + new, st + old)
+            for p, piece in zip("qkv", sd.pop(blk + "attn.in_proj.weight").split([h * e, kv * e, kv * e], dim=0)):
+                out[f"{st}self_attn.{p}_proj.weight"] = piece
+    for i, kind in enumerate(c.kinds):
+        if kind != "shared":
+            _move(sd, out, f"backbone.layers.{i}.norm", f"model.layers.{i}.input_layernorm")
+            _move(sd, out, f"backbone.layers.{i}.mixer", f"model.layers.{i}.mamba")
+    if sd:
+        raise RuntimeError(f"layouts.from_model: no zamba2 name for {sorted(sd)[0]}")
+    return out
+
+
 def _stack_experts(sd: dict, out: dict, src: str, dst: str, n: int) -> None:
     """Experts stored one tensor each (src{e}.gate_proj.weight, up_proj, down_proj) as dst experts_fc1 (n, 2i, d)
     [gate; up] and experts_fc2 (n, d, i); left as they are (the loader names them) unless all n are there."""
@@ -732,6 +888,8 @@ def from_model(sd: dict[str, torch.Tensor], c: ModelConfig) -> dict[str, torch.T
         for k in [k for k in out if k.endswith(".mlp.fc1.weight")]:
             out[k] = _swap_halves(out[k])
         return out
+    if c.arch == "zamba2":
+        return _zamba2_from_model(dict(sd), c)
     sd, out = dict(sd), {}
     nemo = c.arch == "nemotron_h"
     prefix = "backbone." if nemo else "model."

@@ -7,7 +7,9 @@ Shapes: b batch, l tokens, e = d_inner, h heads of p = headdim, g groups, n d_st
 
 Falcon-H1's Mamba-2 differs in two things, on every path: in_proj's output is scaled part by part (z, x, B, C, dt:
 ModelConfig.ssm_proj_multipliers, muP), and without mamba_rms_norm the output is out_proj(y * silu(z)), no norm
-(ModelConfig.ssm_norm False; the Triton step then skips the norm in its second kernel).
+(ModelConfig.ssm_norm False; the Triton step then skips the norm in its second kernel). Zamba2's floors the step size
+at ModelConfig.dt_min (its time_step_min) on the reference paths, which it then runs on CUDA too (the fused scans and
+steps here take no floor).
 
 On CUDA the prefill runs token-major as the reference (the GEMMs' rows are channels: no alignment padding, unlike
 Mamba-1's channel-major GEMMs), through one of two SSD scans (backends.scan_path): mamba_ssm's Triton SSD
@@ -56,6 +58,7 @@ class Mamba2Mixer(Mixer):
         e, n, g = cfg.d_inner, cfg.d_state, cfg.ngroups
         self.d_inner, self.d_state, self.ngroups, self.headdim, self.d_conv = e, n, g, cfg.headdim, cfg.d_conv
         self.eps = cfg.norm_eps
+        self.dt_min = cfg.dt_min
         self.nheads = e // cfg.headdim
         self.conv_dim = e + 2 * g * n
         self.in_proj = nn.Linear(cfg.d_model, 2 * e + 2 * g * n + self.nheads, bias=cfg.bias)
@@ -103,7 +106,7 @@ class Mamba2Mixer(Mixer):
         if m is not None:
             xbc = xbc * m
         x, B, C = self._split(xbc)
-        dt = F.softplus(dt.float() + self.dt_bias.float())  # (b, l, h)
+        dt = self._step_size(dt)  # (b, l, h)
         A = -torch.exp(self.A_log.float())  # (h,)
         y, h = ssd_scan(x, dt, A, B, C)
         score = None if ctx.score is None else ssd_score(ctx.score, x, dt, A, B, C, ctx.last)
@@ -153,6 +156,11 @@ class Mamba2Mixer(Mixer):
         state = SSMState(conv_state, h.float()) if ctx.want_state else None
         return MixerOutput(out, score, state)
 
+    def _step_size(self, dt: torch.Tensor) -> torch.Tensor:
+        """softplus(dt + dt_bias) in float32, at least dt_min (Zamba2's time_step_min; 0: no floor)."""
+        dt = F.softplus(dt.float() + self.dt_bias.float())
+        return dt.clamp_min(self.dt_min) if self.dt_min else dt
+
     def float_params(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """A = -exp(A_log), D and the dt bias in float32, per head (kernels.float32_cached)."""
         return float32_cached(self, (self.A_log, self.D, self.dt_bias),
@@ -168,7 +176,7 @@ class Mamba2Mixer(Mixer):
     def step(self, hidden: torch.Tensor, state: SSMState, backends: Backends) -> torch.Tensor:
         """Decode one token, hidden (b, d_model), updating state in place (step_kernels' path: mamba_ssm's and
         causal_conv1d's kernels, the project's Triton step, or the reference step)."""
-        path = step_kernels(hidden, backends)
+        path = step_kernels(hidden, backends) if not self.dt_min else None  # the fused steps have no dt floor
         if path is None:
             out, new = self._step_reference(hidden, state)
             state.copy_(new)
@@ -204,7 +212,7 @@ class Mamba2Mixer(Mixer):
         if self.conv1d.bias is not None:
             xbc = xbc + self.conv1d.bias
         x, B, C = self._split(F.silu(xbc))
-        dt = F.softplus(dt.float() + self.dt_bias.float())
+        dt = self._step_size(dt)
         y, h = ssd_step(state.ssm, x, dt, -torch.exp(self.A_log.float()), B, C)
         y = (y + x.float() * self.D.float()[:, None]).flatten(-2)
         return self.out_proj(self._gate(y, z).to(hidden.dtype)), SSMState(conv=window[:, :, 1:], ssm=h)
@@ -213,7 +221,7 @@ class Mamba2Mixer(Mixer):
 def ssd_kernel(mixer: Mamba2Mixer, hidden: torch.Tensor, backends: Backends) -> str | None:
     """The SSD scan the mixer's fast path runs on `hidden` (backends.scan_path): "mamba_ssm" (its Triton SSD, with a
     backward) where installed, else "triton" (the project's, forward only); None: the reference path."""
-    if not backends.on(hidden):
+    if not backends.on(hidden) or mixer.dt_min:  # the fused scans here take no dt floor: the reference computes it
         return None
     needs_grad = torch.is_grad_enabled() and (hidden.requires_grad or any(p.requires_grad for p in mixer.parameters()))
     path = backends.scan_path(hidden, probes.ssd_kernels() is not None, needs_grad)

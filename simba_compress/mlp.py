@@ -29,6 +29,8 @@ GATHER_PAIRS = 64
 
 
 def activation(name: str, x: torch.Tensor) -> torch.Tensor:
+    if name == "gelu":  # Zamba2's shared MLP: the exact (erf) GELU, transformers' "gelu"
+        return F.gelu(x)
     return F.silu(x) if name == "silu" else torch.relu(x).square()
 
 
@@ -45,8 +47,9 @@ class MLP(nn.Module):
         """The model's MLP (a block's, a shared one, an MLP layer)."""
         return cls(cfg.d_model, cfg.d_intermediate, cfg.mlp_gated, cfg.mlp_act, cfg.mlp_bias, cfg.mlp_multipliers)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = self.fc1(x)
+    def forward(self, x: torch.Tensor, adapter: nn.Module | None = None) -> torch.Tensor:
+        """adapter: a term added to fc1's output (a Zamba2 use's LoRA: shared.py)."""
+        y = self.fc1(x) if adapter is None else self.fc1(x) + adapter(x)
         if self.gated:
             gate, up = y.chunk(2, dim=-1)
             y = activation(self.act, gate if self.gate_multiplier == 1.0 else gate * self.gate_multiplier) * up

@@ -8,7 +8,9 @@ unchanged (the hybrids' layouts are converted on reading and writing: layouts.py
 Each layer's mixer (layers.py's interface: mamba1.py, mamba2.py, attention.py, mlp.py's MLP layer) runs on the
 tokens it is given. With a SimbaConfig, layer l+1 runs only on the tokens layer l's criterion ranked highest
 (pruning.py); a dropped token's residual stream is frozen and scattered back before norm_f, so every position has
-logits. In a hybrid, an attention layer's queries and keys are its kept tokens: a token dropped below is never a
+logits. A Zamba2 hybrid layer (shared.py) reads the stream un-normalised, and the original embeddings at its tokens;
+the shared blocks it uses are held once, by the backbone. In a hybrid, an attention layer's queries and keys are its
+kept tokens: a token dropped below is never a
 key above, and its KV cache holds only them. A layer that cannot compute the criterion ranks by the scores of the
 nearest layer below that did, carried up through the selections between (pruning.score_source).
 """
@@ -26,6 +28,7 @@ from .kernels import freeze_and_gather
 from .layers import Mixer, MixerContext, MixerOutput, ModelConfig, add_norm, make_norm, norm
 from .mlp import MLPMixer, make_mlp
 from .parallel import SSM_MIXERS, ParallelMixer
+from .shared import SharedBlock, SharedMixer
 from .pruning import CRITERION_FNS, DEFAULT_CRITERION, IN_LAYER, SimbaConfig, TokenPlan, score_source, scorers
 
 # ModelConfig.kind(i) -> class
@@ -37,10 +40,13 @@ class Block(nn.Module):
     r is Granite's residual_multiplier (1 elsewhere). The last term is returned, not added: the next block's norm (or
     the model) adds it (add_norm: mamba_ssm's fused add-norm)."""
 
-    def __init__(self, cfg: ModelConfig, layer: int):
+    def __init__(self, cfg: ModelConfig, layer: int, shared: SharedBlock | None = None):
         super().__init__()
-        self.norm = make_norm(cfg)
-        self.mixer = MIXERS[cfg.kind(layer)](cfg)
+        kind = cfg.kind(layer)
+        # Zamba2's hybrid layer (shared.py) reads the stream itself: its norm is inside, of the stream plus the term of
+        # the shared block it uses (`shared`)
+        self.norm = None if kind == "shared" else make_norm(cfg)
+        self.mixer = SharedMixer(cfg, shared) if kind == "shared" else MIXERS[kind](cfg)
         self.norm2, self.mlp = (make_norm(cfg), make_mlp(cfg, layer)) if cfg.block_mlp else (None, None)
         self.scale = cfg.residual_multiplier
 
@@ -59,10 +65,15 @@ class Block(nn.Module):
             out = self._scaled(self.mlp(x))
         return h, out, res
 
-    def step(self, h: torch.Tensor, pending, state, backends: Backends) -> tuple[torch.Tensor, torch.Tensor]:
-        """One decode step of the block on the stream h (b, d), ours to change in place: (h + pending (+ ...), output)."""
+    def step(self, h: torch.Tensor, pending, state, backends: Backends, embedding: torch.Tensor | None = None
+             ) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+        """One decode step of the block on the stream h (b, d), ours to change in place: (h + pending (+ ...), output).
+        embedding: the token's original embedding (b, d), which a Zamba2 hybrid layer reads."""
         h, x = add_norm(self.norm, h, pending, inplace=True, backends=backends)
-        out = self._scaled(self.mixer.step(x, state, backends))
+        if isinstance(self.mixer, SharedMixer):
+            out = self._scaled(self.mixer.step(x, state, backends, embedding))
+        else:
+            out = self._scaled(self.mixer.step(x, state, backends))
         if self.mlp is not None:
             h, x = add_norm(self.norm2, h, out, inplace=True, backends=backends)
             out = self._scaled(self.mlp(x))
@@ -73,7 +84,11 @@ class Backbone(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.embeddings = nn.Embedding(cfg.vocab_size, cfg.d_model)
-        self.layers = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layer))
+        # Zamba2's shared transformer blocks, owned here; each hybrid layer holds the one it uses by reference (shared.py)
+        self.shared = nn.ModuleList(SharedBlock(cfg) for _ in range(cfg.shared_blocks))
+        self.layers = nn.ModuleList(
+            Block(cfg, i, self.shared[cfg.shared_use(i)[1]] if cfg.kind(i) == "shared" else None) for i in range(cfg.n_layer)
+        )
         self.norm_f = make_norm(cfg)
 
 
@@ -139,11 +154,16 @@ class MambaLM(nn.Module):
         return logits if self.config.lm_head_multiplier == 1.0 else logits * self.config.lm_head_multiplier
 
     def _layer(self, i: int, h: torch.Tensor, pending, plan: TokenPlan, score: str | None, want_state: bool, owned: bool,
-               window: int = 1):  # fmt: skip
+               window: int = 1, emb: torch.Tensor | None = None):  # fmt: skip
         """Block i on the residual stream h, the previous block's output `pending` not yet added to it: returns
         (h + pending, this block's output, scores of the in-layer criterion `score` or None, state). The add is
-        fused into the norm, in h itself when `owned` (add_norm)."""
-        ctx = MixerContext(plan.mask, plan.last, plan.idx, score, want_state, self.backends, plan.offset, window)
+        fused into the norm, in h itself when `owned` (add_norm). emb: the original embeddings of every position
+        (b, l, d), which a Zamba2 hybrid layer reads at its slots."""
+        at = None
+        if self.config.kind(i) == "shared":  # padding slots point past the row (plan.idx): any row serves them
+            idx = plan.idx.clamp_max(emb.shape[1] - 1)
+            at = emb.gather(1, idx.unsqueeze(-1).expand(-1, -1, emb.shape[-1]))
+        ctx = MixerContext(plan.mask, plan.last, plan.idx, score, want_state, self.backends, plan.offset, window, at)
         h, out, res = self.backbone.layers[i](h, pending, ctx, owned)
         return h, out, res.score, res.state
 
@@ -157,14 +177,15 @@ class MambaLM(nn.Module):
         for it). simba: the schedule's other settings that decide which layer scores (attention_score, protect_last);
         its criterion is `criterion`."""
         plan = TokenPlan(attention_mask, *input_ids.shape, None, input_ids.device, self.config.scan_chunks)
-        h, mixed = self.embed(input_ids), None
+        emb, mixed = self.embed(input_ids), None
+        h = emb.clone() if self.config.shared_blocks else emb  # the stream changes in place; Zamba2 reads emb as it was
         like = SimbaConfig([1.0] * self.config.n_layer, criterion) if simba is None else simba
         like = SimbaConfig(like.keep, criterion, like.protect_last, attention_score=like.attention_score)
         src = score_source(self.config.kinds, layers - 1, like) if criterion in IN_LAYER else None
         impact = None
         for i in range(layers):
             score = src[1] if src is not None and src[0] == i else None
-            h, mixed, scored, _ = self._layer(i, h, mixed, plan, score, False, owned=True, window=like.protect_last)
+            h, mixed, scored, _ = self._layer(i, h, mixed, plan, score, False, owned=True, window=like.protect_last, emb=emb)
             impact = scored if scored is not None else impact
         return Prefix(h + mixed, impact, layers, criterion, -1 if src is None else src[0])
 
@@ -207,8 +228,9 @@ class MambaLM(nn.Module):
                 last_use[src[0]] = i
         states, kept_positions = [], []
         mixed, owned = None, prefix is None  # a prefix's stream is the caller's: the first add makes our own copy
+        emb = self.embed(input_ids) if self.config.shared_blocks else None  # what Zamba2's hybrid layers read
         if prefix is None:
-            h, start = self.embed(input_ids), 0
+            h, start = (self.embed(input_ids) if emb is None else emb.clone()), 0
         else:
             if return_states or return_kept:
                 raise ValueError("prefix: return_states and return_kept need the full forward")
@@ -228,7 +250,7 @@ class MambaLM(nn.Module):
         for i in range(start, n):
             if return_kept:
                 kept_positions.append(torch.where(plan.real, plan.idx, -1))
-            h, out, impact, state = self._layer(i, h, mixed, plan, scoring.get(i), return_states, owned, window)
+            h, out, impact, state = self._layer(i, h, mixed, plan, scoring.get(i), return_states, owned, window, emb)
             # an add into a stream not ours made a new one (a block with an MLP adds within itself)
             owned = owned or mixed is not None or self.backbone.layers[i].mlp is not None
             mixed = out
@@ -301,9 +323,10 @@ class MambaLM(nn.Module):
         """One decoding step for token (b,), the reference (functional: `states` are left as they were; no kernels):
         every layer runs on it (a new token is never pruned). Returns the logits (b, vocab) and the new states."""
         reference = Backends(fast_path=False)
-        h, mixed = self.embed(token), None
+        emb, mixed = self.embed(token), None
+        h = emb.clone() if self.config.shared_blocks else emb  # Zamba2's hybrid layers read emb as it was
         new_states = [None if state is None else state.clone() for state in states]
         for block, state in zip(self.backbone.layers, new_states):
-            h, mixed = block.step(h, mixed, state, reference)
+            h, mixed = block.step(h, mixed, state, reference, emb)
         h = norm(self.backbone.norm_f, h + mixed, reference)
         return self.head(h), new_states

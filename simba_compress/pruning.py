@@ -154,7 +154,8 @@ def score_source(kinds: list[str], layer: int, simba: SimbaConfig) -> tuple[int,
     below it, whose scores of the same tokens are carried up (an attention layer with attention_score "snapkv"
     computes SnapKV's instead; one with no SSM layer below it does too). "snapkv" is computed by an attention
     layer: `layer` or the nearest below it. A parallel layer (Falcon-H1: attention beside an SSM mixer) is both: its
-    SSM mixer computes the SSM criteria, its attention "snapkv". kinds: ModelConfig.kinds."""
+    SSM mixer computes the SSM criteria, its attention "snapkv"; so is a Zamba2 hybrid layer ("shared": its Mamba-2 and
+its use of a shared block's attention). kinds: ModelConfig.kinds."""
     c = simba.criterion
     if c not in IN_LAYER:
         return None

@@ -116,6 +116,11 @@ FAMILIES = {
                       key_multiplier=0.7, attn_in_multiplier=1.3, attn_out_multiplier=0.8, ssm_in_multiplier=1.25,
                       ssm_out_multiplier=0.4, ssm_proj_multipliers=[0.5, 0.25, 0.7, 1.5, 0.6],
                       mlp_multipliers=[0.9, 0.6], residual_in_fp32=False, arch="falcon_h1"),
+    # Zamba2: hybrid layers 0 and 2 use one shared block (attention over [stream; embeddings], LoRA on q, k, v and
+    # the GELU MLP), RoPE, Mamba-2 with the dt floor (its reference path on CUDA too)
+    "zamba2": dict(d_state=8, layer="mamba2", headdim=16, ngroups=2, dt_min=0.001, attn_layers=[0, 2], attn_heads=4,
+                   attn_head_dim=16, rotary_dim=16, attn_scale=8**-0.5, d_intermediate=40, mlp_act="gelu",
+                   shared_blocks=1, adapter_rank=4, attn_adapters=True, residual_in_fp32=False, arch="zamba2"),
 }  # fmt: skip
 
 

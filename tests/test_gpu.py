@@ -659,8 +659,9 @@ def family_pair(name: str, dtype):
 
 
 def family_backends(name: str, path: str) -> probes.Backends:
-    """Route Jamba (Mamba-1) or Falcon-H1 (Mamba-2) through mamba_ssm's kernels or the project's Triton ones."""
-    if name == "falcon_h1":
+    """Route Jamba (Mamba-1) or Falcon-H1 and Zamba2 (Mamba-2) through mamba_ssm's kernels or the project's Triton ones
+    (Zamba2's Mamba-2, with its dt floor, runs its reference on CUDA: its shared attention takes the fast paths)."""
+    if name in ("falcon_h1", "zamba2"):
         return mamba2_backends(path)
     ready = probes.mamba_ssm_available() and None not in (probes.selective_state_update(), probes.causal_conv1d_update())
     return kernel_backends(path, ready, "mamba_ssm's scan and step (with causal_conv1d's update) not installed")
@@ -668,7 +669,7 @@ def family_backends(name: str, path: str) -> probes.Backends:
 
 @needs_cuda
 @pytest.mark.parametrize("path", ["mamba_ssm", "triton"])
-@pytest.mark.parametrize("name", ["jamba", "falcon_h1"])
+@pytest.mark.parametrize("name", ["jamba", "falcon_h1", "zamba2"])
 def test_hybrid_family_fast_path_matches_cpu(name, path):
     """float32: dense, left-padded and pruned logits (kept sets equal) and a pruned left-padded batch generated from the
     CUDA graph (greedy tokens equal the CPU's) through each path's scan and fused step; bf16 dense norm-wise."""

@@ -60,6 +60,10 @@ FALCON_H1 = dict(vocab_size=96, hidden_size=32, num_hidden_layers=3, num_attenti
                  embedding_multiplier=3.0, lm_head_multiplier=0.3, key_multiplier=0.7, attention_in_multiplier=1.3,
                  attention_out_multiplier=0.8, ssm_in_multiplier=1.25, ssm_out_multiplier=0.4,
                  ssm_multipliers=[0.5, 0.25, 0.7, 1.5, 0.6], mlp_multipliers=[0.9, 0.6])
+ZAMBA2 = dict(vocab_size=96, hidden_size=16, num_hidden_layers=5, num_attention_heads=4, intermediate_size=24,
+              layers_block_type=["mamba", "hybrid", "mamba", "hybrid", "hybrid"], mamba_d_state=8, n_mamba_heads=4,
+              mamba_ngroups=2, num_mem_blocks=2, use_shared_attention_adapter=True, adapter_rank=3, use_mem_rope=True,
+              chunk_size=16, rope_parameters={"rope_type": "default", "rope_theta": 1e4})
 CASES = {
     "granite_dense_nope": ("GraniteMoeHybrid", GRANITE | dict(num_local_experts=0, position_embedding_type="nope")),
     "granite_moe_rope_multipliers": ("GraniteMoeHybrid", GRANITE | dict(
@@ -83,6 +87,14 @@ CASES = {
                                                    mamba_n_heads=4, mamba_n_groups=2, attention_bias=True,
                                                    mamba_proj_bias=True, projectors_bias=True, mlp_bias=True,
                                                    tie_word_embeddings=True)),
+    # Zamba2: hybrid layers 1, 3, 4 use 2 shared blocks in turn (0, 1, 0), with LoRA on q, k, v and the MLP, RoPE,
+    # grouped Mamba-2; and one block for every use (layers 0 and 2), GQA, no RoPE, biases, a SiLU MLP
+    "zamba2": ("Zamba2", ZAMBA2),
+    "zamba2_gqa_bias": ("Zamba2", ZAMBA2 | dict(num_mem_blocks=1, use_shared_attention_adapter=False, use_mem_rope=False,
+                                                num_key_value_heads=2, add_bias_linear=True, hidden_act="silu",
+                                                mamba_ngroups=1,
+                                                layers_block_type=["hybrid", "mamba", "hybrid", "mamba"],
+                                                num_hidden_layers=4)),
 }  # fmt: skip
 
 
@@ -240,6 +252,9 @@ def test_bad_hybrid_configs_name_the_file_and_key(written, tmp_path):
         "falcon_h1": ({"ssm_multipliers": [1.0, 2.0]}, r"'ssm_multipliers' must be a list of 5 numbers, got \[1.0, 2.0\]"),
         "falcon_h1_norm": ({"mamba_norm_before_gate": True}, "'mamba_norm_before_gate' true with 'mamba_rms_norm' is "
                                                              "not supported"),
+        "zamba2": ({"tie_word_embeddings": False}, "'tie_word_embeddings' false is not supported"),
+        "zamba2_gqa_bias": ({"use_shared_attention_adapter": True}, "'num_key_value_heads' 2 with "
+                                                                    "'use_shared_attention_adapter' is not supported"),
     }[case]
     (tmp_path / "config.json").write_text(json.dumps(cfg | bad[0]))
     with pytest.raises(SimbaError, match=bad[1]) as e:
@@ -257,6 +272,7 @@ def naive_hybrid_forward(model, ids: torch.Tensor, simba: SimbaConfig) -> torch.
 
     T = ids.shape[0]
     stream = model.embed(ids[None])[0]
+    embeddings = stream.clone()  # the original embeddings, which Zamba2's hybrid layers read at their tokens
     positions = list(range(T))
     counts = simba.counts(torch.tensor([T]))[:, 0].tolist()
     scores: dict[int, dict[int, float]] = {}  # source layer -> position -> score
@@ -267,7 +283,7 @@ def naive_hybrid_forward(model, ids: torch.Tensor, simba: SimbaConfig) -> torch.
         needed = {score_source(kinds, j, simba) for j in range(i, len(counts) - 1) if counts[j + 1] < counts[j]} - {None}
         crit = next((c for (src, c) in needed if src == i), None)
         ctx = MixerContext(None, torch.tensor([len(positions) - 1]), pos[None], crit, backends=Backends(fast_path=False),
-                           window=simba.protect_last)  # fmt: skip
+                           window=simba.protect_last, embeddings=embeddings[pos][None])  # fmt: skip
         sub = stream[pos][None]
         h, out, res = block(sub, None, ctx, owned=False)
         sub = (h + out)[0]
