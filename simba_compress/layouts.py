@@ -282,6 +282,9 @@ def _granite(cfg: dict, file: Path) -> dict:
     rope = cfg.get("position_embedding_type") == "rope"
     theta, _ = _rope(cfg, file) if rope else (10000.0, {})
     experts = cfg.get("num_local_experts", 0) or 0
+    top = _int(cfg, "num_experts_per_tok", file, 2) if experts else 0
+    if top > experts:
+        raise SimbaError(f"{file}: 'num_experts_per_tok' {top} is more than 'num_local_experts' {experts}")
     return dict(
         d_model=d, n_layer=n, vocab_size=_int(cfg, "vocab_size", file), norm_eps=cfg.get("rms_norm_eps", 1e-6),
         rms_norm=True, residual_in_fp32=False, tie_embeddings=cfg.get("tie_word_embeddings", False),
@@ -291,7 +294,7 @@ def _granite(cfg: dict, file: Path) -> dict:
         rotary_dim=head_dim if rope else 0, rope_theta=theta, attn_qkv_bias=cfg.get("attention_bias", False),
         attn_out_bias=cfg.get("attention_bias", False), attn_scale=float(cfg.get("attention_multiplier", 1.0)),
         d_intermediate=_int(cfg, "shared_intermediate_size", file, 1024), block_mlp=True,
-        n_experts=experts, experts_per_token=cfg.get("num_experts_per_tok", 2) if experts else 0,
+        n_experts=experts, experts_per_token=top,
         expert_intermediate=cfg.get("intermediate_size", 0) if experts else 0,
         embedding_multiplier=float(cfg.get("embedding_multiplier", 1.0)),
         residual_multiplier=float(cfg.get("residual_multiplier", 1.0)),

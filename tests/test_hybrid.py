@@ -262,6 +262,14 @@ def test_bad_hybrid_configs_name_the_file_and_key(written, tmp_path):
     assert str(tmp_path / "config.json") in str(e.value)
 
 
+def test_granite_top_k_over_its_experts_names_the_key(tmp_path):
+    transformers_model("granite_moe_rope_multipliers").save_pretrained(tmp_path)
+    cfg = json.loads((tmp_path / "config.json").read_text())
+    (tmp_path / "config.json").write_text(json.dumps(cfg | {"num_experts_per_tok": 5}))
+    with pytest.raises(SimbaError, match="'num_experts_per_tok' 5 is more than 'num_local_experts' 4"):
+        read_checkpoint(tmp_path)
+
+
 @torch.no_grad()
 def naive_hybrid_forward(model, ids: torch.Tensor, simba: SimbaConfig) -> torch.Tensor:
     """One row, layer by layer: each block runs densely on its kept tokens alone (a token dropped below is absent, so
