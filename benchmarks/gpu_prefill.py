@@ -57,7 +57,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from simba_compress import MambaLM, ModelConfig, SimbaConfig  # noqa: E402
-from simba_compress.bench import mamba_ssm_twin, transformers_twin  # noqa: E402
+from simba_compress.bench import mamba_ssm_twin, run_times_ms, transformers_twin  # noqa: E402
 from simba_compress.flops import count  # noqa: E402
 from simba_compress.generation import GRAPH_PREFILL_TOKENS, prefill  # noqa: E402
 from simba_compress.schedules import linear_for_flops  # noqa: E402
@@ -139,19 +139,7 @@ def measure(fn, reps: int, warmup: int, peak_over_warmup: bool = False) -> dict:
         torch.cuda.synchronize()
         if not peak_over_warmup:
             torch.cuda.reset_peak_memory_stats()
-    times = []
-    for _ in range(reps):
-        if not cuda:
-            t0 = time.perf_counter()
-            fn()
-            times.append(1000 * (time.perf_counter() - t0))
-            continue
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end))
+    times = run_times_ms(fn, torch.device(DEVICE), reps)
     return {"ms": statistics.median(times), "ms_all": [round(t, 3) for t in times],
             "peak_mem_gb": torch.cuda.max_memory_allocated() / 2**30 if cuda else None}  # fmt: skip
 

@@ -176,10 +176,9 @@ def implementations(model: MambaLM, twins: tuple[str, ...] = ("mamba_ssm",)) -> 
     return impls
 
 
-def median_ms(fn: Callable[[], object], device: torch.device, reps: int) -> float:
-    """Median milliseconds of fn() over `reps` calls after one warm-up: CUDA events on a GPU (the kernels' time,
-    not the host's launch), the wall clock elsewhere."""
-    fn()
+def run_times_ms(fn: Callable[[], object], device: torch.device, reps: int) -> list[float]:
+    """Milliseconds of each of `reps` calls of fn() (no warm-up): CUDA events on a GPU (the kernels' time, not the
+    host's launch), the wall clock elsewhere."""
     times = []
     for _ in range(reps):
         if device.type == "cuda":
@@ -193,7 +192,13 @@ def median_ms(fn: Callable[[], object], device: torch.device, reps: int) -> floa
             t0 = time.perf_counter()
             fn()
             times.append(1000 * (time.perf_counter() - t0))
-    return statistics.median(times)
+    return times
+
+
+def median_ms(fn: Callable[[], object], device: torch.device, reps: int) -> float:
+    """Median milliseconds of fn() over `reps` calls after one warm-up (run_times_ms)."""
+    fn()
+    return statistics.median(run_times_ms(fn, device, reps))
 
 
 def time_generation(run: Generate, ids: torch.Tensor, cfg: BenchConfig, weights: object,
